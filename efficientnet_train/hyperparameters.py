@@ -1,0 +1,341 @@
+"""The one schema of hyperparameters.
+
+It drives parsing and validation of `hyperparameters.json`, the README table
+(`python -m efficientnet_train.hyperparameters --markdown`) and the
+`SupportedHyperParameters` of `container/algorithm-spec.json`, so the three never disagree.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from types import SimpleNamespace
+from typing import Any, Callable, Mapping
+
+from .errors import JobError
+
+# SageMaker's tuner adds `_tuning_objective_metric`; the SDK's estimators add `sagemaker_*`.
+IGNORED_PREFIXES = ("_", "sagemaker_")
+TRUE_WORDS = frozenset({"true", "t", "yes", "y", "on", "1"})
+FALSE_WORDS = frozenset({"false", "f", "no", "n", "off", "0"})
+LR_REFERENCE_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    name: str
+    kind: type  # int, float, bool or str
+    default: Any
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+    exclusive_maximum: bool = False
+    choices: tuple[str, ...] | None = None
+    # An extra check for values whose rules live in timm: returns an error text or None.
+    check: Callable[[Any], str | None] | None = None
+    allowed_text: str | None = None  # how the extra check's rule reads in a table
+    tunable: bool = False
+
+    @property
+    def allowed(self) -> str:
+        """What values are accepted, in words a buyer reads in an error message."""
+        if self.allowed_text:
+            return self.allowed_text
+        if self.kind is bool:
+            return "true or false"
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        kind = "an integer" if self.kind is int else "a number"
+        if self.minimum is None and self.maximum is None:
+            return kind
+        if None not in (self.minimum, self.maximum) and not (self.exclusive_minimum or self.exclusive_maximum):
+            return f"{kind} from {format_value(self.minimum)} to {format_value(self.maximum)}"
+        low = "" if self.minimum is None else f"{'>' if self.exclusive_minimum else '>='} {format_value(self.minimum)}"
+        high = "" if self.maximum is None else f"{'<' if self.exclusive_maximum else '<='} {format_value(self.maximum)}"
+        return f"{kind} {' and '.join(part for part in (low, high) if part)}"
+
+    def parse(self, raw: Any) -> Any:
+        """Turn one raw value (normally a string) into a checked value, or raise ValueError."""
+        value = _convert(self.kind, _unwrap_json_string(raw))
+        if self.choices and value not in self.choices:
+            close = difflib.get_close_matches(str(value), self.choices, n=1, cutoff=0.6)
+            raise ValueError("not one of the choices" + (f"; did you mean {close[0]}?" if close else ""))
+        if self.kind in (int, float):
+            too_low = self.minimum is not None and (
+                value < self.minimum or (self.exclusive_minimum and value == self.minimum))
+            too_high = self.maximum is not None and (
+                value > self.maximum or (self.exclusive_maximum and value == self.maximum))
+            if too_low or too_high:
+                raise ValueError("out of range")
+        if self.check is not None:
+            problem = self.check(value)
+            if problem:
+                raise ValueError(problem)
+        return value
+
+
+def format_value(value: Any) -> str:
+    """A value as hyperparameters.json spells it: plain decimals, lower-case booleans."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if "e" not in repr(value) else f"{value:.10f}".rstrip("0")
+    return str(value)
+
+
+def _unwrap_json_string(raw: Any) -> Any:
+    # The SDK's framework estimators JSON-encode values once more ("\"sgd\"").
+    if isinstance(raw, str) and len(raw) >= 2 and raw[0] == raw[-1] == '"':
+        try:
+            return json.loads(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def _convert(kind: type, raw: Any) -> Any:
+    text = raw.strip() if isinstance(raw, str) else raw
+    if kind is bool:
+        if isinstance(text, bool):
+            return text
+        word = str(text).lower()
+        if word in TRUE_WORDS:
+            return True
+        if word in FALSE_WORDS:
+            return False
+        raise ValueError("not true or false")
+    if kind is int:
+        if isinstance(text, bool):
+            raise ValueError("not an integer")
+        try:
+            return int(text)
+        except (TypeError, ValueError):
+            pass
+        try:
+            number = float(text)
+        except (TypeError, ValueError):
+            raise ValueError("not an integer") from None
+        if not number.is_integer():
+            raise ValueError("not an integer")
+        return int(number)
+    if kind is float:
+        if isinstance(text, bool):
+            raise ValueError("not a number")
+        try:
+            number = float(text)
+        except (TypeError, ValueError):
+            raise ValueError("not a number") from None
+        if not math.isfinite(number):
+            raise ValueError("not a finite number")
+        return number
+    if isinstance(text, (dict, list)):
+        raise ValueError("not a string")
+    return "" if text is None else str(text)
+
+
+# ---- rules that belong to timm ------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def efficientnet_models() -> tuple[str, ...]:
+    import timm
+
+    return tuple(name for name in timm.list_models(module="efficientnet") if "efficientnet" in name)
+
+
+def _check_model(name: str) -> str | None:
+    if name in efficientnet_models():
+        return None
+    close = difflib.get_close_matches(name, efficientnet_models(), n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"not a timm EfficientNet model{hint}"
+
+
+def _check_auto_augment(policy: str) -> str | None:
+    if policy.lower() in ("", "none"):
+        return None
+    family, *sections = policy.split("-")
+    if family in ("rand", "augmix"):
+        # timm skips a section it cannot read, so a typo would silently change the augmentation.
+        unreadable = [s for s in sections if not re.fullmatch(r"[a-z]+[0-9][0-9.]*", s)
+                      and not (family == "rand" and s.startswith("t"))]
+        if unreadable:
+            return (f"timm would ignore the part(s) {', '.join(unreadable)} of this policy; each part is a "
+                    f"letter code and a number, as in rand-m9-mstd0.5 or rand-m7-n3")
+    from timm.data import create_transform
+
+    try:  # timm's own parser decides what a policy string may say
+        create_transform(32, is_training=True, auto_augment=policy)
+    except Exception as exc:  # noqa: BLE001 - any failure means timm cannot use this policy
+        return f"timm cannot parse this augmentation policy ({exc})"
+    return None
+
+
+def _check_img_size(size: int) -> str | None:
+    if size == 0 or 32 <= size <= 1024:
+        return None
+    return "out of range"
+
+
+def _check_pretrained_path(path: str) -> str | None:
+    if path and not path.lower().endswith((".pth", ".pt", ".bin", ".pth.tar", ".safetensors")):
+        return "not a weights file name"
+    return None
+
+
+# Common timm optimizers; CreateAlgorithm allows at most 30 categorical values.
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "rmsproptf", "adam", "adamw", "nadam", "nadamw",
+              "radam", "adamp", "sgdp", "lamb", "lars", "adabelief", "adafactor", "lion", "madgrad",
+              "novograd", "laprop", "adopt")
+
+SCHEMA: tuple[Hyperparameter, ...] = (
+    # -- the listing's hyperparameters, with its names and defaults
+    Hyperparameter("epochs", int, 250, "Number of epochs to train.", minimum=1, maximum=10000, tunable=True),
+    Hyperparameter("batch_size", int, 32, "Images per training step on each device (GPU, or the CPU).",
+                   minimum=1, maximum=4096, tunable=True),
+    Hyperparameter("aa", str, "rand-m9-mstd0.5",
+                   "Augmentation policy (timm's auto_augment): v0, original, a RandAugment string such as "
+                   "rand-m9-mstd0.5, or none.",
+                   check=_check_auto_augment, allowed_text="none, v0, original, or a timm RandAugment string",
+                   tunable=True),
+    Hyperparameter("decay_epochs", float, 2.4, "Epochs between learning-rate decays (step schedule).",
+                   minimum=0, exclusive_minimum=True, maximum=10000, tunable=True),
+    Hyperparameter("decay_rate", float, 0.1, "Factor the learning rate is multiplied by at each decay.",
+                   minimum=0, exclusive_minimum=True, maximum=1, tunable=True),
+    Hyperparameter("drop", float, 0.3, "Dropout rate before the classifier.",
+                   minimum=0, maximum=1, exclusive_maximum=True, tunable=True),
+    Hyperparameter("drop_connect", float, 0.2,
+                   "Drop-connect (stochastic depth) rate; timm's drop_path_rate.",
+                   minimum=0, maximum=1, exclusive_maximum=True, tunable=True),
+    Hyperparameter("lr", float, 0.016,
+                   f"Learning rate for a global batch of {LR_REFERENCE_BATCH} images, as in the recipe the "
+                   f"defaults come from; the job scales it linearly to the real global batch "
+                   f"(lr x batch_size x devices / {LR_REFERENCE_BATCH}).",
+                   minimum=0, exclusive_minimum=True, maximum=10, tunable=True),
+    Hyperparameter("model_ema", bool, True,
+                   "Keep an exponential moving average (EMA) of the weights; the best of the EMA and the "
+                   "raw weights is kept."),
+    Hyperparameter("model_ema_decay", float, 0.9999,
+                   "Decay of the weights' moving average; it warms up, so short runs still track.",
+                   minimum=0, maximum=1, exclusive_maximum=True, tunable=True),
+    Hyperparameter("opt", str, "rmsproptf", "Optimizer (timm's names).", choices=OPTIMIZERS, tunable=True),
+    Hyperparameter("opt_eps", float, 0.001, "Optimizer epsilon.",
+                   minimum=0, exclusive_minimum=True, maximum=1, tunable=True),
+    Hyperparameter("remode", str, "pixel", "Random-erasing fill mode.", choices=("const", "rand", "pixel"),
+                   tunable=True),
+    Hyperparameter("reprob", float, 0.2, "Random-erasing probability.", minimum=0, maximum=1, tunable=True),
+    Hyperparameter("sched", str, "step", "Learning-rate schedule (timm's names).",
+                   choices=("step", "cosine", "tanh", "poly", "plateau"), tunable=True),
+    Hyperparameter("workers", int, 1, "Data-loading worker processes (0 loads in the training process).",
+                   minimum=0, maximum=128),
+    Hyperparameter("warmup_lr", float, 0.000001, "Learning rate at the start of the warmup.",
+                   minimum=0, maximum=10, tunable=True),
+    Hyperparameter("weight_decay", float, 0.00001, "Weight decay.", minimum=0, maximum=1, tunable=True),
+    # -- what a fine-tuning product needs besides
+    Hyperparameter("model", str, "efficientnet_b3", "timm EfficientNet model name.", check=_check_model,
+                   allowed_text="a timm EfficientNet name (efficientnet_b0..b8, tf_efficientnet_lite0..4, "
+                                "efficientnetv2_s, ...)"),
+    Hyperparameter("pretrained_path", str, "",
+                   "Local ImageNet weights in timm format (.pth or .safetensors), as timm's "
+                   "--pretrained-path; empty = the weights shipped in the image.",
+                   check=_check_pretrained_path, allowed_text="empty, or the path of a .pth, .pt, .bin or .safetensors file"),
+    Hyperparameter("img_size", int, 0, "Training and evaluation image size in pixels; 0 = the model's own.",
+                   minimum=0, maximum=1024, check=_check_img_size,
+                   allowed_text="0, or an integer from 32 to 1024", tunable=True),
+    Hyperparameter("warmup_epochs", float, 1.0,
+                   "Epochs of linear learning-rate warmup from warmup_lr, updated every step.",
+                   minimum=0, maximum=10000, tunable=True),
+    Hyperparameter("seed", int, 42, "Random seed.", minimum=0, maximum=2**31 - 1),
+)
+BY_NAME: dict[str, Hyperparameter] = {hp.name: hp for hp in SCHEMA}
+# What buyers coming from SageMaker's built-in image classifier or other trainers tend to type.
+COMMON_NAMES = {"learning_rate": "lr", "mini_batch_size": "batch_size", "num_epochs": "epochs",
+                "optimizer": "opt", "lr_scheduler": "sched", "scheduler": "sched", "dropout": "drop",
+                "drop_path": "drop_connect", "drop_path_rate": "drop_connect", "image_size": "img_size",
+                "image_shape": "img_size", "num_workers": "workers", "eps": "opt_eps", "ema": "model_ema",
+                "auto_augment": "aa", "pretrained_weights": "pretrained_path", "checkpoint": "pretrained_path"}
+
+
+def defaults() -> dict[str, Any]:
+    return {hp.name: hp.default for hp in SCHEMA}
+
+
+def parse(raw: Mapping[str, Any]) -> tuple[SimpleNamespace, list[str]]:
+    """Check every raw value against the schema.
+
+    Returns the resolved hyperparameters (defaults filled in) and the names that were
+    ignored on purpose. Raises JobError listing every problem at once, so the buyer fixes
+    them all in one go rather than one failed job at a time.
+    """
+    values = defaults()
+    ignored, problems = [], []
+    for name, raw_value in raw.items():
+        if name.startswith(IGNORED_PREFIXES):
+            ignored.append(name)
+            continue
+        spec = BY_NAME.get(name)
+        if spec is None:
+            close = [COMMON_NAMES[name]] if name in COMMON_NAMES else \
+                difflib.get_close_matches(name, BY_NAME, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid names are: {', '.join(BY_NAME)}."
+            problems.append(f"unknown hyperparameter '{name}' = {raw_value!r}: {hint}")
+            continue
+        try:
+            values[name] = spec.parse(raw_value)
+        except ValueError as exc:
+            problems.append(f"hyperparameter '{name}' = {raw_value!r} is invalid ({exc}); allowed: "
+                            f"{spec.allowed}; default {format_value(spec.default) or '(empty)'}")
+    if problems:
+        raise JobError("Bad hyperparameters, fix them and start the job again: " + " | ".join(problems))
+    return SimpleNamespace(**values), ignored
+
+
+# ---- the same schema, for people and for SageMaker ---------------------------------------
+
+
+def markdown_table() -> str:
+    rows = ["| Name | Default | Allowed values | Meaning |", "|---|---|---|---|"]
+    for hp in SCHEMA:
+        default = format_value(hp.default) if hp.default != "" else "(empty)"
+        rows.append(f"| `{hp.name}` | `{default}` | {hp.allowed} | {hp.help} |")
+    return "\n".join(rows)
+
+
+def sagemaker_hyperparameter_specs() -> list[dict]:
+    """SupportedHyperParameters of the CreateAlgorithm request."""
+    specs = []
+    for hp in SCHEMA:
+        spec: dict[str, Any] = {
+            "Name": hp.name,
+            "Description": hp.help,
+            "IsTunable": hp.tunable,
+            "IsRequired": False,
+            "DefaultValue": format_value(hp.default),
+        }
+        if hp.kind is bool:
+            spec["Type"] = "Categorical"
+            spec["Range"] = {"CategoricalParameterRangeSpecification": {"Values": ["true", "false"]}}
+        elif hp.choices:
+            spec["Type"] = "Categorical"
+            spec["Range"] = {"CategoricalParameterRangeSpecification": {"Values": list(hp.choices)}}
+        elif hp.kind in (int, float) and hp.minimum is not None and hp.maximum is not None:
+            spec["Type"] = "Integer" if hp.kind is int else "Continuous"
+            key = "IntegerParameterRangeSpecification" if hp.kind is int else "ContinuousParameterRangeSpecification"
+            spec["Range"] = {key: {"MinValue": format_value(hp.minimum), "MaxValue": format_value(hp.maximum)}}
+        else:
+            spec["Type"] = "FreeText"
+        specs.append(spec)
+    return specs
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--markdown"]:
+        print(markdown_table())
+    else:
+        sys.exit("usage: python -m efficientnet_train.hyperparameters --markdown")

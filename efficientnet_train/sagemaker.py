@@ -1,0 +1,80 @@
+"""Everything the job knows about SageMaker's container contract, read in one place.
+
+The rest of the package asks a `SageMakerEnvironment` for paths and settings instead
+of reading `/opt/ml` or environment variables itself (the same idea as the
+sagemaker-training-toolkit's `environment.py`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from .errors import JobError
+
+DEFAULT_BASE_DIR = "/opt/ml"
+# SageMaker shows the first 1,024 characters of output/failure as the job's FailureReason.
+FAILURE_REASON_LIMIT = 1024
+
+
+@dataclass(frozen=True)
+class SageMakerEnvironment:
+    base_dir: Path
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "SageMakerEnvironment":
+        environ = dict(os.environ if environ is None else environ)
+        # SAGEMAKER_BASE_DIR is the name the SageMaker training toolkit uses for local runs.
+        return cls(Path(environ.get("SAGEMAKER_BASE_DIR") or DEFAULT_BASE_DIR), environ)
+
+    @property
+    def hyperparameters_file(self) -> Path:
+        return self.base_dir / "input" / "config" / "hyperparameters.json"
+
+    @property
+    def model_dir(self) -> Path:
+        return self.base_dir / "model"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.base_dir / "output"
+
+    @property
+    def failure_file(self) -> Path:
+        return self.output_dir / "failure"
+
+    @property
+    def training_job_name(self) -> str | None:
+        """Set by SageMaker (and by the SDK's local mode); absent in a plain `docker run`."""
+        return self.environ.get("TRAINING_JOB_NAME") or None
+
+    def channel_dir(self, name: str) -> Path:
+        override = self.environ.get(f"SM_CHANNEL_{name.upper()}")
+        return Path(override) if override else self.base_dir / "input" / "data" / name
+
+    def read_hyperparameters(self) -> dict:
+        """The raw hyperparameters.json object: names to (normally) string values."""
+        path = self.hyperparameters_file
+        if not path.exists():
+            return {}
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8") or "{}")
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise JobError(f"{path} is not valid JSON ({exc}). It must be one flat JSON object "
+                           'of hyperparameter names to values, e.g. {"epochs": "10"}.') from exc
+        if not isinstance(raw, dict):
+            raise JobError(f"{path} must hold one JSON object of hyperparameter names to values, "
+                           f"not a {type(raw).__name__}.")
+        return raw
+
+    def write_failure(self, reason: str) -> None:
+        """Record why the job failed, where SageMaker shows it to the buyer."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        text = " ".join(reason.split())  # one paragraph: CloudWatch and the console show it whole
+        if len(text) > FAILURE_REASON_LIMIT:
+            text = text[: FAILURE_REASON_LIMIT - 3] + "..."
+        self.failure_file.write_text(text + "\n", encoding="utf-8")

@@ -1,0 +1,104 @@
+"""The schema: SageMaker's string values in, checked values or a buyer-readable error out."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from efficientnet_train import hyperparameters
+from efficientnet_train.errors import JobError
+from efficientnet_train.hyperparameters import SCHEMA, parse
+
+LISTING_DEFAULTS = {  # ../shared/reference/efficientnet-listing.md, names and defaults as published
+    "epochs": 250, "batch_size": 32, "aa": "rand-m9-mstd0.5", "decay_epochs": 2.4, "decay_rate": 0.1,
+    "drop": 0.3, "drop_connect": 0.2, "lr": 0.016, "model_ema": True, "model_ema_decay": 0.9999,
+    "opt": "rmsproptf", "opt_eps": 0.001, "remode": "pixel", "reprob": 0.2, "sched": "step", "workers": 1,
+    "warmup_lr": 1e-6, "weight_decay": 1e-5}
+
+
+def error_of(raw: dict) -> str:
+    with pytest.raises(JobError) as info:
+        parse(raw)
+    return str(info.value)
+
+
+def test_listing_hyperparameters_keep_their_names_and_defaults():
+    resolved, ignored = parse({})
+    assert {name: getattr(resolved, name) for name in LISTING_DEFAULTS} == LISTING_DEFAULTS
+    assert resolved.model == "efficientnet_b3" and resolved.pretrained_path == "" and resolved.img_size == 0
+    assert ignored == []
+
+
+def test_listing_choices_are_accepted():
+    for raw in ({"opt": "sgd"}, {"opt": "rmsproptf"}, {"aa": "v0"}, {"aa": "original"},
+                {"aa": "rand-m9-mstd0.5"}, {"aa": "none"}, {"remode": "const"}, {"remode": "pixel"},
+                {"sched": "step"}):
+        parse(raw)
+
+
+def test_strings_as_sagemaker_sends_them():
+    resolved, _ = parse({"epochs": "32", "lr": "1e-5", "model_ema": "false", "drop": "0", "img_size": "64.0",
+                         "opt": '"sgd"', "aa": '"rand-m7-mstd0.5"', "batch_size": " 16 "})
+    assert (resolved.epochs, resolved.lr, resolved.model_ema, resolved.drop) == (32, 1e-5, False, 0.0)
+    assert (resolved.img_size, resolved.opt, resolved.aa, resolved.batch_size) == (64, "sgd", "rand-m7-mstd0.5", 16)
+
+
+def test_json_typed_values_from_a_hand_written_file():
+    resolved, _ = parse({"epochs": 3, "model_ema": False, "lr": 0.5})
+    assert (resolved.epochs, resolved.model_ema, resolved.lr) == (3, False, 0.5)
+
+
+@pytest.mark.parametrize("word, value", [("true", True), ("True", True), ("1", True), ("yes", True),
+                                         ("false", False), ("FALSE", False), ("0", False), ("no", False)])
+def test_boolean_spellings(word, value):
+    assert parse({"model_ema": word})[0].model_ema is value
+
+
+def test_sagemaker_keys_are_ignored_not_rejected():
+    resolved, ignored = parse({"_tuning_objective_metric": "validation:acc_1", "sagemaker_region": '"us-east-1"',
+                               "sagemaker_container_log_level": "20"})
+    assert sorted(ignored) == ["_tuning_objective_metric", "sagemaker_container_log_level", "sagemaker_region"]
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ({"learning_rate": "0.1"}, "unknown hyperparameter 'learning_rate' = '0.1': did you mean 'lr'?"),
+    ({"epoch": "5"}, "did you mean 'epochs'?"),
+    ({"zzz": "1"}, "valid names are: epochs, batch_size"),
+    ({"epochs": "ten"}, "'epochs' = 'ten' is invalid (not an integer); allowed: an integer from 1 to 10000; "
+                        "default 250"),
+    ({"epochs": "2.5"}, "(not an integer)"),
+    ({"epochs": "0"}, "(out of range); allowed: an integer from 1 to 10000"),
+    ({"lr": "-0.1"}, "'lr' = '-0.1' is invalid (out of range); allowed: a number > 0 and <= 10"),
+    ({"lr": "nan"}, "(not a finite number)"),
+    ({"drop": "1"}, "a number >= 0 and < 1"),
+    ({"model_ema": "maybe"}, "'model_ema' = 'maybe' is invalid (not true or false)"),
+    ({"opt": "adamm"}, "'opt' = 'adamm' is invalid (not one of the choices; did you mean adam?); allowed: one of sgd,"),
+    ({"sched": "cosin"}, "one of step, cosine"),
+    ({"remode": "zero"}, "one of const, rand, pixel"),
+    ({"model": "efficientnet_b33"}, "(not a timm EfficientNet model; did you mean efficientnet_b3"),
+    ({"model": "resnet50"}, "not a timm EfficientNet model"),
+    ({"aa": "rand-foo"}, "timm would ignore the part(s) foo of this policy"),
+    ({"aa": "v1"}, "timm cannot parse this augmentation policy"),
+    ({"img_size": "16"}, "(out of range); allowed: 0, or an integer from 32 to 1024"),
+    ({"pretrained_path": "/weights/b3.onnx"}, "the path of a .pth, .pt, .bin or .safetensors file"),
+])
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, expected):
+    assert expected in error_of(raw)
+
+
+def test_every_problem_is_reported_at_once():
+    message = error_of({"epochs": "x", "lr": "y", "typo_key": "z"})
+    assert "'epochs'" in message and "'lr'" in message and "'typo_key'" in message
+
+
+def test_defaults_pass_their_own_checks():
+    for spec in SCHEMA:
+        assert spec.parse(hyperparameters.format_value(spec.default)) == spec.default, spec.name
+
+
+def test_numbers_are_written_as_plain_decimals():
+    assert hyperparameters.format_value(1e-6) == "0.000001" and hyperparameters.format_value(1e-5) == "0.00001"
+    assert hyperparameters.format_value(0.016) == "0.016" and hyperparameters.format_value(True) == "true"
+    for spec in hyperparameters.sagemaker_hyperparameter_specs():
+        assert not re.search(r"\de-?\d", spec["DefaultValue"]), spec
