@@ -1,0 +1,149 @@
+"""Image folders in, batches out: channel scanning, the dataset and the transforms.
+
+`eval_transform` is the one definition of evaluation preprocessing: validation uses
+it during training and serving rebuilds it from the `data_config` stored in the
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+
+from .errors import JobError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class Channel:
+    """One input channel: its images, their labels and what was found there."""
+
+    name: str
+    root: Path
+    classes: list[str]
+    samples: list[tuple[str, int]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # files that are not images, relative to root
+
+    def images_per_class(self) -> dict[str, int]:
+        counts = Counter(label for _, label in self.samples)
+        return {name: counts[index] for index, name in enumerate(self.classes)}
+
+    def formats(self) -> dict[str, int]:
+        return dict(sorted(Counter(Path(path).suffix.lower().lstrip(".") for path, _ in self.samples).items()))
+
+    def inventory(self) -> str:
+        present = {name: count for name, count in self.images_per_class().items() if count}
+        per_class = ", ".join(f"{name}: {count}" for name, count in present.items())
+        formats = ", ".join(f"{fmt}: {count}" for fmt, count in self.formats().items())
+        lines = [f"channel '{self.name}' ({self.root}): {len(self.samples)} images in {len(present)} classes "
+                 f"[{per_class}]; formats [{formats}]"]
+        if self.skipped:
+            lines.append(f"channel '{self.name}': skipped {len(self.skipped)} files that are not images "
+                         f"(e.g. {', '.join(self.skipped[:5])})")
+        return "\n".join(lines)
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".")
+
+
+def class_folders(root: Path) -> list[str]:
+    # Sorted like torchvision's ImageFolder, so label indices mean the same as there.
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and _visible(entry.name))
+
+
+def scan_channel(name: str, root: Path, classes: list[str] | None = None) -> Channel:
+    """Find `root/<class>/**/<image>`; `classes` fixes the label order (the train channel's)."""
+    if not root.is_dir():
+        raise JobError(f"The '{name}' channel is missing: no folder at {root}. Give the training job a "
+                       f"'{name}' input channel whose S3 prefix holds one folder per class "
+                       f"({name}/<label>/<image>.jpg).")
+    found = class_folders(root)
+    if not found:
+        loose = [entry.name for entry in os.scandir(root) if entry.is_file() and _visible(entry.name)]
+        where = f"it holds only files ({', '.join(sorted(loose)[:3])}...)" if loose else "it is empty"
+        raise JobError(f"The '{name}' channel at {root} has no class folders: {where}. Put each image in a "
+                       f"folder named after its label: {name}/<label>/<image>.jpg.")
+    if classes is None:
+        classes = found
+    else:
+        unknown = [folder for folder in found if folder not in classes]
+        if unknown:
+            raise JobError(f"The '{name}' channel has classes that are not in 'train': {', '.join(unknown)}. "
+                           f"The model can only learn labels it is trained on; add images of "
+                           f"{', '.join(unknown)} to train/, or remove those folders from {name}/.")
+    channel = Channel(name, root, list(classes))
+    label_index = {label: index for index, label in enumerate(classes)}
+    for label in found:
+        class_dir = root / label
+        before = len(channel.samples)
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if _visible(d))
+            for filename in sorted(filenames):
+                if not _visible(filename):
+                    continue
+                path = os.path.join(dirpath, filename)
+                if filename.lower().endswith(IMAGE_EXTENSIONS):
+                    channel.samples.append((path, label_index[label]))
+                else:
+                    channel.skipped.append(os.path.relpath(path, root))
+        if len(channel.samples) == before:
+            raise JobError(f"The class folder {class_dir} in the '{name}' channel holds no images "
+                           f"({', '.join(e.lower() for e in IMAGE_EXTENSIONS)}). Add images to it or delete it.")
+    return channel
+
+
+def load_image(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)  # phones store rotation in EXIF, not in pixels
+        return image.convert("RGB")
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    def __init__(self, samples: list[tuple[str, int]], transform):
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        return self.transform(load_image(path)), label
+
+
+def resolve_data_config(model: torch.nn.Module, img_size: int) -> dict:
+    """Input size, interpolation, crop and normalisation: the model's own unless img_size is set."""
+    from timm.data import resolve_data_config as timm_resolve
+
+    overrides = {"input_size": (3, img_size, img_size)} if img_size else {}
+    config = timm_resolve(overrides, model=model)
+    # Plain types only: the config is stored in the checkpoint, which must load with weights_only=True.
+    return {"input_size": [int(v) for v in config["input_size"]], "interpolation": str(config["interpolation"]),
+            "mean": [float(v) for v in config["mean"]], "std": [float(v) for v in config["std"]],
+            "crop_pct": float(config["crop_pct"]), "crop_mode": str(config.get("crop_mode", "center"))}
+
+
+def train_transform(data_config: dict, aa: str, reprob: float, remode: str):
+    from timm.data import create_transform
+
+    return create_transform(
+        tuple(data_config["input_size"]), is_training=True,
+        auto_augment=None if aa.lower() in ("", "none") else aa,
+        interpolation=data_config["interpolation"], mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]), re_prob=reprob, re_mode=remode)
+
+
+def eval_transform(data_config: dict):
+    from timm.data import create_transform
+
+    return create_transform(
+        tuple(data_config["input_size"]), is_training=False, interpolation=data_config["interpolation"],
+        mean=tuple(data_config["mean"]), std=tuple(data_config["std"]), crop_pct=data_config["crop_pct"],
+        crop_mode=data_config["crop_mode"])

@@ -1,0 +1,75 @@
+"""Creating the network with its ImageNet weights, and the checkpoint it is saved as."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import JobError
+from .outputs import atomic_write
+
+CHECKPOINT_VERSION = 1
+
+
+def shipped_weights() -> list[str]:
+    """The timm models whose pretrained weights are in this image's Hugging Face cache."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return sorted(repo.repo_id.removeprefix("timm/") for repo in scan_cache_dir().repos
+                      if repo.repo_type == "model" and repo.repo_id.startswith("timm/"))
+    except Exception:  # noqa: BLE001 - no cache at all is the common case here
+        return []
+
+
+def create_model(name: str, num_classes: int, pretrained_path: str, drop: float, drop_connect: float):
+    """The model with ImageNet weights and a new head for `num_classes`, never downloading anything."""
+    import timm
+
+    kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_rate=drop, drop_path_rate=drop_connect)
+    if pretrained_path:
+        path = Path(pretrained_path)
+        if not path.is_file():
+            raise JobError(f"pretrained_path {path} does not exist. Give the path of a timm weights file "
+                           f"(.pth or .safetensors) inside the container, or leave it empty to use the "
+                           f"weights shipped in the image.")
+        try:
+            # The same as timm's --pretrained-path: the file replaces the hub as the weights' source,
+            # and timm drops the ImageNet classifier when num_classes differs.
+            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        except (RuntimeError, KeyError, ValueError, OSError, EOFError) as exc:
+            raise JobError(f"pretrained_path {path} does not hold timm weights for model '{name}': "
+                           f"{type(exc).__name__}: {str(exc)[:300]}. Check that the file was saved from "
+                           f"timm's '{name}' (state_dict key names as in timm).") from exc
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - offline hub errors come in many types
+        shipped = shipped_weights()
+        listing = f"This image ships weights for: {', '.join(shipped)}." if shipped else \
+            "This environment ships no pretrained weights."
+        raise JobError(f"No ImageNet weights for model '{name}' are available without a network "
+                       f"({type(exc).__name__}). {listing} Choose one of those models, or set "
+                       f"pretrained_path to a timm weights file for '{name}'.") from exc
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, **metadata: Any) -> None:
+    """A timm-layout checkpoint of plain types, loadable with torch.load(weights_only=True)."""
+    state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    atomic_write(path, lambda f: torch.save({"state_dict": state_dict, "version": CHECKPOINT_VERSION,
+                                             **metadata}, f))
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def load_trained_model(path: Path) -> tuple[torch.nn.Module, dict]:
+    """The best model a job saved, ready for inference, and its checkpoint's metadata."""
+    import timm
+
+    checkpoint = load_checkpoint(path)
+    model = timm.create_model(checkpoint["arch"], num_classes=len(checkpoint["labels"]))
+    model.load_state_dict(checkpoint["state_dict"])
+    return model.eval(), checkpoint

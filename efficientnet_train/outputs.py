@@ -1,0 +1,70 @@
+"""The four files of `model/` (the artifact SageMaker packs into model.tar.gz), written safely."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import yaml
+
+ARGS_FILE, LABELS_FILE, BEST_MODEL_FILE, SUMMARY_FILE = "args.yml", "labels.json", "model_best.pth.tar", "summary.csv"
+MODEL_FILES = (ARGS_FILE, LABELS_FILE, BEST_MODEL_FILE, SUMMARY_FILE)
+ARCHIVE_FILE = "model.tar.gz"
+SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Readers see the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def write_labels(model_dir: Path, classes: list[str]) -> None:
+    write_text(model_dir / LABELS_FILE,
+               json.dumps({str(i): name for i, name in enumerate(classes)}, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_args(model_dir: Path, args: dict) -> str:
+    text = yaml.safe_dump(args, sort_keys=False, allow_unicode=True)
+    write_text(model_dir / ARGS_FILE, text)
+    return text
+
+
+def write_summary(model_dir: Path, rows: list[dict]) -> None:
+    """The whole table each epoch: tiny, and a rewrite can't leave a torn row."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(model_dir / SUMMARY_FILE, buffer.getvalue())
+
+
+def pack_model(model_dir: Path) -> Path:
+    """model.tar.gz as SageMaker would make it, for runs outside SageMaker."""
+    archive = model_dir / ARCHIVE_FILE
+
+    def write(f: BinaryIO) -> None:
+        with tarfile.open(fileobj=f, mode="w:gz") as tar:
+            for name in MODEL_FILES:
+                tar.add(model_dir / name, arcname=name)
+
+    atomic_write(archive, write)
+    return archive

@@ -1,0 +1,55 @@
+"""The CreateAlgorithm request body (`container/algorithm-spec.json`), generated from the schema.
+
+    python -m efficientnet_train.spec > container/algorithm-spec.json
+
+Image URIs are placeholders that the publishing script fills in.
+"""
+
+from __future__ import annotations
+
+import json
+
+from .hyperparameters import sagemaker_hyperparameter_specs
+from .metrics import VAL_ACC_1, metric_definitions
+
+TRAINING_IMAGE_PLACEHOLDER = "<TRAINING_IMAGE_URI>"
+IMAGE_CONTENT_TYPES = ["image/jpeg", "image/png", "image/gif", "image/bmp", "image/webp", "image/tiff",
+                       "application/x-image"]
+TRAINING_INSTANCE_TYPES = ["ml.p3.2xlarge", "ml.p3.8xlarge", "ml.p3.16xlarge", "ml.p3dn.24xlarge",
+                           "ml.p4d.24xlarge", "ml.g4dn.xlarge", "ml.g4dn.2xlarge", "ml.g4dn.12xlarge",
+                           "ml.g5.xlarge", "ml.g5.2xlarge", "ml.g5.12xlarge", "ml.m5.2xlarge", "ml.c5.4xlarge"]
+
+
+def _channel(name: str, description: str) -> dict:
+    return {"Name": name, "Description": description, "IsRequired": True,
+            "SupportedContentTypes": IMAGE_CONTENT_TYPES, "SupportedCompressionTypes": ["None"],
+            "SupportedInputModes": ["File", "FastFile"]}
+
+
+def algorithm_spec() -> dict:
+    return {
+        "AlgorithmName": "efficientnet-image-classifier",
+        "AlgorithmDescription": "Fine-tunes an ImageNet-pretrained EfficientNet (timm) on a folder of labelled "
+                                "images: one folder per label in the train and val channels.",
+        "TrainingSpecification": {
+            "TrainingImage": TRAINING_IMAGE_PLACEHOLDER,
+            "SupportedHyperParameters": sagemaker_hyperparameter_specs(),
+            "SupportedTrainingInstanceTypes": TRAINING_INSTANCE_TYPES,
+            "SupportsDistributedTraining": False,
+            "MetricDefinitions": metric_definitions(),
+            "TrainingChannels": [
+                _channel("train", "Training images: train/<label>/<image>. The folder names are the labels."),
+                _channel("val", "Validation images: val/<label>/<image>, with labels that are also in train."),
+            ],
+            "SupportedTuningJobObjectiveMetrics": [{"Type": "Maximize", "MetricName": VAL_ACC_1}],
+        },
+        "CertifyForMarketplace": True,
+    }
+
+
+def render() -> str:
+    return json.dumps(algorithm_spec(), indent=2) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")

@@ -1,0 +1,236 @@
+"""`train`: the SageMaker training job, from image folders to a fine-tuned EfficientNet."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import random
+import sys
+import time
+from contextlib import nullcontext
+from functools import partial
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__, hyperparameters, outputs
+from .data import (ImageDataset, eval_transform, resolve_data_config, scan_channel,
+                   train_transform)
+from .errors import JobError
+from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
+from .model import create_model, save_checkpoint
+from .sagemaker import SageMakerEnvironment
+
+log = logging.getLogger("efficientnet_train")
+
+
+def main() -> int:
+    # Marketplace jobs run without a network: weights come from the image or pretrained_path, never a
+    # hub. Set before anything imports timm (and with it huggingface_hub, which reads this on import).
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    env = SageMakerEnvironment.from_environ()
+    env.failure_file.unlink(missing_ok=True)  # a reason left by an earlier run would mislead
+    try:
+        run(env)
+        return 0
+    except JobError as exc:
+        log.error("Training failed: %s", exc)
+        env.write_failure(str(exc))
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the buyer must see a reason
+        log.exception("Training failed with an unexpected error")
+        env.write_failure(f"Unexpected error: {type(exc).__name__}: {exc}. "
+                          f"The full traceback is in the training job's log.")
+    return 1
+
+
+def run(env: SageMakerEnvironment) -> None:
+    hp, ignored = hyperparameters.parse(env.read_hyperparameters())
+    if ignored:
+        log.info("Ignoring SageMaker's own hyperparameters: %s", ", ".join(ignored))
+    train_channel = scan_channel("train", env.channel_dir("train"))
+    val_channel = scan_channel("val", env.channel_dir("val"), classes=train_channel.classes)
+    classes = train_channel.classes
+    if len(classes) < 2:
+        raise JobError(f"The 'train' channel has one class ({classes[0]}); a classifier needs at least two. "
+                       f"Add a folder of images for each other label to {train_channel.root}.")
+    log.info(train_channel.inventory())
+    log.info(val_channel.inventory())
+
+    seed_everything(hp.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    autocast, amp_dtype = autocast_for(device)
+    model = create_model(hp.model, len(classes), hp.pretrained_path, hp.drop, hp.drop_connect).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    data_config = resolve_data_config(model, hp.img_size)
+
+    batch_size = min(hp.batch_size, len(train_channel.samples))
+    if batch_size < hp.batch_size:
+        log.warning("batch_size %d is larger than the training set (%d images): using %d",
+                    hp.batch_size, len(train_channel.samples), batch_size)
+    loader = partial(torch.utils.data.DataLoader, batch_size=batch_size, num_workers=hp.workers,
+                     pin_memory=device.type == "cuda", persistent_workers=hp.workers > 0)
+    train_loader = loader(ImageDataset(train_channel.samples, train_transform(data_config, hp.aa, hp.reprob,
+                                                                              hp.remode)),
+                          shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(hp.seed))
+    val_loader = loader(ImageDataset(val_channel.samples, eval_transform(data_config)), shuffle=False)
+
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    lr = hp.lr * batch_size / hyperparameters.LR_REFERENCE_BATCH
+    optimizer = create_optimizer_v2(model, opt=hp.opt, lr=lr, weight_decay=hp.weight_decay, eps=hp.opt_eps)
+    # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch;
+    # timm's plateau schedule only steps on epochs.
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=hp.sched, num_epochs=hp.epochs, decay_epochs=hp.decay_epochs, decay_rate=hp.decay_rate,
+        warmup_lr=hp.warmup_lr, warmup_epochs=hp.warmup_epochs, step_on_epochs=hp.sched == "plateau",
+        updates_per_epoch=len(train_loader))
+    # Warmup makes the average follow the weights early on; without it, decay 0.9999 keeps the
+    # random classifier head for thousands of steps, far longer than a small data set trains.
+    ema = ModelEmaV3(model, decay=hp.model_ema_decay, use_warmup=True) if hp.model_ema else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    args = {**vars(hp),
+            "ignored_hyperparameters": ignored, "classes": classes, "num_classes": len(classes),
+            "data_config": data_config, "effective_batch_size": batch_size, "effective_lr": lr,
+            "device": describe(device), "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+            "train_images": len(train_channel.samples), "val_images": len(val_channel.samples),
+            "train_images_per_class": train_channel.images_per_class(),
+            "val_images_per_class": val_channel.images_per_class(),
+            "skipped_files": {"train": train_channel.skipped, "val": val_channel.skipped},
+            "training_job_name": env.training_job_name, "versions": versions()}
+    outputs.write_labels(env.model_dir, classes)
+    log.info("Resolved settings (also in %s):\n%s", outputs.ARGS_FILE, outputs.write_args(env.model_dir, args))
+
+    loss_fn = torch.nn.CrossEntropyLoss()
+    top_k = min(5, len(classes))
+    summary, best = [], None
+    started = time.monotonic()
+    for epoch in range(1, hp.epochs + 1):
+        train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, ema, scaler, autocast,
+                                     device, memory_format, epoch)
+        candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
+        results = {name: evaluate(net, val_loader, autocast, device, memory_format, top_k)
+                   for name, net in candidates.items()}
+        chosen = max(results, key=lambda name: (results[name].top1, -results[name].loss))
+        result = results[chosen]
+        scheduler.step(epoch, result.top1)
+        lr_now = optimizer.param_groups[0]["lr"]
+        log.info("epoch %d/%d %s lr=%.8f weights=%s%s elapsed=%.0fs", epoch, hp.epochs,
+                 metric_line({TRAIN_LOSS: train_loss, VAL_LOSS: result.loss, VAL_ACC_1: result.top1,
+                              VAL_ACC_5: result.top5}),
+                 lr_now, chosen, "" if len(results) == 1 else
+                 " (" + ", ".join(f"{name} acc_1={r.top1:.2f}" for name, r in results.items()) + ")",
+                 time.monotonic() - started)
+        summary.append({"epoch": epoch, "train_loss": f"{train_loss:.6f}", "eval_loss": f"{result.loss:.6f}",
+                        "eval_top1": f"{result.top1:.6f}", "eval_top5": f"{result.top5:.6f}",
+                        "lr": f"{lr_now:.10f}"})
+        outputs.write_summary(env.model_dir, summary)
+        if best is None or (result.top1, -result.loss) > (best.top1, -best.loss):
+            best = SimpleNamespace(epoch=epoch, top1=result.top1, loss=result.loss, weights=chosen)
+            save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, candidates[chosen], arch=hp.model,
+                            epoch=epoch, metric=result.top1, metric_name=VAL_ACC_1, weights=chosen,
+                            labels=classes, num_classes=len(classes), data_config=data_config, args=args)
+            # Not "validation:acc_1=": SageMaker's regex would record the value a second time.
+            log.info("New best model: epoch %d, top-1 accuracy %.4f%% (%s weights)", epoch, result.top1, chosen)
+
+    args.update(best_epoch=best.epoch, best_acc_1=best.top1, best_weights=best.weights, epochs_completed=hp.epochs)
+    outputs.write_args(env.model_dir, args)
+    log.info("Done in %.0fs: best top-1 accuracy %.4f%% at epoch %d (%s weights), saved to %s",
+             time.monotonic() - started, best.top1, best.epoch, best.weights, env.model_dir / outputs.BEST_MODEL_FILE)
+    if env.training_job_name is None:
+        # SageMaker packs model/ itself; a plain `docker run` should still hand over the same artifact.
+        log.info("Packed %s", outputs.pack_model(env.model_dir))
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ema, scaler, autocast, device, memory_format,
+                    epoch: int) -> float:
+    model.train()
+    loss_sum, seen = torch.zeros((), device=device), 0
+    num_updates = (epoch - 1) * len(loader)
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with autocast():
+            loss = loss_fn(model(images), targets)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        num_updates += 1
+        if ema is not None:
+            ema.update(model, step=num_updates)
+        scheduler.step_update(num_updates)
+        loss_sum += loss.detach() * len(targets)  # no .item(): a sync per step would stall the GPU
+        seen += len(targets)
+    mean_loss = (loss_sum / max(seen, 1)).item()
+    if not np.isfinite(mean_loss):
+        raise JobError(f"Training diverged in epoch {epoch}: the training loss is {mean_loss}. Lower lr "
+                       f"(it is scaled to the batch size from a batch of {hyperparameters.LR_REFERENCE_BATCH}) "
+                       f"or raise warmup_epochs.")
+    return mean_loss
+
+
+@torch.no_grad()
+def evaluate(model, loader, autocast, device, memory_format, top_k: int) -> SimpleNamespace:
+    from timm.utils import accuracy
+
+    model.eval()
+    loss_sum = top1_sum = topk_sum = 0.0
+    seen = 0
+    for images, targets in loader:
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        top1, topk = accuracy(logits, targets, topk=(1, top_k))  # percentages of this batch
+        top1_sum += top1.item() * len(targets)
+        topk_sum += topk.item() * len(targets)
+        seen += len(targets)
+    return SimpleNamespace(loss=loss_sum / seen, top1=top1_sum / seen, top5=topk_sum / seen)
+
+
+def autocast_for(device: torch.device):
+    """Mixed precision on CUDA (bf16 where the GPU has it), plain float32 on the CPU."""
+    if device.type != "cuda":
+        return nullcontext, None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return partial(torch.autocast, "cuda", dtype=dtype), dtype
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.device_count()} x {torch.cuda.get_device_name(0)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str]:
+    import PIL
+    import timm
+    import torchvision
+
+    return {"efficientnet_train": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "timm": timm.__version__, "pillow": PIL.__version__,
+            "numpy": np.__version__, "cuda": torch.version.cuda or "none"}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
