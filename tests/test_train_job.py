@@ -1,0 +1,154 @@
+"""`train` as SageMaker runs it: a subprocess on a mocked /opt/ml tree, checked from the outside."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import COLOURS, TINY_MODEL, make_channels, make_job, run_train
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_FILES = {"args.yml", "labels.json", "model_best.pth.tar", "summary.csv"}
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory, tiny_weights):
+    """One complete local job (no TRAINING_JOB_NAME), with SageMaker's extra keys and encodings."""
+    base = make_job(tmp_path_factory.mktemp("opt_ml"), {
+        "epochs": str(EPOCHS), "batch_size": "8", "model": TINY_MODEL, "pretrained_path": str(tiny_weights["pth"]),
+        "img_size": "32", "workers": "1", "lr": "0.1", "opt": '"sgd"', "model_ema": "True",
+        "_tuning_objective_metric": "validation:acc_1", "sagemaker_program": "train"})
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return base, result.stdout + result.stderr
+
+
+def spec_metric_regexes() -> dict[str, str]:
+    spec = json.loads((REPO / "container" / "algorithm-spec.json").read_text())
+    return {d["Name"]: d["Regex"] for d in spec["TrainingSpecification"]["MetricDefinitions"]}
+
+
+def read_summary(model_dir: Path) -> list[dict]:
+    with open(model_dir / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_local_run_writes_the_four_files_and_the_archive(finished_job):
+    base, _ = finished_job
+    model_dir = base / "model"
+    assert {p.name for p in model_dir.iterdir()} == MODEL_FILES | {"model.tar.gz"}
+    with tarfile.open(model_dir / "model.tar.gz") as tar:
+        assert sorted(tar.getnames()) == sorted(MODEL_FILES)
+        assert tar.extractfile("labels.json").read() == (model_dir / "labels.json").read_bytes()
+    assert not (base / "output" / "failure").exists()
+
+
+def test_labels_are_the_sorted_train_folders(finished_job):
+    base, _ = finished_job
+    labels = json.loads((base / "model" / "labels.json").read_text())
+    assert labels == {str(i): name for i, name in enumerate(sorted(COLOURS))}
+
+
+def test_args_hold_resolved_hyperparameters_and_derived_values(finished_job):
+    base, _ = finished_job
+    args = yaml.safe_load((base / "model" / "args.yml").read_text())
+    assert args["epochs"] == EPOCHS and args["opt"] == "sgd" and args["model_ema"] is True
+    assert args["decay_rate"] == 0.1 and args["aa"] == "rand-m9-mstd0.5"  # defaults filled in
+    assert args["classes"] == sorted(COLOURS) and args["num_classes"] == 3
+    assert args["data_config"]["input_size"] == [3, 32, 32]
+    assert args["effective_lr"] == pytest.approx(0.1 * 8 / 256)
+    assert args["train_images_per_class"] == {name: 12 for name in sorted(COLOURS)}
+    assert set(args["ignored_hyperparameters"]) == {"_tuning_objective_metric", "sagemaker_program"}
+    assert {"torch", "timm", "torchvision", "python"} <= set(args["versions"])
+    assert args["best_epoch"] in range(1, EPOCHS + 1) and args["epochs_completed"] == EPOCHS
+
+
+def test_summary_has_one_row_per_epoch(finished_job):
+    base, _ = finished_job
+    rows = read_summary(base / "model")
+    assert [int(row["epoch"]) for row in rows] == list(range(1, EPOCHS + 1))
+    assert list(rows[0]) == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
+    for row in rows:
+        assert float(row["eval_top5"]) == 100.0  # 3 classes: top-5 is over all of them
+        assert 0 <= float(row["eval_top1"]) <= 100 and float(row["train_loss"]) > 0
+
+
+def test_spec_regexes_capture_every_metric_once_per_epoch(finished_job):
+    base, log = finished_job
+    rows = read_summary(base / "model")
+    columns = {"train:loss": "train_loss", "validation:loss": "eval_loss",
+               "validation:acc_1": "eval_top1", "validation:acc_5": "eval_top5"}
+    regexes = spec_metric_regexes()
+    assert set(regexes) == set(columns)
+    for name, regex in regexes.items():
+        values = [float(m.group(1)) for m in re.finditer(regex, log)]
+        assert values == [float(row[columns[name]]) for row in rows], name
+
+
+def test_log_shows_inventory_settings_and_versions(finished_job):
+    _, log = finished_job
+    assert "channel 'train'" in log and "36 images in 3 classes" in log
+    assert "ants: 12, bees: 12, wasps: 12" in log
+    assert re.search(r"formats \[bmp: \d+, gif: \d+, jpeg: \d+, jpg: \d+, png: \d+, webp: \d+\]", log)
+    assert "Resolved settings" in log and "timm:" in log and "device: cpu" in log
+    assert "Ignoring SageMaker's own hyperparameters: _tuning_objective_metric, sagemaker_program" in log
+
+
+def test_best_checkpoint_loads_safely_and_with_plain_timm(finished_job):
+    import timm
+
+    base, _ = finished_job
+    path = base / "model" / "model_best.pth.tar"
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    assert checkpoint["arch"] == TINY_MODEL and checkpoint["labels"] == sorted(COLOURS)
+    assert {"state_dict", "epoch", "metric", "data_config", "args", "weights"} <= set(checkpoint)
+    model = timm.create_model(TINY_MODEL, num_classes=3, checkpoint_path=str(path))
+    assert torch.equal(model.state_dict()["classifier.weight"], checkpoint["state_dict"]["classifier.weight"])
+
+
+def test_saved_model_scores_what_the_summary_says(finished_job):
+    """The weights kept are the ones that earned the best metric (EMA or raw), with the same preprocessing."""
+    from efficientnet_train.data import ImageDataset, eval_transform, scan_channel
+    from efficientnet_train.model import load_trained_model
+
+    base, _ = finished_job
+    model, checkpoint = load_trained_model(base / "model" / "model_best.pth.tar")
+    val = scan_channel("val", base / "input" / "data" / "val", classes=checkpoint["labels"])
+    dataset = ImageDataset(val.samples, eval_transform(checkpoint["data_config"]))
+    images, targets = zip(*(dataset[i] for i in range(len(dataset))))
+    with torch.no_grad():
+        predictions = model(torch.stack(images)).argmax(dim=1)
+    accuracy = 100.0 * (predictions == torch.tensor(targets)).float().mean().item()
+    best_row = read_summary(base / "model")[checkpoint["epoch"] - 1]
+    assert accuracy == pytest.approx(float(best_row["eval_top1"]), abs=1e-3)
+    assert float(best_row["eval_top1"]) == max(float(r["eval_top1"]) for r in read_summary(base / "model"))
+
+
+def test_sagemaker_run_leaves_packing_to_sagemaker(tmp_path, tiny_hyperparameters, tiny_weights):
+    """With TRAINING_JOB_NAME only the four files; channels from SM_CHANNEL_*; .safetensors weights; no EMA."""
+    base = make_job(tmp_path / "opt_ml", {**tiny_hyperparameters, "model_ema": "false",
+                                          "pretrained_path": str(tiny_weights["safetensors"])}, with_data=False)
+    data = make_channels(tmp_path / "elsewhere")
+    result = run_train(base, TRAINING_JOB_NAME="job-1", SM_CHANNEL_TRAIN=str(data / "train"),
+                       SM_CHANNEL_VAL=str(data / "val"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert {p.name for p in (base / "model").iterdir()} == MODEL_FILES
+    assert "weights=raw" in result.stdout and "ema acc_1" not in result.stdout
+
+
+def test_val_may_hold_a_subset_of_the_classes(tmp_path, tiny_hyperparameters):
+    base = make_job(tmp_path, tiny_hyperparameters)
+    for image in (base / "input" / "data" / "val" / "wasps").iterdir():
+        image.unlink()
+    (base / "input" / "data" / "val" / "wasps").rmdir()
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads((base / "model" / "labels.json").read_text())["2"] == "wasps"
