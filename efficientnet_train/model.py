@@ -25,7 +25,19 @@ def shipped_weights() -> list[str]:
 
 
 def create_model(name: str, num_classes: int, pretrained_path: str, drop: float, drop_connect: float):
-    """The model with ImageNet weights and a new head for `num_classes`, never downloading anything."""
+    """The model with ImageNet weights and a new, zeroed head for `num_classes`, never downloading anything."""
+    model = _create_pretrained(name, num_classes, pretrained_path, drop, drop_connect)
+    if num_classes != model.pretrained_cfg.get("num_classes"):
+        # timm sizes EfficientNet's head init by its fan-out, +-1/sqrt(num_classes): made for 1000
+        # classes, it gives two classes logits in the tens and an initial loss near 7, whose large
+        # gradients wreck the pretrained features in the first steps. A zero head starts at
+        # log(num_classes) and lets the backbone adapt gently.
+        torch.nn.init.zeros_(model.get_classifier().weight)
+        torch.nn.init.zeros_(model.get_classifier().bias)
+    return model
+
+
+def _create_pretrained(name: str, num_classes: int, pretrained_path: str, drop: float, drop_connect: float):
     import timm
 
     kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_rate=drop, drop_path_rate=drop_connect)
