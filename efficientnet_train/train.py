@@ -103,7 +103,8 @@ def run(env: SageMakerEnvironment) -> None:
             "train_images": len(train_channel.samples), "val_images": len(val_channel.samples),
             "train_images_per_class": train_channel.images_per_class(),
             "val_images_per_class": val_channel.images_per_class(),
-            "skipped_files": {"train": train_channel.skipped, "val": val_channel.skipped},
+            "skipped_files": {ch.name: {"count": len(ch.skipped), "examples": ch.skipped[:10]}
+                              for ch in (train_channel, val_channel)},
             "training_job_name": env.training_job_name, "versions": versions()}
     outputs.write_labels(env.model_dir, classes)
     log.info("Resolved settings (also in %s):\n%s", outputs.ARGS_FILE, outputs.write_args(env.model_dir, args))
@@ -186,20 +187,19 @@ def evaluate(model, loader, autocast, device, memory_format, top_k: int) -> Simp
     from timm.utils import accuracy
 
     model.eval()
-    loss_sum = top1_sum = topk_sum = 0.0
+    sums = torch.zeros(3, device=device)  # loss, top-1 and top-k summed over images; one sync at the end
     seen = 0
     for images, targets in loader:
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         with autocast():
-            logits = model(images)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+            logits = model(images).float()
         top1, topk = accuracy(logits, targets, topk=(1, top_k))  # percentages of this batch
-        top1_sum += top1.item() * len(targets)
-        topk_sum += topk.item() * len(targets)
+        sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum"),
+                             top1 * len(targets), topk * len(targets)])
         seen += len(targets)
-    return SimpleNamespace(loss=loss_sum / seen, top1=top1_sum / seen, top5=topk_sum / seen)
+    loss, top1, top5 = (sums / seen).tolist()
+    return SimpleNamespace(loss=loss, top1=top1, top5=top5)
 
 
 def autocast_for(device: torch.device):

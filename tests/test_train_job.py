@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import COLOURS, TINY_MODEL, make_channels, make_job, run_train
+from conftest import COLOURS, TINY_MODEL, make_channels, make_job, run_train, write_images
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_FILES = {"args.yml", "labels.json", "model_best.pth.tar", "summary.csv"}
@@ -26,6 +26,11 @@ def finished_job(tmp_path_factory, tiny_weights):
         "epochs": str(EPOCHS), "batch_size": "8", "model": TINY_MODEL, "pretrained_path": str(tiny_weights["pth"]),
         "img_size": "32", "workers": "1", "lr": "0.1", "opt": '"sgd"', "model_ema": "True",
         "_tuning_objective_metric": "validation:acc_1", "sagemaker_program": "train"})
+    train = base / "input" / "data" / "train"
+    (train / "ants" / "notes.txt").write_text("not an image")  # skipped and listed
+    (train / ".DS_Store").write_bytes(b"\0")  # hidden: ignored
+    (train / "bees" / ".hidden.jpg").write_bytes(b"")
+    write_images(train / "bees" / "more", COLOURS["bees"], 2, seed=7)  # sub-folders of a class count
     result = run_train(base)
     assert result.returncode == 0, result.stdout + result.stderr
     return base, result.stdout + result.stderr
@@ -65,7 +70,9 @@ def test_args_hold_resolved_hyperparameters_and_derived_values(finished_job):
     assert args["classes"] == sorted(COLOURS) and args["num_classes"] == 3
     assert args["data_config"]["input_size"] == [3, 32, 32]
     assert args["effective_lr"] == pytest.approx(0.1 * 8 / 256)
-    assert args["train_images_per_class"] == {name: 12 for name in sorted(COLOURS)}
+    assert args["train_images_per_class"] == {"ants": 12, "bees": 14, "wasps": 12}
+    assert args["skipped_files"] == {"train": {"count": 1, "examples": ["ants/notes.txt"]},
+                                     "val": {"count": 0, "examples": []}}
     assert set(args["ignored_hyperparameters"]) == {"_tuning_objective_metric", "sagemaker_program"}
     assert {"torch", "timm", "torchvision", "python"} <= set(args["versions"])
     assert args["best_epoch"] in range(1, EPOCHS + 1) and args["epochs_completed"] == EPOCHS
@@ -95,8 +102,9 @@ def test_spec_regexes_capture_every_metric_once_per_epoch(finished_job):
 
 def test_log_shows_inventory_settings_and_versions(finished_job):
     _, log = finished_job
-    assert "channel 'train'" in log and "36 images in 3 classes" in log
-    assert "ants: 12, bees: 12, wasps: 12" in log
+    assert "channel 'train'" in log and "38 images in 3 classes" in log
+    assert "ants: 12, bees: 14, wasps: 12" in log
+    assert "skipped 1 files that are not images (e.g. ants/notes.txt)" in log
     assert re.search(r"formats \[bmp: \d+, gif: \d+, jpeg: \d+, jpg: \d+, png: \d+, webp: \d+\]", log)
     assert "Resolved settings" in log and "timm:" in log and "device: cpu" in log
     assert "Ignoring SageMaker's own hyperparameters: _tuning_objective_metric, sagemaker_program" in log
