@@ -24,6 +24,7 @@ IGNORED_PREFIXES = ("_", "sagemaker_")
 TRUE_WORDS = frozenset({"true", "t", "yes", "y", "on", "1"})
 FALSE_WORDS = frozenset({"false", "f", "no", "n", "off", "0"})
 LR_REFERENCE_BATCH = 256
+LR_EXHAUSTED = 1e-3  # early stopping ends a run whose learning rate fell below this share of its peak
 
 
 @dataclass(frozen=True)
@@ -245,21 +246,38 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    "Local ImageNet weights in timm format (.pth or .safetensors), as timm's "
                    "--pretrained-path; empty = the weights shipped in the image.",
                    check=_check_pretrained_path, allowed_text="empty, or the path of a .pth, .pt, .bin or .safetensors file"),
-    Hyperparameter("img_size", int, 0, "Training and evaluation image size in pixels; 0 = the model's own.",
+    Hyperparameter("img_size", int, 0, "Training image size in pixels; 0 = the model's own.",
                    minimum=0, maximum=1024, check=_check_img_size,
                    allowed_text="0, or an integer from 32 to 1024", tunable=True),
+    Hyperparameter("eval_img_size", int, 0,
+                   "Validation and serving image size in pixels; 0 = the model's test size in timm if it has one "
+                   "and img_size is 0, otherwise 1.15 x the training size.",
+                   minimum=0, maximum=1024, check=_check_img_size, allowed_text="0, or an integer from 32 to 1024",
+                   tunable=True),
     Hyperparameter("warmup_epochs", float, 1.0,
                    "Epochs of linear learning-rate warmup from warmup_lr, updated every step.",
                    minimum=0, maximum=10000, tunable=True),
     Hyperparameter("seed", int, 42, "Random seed.", minimum=0, maximum=2**31 - 1),
+    Hyperparameter("smoothing", float, 0.1,
+                   "Label smoothing of the training loss (timm's recipe, which the listing's defaults come "
+                   "from, uses 0.1).", minimum=0, maximum=1, exclusive_maximum=True, tunable=True),
+    Hyperparameter("early_stopping", bool, True,
+                   "Stop when no better model has been found for early_stopping_patience epochs, or when "
+                   "the learning rate has decayed below 1/1000 of its peak."),
+    Hyperparameter("early_stopping_patience", int, 5, "Epochs without a better model before stopping.",
+                   minimum=1, maximum=1000),
+    Hyperparameter("balance_classes", bool, False,
+                   "Weight the training loss by inverse class frequency, so that every class counts as much "
+                   "as the others however many images it has."),
 )
 BY_NAME: dict[str, Hyperparameter] = {hp.name: hp for hp in SCHEMA}
 # What buyers coming from SageMaker's built-in image classifier or other trainers tend to type.
 COMMON_NAMES = {"learning_rate": "lr", "mini_batch_size": "batch_size", "num_epochs": "epochs",
                 "optimizer": "opt", "lr_scheduler": "sched", "scheduler": "sched", "dropout": "drop",
                 "drop_path": "drop_connect", "drop_path_rate": "drop_connect", "image_size": "img_size",
-                "image_shape": "img_size", "num_workers": "workers", "eps": "opt_eps", "ema": "model_ema",
-                "auto_augment": "aa", "pretrained_weights": "pretrained_path", "checkpoint": "pretrained_path"}
+                "image_shape": "img_size", "num_workers": "workers", "use_weighted_loss": "balance_classes",
+                "patience": "early_stopping_patience", "eps": "opt_eps", "ema": "model_ema",
+                "auto_augment": "aa", "label_smoothing": "smoothing", "pretrained_weights": "pretrained_path", "checkpoint": "pretrained_path"}
 
 
 def defaults() -> dict[str, Any]:

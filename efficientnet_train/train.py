@@ -21,7 +21,7 @@ from .data import (ImageDataset, eval_transform, resolve_data_config, scan_chann
                    train_transform)
 from .errors import JobError
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
-from .model import create_model, save_checkpoint
+from .model import create_model, param_groups, save_checkpoint
 from .sagemaker import SageMakerEnvironment
 
 log = logging.getLogger("efficientnet_train")
@@ -66,7 +66,7 @@ def run(env: SageMakerEnvironment) -> None:
     model = create_model(hp.model, len(classes), hp.pretrained_path, hp.drop, hp.drop_connect).to(device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=memory_format)
-    data_config = resolve_data_config(model, hp.img_size)
+    data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
 
     batch_size = min(hp.batch_size, len(train_channel.samples))
     if batch_size < hp.batch_size:
@@ -84,7 +84,8 @@ def run(env: SageMakerEnvironment) -> None:
     from timm.utils import ModelEmaV3
 
     lr = hp.lr * batch_size / hyperparameters.LR_REFERENCE_BATCH
-    optimizer = create_optimizer_v2(model, opt=hp.opt, lr=lr, weight_decay=hp.weight_decay, eps=hp.opt_eps)
+    optimizer = create_optimizer_v2(param_groups(model, hp.weight_decay), opt=hp.opt, lr=lr,
+                                    weight_decay=hp.weight_decay, eps=hp.opt_eps)
     # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch;
     # timm's plateau schedule only steps on epochs.
     scheduler, _ = create_scheduler_v2(
@@ -109,15 +110,15 @@ def run(env: SageMakerEnvironment) -> None:
     outputs.write_labels(env.model_dir, classes)
     log.info("Resolved settings (also in %s):\n%s", outputs.ARGS_FILE, outputs.write_args(env.model_dir, args))
 
-    loss_fn = torch.nn.CrossEntropyLoss()
-    top_k = min(5, len(classes))
-    summary, best = [], None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_channel) if hp.balance_classes else None,
+                                        label_smoothing=hp.smoothing).to(device)
+    summary, best, stop_reason = [], None, None
     started = time.monotonic()
     for epoch in range(1, hp.epochs + 1):
         train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, ema, scaler, autocast,
                                      device, memory_format, epoch)
         candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
-        results = {name: evaluate(net, val_loader, autocast, device, memory_format, top_k)
+        results = {name: evaluate(net, val_loader, autocast, device, memory_format, len(classes))
                    for name, net in candidates.items()}
         chosen = max(results, key=lambda name: (results[name].top1, -results[name].loss))
         result = results[chosen]
@@ -134,20 +135,43 @@ def run(env: SageMakerEnvironment) -> None:
                         "lr": f"{lr_now:.10f}"})
         outputs.write_summary(env.model_dir, summary)
         if best is None or (result.top1, -result.loss) > (best.top1, -best.loss):
-            best = SimpleNamespace(epoch=epoch, top1=result.top1, loss=result.loss, weights=chosen)
             save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, candidates[chosen], arch=hp.model,
                             epoch=epoch, metric=result.top1, metric_name=VAL_ACC_1, weights=chosen,
                             labels=classes, num_classes=len(classes), data_config=data_config, args=args)
+            best = SimpleNamespace(epoch=epoch, top1=result.top1, loss=result.loss, weights=chosen,
+                                   per_class=dict(zip(classes, result.per_class)))
             # Not "validation:acc_1=": SageMaker's regex would record the value a second time.
             log.info("New best model: epoch %d, top-1 accuracy %.4f%% (%s weights)", epoch, result.top1, chosen)
+        stop_reason = early_stop_reason(epoch, best.epoch, lr_now, lr, hp) if hp.early_stopping else None
+        if stop_reason:
+            log.info("Stopping after epoch %d of %d: %s.", epoch, hp.epochs, stop_reason)
+            break
 
-    args.update(best_epoch=best.epoch, best_acc_1=best.top1, best_weights=best.weights, epochs_completed=hp.epochs)
+    args.update(best_epoch=best.epoch, best_acc_1=best.top1, best_weights=best.weights,
+                best_per_class_acc_1=best.per_class, epochs_completed=epoch, stop_reason=stop_reason or "epochs done")
     outputs.write_args(env.model_dir, args)
     log.info("Done in %.0fs: best top-1 accuracy %.4f%% at epoch %d (%s weights), saved to %s",
              time.monotonic() - started, best.top1, best.epoch, best.weights, env.model_dir / outputs.BEST_MODEL_FILE)
+    log.info("Best model's top-1 accuracy per class: %s",
+             ", ".join(f"{name} {acc:.1f}%" for name, acc in best.per_class.items() if acc is not None))
     if env.training_job_name is None:
         # SageMaker packs model/ itself; a plain `docker run` should still hand over the same artifact.
         log.info("Packed %s", outputs.pack_model(env.model_dir))
+
+
+def early_stop_reason(epoch: int, best_epoch: int, lr_now: float, peak_lr: float, hp) -> str | None:
+    if epoch - best_epoch >= hp.early_stopping_patience:
+        return f"no better model for {hp.early_stopping_patience} epochs (early_stopping_patience)"
+    if epoch > hp.warmup_epochs and lr_now <= peak_lr * hyperparameters.LR_EXHAUSTED * (1 + 1e-6):
+        return (f"the learning rate has decayed to {lr_now:.3g}, 1/{1 / hyperparameters.LR_EXHAUSTED:.0f} "
+                f"of its peak {peak_lr:.3g} or less, so further epochs would change little")
+    return None
+
+
+def class_weights(channel) -> torch.Tensor:
+    """Inverse class frequency, normalised so that a balanced data set gets weights of 1."""
+    counts = torch.tensor(list(channel.images_per_class().values()), dtype=torch.float)
+    return counts.sum() / (len(counts) * counts.clamp(min=1))
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ema, scaler, autocast, device, memory_format,
@@ -183,11 +207,13 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ema, scaler, a
 
 
 @torch.no_grad()
-def evaluate(model, loader, autocast, device, memory_format, top_k: int) -> SimpleNamespace:
+def evaluate(model, loader, autocast, device, memory_format, num_classes: int) -> SimpleNamespace:
     from timm.utils import accuracy
 
+    top_k = min(5, num_classes)  # top-5 over fewer than 5 classes would fail; it is then over all of them
     model.eval()
     sums = torch.zeros(3, device=device)  # loss, top-1 and top-k summed over images; one sync at the end
+    per_class = torch.zeros(2, num_classes, device=device)  # right answers and images, per class
     seen = 0
     for images, targets in loader:
         images = images.to(device, non_blocking=True, memory_format=memory_format)
@@ -197,9 +223,14 @@ def evaluate(model, loader, autocast, device, memory_format, top_k: int) -> Simp
         top1, topk = accuracy(logits, targets, topk=(1, top_k))  # percentages of this batch
         sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum"),
                              top1 * len(targets), topk * len(targets)])
+        right = (logits.argmax(dim=1) == targets).float()
+        per_class += torch.stack([torch.bincount(targets, weights=right, minlength=num_classes),
+                                  torch.bincount(targets, minlength=num_classes).float()])
         seen += len(targets)
     loss, top1, top5 = (sums / seen).tolist()
-    return SimpleNamespace(loss=loss, top1=top1, top5=top5)
+    right, images = per_class.tolist()
+    return SimpleNamespace(loss=loss, top1=top1, top5=top5,
+                           per_class=[100 * r / n if n else None for r, n in zip(right, images)])
 
 
 def autocast_for(device: torch.device):

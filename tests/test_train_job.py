@@ -68,7 +68,8 @@ def test_args_hold_resolved_hyperparameters_and_derived_values(finished_job):
     assert args["epochs"] == EPOCHS and args["opt"] == "sgd" and args["model_ema"] is True
     assert args["decay_rate"] == 0.1 and args["aa"] == "rand-m9-mstd0.5"  # defaults filled in
     assert args["classes"] == sorted(COLOURS) and args["num_classes"] == 3
-    assert args["data_config"]["input_size"] == [3, 32, 32]
+    assert args["data_config"]["train_input_size"] == [3, 32, 32]
+    assert args["data_config"]["input_size"] == [3, 37, 37]  # evaluated 1.15x larger
     assert args["effective_lr"] == pytest.approx(0.1 * 8 / 256)
     assert args["train_images_per_class"] == {"ants": 12, "bees": 14, "wasps": 12}
     assert args["skipped_files"] == {"train": {"count": 1, "examples": ["ants/notes.txt"]},
@@ -160,3 +161,27 @@ def test_val_may_hold_a_subset_of_the_classes(tmp_path, tiny_hyperparameters):
     result = run_train(base)
     assert result.returncode == 0, result.stdout + result.stderr
     assert json.loads((base / "model" / "labels.json").read_text())["2"] == "wasps"
+
+
+def test_per_class_accuracy_of_the_best_model(finished_job):
+    base, log = finished_job
+    args = yaml.safe_load((base / "model" / "args.yml").read_text())
+    per_class = args["best_per_class_acc_1"]
+    assert list(per_class) == sorted(COLOURS)
+    assert sum(per_class.values()) / 3 == pytest.approx(args["best_acc_1"])  # 6 val images per class
+    assert "Best model's top-1 accuracy per class: ants " in log
+
+
+def test_stops_once_the_learning_rate_is_spent(tmp_path, tiny_hyperparameters):
+    """Early stopping ends the run; summary.csv and the best model are complete all the same."""
+    base = make_job(tmp_path, {**tiny_hyperparameters, "epochs": "10", "warmup_epochs": "0",
+                               "decay_epochs": "1", "decay_rate": "0.001", "balance_classes": "true"})
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Stopping after epoch 1 of 10: the learning rate has decayed" in result.stdout
+    assert [row["epoch"] for row in read_summary(base / "model")] == ["1"]
+    args = yaml.safe_load((base / "model" / "args.yml").read_text())
+    assert args["epochs_completed"] == 1 and args["stop_reason"].startswith("the learning rate has decayed")
+    assert torch.load(base / "model" / "model_best.pth.tar", weights_only=True)["epoch"] == 1
+    with tarfile.open(base / "model" / "model.tar.gz") as tar:
+        assert sorted(tar.getnames()) == sorted(MODEL_FILES)

@@ -1,0 +1,36 @@
+"""The small rules of the training loop, checked in-process."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from efficientnet_train.data import Channel
+from efficientnet_train.hyperparameters import parse
+from efficientnet_train.train import class_weights, early_stop_reason
+
+
+def rules(**overrides):
+    return parse({"warmup_epochs": "1", "early_stopping_patience": "3", **overrides})[0]
+
+
+def test_patience_counts_epochs_without_a_better_model():
+    hp = rules()
+    assert early_stop_reason(epoch=4, best_epoch=2, lr_now=0.01, peak_lr=0.01, hp=hp) is None
+    assert "no better model for 3 epochs" in early_stop_reason(epoch=5, best_epoch=2, lr_now=0.01, peak_lr=0.01, hp=hp)
+
+
+def test_a_spent_learning_rate_stops_but_not_during_warmup():
+    hp = rules(warmup_epochs="2")
+    assert early_stop_reason(epoch=2, best_epoch=2, lr_now=1e-9, peak_lr=0.01, hp=hp) is None  # still warming up
+    assert "has decayed" in early_stop_reason(epoch=3, best_epoch=3, lr_now=1e-5, peak_lr=0.01, hp=hp)
+    assert early_stop_reason(epoch=3, best_epoch=3, lr_now=2e-5, peak_lr=0.01, hp=hp) is None
+
+
+def test_class_weights_make_every_class_count_the_same():
+    channel = Channel("train", None, ["big", "small"], samples=[("x", 0)] * 100 + [("y", 1)] * 10)
+    weights = class_weights(channel)
+    assert weights.tolist() == pytest.approx([110 / 200, 110 / 20])
+    assert (weights * torch.tensor([100.0, 10.0])).tolist() == pytest.approx([55.0, 55.0])
