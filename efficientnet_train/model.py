@@ -11,9 +11,6 @@ from .errors import JobError
 from .outputs import atomic_write
 
 CHECKPOINT_VERSION = 1
-# The new head starts from zero and must learn from scratch, the backbone only adapt: on hymenoptera
-# (Lite2, 5 epochs) a 10x faster head took val loss from 0.45 to 0.14 (README, "Defaults").
-HEAD_LR_SCALE = 10.0
 
 
 def shipped_weights() -> list[str]:
@@ -67,20 +64,6 @@ def _create_pretrained(name: str, num_classes: int, pretrained_path: str, drop: 
         raise JobError(f"No ImageNet weights for model '{name}' are available without a network "
                        f"({type(exc).__name__}). {listing} Choose one of those models, or set "
                        f"pretrained_path to a timm weights file for '{name}'.") from exc
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """timm's weight-decay groups (none on norms and biases), each split into backbone and head."""
-    from timm.optim import param_groups_weight_decay
-
-    head = {id(p) for p in model.get_classifier().parameters()}
-    groups = []
-    for group in param_groups_weight_decay(model, weight_decay):
-        for in_head, lr_scale in ((False, 1.0), (True, HEAD_LR_SCALE)):
-            params = [p for p in group["params"] if (id(p) in head) == in_head]
-            if params:  # timm's schedulers multiply each group's lr by its lr_scale
-                groups.append({**group, "params": params, "lr_scale": lr_scale})
-    return groups
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, **metadata: Any) -> None:

@@ -21,7 +21,7 @@ from .data import (ImageDataset, eval_transform, resolve_data_config, scan_chann
                    train_transform)
 from .errors import JobError
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
-from .model import create_model, param_groups, save_checkpoint
+from .model import create_model, save_checkpoint
 from .sagemaker import SageMakerEnvironment
 
 log = logging.getLogger("efficientnet_train")
@@ -84,8 +84,7 @@ def run(env: SageMakerEnvironment) -> None:
     from timm.utils import ModelEmaV3
 
     lr = hp.lr * batch_size / hyperparameters.LR_REFERENCE_BATCH
-    optimizer = create_optimizer_v2(param_groups(model, hp.weight_decay), opt=hp.opt, lr=lr,
-                                    weight_decay=hp.weight_decay, eps=hp.opt_eps)
+    optimizer = create_optimizer_v2(model, opt=hp.opt, lr=lr, weight_decay=hp.weight_decay, eps=hp.opt_eps)
     # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch;
     # timm's plateau schedule only steps on epochs.
     scheduler, _ = create_scheduler_v2(

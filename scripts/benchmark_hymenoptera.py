@@ -86,7 +86,10 @@ def main() -> int:
     for row, elapsed in zip(rows, epoch_times):
         print(f"{row['epoch']:>5}  {float(row['eval_top1']):8.2f}  {float(row['eval_loss']):8.4f}  "
               f"{float(row['train_loss']):10.4f}  {elapsed:>9}")
-    best = max(rows, key=lambda row: float(row["eval_top1"]))
+    import yaml
+
+    args = yaml.safe_load((base / "model" / "args.yml").read_text())
+    best = rows[args["best_epoch"] - 1]  # the epoch of the model the job kept
     stop = [line.split("INFO ", 1)[1] for line in log.splitlines() if "Stopping" in line]
     per_class = [line.split("per class: ", 1)[1] for line in log.splitlines() if "per class: " in line]
     print(f"best val top-1 {float(best['eval_top1']):.2f}% at epoch {best['epoch']} ({per_class[0]}); "
