@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "hymenoptera_data"
 
@@ -86,8 +88,6 @@ def main() -> int:
     for row, elapsed in zip(rows, epoch_times):
         print(f"{row['epoch']:>5}  {float(row['eval_top1']):8.2f}  {float(row['eval_loss']):8.4f}  "
               f"{float(row['train_loss']):10.4f}  {elapsed:>9}")
-    import yaml
-
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
     best = rows[args["best_epoch"] - 1]  # the epoch of the model the job kept
     stop = [line.split("INFO ", 1)[1] for line in log.splitlines() if "Stopping" in line]
