@@ -132,14 +132,16 @@ def resolve_data_config(model: torch.nn.Module, img_size: int, eval_img_size: in
     from timm.data import resolve_data_config as timm_resolve
 
     config = timm_resolve({"input_size": (3, img_size, img_size)} if img_size else {}, model=model)
-    train_size = config["input_size"][-1]
-    if not eval_img_size:
-        test_size = model.pretrained_cfg.get("test_input_size")
-        eval_img_size = test_size[-1] if test_size and not img_size else round(train_size * EVAL_SIZE_RATIO)
+    train_size, crop_pct = config["input_size"][-1], config["crop_pct"]
+    test_size = model.pretrained_cfg.get("test_input_size")
+    if not eval_img_size and test_size and not img_size:  # timm measured this model's best test view
+        eval_img_size, crop_pct = test_size[-1], model.pretrained_cfg.get("test_crop_pct", crop_pct)
+    elif not eval_img_size:
+        eval_img_size = round(train_size * EVAL_SIZE_RATIO)
     # Plain types only: the config is stored in the checkpoint, which must load with weights_only=True.
     return {"input_size": [3, int(eval_img_size), int(eval_img_size)], "train_input_size": [3, train_size, train_size],
             "interpolation": str(config["interpolation"]), "mean": [float(v) for v in config["mean"]],
-            "std": [float(v) for v in config["std"]], "crop_pct": float(config["crop_pct"]),
+            "std": [float(v) for v in config["std"]], "crop_pct": float(crop_pct),
             "crop_mode": str(config.get("crop_mode", "center"))}
 
 

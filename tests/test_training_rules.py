@@ -34,3 +34,17 @@ def test_class_weights_make_every_class_count_the_same():
     weights = class_weights(channel)
     assert weights.tolist() == pytest.approx([110 / 200, 110 / 20])
     assert (weights * torch.tensor([100.0, 10.0])).tolist() == pytest.approx([55.0, 55.0])
+
+
+def test_evaluation_size_is_timms_test_view_or_larger_than_training():
+    import timm
+
+    from efficientnet_train.data import resolve_data_config
+
+    b3 = timm.create_model("efficientnet_b3")  # timm trains it at 288 and measured 320 with crop 1.0 as best
+    own = resolve_data_config(b3, img_size=0, eval_img_size=0)
+    assert (own["train_input_size"], own["input_size"], own["crop_pct"]) == ([3, 288, 288], [3, 320, 320], 1.0)
+    chosen = resolve_data_config(b3, img_size=256, eval_img_size=0)
+    assert (chosen["train_input_size"], chosen["input_size"], chosen["crop_pct"]) == ([3, 256, 256],
+                                                                                      [3, 294, 294], 0.875)
+    assert resolve_data_config(b3, img_size=256, eval_img_size=256)["input_size"] == [3, 256, 256]
