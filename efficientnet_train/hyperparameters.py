@@ -277,7 +277,8 @@ COMMON_NAMES = {"learning_rate": "lr", "mini_batch_size": "batch_size", "num_epo
                 "drop_path": "drop_connect", "drop_path_rate": "drop_connect", "image_size": "img_size",
                 "image_shape": "img_size", "num_workers": "workers", "use_weighted_loss": "balance_classes",
                 "patience": "early_stopping_patience", "eps": "opt_eps", "ema": "model_ema",
-                "auto_augment": "aa", "label_smoothing": "smoothing", "pretrained_weights": "pretrained_path", "checkpoint": "pretrained_path"}
+                "auto_augment": "aa", "label_smoothing": "smoothing", "pretrained_weights": "pretrained_path",
+                "checkpoint": "pretrained_path"}
 
 
 def defaults() -> dict[str, Any]:

@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-NAMES = tuple(str(d) for d in range(10))
-
 
 def write_digits(out_dir: Path, val_fraction: float = 0.2, size: int = 64) -> Path:
     from sklearn.datasets import load_digits
@@ -23,7 +21,7 @@ def write_digits(out_dir: Path, val_fraction: float = 0.2, size: int = 64) -> Pa
     n_val = int(len(order) * val_fraction)
     for rank, index in enumerate(order):
         split = "val" if rank < n_val else "train"
-        folder = out_dir / split / NAMES[digits.target[index]]
+        folder = out_dir / split / str(digits.target[index])
         folder.mkdir(parents=True, exist_ok=True)
         pixels = (digits.images[index] * (255 / 16)).astype(np.uint8)  # values are 0..16
         Image.fromarray(pixels).resize((size, size), Image.BICUBIC).save(folder / f"{index:04d}.png")
