@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""Run a training job on the image through the SageMaker Python SDK's local mode.
+
+This is the client buyers use on a laptop with Docker: `Estimator(instance_type="local")` with
+`file://` inputs and output. The SDK writes the /opt/ml tree (hyperparameters as strings,
+resourceconfig.json), sets TRAINING_JOB_NAME, runs `IMAGE train` through docker compose, and packs
+the container's /opt/ml/model into model.tar.gz and /opt/ml/output into output.tar.gz under
+--output. Afterwards this script lists model.tar.gz, checks that it holds exactly the four model
+files, and prints the metric lines and any failure reason (from output.tar.gz's `failure`).
+
+    python scripts/sagemaker_local.py --data DIR [--image IMAGE] [--output DIR]
+        [--weights FILE] [key=value ...]
+
+DATA holds train/<label>/<image> and val/<label>/<image> (the 'train' and 'val' channels).
+--weights names a timm weights file on this machine: it goes in as a third channel, 'weights',
+and pretrained_path points at it inside the container. Each key=value is a hyperparameter.
+Exits 0 when the job succeeded and model.tar.gz holds the four files, 1 otherwise.
+
+Needs the SageMaker SDK v2 (v3 dropped sagemaker.estimator and sagemaker.local), in its own venv:
+    python3 -m venv .venv-sagemaker && .venv-sagemaker/bin/pip install 'sagemaker==2.257.7'
+    .venv-sagemaker/bin/python scripts/sagemaker_local.py --data ...
+and a Docker engine with `docker compose` or `docker-compose`. Without Docker (GUIDE.md §5):
+    bash scripts/install_podman.sh      # podman, runc, docker-compose 1.29, containers.conf
+    bash scripts/start_podman_socket.sh # podman's Docker API on /var/run/docker.sock
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import re
+import shutil
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+MODEL_FILES = {"model_best.pth.tar", "labels.json", "args.yml", "summary.csv"}
+METRIC_LINE = re.compile(r"train:loss=[0-9.]+.*")
+DUMMY_ROLE = "arn:aws:iam::111111111111:role/SageMakerRole"  # local mode never assumes it
+WEIGHTS_DIR = "/opt/ml/input/data/weights"
+# SDK defaults config that only opts out of the SDK's telemetry request (it fails offline and
+# prints a harmless traceback).
+NO_TELEMETRY = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
+
+
+class Tee(io.TextIOBase):
+    """sys.stdout that also keeps what was written: the SDK streams the container's log there."""
+
+    def __init__(self, stream):
+        self.stream, self.parts = stream, []
+
+    def write(self, text):
+        self.parts.append(text)
+        return self.stream.write(text)
+
+    def flush(self):
+        self.stream.flush()
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, type=Path, help="folder holding train/ and val/")
+    parser.add_argument("--image", default="efficientnet-train:latest",
+                        help="training image (default %(default)s, from scripts/build_image.sh)")
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent.parent / "demo_run" / "sagemaker_local",
+                        help="where model.tar.gz and output.tar.gz go (default %(default)s)")
+    parser.add_argument("--weights", type=Path, help="a timm weights file, passed as the 'weights' channel")
+    parser.add_argument("--instance-type", default="local", choices=["local", "local_gpu"],
+                        help="local_gpu runs the container with the host's GPUs")
+    parser.add_argument("--telemetry", action="store_true", help="let the SDK send its usage telemetry")
+    parser.add_argument("hyperparameters", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    for split in ("train", "val"):
+        if not (args.data / split).is_dir():
+            parser.error(f"{args.data / split} is missing: --data needs train/ and val/ folders")
+    if args.weights is not None and not args.weights.is_file():
+        parser.error(f"--weights {args.weights} is not a file")
+    hyperparameters = {}
+    for pair in args.hyperparameters:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            parser.error(f"not key=value: {pair}")
+        hyperparameters[key] = value
+    args.hyperparameters = hyperparameters
+    return args
+
+
+def check_image(image: str) -> bool:
+    """docker compose would try to pull a missing image from a registry: say so plainly instead."""
+    import docker
+
+    client = docker.from_env()
+    try:
+        client.images.get(image)
+        return True
+    except docker.errors.ImageNotFound:
+        tags = sorted(tag for found in client.images.list() for tag in found.tags if "efficientnet" in tag)
+        print(f"Image {image} not found; local images: {', '.join(tags) or 'none'}", file=sys.stderr)
+        return False
+
+
+def job_containers(image: str) -> set[str]:
+    """Ids of the containers local mode starts from IMAGE (named <random>-algo-N-<random>)."""
+    import docker
+
+    client = docker.from_env()
+    return {c.id for c in client.containers.list(all=True)
+            if "-algo-" in c.name and image in (c.attrs.get("Config") or {}).get("Image", "")}
+
+
+def finish_container(container_id: str) -> tuple[str, int | None]:
+    """The container's name and exit code; then removes it (the archives hold its results)."""
+    import docker
+
+    try:
+        container = docker.from_env().containers.get(container_id)
+        name, code = container.name, container.attrs.get("State", {}).get("ExitCode")
+        container.remove(force=True)
+        return name, code
+    except docker.errors.APIError as exc:
+        print(f"Could not inspect or remove container {container_id[:12]}: {exc}", file=sys.stderr)
+        return container_id[:12], None
+
+
+def weights_channel(weights: Path, scratch: Path) -> Path:
+    """A folder holding only the weights file: local mode mounts a file channel's whole folder."""
+    folder = scratch / "weights"
+    folder.mkdir()
+    target = folder / weights.name
+    try:
+        os.link(weights.resolve(), target)
+    except OSError:
+        shutil.copy2(weights, target)
+    return folder
+
+
+def read_member(archive: Path, name: str) -> str | None:
+    try:
+        with tarfile.open(archive) as tar:
+            member = tar.extractfile(name)
+            return member.read().decode("utf-8", "replace") if member else None
+    except (KeyError, OSError, tarfile.TarError):
+        return None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")  # boto3 needs one; nothing calls AWS
+    os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
+    from sagemaker.estimator import Estimator
+    from sagemaker.local import LocalSession
+
+    if not check_image(args.image):
+        return 1
+    data = args.data.resolve()
+    output = args.output.resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    model_archive, output_archive = output / "model.tar.gz", output / "output.tar.gz"
+    for stale in (model_archive, output_archive):  # an earlier run's archives would mislead
+        stale.unlink(missing_ok=True)
+
+    inputs = {"train": f"file://{data / 'train'}", "val": f"file://{data / 'val'}"}
+    hyperparameters = dict(args.hyperparameters)
+    # The SDK's job folders (/opt/ml trees, a copy of model/) and the weights channel go in one
+    # scratch folder, removed afterwards. resolve(): Docker Desktop cannot mount macOS's /var.
+    scratch = Path(tempfile.mkdtemp(prefix="sagemaker_local_")).resolve()
+    if args.weights is not None:
+        inputs["weights"] = f"file://{weights_channel(args.weights, scratch)}"
+        hyperparameters["pretrained_path"] = f"{WEIGHTS_DIR}/{args.weights.name}"
+
+    session = LocalSession(sagemaker_config=None if args.telemetry else NO_TELEMETRY)
+    session.config = {"local": {"local_code": True, "container_root": str(scratch)}}
+    estimator = Estimator(
+        image_uri=args.image,
+        role=DUMMY_ROLE,
+        instance_count=1,
+        instance_type=args.instance_type,
+        hyperparameters=hyperparameters,
+        output_path=f"file://{output}",
+        sagemaker_session=session,
+    )
+    print(f"Image {args.image}; channels {inputs}; hyperparameters {hyperparameters}", flush=True)
+
+    before = job_containers(args.image)
+    tee = Tee(sys.stdout)
+    error = None
+    start = time.monotonic()
+    sys.stdout = tee
+    try:
+        estimator.fit(inputs, wait=True, logs=True)
+    except Exception as exc:  # noqa: BLE001 - reported below with the container's failure reason
+        error = exc
+    finally:
+        sys.stdout = tee.stream
+        # docker compose leaves the exited algo-N container behind. Its exit code is the truth:
+        # docker-compose 1.29 on podman's API can miss the container's exit and return 0 (its
+        # 'die' event wins the race with the log stream), so fit() does not raise.
+        exit_codes = dict(finish_container(c) for c in job_containers(args.image) - before)
+        shutil.rmtree(scratch, ignore_errors=True)  # files the container wrote may be root's
+    elapsed = time.monotonic() - start
+
+    print("\n===== sagemaker_local.py summary =====")
+    print(f"fit: {elapsed:.0f} s, {'raised ' + repr(error) if error else 'returned'}")
+    ok = error is None
+    for name, code in sorted(exit_codes.items()):
+        print(f"Container {name} exit code: {code}")
+        ok = ok and code == 0
+    if not exit_codes:
+        print("No container of this job found")
+    metrics = METRIC_LINE.findall(tee.text())
+    print("Metric lines:" if metrics else "Metric lines: none")
+    for line in metrics:
+        print(f"  {line.strip()}")
+    if model_archive.is_file():
+        with tarfile.open(model_archive) as tar:
+            members = tar.getnames()
+        print(f"Model artifact: {model_archive}")
+        for name in members:
+            print(f"  {name}")
+        names = {name.removeprefix("./") for name in members if name not in (".", "./")}
+        if names == MODEL_FILES:
+            print("model.tar.gz holds exactly the four model files")
+        else:
+            ok = False
+            print(f"model.tar.gz is WRONG: missing {sorted(MODEL_FILES - names) or 'nothing'}, "
+                  f"extra {sorted(names - MODEL_FILES) or 'nothing'}")
+    else:
+        ok = False
+        print(f"No model artifact at {model_archive}")
+    if output_archive.is_file():
+        print(f"Output archive: {output_archive}")
+        failure = read_member(output_archive, "failure")
+        if failure:
+            ok = False
+            print(f"Failure reason: {failure.strip()}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
