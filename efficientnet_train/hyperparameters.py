@@ -257,6 +257,10 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("warmup_epochs", float, 1.0,
                    "Epochs of linear learning-rate warmup from warmup_lr, updated every step.",
                    minimum=0, maximum=10000, tunable=True),
+    Hyperparameter("layer_decay", float, 0.85,
+                   "Layer-wise learning-rate decay (timm's layer_decay): the classifier gets lr, each block "
+                   "below it layer_decay times the one above; 1 = the same lr everywhere.",
+                   minimum=0, maximum=1, exclusive_minimum=True, tunable=True),
     Hyperparameter("seed", int, 42, "Random seed.", minimum=0, maximum=2**31 - 1),
     Hyperparameter("smoothing", float, 0.1,
                    "Label smoothing of the training loss (timm's recipe, which the listing's defaults come "

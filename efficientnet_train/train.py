@@ -79,12 +79,11 @@ def run(env: SageMakerEnvironment) -> None:
                           shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(hp.seed))
     val_loader = loader(ImageDataset(val_channel.samples, eval_transform(data_config)), shuffle=False)
 
-    from timm.optim import create_optimizer_v2
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
     lr = hp.lr * batch_size / hyperparameters.LR_REFERENCE_BATCH
-    optimizer = create_optimizer_v2(model, opt=hp.opt, lr=lr, weight_decay=hp.weight_decay, eps=hp.opt_eps)
+    optimizer = create_optimizer(model, hp, lr)
     # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch;
     # timm's plateau schedule only steps on epochs.
     scheduler, _ = create_scheduler_v2(
@@ -122,7 +121,7 @@ def run(env: SageMakerEnvironment) -> None:
         chosen = max(results, key=lambda name: (results[name].top1, -results[name].loss))
         result = results[chosen]
         scheduler.step(epoch, result.top1)
-        lr_now = optimizer.param_groups[0]["lr"]
+        lr_now = max(group["lr"] for group in optimizer.param_groups)  # the classifier's
         log.info("epoch %d/%d %s lr=%.8f weights=%s%s elapsed=%.0fs", epoch, hp.epochs,
                  metric_line({TRAIN_LOSS: train_loss, VAL_LOSS: result.loss, VAL_ACC_1: result.top1,
                               VAL_ACC_5: result.top5}),
@@ -156,6 +155,15 @@ def run(env: SageMakerEnvironment) -> None:
     if env.training_job_name is None:
         # SageMaker packs model/ itself; a plain `docker run` should still hand over the same artifact.
         log.info("Packed %s", outputs.pack_model(env.model_dir))
+
+
+def create_optimizer(model: torch.nn.Module, hp, lr: float) -> torch.optim.Optimizer:
+    """timm's optimizer; with layer_decay < 1 the classifier gets lr and each block below it less,
+    so the new head learns at full speed while the pretrained features only adapt."""
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(model, opt=hp.opt, lr=lr, weight_decay=hp.weight_decay, eps=hp.opt_eps,
+                               layer_decay=hp.layer_decay if hp.layer_decay < 1 else None)
 
 
 def early_stop_reason(epoch: int, best_epoch: int, lr_now: float, peak_lr: float, hp) -> str | None:

@@ -9,7 +9,7 @@ import torch
 
 from efficientnet_train.data import Channel
 from efficientnet_train.hyperparameters import parse
-from efficientnet_train.train import class_weights, early_stop_reason
+from efficientnet_train.train import class_weights, create_optimizer, early_stop_reason
 
 
 def rules(**overrides):
@@ -48,3 +48,24 @@ def test_evaluation_size_is_timms_test_view_or_larger_than_training():
     assert (chosen["train_input_size"], chosen["input_size"], chosen["crop_pct"]) == ([3, 256, 256],
                                                                                       [3, 294, 294], 0.875)
     assert resolve_data_config(b3, img_size=256, eval_img_size=256)["input_size"] == [3, 256, 256]
+
+
+def test_layer_decay_gives_the_classifier_lr_and_the_stem_the_least():
+    import timm
+
+    model = timm.create_model("test_efficientnet", num_classes=3)
+    params = dict(model.named_parameters())
+
+    def lr_scale(optimizer, name):
+        return next(group.get("lr_scale", 1.0) for group in optimizer.param_groups
+                    if any(p is params[name] for p in group["params"]))
+
+    decayed = create_optimizer(model, rules(layer_decay="0.5"), lr=0.01)
+    scales = sorted({group["lr_scale"] for group in decayed.param_groups})
+    assert len(scales) > 3 and all(b / a == pytest.approx(2.0) for a, b in zip(scales, scales[1:]))
+    assert lr_scale(decayed, "classifier.weight") == 1.0
+    assert lr_scale(decayed, "conv_stem.weight") == scales[0]
+
+    flat = create_optimizer(model, rules(layer_decay="1"), lr=0.01)
+    assert {group["lr"] for group in flat.param_groups} == {0.01}
+    assert {lr_scale(flat, name) for name in params} == {1.0}
