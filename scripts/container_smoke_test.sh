@@ -65,7 +65,7 @@ for split_n in train:16 val:8; do
     split=${split_n%%:*}
     for digit in 0 1 2; do
         mkdir -p "$SMOKE_DIR/data/$split/$digit"
-        find "$SMOKE_DIR/digits/$split/$digit" -name '*.png' | sort | head -n "${split_n#*:}" \
+        find "$SMOKE_DIR/digits/$split/$digit" -name '*.png' | sort | sed -n "1,${split_n#*:}p" \
             | xargs cp -t "$SMOKE_DIR/data/$split/$digit"
     done
 done

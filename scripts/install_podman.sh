@@ -35,5 +35,5 @@ if [ "$(cat "$CONF" 2>/dev/null)" != "$WANT" ]; then
 fi
 
 podman --version
-runc --version | head -1
+runc --version | sed -n 1p
 docker-compose --version
