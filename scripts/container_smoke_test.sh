@@ -104,14 +104,12 @@ PY
     -v "$SMOKE_DIR/data/val:/data:ro" "$IMAGE" python -c '
 import torch
 from pathlib import Path
-from PIL import Image
-from timm.data import create_transform, resolve_data_config
+from efficientnet_train.data import eval_transform, load_image
 from efficientnet_train.model import load_trained_model
 model, checkpoint = load_trained_model(Path("/opt/ml/model/model_best.pth.tar"))
-config = resolve_data_config({}, model=model)
-image = Image.open(sorted(Path("/data/1").glob("*.png"))[0]).convert("RGB")
+image = load_image(sorted(Path("/data/1").glob("*.png"))[0])
 with torch.no_grad():
-    probs = model(create_transform(**config)(image)[None]).softmax(-1)[0]
+    probs = model(eval_transform(checkpoint["data_config"])(image)[None]).softmax(-1)[0]
 assert probs.shape == (3,) and abs(float(probs.sum()) - 1) < 1e-4, probs
 print("checkpoint loads in the image:", checkpoint["arch"], "probabilities", [round(float(p), 3) for p in probs])
 ' || fail "the saved checkpoint does not load in the image"
