@@ -77,13 +77,15 @@ WORK="$SMOKE_DIR/job/opt_ml" bash scripts/local_train.sh "$SMOKE_DIR/data" epoch
     || fail "train exited non-zero"
 
 step "Check the outputs"
-python3 - "$SMOKE_DIR/job" container/algorithm-spec.json <<'PY'
+.venv/bin/python - "$SMOKE_DIR/job" container/algorithm-spec.json <<'PY'
 import json, re, sys, tarfile
 from pathlib import Path
 
+from efficientnet_train.outputs import MODEL_FILES
+
 job, spec = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
 base, log = job / "opt_ml", (job / "train.log").read_text()
-files = {"args.yml", "labels.json", "model_best.pth.tar", "summary.csv"}
+files = set(MODEL_FILES)
 found = {p.name for p in (base / "model").iterdir()}
 assert found == files | {"model.tar.gz"}, found
 with tarfile.open(base / "model" / "model.tar.gz") as tar:

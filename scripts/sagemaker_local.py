@@ -37,8 +37,14 @@ import tempfile
 import time
 from pathlib import Path
 
-MODEL_FILES = {"model_best.pth.tar", "labels.json", "args.yml", "summary.csv"}
-METRIC_LINE = re.compile(r"train:loss=[0-9.]+.*")
+# The package's own names (these two modules need only the standard library and PyYAML, which the
+# SDK's venv has too), so that this check cannot drift from what the job writes.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from efficientnet_train.metrics import TRAIN_LOSS  # noqa: E402
+from efficientnet_train.outputs import MODEL_FILES as _MODEL_FILES  # noqa: E402
+
+MODEL_FILES = set(_MODEL_FILES)
+METRIC_LINE = re.compile(re.escape(TRAIN_LOSS) + r"=[0-9.]+.*")
 DUMMY_ROLE = "arn:aws:iam::111111111111:role/SageMakerRole"  # local mode never assumes it
 WEIGHTS_DIR = "/opt/ml/input/data/weights"
 # SDK defaults config that only opts out of the SDK's telemetry request (it fails offline and
