@@ -145,12 +145,12 @@ def resolve_data_config(model: torch.nn.Module, img_size: int, eval_img_size: in
             "crop_mode": str(config.get("crop_mode", "center"))}
 
 
-def train_transform(data_config: dict, aa: str, reprob: float, remode: str):
+def train_transform(data_config: dict, aa: str, reprob: float, remode: str, hflip: float):
     from timm.data import create_transform
 
     return create_transform(
         tuple(data_config["train_input_size"]), is_training=True, scale=TRAIN_CROP_SCALE,
-        auto_augment=None if aa.lower() in ("", "none") else aa,
+        hflip=hflip, auto_augment=None if aa.lower() in ("", "none") else aa,
         interpolation=data_config["interpolation"], mean=tuple(data_config["mean"]),
         std=tuple(data_config["std"]), re_prob=reprob, re_mode=remode)
 

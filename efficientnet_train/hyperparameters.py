@@ -257,6 +257,13 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("warmup_epochs", float, 1.0,
                    "Epochs of linear learning-rate warmup from warmup_lr, updated every step.",
                    minimum=0, maximum=10000, tunable=True),
+    Hyperparameter("hflip", float, 0.5,
+                   "Probability of mirroring a training image left-right (timm's --hflip). Set 0 where left and "
+                   "right differ (text, digits, road signs); that also turns eval_hflip off.",
+                   minimum=0, maximum=1, tunable=True),
+    Hyperparameter("eval_hflip", bool, True,
+                   "Average each validation and served prediction over the image and its mirror image "
+                   "(test-time augmentation): a better model for twice the inference compute."),
     Hyperparameter("layer_decay", float, 0.85,
                    "Layer-wise learning-rate decay (timm's layer_decay): the classifier gets lr, each block "
                    "below it layer_decay times the one above; 1 = the same lr everywhere.",

@@ -21,7 +21,7 @@ from .data import (ImageDataset, eval_transform, resolve_data_config, scan_chann
                    train_transform)
 from .errors import JobError
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
-from .model import create_model, save_checkpoint
+from .model import create_model, predict_log_probabilities, save_checkpoint
 from .sagemaker import SageMakerEnvironment
 
 log = logging.getLogger("efficientnet_train")
@@ -75,9 +75,10 @@ def run(env: SageMakerEnvironment) -> None:
     loader = partial(torch.utils.data.DataLoader, batch_size=batch_size, num_workers=hp.workers,
                      pin_memory=device.type == "cuda", persistent_workers=hp.workers > 0)
     train_loader = loader(ImageDataset(train_channel.samples, train_transform(data_config, hp.aa, hp.reprob,
-                                                                              hp.remode)),
+                                                                              hp.remode, hp.hflip)),
                           shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(hp.seed))
     val_loader = loader(ImageDataset(val_channel.samples, eval_transform(data_config)), shuffle=False)
+    eval_hflip = hp.eval_hflip and hp.hflip > 0  # a model never shown mirror images can't be asked about them
 
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
@@ -97,7 +98,7 @@ def run(env: SageMakerEnvironment) -> None:
 
     args = {**vars(hp),
             "ignored_hyperparameters": ignored, "classes": classes, "num_classes": len(classes),
-            "data_config": data_config, "effective_batch_size": batch_size, "effective_lr": lr,
+            "data_config": data_config, "effective_eval_hflip": eval_hflip, "effective_batch_size": batch_size, "effective_lr": lr,
             "device": describe(device), "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
             "train_images": len(train_channel.samples), "val_images": len(val_channel.samples),
             "train_images_per_class": train_channel.images_per_class(),
@@ -116,7 +117,7 @@ def run(env: SageMakerEnvironment) -> None:
         train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, ema, scaler, autocast,
                                      device, memory_format, epoch)
         candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
-        results = {name: evaluate(net, val_loader, autocast, device, memory_format, len(classes))
+        results = {name: evaluate(net, val_loader, autocast, device, memory_format, len(classes), eval_hflip)
                    for name, net in candidates.items()}
         chosen = max(results, key=lambda name: (results[name].top1, -results[name].loss))
         result = results[chosen]
@@ -135,7 +136,8 @@ def run(env: SageMakerEnvironment) -> None:
         if best is None or (result.top1, -result.loss) > (best.top1, -best.loss):
             save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, candidates[chosen], arch=hp.model,
                             epoch=epoch, metric=result.top1, metric_name=VAL_ACC_1, weights=chosen,
-                            labels=classes, num_classes=len(classes), data_config=data_config, args=args)
+                            labels=classes, num_classes=len(classes), data_config=data_config, eval_hflip=eval_hflip,
+                            args=args)
             best = SimpleNamespace(epoch=epoch, top1=result.top1, loss=result.loss, weights=chosen,
                                    per_class=dict(zip(classes, result.per_class)))
             # Not "validation:acc_1=": SageMaker's regex would record the value a second time.
@@ -214,7 +216,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ema, scaler, a
 
 
 @torch.no_grad()
-def evaluate(model, loader, autocast, device, memory_format, num_classes: int) -> SimpleNamespace:
+def evaluate(model, loader, autocast, device, memory_format, num_classes: int, mirror: bool) -> SimpleNamespace:
     from timm.utils import accuracy
 
     top_k = min(5, num_classes)  # top-5 over fewer than 5 classes would fail; it is then over all of them
@@ -226,11 +228,11 @@ def evaluate(model, loader, autocast, device, memory_format, num_classes: int) -
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         with autocast():
-            logits = model(images).float()
-        top1, topk = accuracy(logits, targets, topk=(1, top_k))  # percentages of this batch
-        sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum"),
+            log_probabilities = predict_log_probabilities(model, images, mirror)
+        top1, topk = accuracy(log_probabilities, targets, topk=(1, top_k))  # percentages of this batch
+        sums += torch.stack([F.nll_loss(log_probabilities, targets, reduction="sum"),
                              top1 * len(targets), topk * len(targets)])
-        right = (logits.argmax(dim=1) == targets).float()
+        right = (log_probabilities.argmax(dim=1) == targets).float()
         per_class += torch.stack([torch.bincount(targets, weights=right, minlength=num_classes),
                                   torch.bincount(targets, minlength=num_classes).float()])
         seen += len(targets)

@@ -107,11 +107,12 @@ PY
 import torch
 from pathlib import Path
 from efficientnet_train.data import eval_transform, load_image
-from efficientnet_train.model import load_trained_model
+from efficientnet_train.model import load_trained_model, predict_log_probabilities
 model, checkpoint = load_trained_model(Path("/opt/ml/model/model_best.pth.tar"))
 image = load_image(sorted(Path("/data/1").glob("*.png"))[0])
 with torch.no_grad():
-    probs = model(eval_transform(checkpoint["data_config"])(image)[None]).softmax(-1)[0]
+    batch = eval_transform(checkpoint["data_config"])(image)[None]
+    probs = predict_log_probabilities(model, batch, checkpoint["eval_hflip"]).exp()[0]
 assert probs.shape == (3,) and abs(float(probs.sum()) - 1) < 1e-4, probs
 print("checkpoint loads in the image:", checkpoint["arch"], "probabilities", [round(float(p), 3) for p in probs])
 ' || fail "the saved checkpoint does not load in the image"

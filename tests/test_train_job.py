@@ -119,6 +119,7 @@ def test_best_checkpoint_loads_safely_and_with_plain_timm(finished_job):
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     assert checkpoint["arch"] == TINY_MODEL and checkpoint["labels"] == sorted(COLOURS)
     assert {"state_dict", "epoch", "metric", "data_config", "args", "weights"} <= set(checkpoint)
+    assert checkpoint["eval_hflip"] is True  # the default
     model = timm.create_model(TINY_MODEL, num_classes=3, checkpoint_path=str(path))
     assert torch.equal(model.state_dict()["classifier.weight"], checkpoint["state_dict"]["classifier.weight"])
 
@@ -126,7 +127,7 @@ def test_best_checkpoint_loads_safely_and_with_plain_timm(finished_job):
 def test_saved_model_scores_what_the_summary_says(finished_job):
     """The weights kept are the ones that earned the best metric (EMA or raw), with the same preprocessing."""
     from efficientnet_train.data import ImageDataset, eval_transform, scan_channel
-    from efficientnet_train.model import load_trained_model
+    from efficientnet_train.model import load_trained_model, predict_log_probabilities
 
     base, _ = finished_job
     model, checkpoint = load_trained_model(base / "model" / "model_best.pth.tar")
@@ -134,7 +135,7 @@ def test_saved_model_scores_what_the_summary_says(finished_job):
     dataset = ImageDataset(val.samples, eval_transform(checkpoint["data_config"]))
     images, targets = zip(*(dataset[i] for i in range(len(dataset))))
     with torch.no_grad():
-        predictions = model(torch.stack(images)).argmax(dim=1)
+        predictions = predict_log_probabilities(model, torch.stack(images), checkpoint["eval_hflip"]).argmax(dim=1)
     accuracy = 100.0 * (predictions == torch.tensor(targets)).float().mean().item()
     best_row = read_summary(base / "model")[checkpoint["epoch"] - 1]
     assert accuracy == pytest.approx(float(best_row["eval_top1"]), abs=1e-3)
@@ -142,8 +143,9 @@ def test_saved_model_scores_what_the_summary_says(finished_job):
 
 
 def test_sagemaker_run_leaves_packing_to_sagemaker(tmp_path, tiny_hyperparameters, tiny_weights):
-    """With TRAINING_JOB_NAME only the four files; channels from SM_CHANNEL_*; .safetensors weights; no EMA."""
-    base = make_job(tmp_path / "opt_ml", {**tiny_hyperparameters, "model_ema": "false",
+    """With TRAINING_JOB_NAME only the four files; channels from SM_CHANNEL_*; .safetensors weights; no EMA;
+    no mirrored training images, so no mirrored evaluation either."""
+    base = make_job(tmp_path / "opt_ml", {**tiny_hyperparameters, "model_ema": "false", "hflip": "0",
                                           "pretrained_path": str(tiny_weights["safetensors"])}, with_data=False)
     data = make_channels(tmp_path / "elsewhere")
     result = run_train(base, TRAINING_JOB_NAME="job-1", SM_CHANNEL_TRAIN=str(data / "train"),
@@ -151,6 +153,7 @@ def test_sagemaker_run_leaves_packing_to_sagemaker(tmp_path, tiny_hyperparameter
     assert result.returncode == 0, result.stdout + result.stderr
     assert {p.name for p in (base / "model").iterdir()} == MODEL_FILES
     assert "weights=raw" in result.stdout and "ema acc_1" not in result.stdout
+    assert torch.load(base / "model" / "model_best.pth.tar", weights_only=True)["eval_hflip"] is False
 
 
 def test_val_may_hold_a_subset_of_the_classes(tmp_path, tiny_hyperparameters):

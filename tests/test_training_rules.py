@@ -9,6 +9,7 @@ import torch
 
 from efficientnet_train.data import Channel
 from efficientnet_train.hyperparameters import parse
+from efficientnet_train.model import predict_log_probabilities
 from efficientnet_train.train import class_weights, create_optimizer, early_stop_reason
 
 
@@ -69,3 +70,15 @@ def test_layer_decay_gives_the_classifier_lr_and_the_stem_the_least():
     flat = create_optimizer(model, rules(layer_decay="1"), lr=0.01)
     assert {group["lr"] for group in flat.param_groups} == {0.01}
     assert {lr_scale(flat, name) for name in params} == {1.0}
+
+
+def test_mirrored_prediction_averages_an_image_and_its_mirror():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5)).eval()
+    images = torch.randn(2, 3, 4, 4)
+    mirrored = predict_log_probabilities(model, images, mirror=True)
+    expected = (model(images).softmax(1) + model(images.flip(3)).softmax(1)) / 2
+    assert torch.allclose(mirrored.exp(), expected, atol=1e-6)
+    assert torch.allclose(mirrored, predict_log_probabilities(model, images.flip(3), mirror=True), atol=1e-6)
+    plain = predict_log_probabilities(model, images, mirror=False)
+    assert torch.allclose(plain, model(images).log_softmax(1)) and not torch.allclose(plain, mirrored)
