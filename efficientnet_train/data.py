@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -122,6 +123,27 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         return self.transform(load_image(path)), label
+
+
+class TrainBatches(torch.utils.data.Sampler):
+    """Training batches of a shuffle fixed by (seed, epoch), so that an interrupted epoch can carry on
+    from the batch where it stopped and still see every image once."""
+
+    def __init__(self, num_images: int, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        self.shuffle = torch.utils.data.DistributedSampler(range(num_images), num_replicas=num_replicas, rank=rank,
+                                                           shuffle=True, seed=seed)
+        self.batch_size, self.skip = batch_size, 0
+
+    def start_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.shuffle.set_epoch(epoch)
+        self.skip = skip_batches
+
+    def __len__(self) -> int:
+        return len(self.shuffle) // self.batch_size  # a short last batch would be a noisy step: dropped
+
+    def __iter__(self):
+        batches = torch.utils.data.BatchSampler(self.shuffle, self.batch_size, drop_last=True)
+        return islice(iter(batches), self.skip, None)
 
 
 def resolve_data_config(model: torch.nn.Module, img_size: int, eval_img_size: int) -> dict:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import logging
+import tarfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import JobError
-from .outputs import atomic_write
+from .outputs import BEST_MODEL_FILE, atomic_write
+
+log = logging.getLogger("efficientnet_train")
 
 CHECKPOINT_VERSION = 1
 
@@ -24,17 +29,77 @@ def shipped_weights() -> list[str]:
         return []
 
 
-def create_model(name: str, num_classes: int, pretrained_path: str, drop: float, drop_connect: float):
-    """The model with ImageNet weights and a new, zeroed head for `num_classes`, never downloading anything."""
+def create_model(name: str, labels: list[str], pretrained_path: str, drop: float, drop_connect: float,
+                 start: tuple[Path, dict] | None = None):
+    """The model to fine-tune, never downloading anything: from a previous job's checkpoint (`start`,
+    incremental training) or ImageNet weights, with a new, zeroed head where the labels are new."""
+    num_classes = len(labels)
+    if start is not None:
+        return _create_from_previous_job(name, labels, drop, drop_connect, *start)
     model = _create_pretrained(name, num_classes, pretrained_path, drop, drop_connect)
     if num_classes != model.pretrained_cfg.get("num_classes"):
         # timm sizes EfficientNet's head init by its fan-out, +-1/sqrt(num_classes): made for 1000
         # classes, it gives two classes logits in the tens and an initial loss near 7, whose large
         # gradients wreck the pretrained features in the first steps. A zero head starts at
         # log(num_classes) and lets the backbone adapt gently.
-        torch.nn.init.zeros_(model.get_classifier().weight)
-        torch.nn.init.zeros_(model.get_classifier().bias)
+        _zero_head(model)
     return model
+
+
+def _zero_head(model: torch.nn.Module) -> None:
+    torch.nn.init.zeros_(model.get_classifier().weight)
+    torch.nn.init.zeros_(model.get_classifier().bias)
+
+
+def _create_from_previous_job(name: str, labels: list[str], drop: float, drop_connect: float, path: Path,
+                              checkpoint: dict):
+    import timm
+
+    if checkpoint["arch"] != name:
+        raise JobError(f"The 'model' channel holds a '{checkpoint['arch']}' model ({path}), but this job's model "
+                       f"is '{name}'. Set model={checkpoint['arch']} to continue training it, or remove the "
+                       f"'model' channel to start from ImageNet weights.")
+    model = timm.create_model(name, num_classes=len(labels), drop_rate=drop, drop_path_rate=drop_connect)
+    state_dict = checkpoint["state_dict"]
+    if checkpoint["labels"] == labels:
+        model.load_state_dict(state_dict)
+        log.info("Starting from the model in %s (epoch %s, top-1 %.2f%%), same labels", path,
+                 checkpoint.get("epoch"), checkpoint.get("metric", float("nan")))
+        return model
+    head = {f"{model.pretrained_cfg.get('classifier', 'classifier')}.{kind}" for kind in ("weight", "bias")}
+    model.load_state_dict({k: v for k, v in state_dict.items() if k not in head}, strict=False)
+    _zero_head(model)
+    log.info("Starting from the model in %s with a new classifier head: the labels changed from [%s] to [%s]",
+             path, ", ".join(checkpoint["labels"]), ", ".join(labels))
+    return model
+
+
+def read_model_channel(folder: Path) -> tuple[Path, dict] | None:
+    """The checkpoint in the optional 'model' channel: a previous job's model.tar.gz or model_best.pth.tar."""
+    if not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    checkpoint_file = next((p for p in files if p.name == BEST_MODEL_FILE), None)
+    archive = next((p for p in files if p.name.endswith((".tar.gz", ".tgz", ".tar"))), None)
+    if not files:
+        return None
+    try:
+        if checkpoint_file is not None:
+            return checkpoint_file, load_checkpoint(checkpoint_file)
+        if archive is not None:
+            with tarfile.open(archive) as tar:
+                member = next((m for m in tar.getmembers() if Path(m.name).name == BEST_MODEL_FILE), None)
+                if member is None:
+                    raise JobError(f"{archive} in the 'model' channel holds no {BEST_MODEL_FILE}. Give it the "
+                                   f"model.tar.gz of a previous training job of this algorithm.")
+                return archive, torch.load(io.BytesIO(tar.extractfile(member).read()), map_location="cpu",
+                                           weights_only=True)
+    except (tarfile.TarError, RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise JobError(f"The 'model' channel's {checkpoint_file or archive} cannot be read ({type(exc).__name__}: "
+                       f"{str(exc)[:200]}). Give it an intact model.tar.gz of a previous job.") from exc
+    raise JobError(f"The 'model' channel ({folder}) holds neither {BEST_MODEL_FILE} nor a model.tar.gz "
+                   f"(found {', '.join(p.name for p in files[:5])}). Give it the model.tar.gz of a previous "
+                   f"training job, or remove the channel.")
 
 
 def _create_pretrained(name: str, num_classes: int, pretrained_path: str, drop: float, drop_connect: float):
@@ -78,11 +143,14 @@ def predict_log_probabilities(model: torch.nn.Module, images: torch.Tensor, mirr
     return probabilities.view(2, len(images), -1).mean(dim=0).log()
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, **metadata: Any) -> None:
+def checkpoint_of(model: torch.nn.Module, **metadata: Any) -> dict:
     """A timm-layout checkpoint of plain types, loadable with torch.load(weights_only=True)."""
     state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
-    atomic_write(path, lambda f: torch.save({"state_dict": state_dict, "version": CHECKPOINT_VERSION,
-                                             **metadata}, f))
+    return {"state_dict": state_dict, "version": CHECKPOINT_VERSION, **metadata}
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path: Path) -> dict:

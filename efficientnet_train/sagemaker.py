@@ -48,6 +48,19 @@ class SageMakerEnvironment:
         return self.output_dir / "failure"
 
     @property
+    def checkpoint_dir(self) -> Path:
+        """Where resumable state goes: SageMaker syncs it with checkpoint_s3_uri and restores it on restart."""
+        config = self.base_dir / "input" / "config" / "checkpointconfig.json"
+        if config.exists():
+            try:
+                local_path = json.loads(config.read_text(encoding="utf-8")).get("LocalPath")
+            except (ValueError, AttributeError) as exc:
+                raise JobError(f"{config} is not a JSON object with a LocalPath ({exc}).") from exc
+            if local_path:
+                return Path(local_path)
+        return self.base_dir / "checkpoints"
+
+    @property
     def training_job_name(self) -> str | None:
         """Set by SageMaker (and by the SDK's local mode); absent in a plain `docker run`."""
         return self.environ.get("TRAINING_JOB_NAME") or None

@@ -10,6 +10,7 @@ import sys
 import time
 from contextlib import nullcontext
 from functools import partial
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,11 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, hyperparameters, outputs
-from .data import (ImageDataset, eval_transform, resolve_data_config, scan_channel,
+from .checkpoints import (Interrupted, Progress, StopRequest, check_resumable, load_latest_state,
+                          restore_training_state, save_state, training_state)
+from .data import (ImageDataset, TrainBatches, eval_transform, resolve_data_config, scan_channel,
                    train_transform)
 from .errors import JobError
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
-from .model import create_model, predict_log_probabilities, save_checkpoint
+from .model import (checkpoint_of, create_model, predict_log_probabilities, read_model_channel,
+                    save_checkpoint)
 from .sagemaker import SageMakerEnvironment
 
 log = logging.getLogger("efficientnet_train")
@@ -48,6 +52,7 @@ def main() -> int:
 
 
 def run(env: SageMakerEnvironment) -> None:
+    stop = StopRequest().install()
     hp, ignored = hyperparameters.parse(env.read_hyperparameters())
     if ignored:
         log.info("Ignoring SageMaker's own hyperparameters: %s", ", ".join(ignored))
@@ -59,11 +64,15 @@ def run(env: SageMakerEnvironment) -> None:
                        f"Add a folder of images for each other label to {train_channel.root}.")
     log.info(train_channel.inventory())
     log.info(val_channel.inventory())
+    resumed = load_latest_state(env.checkpoint_dir)
+    if resumed:
+        check_resumable(*resumed, vars(hp), classes, len(train_channel.samples))
 
     seed_everything(hp.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     autocast, amp_dtype = autocast_for(device)
-    model = create_model(hp.model, len(classes), hp.pretrained_path, hp.drop, hp.drop_connect).to(device)
+    model = create_model(hp.model, classes, hp.pretrained_path, hp.drop, hp.drop_connect,
+                         start=None if resumed else read_model_channel(env.channel_dir("model"))).to(device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
@@ -72,12 +81,15 @@ def run(env: SageMakerEnvironment) -> None:
     if batch_size < hp.batch_size:
         log.warning("batch_size %d is larger than the training set (%d images): using %d",
                     hp.batch_size, len(train_channel.samples), batch_size)
-    loader = partial(torch.utils.data.DataLoader, batch_size=batch_size, num_workers=hp.workers,
-                     pin_memory=device.type == "cuda", persistent_workers=hp.workers > 0)
+    # Own generators: the loaders must not draw from the global RNG, or resuming would shift it.
+    loader = partial(torch.utils.data.DataLoader, num_workers=hp.workers, pin_memory=device.type == "cuda",
+                     persistent_workers=hp.workers > 0)
     train_loader = loader(ImageDataset(train_channel.samples, train_transform(data_config, hp.aa, hp.reprob,
                                                                               hp.remode, hp.hflip)),
-                          shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(hp.seed))
-    val_loader = loader(ImageDataset(val_channel.samples, eval_transform(data_config)), shuffle=False)
+                          batch_sampler=TrainBatches(len(train_channel.samples), batch_size, hp.seed),
+                          generator=torch.Generator().manual_seed(hp.seed))
+    val_loader = loader(ImageDataset(val_channel.samples, eval_transform(data_config)), batch_size=batch_size,
+                        shuffle=False, generator=torch.Generator().manual_seed(hp.seed))
     eval_hflip = hp.eval_hflip and hp.hflip > 0  # a model never shown mirror images can't be asked about them
 
     from timm.scheduler import create_scheduler_v2
@@ -95,10 +107,12 @@ def run(env: SageMakerEnvironment) -> None:
     # random classifier head for thousands of steps, far longer than a small data set trains.
     ema = ModelEmaV3(model, decay=hp.model_ema_decay, use_warmup=True) if hp.model_ema else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    trainables = dict(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
     args = {**vars(hp),
             "ignored_hyperparameters": ignored, "classes": classes, "num_classes": len(classes),
-            "data_config": data_config, "effective_eval_hflip": eval_hflip, "effective_batch_size": batch_size, "effective_lr": lr,
+            "data_config": data_config, "effective_eval_hflip": eval_hflip, "effective_batch_size": batch_size,
+            "effective_lr": lr, "checkpoint_dir": str(env.checkpoint_dir),
             "device": describe(device), "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
             "train_images": len(train_channel.samples), "val_images": len(val_channel.samples),
             "train_images_per_class": train_channel.images_per_class(),
@@ -106,54 +120,95 @@ def run(env: SageMakerEnvironment) -> None:
             "skipped_files": {ch.name: {"count": len(ch.skipped), "examples": ch.skipped[:10]}
                               for ch in (train_channel, val_channel)},
             "training_job_name": env.training_job_name, "versions": versions()}
+
+    progress, summary, best, best_model, stop_reason = Progress(), [], None, None, None
+    if resumed:
+        path, state = resumed
+        progress = restore_training_state(state, **trainables)
+        summary, best, best_model, stop_reason = state["summary"], state["best"], state["best_model"], state["finished"]
+        args["resumed_from"] = f"{path} (epoch {progress.epoch}, after {progress.step} of {len(train_loader)} batches)"
+        log.info("Resuming from checkpoint %s: epoch %d, after %d of its %d batches; %s", path, progress.epoch,
+                 progress.step, len(train_loader), "no best model yet" if best is None else
+                 f"best so far top-1 {best['top1']:.4f}% at epoch {best['epoch']}")
     outputs.write_labels(env.model_dir, classes)
     log.info("Resolved settings (also in %s):\n%s", outputs.ARGS_FILE, outputs.write_args(env.model_dir, args))
+    if best_model is not None:  # a restarted spot job's model/ starts empty
+        save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, best_model)
+    outputs.write_summary(env.model_dir, summary)
+
+    def save_progress() -> Path:
+        return save_state(env.checkpoint_dir, training_state(
+            progress=progress, **trainables, summary=summary, best=best, best_model=best_model,
+            finished=stop_reason, hyperparameters=vars(hp), classes=classes,
+            train_images=len(train_channel.samples)))
 
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_channel) if hp.balance_classes else None,
                                         label_smoothing=hp.smoothing).to(device)
-    summary, best, stop_reason = [], None, None
     started = time.monotonic()
-    for epoch in range(1, hp.epochs + 1):
-        train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, ema, scaler, autocast,
-                                     device, memory_format, epoch)
-        candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
-        results = {name: evaluate(net, val_loader, autocast, device, memory_format, len(classes), eval_hflip)
-                   for name, net in candidates.items()}
-        chosen = max(results, key=lambda name: (results[name].top1, -results[name].loss))
-        result = results[chosen]
-        scheduler.step(epoch, result.top1)
-        lr_now = max(group["lr"] for group in optimizer.param_groups)  # the classifier's
-        log.info("epoch %d/%d %s lr=%.8f weights=%s%s elapsed=%.0fs", epoch, hp.epochs,
-                 metric_line({TRAIN_LOSS: train_loss, VAL_LOSS: result.loss, VAL_ACC_1: result.top1,
-                              VAL_ACC_5: result.top5}),
-                 lr_now, chosen, "" if len(results) == 1 else
-                 " (" + ", ".join(f"{name} acc_1={r.top1:.2f}" for name, r in results.items()) + ")",
-                 time.monotonic() - started)
-        summary.append({"epoch": epoch, "train_loss": f"{train_loss:.6f}", "eval_loss": f"{result.loss:.6f}",
-                        "eval_top1": f"{result.top1:.6f}", "eval_top5": f"{result.top5:.6f}",
-                        "lr": f"{lr_now:.10f}"})
-        outputs.write_summary(env.model_dir, summary)
-        if best is None or (result.top1, -result.loss) > (best.top1, -best.loss):
-            save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, candidates[chosen], arch=hp.model,
-                            epoch=epoch, metric=result.top1, metric_name=VAL_ACC_1, weights=chosen,
-                            labels=classes, num_classes=len(classes), data_config=data_config, eval_hflip=eval_hflip,
-                            args=args)
-            best = SimpleNamespace(epoch=epoch, top1=result.top1, loss=result.loss, weights=chosen,
-                                   per_class=dict(zip(classes, result.per_class)))
-            # Not "validation:acc_1=": SageMaker's regex would record the value a second time.
-            log.info("New best model: epoch %d, top-1 accuracy %.4f%% (%s weights)", epoch, result.top1, chosen)
-        stop_reason = early_stop_reason(epoch, best.epoch, lr_now, lr, hp) if hp.early_stopping else None
-        if stop_reason:
-            log.info("Stopping after epoch %d of %d: %s.", epoch, hp.epochs, stop_reason)
-            break
+    try:
+        while stop_reason is None and progress.epoch <= hp.epochs:
+            epoch = progress.epoch
+            train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, ema, scaler, autocast,
+                                         device, memory_format, progress, stop)
+            candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
+            results = {name: evaluate(net, val_loader, autocast, device, memory_format, len(classes), eval_hflip,
+                                      stop) for name, net in candidates.items()}
+            chosen = max(results, key=lambda name: (results[name].top1, -results[name].loss))
+            result = results[chosen]
+            scheduler.step(epoch, result.top1)
+            lr_now = max(group["lr"] for group in optimizer.param_groups)  # the classifier's
+            log.info("epoch %d/%d %s lr=%.8f weights=%s%s elapsed=%.0fs", epoch, hp.epochs,
+                     metric_line({TRAIN_LOSS: train_loss, VAL_LOSS: result.loss, VAL_ACC_1: result.top1,
+                                  VAL_ACC_5: result.top5}),
+                     lr_now, chosen, "" if len(results) == 1 else
+                     " (" + ", ".join(f"{name} acc_1={r.top1:.2f}" for name, r in results.items()) + ")",
+                     time.monotonic() - started)
+            summary.append({"epoch": epoch, "train_loss": f"{train_loss:.6f}", "eval_loss": f"{result.loss:.6f}",
+                            "eval_top1": f"{result.top1:.6f}", "eval_top5": f"{result.top5:.6f}",
+                            "lr": f"{lr_now:.10f}"})
+            outputs.write_summary(env.model_dir, summary)
+            if best is None or (result.top1, -result.loss) > (best["top1"], -best["loss"]):
+                best = {"epoch": epoch, "top1": result.top1, "loss": result.loss, "weights": chosen,
+                        "per_class": dict(zip(classes, result.per_class))}
+                best_model = checkpoint_of(candidates[chosen], arch=hp.model, epoch=epoch, metric=result.top1,
+                                           metric_name=VAL_ACC_1, weights=chosen, labels=classes,
+                                           num_classes=len(classes), data_config=data_config,
+                                           eval_hflip=eval_hflip, args=args)
+                save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, best_model)
+                # Not "validation:acc_1=": SageMaker's regex would record the value a second time.
+                log.info("New best model: epoch %d, top-1 accuracy %.4f%% (%s weights)", epoch, result.top1, chosen)
+            if hp.early_stopping:
+                stop_reason = early_stop_reason(epoch, best["epoch"], lr_now, lr, hp)
+            progress = Progress(epoch + 1)
+            save_progress()
+            if stop_reason:
+                log.info("Stopping after epoch %d of %d: %s.", epoch, hp.epochs, stop_reason)
+            elif stop:
+                stop_reason = f"stopped by {stop.signal_name}"
+                log.info("Stopped by %s after epoch %d; a restarted job resumes from its checkpoint.",
+                         stop.signal_name, epoch)
+    except Interrupted:
+        path = save_progress()  # before stop_reason is set: a restarted job must carry on, not finish
+        stop_reason = f"stopped by {stop.signal_name}"
+        log.info("Stopped by %s in epoch %d after %d of %d batches; saved %s, which a restarted job resumes from.",
+                 stop.signal_name, progress.epoch, progress.step, len(train_loader), path)
+    finish(env, args, summary, best, stop_reason or "epochs done", time.monotonic() - started)
 
-    args.update(best_epoch=best.epoch, best_acc_1=best.top1, best_weights=best.weights,
-                best_per_class_acc_1=best.per_class, epochs_completed=epoch, stop_reason=stop_reason or "epochs done")
+
+def finish(env: SageMakerEnvironment, args: dict, summary: list[dict], best: dict | None, stop_reason: str,
+           seconds: float) -> None:
+    args.update(epochs_completed=len(summary), stop_reason=stop_reason)
+    if best is None:
+        outputs.write_args(env.model_dir, args)
+        log.info("No epoch finished, so there is no model yet; a restarted job resumes from the checkpoint.")
+        return
+    args.update(best_epoch=best["epoch"], best_acc_1=best["top1"], best_weights=best["weights"],
+                best_per_class_acc_1=best["per_class"])
     outputs.write_args(env.model_dir, args)
-    log.info("Done in %.0fs: best top-1 accuracy %.4f%% at epoch %d (%s weights), saved to %s",
-             time.monotonic() - started, best.top1, best.epoch, best.weights, env.model_dir / outputs.BEST_MODEL_FILE)
+    log.info("Done in %.0fs (%s): best top-1 accuracy %.4f%% at epoch %d (%s weights), saved to %s", seconds,
+             stop_reason, best["top1"], best["epoch"], best["weights"], env.model_dir / outputs.BEST_MODEL_FILE)
     log.info("Best model's top-1 accuracy per class: %s",
-             ", ".join(f"{name} {acc:.1f}%" for name, acc in best.per_class.items() if acc is not None))
+             ", ".join(f"{name} {acc:.1f}%" for name, acc in best["per_class"].items() if acc is not None))
     if env.training_job_name is None:
         # SageMaker packs model/ itself; a plain `docker run` should still hand over the same artifact.
         log.info("Packed %s", outputs.pack_model(env.model_dir))
@@ -184,10 +239,11 @@ def class_weights(channel) -> torch.Tensor:
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ema, scaler, autocast, device, memory_format,
-                    epoch: int) -> float:
+                    progress: Progress, stop: StopRequest) -> float:
+    """Train the rest of `progress.epoch` (all of it unless resuming), counting batches in `progress`."""
     model.train()
-    loss_sum, seen = torch.zeros((), device=device), 0
-    num_updates = (epoch - 1) * len(loader)
+    loader.batch_sampler.start_epoch(progress.epoch, skip_batches=progress.step)
+    loss_sum = torch.tensor(progress.loss_sum, device=device)  # no .item() per step: a sync would stall the GPU
     for images, targets in loader:
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
@@ -201,22 +257,28 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ema, scaler, a
         else:
             loss.backward()
             optimizer.step()
-        num_updates += 1
+        progress.step += 1
+        num_updates = (progress.epoch - 1) * len(loader) + progress.step
         if ema is not None:
             ema.update(model, step=num_updates)
         scheduler.step_update(num_updates)
-        loss_sum += loss.detach() * len(targets)  # no .item(): a sync per step would stall the GPU
-        seen += len(targets)
-    mean_loss = (loss_sum / max(seen, 1)).item()
+        loss_sum += loss.detach() * len(targets)
+        progress.seen += len(targets)
+        if stop:  # before the next batch is loaded, so a resumed run draws the same random numbers
+            progress.loss_sum = loss_sum.item()
+            raise Interrupted
+    progress.loss_sum = loss_sum.item()
+    mean_loss = progress.loss_sum / max(progress.seen, 1)
     if not np.isfinite(mean_loss):
-        raise JobError(f"Training diverged in epoch {epoch}: the training loss is {mean_loss}. Lower lr "
+        raise JobError(f"Training diverged in epoch {progress.epoch}: the training loss is {mean_loss}. Lower lr "
                        f"(it is scaled to the batch size from a batch of {hyperparameters.LR_REFERENCE_BATCH}) "
                        f"or raise warmup_epochs.")
     return mean_loss
 
 
 @torch.no_grad()
-def evaluate(model, loader, autocast, device, memory_format, num_classes: int, mirror: bool) -> SimpleNamespace:
+def evaluate(model, loader, autocast, device, memory_format, num_classes: int, mirror: bool,
+             stop: StopRequest | None = None) -> SimpleNamespace:
     from timm.utils import accuracy
 
     top_k = min(5, num_classes)  # top-5 over fewer than 5 classes would fail; it is then over all of them
@@ -225,6 +287,8 @@ def evaluate(model, loader, autocast, device, memory_format, num_classes: int, m
     per_class = torch.zeros(2, num_classes, device=device)  # right answers and images, per class
     seen = 0
     for images, targets in loader:
+        if stop:
+            raise Interrupted
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         with autocast():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -49,6 +50,11 @@ def run_train(base: Path, timeout: int = 300, **env: str) -> subprocess.Complete
     environ = {key: value for key, value in os.environ.items() if key != "TRAINING_JOB_NAME"}
     environ.update(SAGEMAKER_BASE_DIR=str(base), **env)
     return subprocess.run([TRAIN_COMMAND], env=environ, capture_output=True, text=True, timeout=timeout)
+
+
+def read_summary(model_dir: Path) -> list[dict]:
+    with open(model_dir / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def failure_reason(base: Path) -> str:

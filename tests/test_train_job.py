@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import tarfile
@@ -12,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import COLOURS, TINY_MODEL, make_channels, make_job, run_train, write_images
+from conftest import COLOURS, TINY_MODEL, make_channels, make_job, read_summary, run_train, write_images
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL_FILES = {"args.yml", "labels.json", "model_best.pth.tar", "summary.csv"}
@@ -39,11 +38,6 @@ def finished_job(tmp_path_factory, tiny_weights):
 def spec_metric_regexes() -> dict[str, str]:
     spec = json.loads((REPO / "container" / "algorithm-spec.json").read_text())
     return {d["Name"]: d["Regex"] for d in spec["TrainingSpecification"]["MetricDefinitions"]}
-
-
-def read_summary(model_dir: Path) -> list[dict]:
-    with open(model_dir / "summary.csv", newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_local_run_writes_the_four_files_and_the_archive(finished_job):

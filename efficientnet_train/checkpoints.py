@@ -1,0 +1,161 @@
+"""Resumable training state: what lets a stopped, interrupted or killed job carry on where it was.
+
+SageMaker syncs the checkpoint folder to `checkpoint_s3_uri` while the job runs and restores it
+when a managed spot job restarts on a new machine, whose `model/` starts empty: so the state
+carries the best model so far as well as everything needed to continue training.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import JobError
+from .outputs import atomic_write
+
+log = logging.getLogger("efficientnet_train")
+
+STATE_VERSION = 1
+KEEP = 2  # the newest, and the one before it in case the newest is found unreadable
+# Hyperparameters a resumed job may change: they change how fast it trains, not what it learns.
+MAY_CHANGE_ON_RESUME = frozenset({"workers"})
+REQUIRED_KEYS = frozenset({"version", "progress", "model", "optimizer", "scheduler", "rng", "summary", "best",
+                           "best_model", "finished", "hyperparameters", "classes", "train_images"})
+
+
+@dataclass
+class Progress:
+    """Where training is: `step` batches of `epoch` are done, with these training-loss sums."""
+
+    epoch: int = 1
+    step: int = 0
+    loss_sum: float = 0.0
+    seen: int = 0
+
+
+class StopRequest:
+    """SIGTERM (StopTrainingJob, a spot interruption, `docker stop`) or Ctrl-C asks training to stop.
+
+    The handler only sets a flag, which the loop checks between batches: nothing is ever
+    half-written, and a second signal changes nothing.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def install(self) -> "StopRequest":
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._received)
+        return self
+
+    def _received(self, signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.signal_name:
+            log.warning("%s received while already stopping: still finishing the checkpoint", name)
+            return
+        self.signal_name = name
+        log.warning("%s received: stopping after the current batch and saving a checkpoint", name)
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+
+class Interrupted(Exception):
+    """Raised at a safe point (between batches) once a stop was requested."""
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """Newest first: the names sort by (epoch, batch)."""
+    return sorted(folder.glob("checkpoint-*-*.pth.tar"), reverse=True) if folder.is_dir() else []
+
+
+def save_state(folder: Path, state: dict) -> Path:
+    progress = state["progress"]
+    path = folder / f"checkpoint-{progress['epoch']:05d}-{progress['step']:07d}.pth.tar"
+    atomic_write(path, lambda f: torch.save(state, f))
+    for old in checkpoint_files(folder)[KEEP:]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_latest_state(folder: Path) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads; unreadable ones (cut short by a kill, a failed sync) are removed."""
+    for path in checkpoint_files(folder):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            missing = REQUIRED_KEYS - set(state) if isinstance(state, dict) else {"everything"}
+            if missing:
+                raise ValueError(f"it lacks {', '.join(sorted(missing))}")
+        except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle, wrong type: all mean unusable
+            log.warning("Checkpoint %s is unreadable (%s: %s); removing it and trying the one before it",
+                        path, type(exc).__name__, str(exc)[:200])
+            path.unlink(missing_ok=True)
+            continue
+        if state["version"] > STATE_VERSION:
+            raise JobError(f"The checkpoint {path} was written by a newer version of this algorithm "
+                           f"(state version {state['version']}). Resume with that version, or use a new "
+                           f"checkpoint_s3_uri to start afresh.")
+        return path, state
+    return None
+
+
+def check_resumable(path: Path, state: dict, hyperparameters: dict, classes: list[str], train_images: int) -> None:
+    """Refuse to continue a run with a checkpoint from a different one instead of silently mixing them."""
+    saved = state["hyperparameters"]
+    problems = [f"{key}={saved.get(key)!r} there, {value!r} here" for key, value in hyperparameters.items()
+                if key not in MAY_CHANGE_ON_RESUME and saved.get(key) != value]
+    if state["classes"] != classes:
+        problems.append(f"classes {state['classes']} there, {classes} here")
+    if state["train_images"] != train_images:
+        problems.append(f"{state['train_images']} training images there, {train_images} here")
+    if problems:
+        raise JobError(f"The checkpoint {path} is from a different training run: {'; '.join(problems)}. "
+                       f"Resuming it would mix two runs. To resume, give the same data and hyperparameters; "
+                       f"to start afresh, use a new checkpoint_s3_uri (or empty {path.parent}).")
+
+
+def capture_rng() -> dict:
+    numpy_state = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(*, progress: Progress, model, ema, optimizer, scheduler, scaler, summary: list[dict],
+                   best: dict | None, best_model: dict | None, finished: str | None, hyperparameters: dict,
+                   classes: list[str], train_images: int) -> dict:
+    def cpu(state_dict):
+        return {key: value.detach().cpu() for key, value in state_dict.items()}
+
+    return {"version": STATE_VERSION, "progress": asdict(progress), "model": cpu(model.state_dict()),
+            "ema": cpu(ema.state_dict()) if ema is not None else None, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": capture_rng(), "summary": summary, "best": best, "best_model": best_model, "finished": finished,
+            "hyperparameters": hyperparameters, "classes": classes, "train_images": train_images}
+
+
+def restore_training_state(state: dict, *, model, ema, optimizer, scheduler, scaler) -> Progress:
+    model.load_state_dict(state["model"])
+    if ema is not None and state["ema"] is not None:
+        ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"] is not None:
+        scaler.load_state_dict(state["scaler"])
+    restore_rng(state["rng"])
+    return Progress(**state["progress"])

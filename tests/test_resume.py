@@ -1,0 +1,224 @@
+"""Checkpoints, resuming and clean stops: a job that is stopped or killed at any moment carries on."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import COLOURS, TINY_MODEL, TRAIN_COMMAND, make_channels, make_job, read_summary, run_train
+
+# batch_size 2: 18 batches an epoch, so a signal sent mid-epoch lands between batches, not after them.
+RESUMABLE = {"epochs": "3", "batch_size": "2", "warmup_epochs": "1", "early_stopping": "false"}
+
+
+def start_train(base, **env) -> subprocess.Popen:
+    environ = {key: value for key, value in os.environ.items() if key != "TRAINING_JOB_NAME"}
+    return subprocess.Popen([TRAIN_COMMAND], env={**environ, "SAGEMAKER_BASE_DIR": str(base), **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_until(job: subprocess.Popen, pattern: str) -> str:
+    """The log up to the first line matching `pattern`."""
+    lines = []
+    for line in job.stdout:
+        lines.append(line)
+        if re.search(pattern, line):
+            return "".join(lines)
+    raise AssertionError(f"the job ended before '{pattern}':\n{''.join(lines)[-3000:]}")
+
+
+def checkpoints(folder):
+    return sorted(path.name for path in folder.glob("checkpoint-*.pth.tar"))
+
+
+def final_state(base) -> dict:
+    return torch.load(base / "checkpoints" / checkpoints(base / "checkpoints")[-1], weights_only=True)
+
+
+def assert_same_run(base, reference):
+    """Same summary rows (each epoch once, in order), same best model, same final weights and EMA."""
+    assert read_summary(base / "model") == read_summary(reference / "model")
+    best = torch.load(base / "model" / "model_best.pth.tar", weights_only=True)
+    best_reference = torch.load(reference / "model" / "model_best.pth.tar", weights_only=True)
+    assert best["epoch"] == best_reference["epoch"] and best["metric"] == best_reference["metric"]
+    state, state_reference = final_state(base), final_state(reference)
+    for part in ("model", "ema"):
+        for key, value in state_reference[part].items():
+            assert torch.equal(state[part][key], value), f"{part} {key} differs after resuming"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_weights):
+    base = make_job(tmp_path_factory.mktemp("uninterrupted"),
+                    {"model": TINY_MODEL, "pretrained_path": str(tiny_weights["pth"]), "img_size": "32",
+                     "workers": "0", **RESUMABLE})
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return base, json.loads((base / "input" / "config" / "hyperparameters.json").read_text())
+
+
+def copy_job(uninterrupted, tmp_path, **overrides):
+    reference, hyperparameters = uninterrupted
+    return make_job(tmp_path / "job", {**hyperparameters, **overrides})
+
+
+def test_each_epoch_leaves_a_checkpoint_and_old_ones_are_pruned(uninterrupted):
+    base, _ = uninterrupted
+    assert checkpoints(base / "checkpoints") == ["checkpoint-00003-0000000.pth.tar", "checkpoint-00004-0000000.pth.tar"]
+    state = final_state(base)
+    assert state["progress"]["epoch"] == 4 and state["best"]["epoch"] == int(state["best_model"]["epoch"])
+    assert [row["epoch"] for row in state["summary"]] == [1, 2, 3]
+    assert {"optimizer", "scheduler", "rng", "ema"} <= set(state)
+    assert not list((base / "checkpoints").glob(".*"))  # no temporary files left behind
+
+
+def test_sigterm_mid_epoch_stops_cleanly_and_a_restart_finishes_the_same_run(uninterrupted, tmp_path):
+    base = copy_job(uninterrupted, tmp_path)
+    job = start_train(base)
+    run_until(job, r"epoch 1/3 ")
+    time.sleep(0.5)  # well into epoch 2's 18 batches
+    started = time.monotonic()
+    job.send_signal(signal.SIGTERM)
+    log = job.communicate(timeout=60)[0]
+    assert job.returncode == 0, log
+    assert time.monotonic() - started < 20
+    stopped = re.search(r"Stopped by SIGTERM in epoch 2 after (\d+) of 18 batches; saved (\S+),", log)
+    assert stopped and 0 < int(stopped[1]) < 18, log[-2000:]
+    assert (base / "checkpoints" / f"checkpoint-00002-{int(stopped[1]):07d}.pth.tar").exists()
+    # model/ holds the best model so far, and says why it stopped
+    assert torch.load(base / "model" / "model_best.pth.tar", weights_only=True)["epoch"] == 1
+    args = yaml.safe_load((base / "model" / "args.yml").read_text())
+    assert args["stop_reason"] == "stopped by SIGTERM" and args["epochs_completed"] == 1
+
+    resumed = run_train(base)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"Resuming from checkpoint {stopped[2]}: epoch 2, after {stopped[1]} of its 18 batches; " \
+           f"best so far top-1" in resumed.stdout
+    assert_same_run(base, uninterrupted[0])
+
+
+def test_sigkill_at_any_moment_loses_at_most_the_epoch_in_progress(uninterrupted, tmp_path):
+    base = copy_job(uninterrupted, tmp_path)
+    job = start_train(base)
+    run_until(job, r"epoch 2/3 ")
+    time.sleep(0.2)
+    job.kill()
+    job.wait(timeout=30)
+    resumed = run_train(base)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "Resuming from checkpoint" in resumed.stdout
+    assert_same_run(base, uninterrupted[0])
+
+
+def test_a_second_signal_while_stopping_changes_nothing(uninterrupted, tmp_path):
+    base = copy_job(uninterrupted, tmp_path)
+    job = start_train(base)
+    run_until(job, r"epoch 1/3 ")
+    job.send_signal(signal.SIGTERM)
+    job.send_signal(signal.SIGINT)
+    job.send_signal(signal.SIGTERM)
+    log = job.communicate(timeout=60)[0]
+    assert job.returncode == 0 and re.search(r"Stopped by SIG(TERM|INT)", log), log  # Python handles SIGINT first
+    assert "received while already stopping" in log and "Traceback" not in log
+    resumed = run_train(base)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_same_run(base, uninterrupted[0])
+
+
+def test_an_unreadable_newest_checkpoint_is_reported_and_the_one_before_used(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    base = copy_job(uninterrupted, tmp_path)
+    shutil.copytree(reference / "checkpoints", base / "checkpoints")
+    newest = base / "checkpoints" / "checkpoint-00004-0000000.pth.tar"
+    newest.write_bytes(newest.read_bytes()[:10_000])  # what a kill during an S3 sync might leave
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Checkpoint {newest} is unreadable" in result.stdout
+    assert "Resuming from checkpoint" in result.stdout and "checkpoint-00003-0000000.pth.tar: epoch 3" in result.stdout
+    assert_same_run(base, reference)
+
+
+def test_a_checkpoint_of_another_run_is_refused(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    base = copy_job(uninterrupted, tmp_path, lr="0.01", workers="1")  # workers may change, lr may not
+    shutil.copytree(reference / "checkpoints", base / "checkpoints")
+    result = run_train(base)
+    assert result.returncode != 0
+    reason = (base / "output" / "failure").read_text()
+    assert "is from a different training run: lr=0.016 there, 0.01 here" in reason
+    assert "workers" not in reason and "checkpoint_s3_uri" in reason
+    assert len(checkpoints(base / "checkpoints")) == 2  # nothing deleted
+
+
+def test_a_checkpoint_with_other_classes_is_refused(uninterrupted, tmp_path):
+    reference, _ = uninterrupted
+    base = copy_job(uninterrupted, tmp_path)
+    shutil.rmtree(base / "input" / "data")
+    make_channels(base / "input" / "data", classes=("ants", "bees"))
+    shutil.copytree(reference / "checkpoints", base / "checkpoints")
+    assert run_train(base).returncode != 0
+    assert "classes ['ants', 'bees', 'wasps'] there, ['ants', 'bees'] here" in (base / "output" / "failure").read_text()
+
+
+def test_checkpointconfig_local_path_is_where_checkpoints_go(tiny_hyperparameters, tmp_path):
+    base = make_job(tmp_path / "job", tiny_hyperparameters)
+    (base / "input" / "config" / "checkpointconfig.json").write_text(
+        json.dumps({"LocalPath": str(tmp_path / "synced"), "S3Uri": "s3://bucket/checkpoints"}))
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert checkpoints(tmp_path / "synced") == ["checkpoint-00002-0000000.pth.tar"]
+    assert not (base / "checkpoints").exists()
+
+
+def test_a_finished_run_restarted_rewrites_its_model_without_training(uninterrupted, tmp_path):
+    """A spot job restarted after its last checkpoint: model/ is empty on the new machine."""
+    reference, _ = uninterrupted
+    base = copy_job(uninterrupted, tmp_path)
+    shutil.copytree(reference / "checkpoints", base / "checkpoints")
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "epoch 1/3" not in result.stdout and "Done in" in result.stdout
+    assert_same_run(base, reference)
+
+
+# -- incremental training: the optional 'model' channel
+
+def model_channel_job(uninterrupted, tmp_path, hyperparameters=None, classes=tuple(COLOURS)):
+    reference, reference_hyperparameters = uninterrupted
+    base = make_job(tmp_path / "job", {**reference_hyperparameters, "epochs": "1", **(hyperparameters or {})},
+                    with_data=False)
+    make_channels(base / "input" / "data", classes=classes)
+    (base / "input" / "data" / "model").mkdir()
+    shutil.copy(reference / "model" / "model.tar.gz", base / "input" / "data" / "model")
+    return base
+
+
+def test_model_channel_continues_training_a_previous_model(uninterrupted, tmp_path):
+    base = model_channel_job(uninterrupted, tmp_path)
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r"Starting from the model in \S+model.tar.gz \(epoch \d, top-1 [\d.]+%\), same labels",
+                     result.stdout)
+
+
+def test_model_channel_with_new_labels_gets_a_new_head(uninterrupted, tmp_path):
+    base = model_channel_job(uninterrupted, tmp_path, classes=("ants", "bees"))
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "with a new classifier head: the labels changed from [ants, bees, wasps] to [ants, bees]" in result.stdout
+
+
+def test_model_channel_of_another_architecture_is_refused(uninterrupted, tmp_path):
+    base = model_channel_job(uninterrupted, tmp_path, {"model": "efficientnet_b0"})
+    assert run_train(base).returncode != 0
+    reason = (base / "output" / "failure").read_text()
+    assert "holds a 'test_efficientnet' model" in reason and "Set model=test_efficientnet" in reason
