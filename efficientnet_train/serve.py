@@ -254,6 +254,9 @@ def gunicorn_options(settings: ServingEnvironment) -> dict:
         "errorlog": "-",
         "loglevel": "info",
         "proc_name": "serve",
+        # gunicorn >= 24 opens a control socket in $HOME: nothing here uses it, and servers side by side
+        # (tests, several models on one host) would share its path.
+        "control_socket_disable": True,
     }
 
 
@@ -271,7 +274,8 @@ def main() -> int:
     class Server(BaseApplication):
         def load_config(self):
             for name, value in gunicorn_options(settings).items():
-                self.cfg.set(name, value)
+                if name in self.cfg.settings:  # older gunicorns lack the newer settings
+                    self.cfg.set(name, value)
 
         def load(self):
             return create_app(settings)  # in each worker, after the fork: PyTorch does not survive forks
