@@ -300,6 +300,9 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(job, tmp_path):
     try:
         image = encoded(COLOURS["bees"])
         connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=20)
+        # A first request on the same connection makes sure the worker holds it, however slow the machine.
+        connection.request("GET", "/ping")
+        assert connection.getresponse().read()
         connection.putrequest("POST", "/invocations")
         connection.putheader("Content-Type", "image/png")
         connection.putheader("Content-Length", str(len(image)))
@@ -388,3 +391,9 @@ def test_spec_declares_inference():
     assert inference["SupportedResponseMIMETypes"] == ["application/json", "application/jsonlines"]
     assert inference["Containers"] == [{"Image": spec.INFERENCE_IMAGE_PLACEHOLDER}]
     assert inference["SupportedRealtimeInferenceInstanceTypes"] and inference["SupportedTransformInstanceTypes"]
+
+
+def test_image_declares_the_serving_port():
+    dockerfile = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()
+    assert "com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true" in dockerfile
+    assert "\nEXPOSE 8080\n" in dockerfile
