@@ -38,6 +38,8 @@ JSON, JSON_LINES = "application/json", "application/jsonlines"
 RESPONSE_TYPES = (JSON, JSON_LINES)
 IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image", "image/*")
 CUSTOM_ATTRIBUTES = "HTTP_X_AMZN_SAGEMAKER_CUSTOM_ATTRIBUTES"  # InvokeEndpoint's CustomAttributes
+# 6 MB of tiny GIFs would be tens of thousands of images, each a full-size tensor once preprocessed.
+MAX_IMAGES_PER_REQUEST = 64
 
 
 class HttpError(Exception):
@@ -210,6 +212,9 @@ def _json_images(body: bytes) -> list[bytes]:
     if not isinstance(images, list) or not images or not all(isinstance(image, str) for image in images):
         raise HttpError("400 Bad Request", f"The JSON must have a non-empty list of base64 strings "
                                            f"under \"images\". {usage}")
+    if len(images) > MAX_IMAGES_PER_REQUEST:
+        raise HttpError("413 Content Too Large", f"{len(images)} images in one request; send at most "
+                                                 f"{MAX_IMAGES_PER_REQUEST} per request.")
     decoded = []
     for index, text in enumerate(images):
         text = "".join(text.split())  # `base64` wraps lines

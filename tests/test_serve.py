@@ -226,6 +226,8 @@ BAD_REQUESTS = {
     "malformed JSON": (b'{"images": [', "application/json", {}, 400, "not valid JSON"),
     "JSON without images": (b'{"instances": []}', "application/json", {}, 400, '"images"'),
     "JSON with bad base64": (b'{"images": ["not base64!"]}', "application/json", {}, 400, "base64"),
+    "too many images": (json.dumps({"images": [base64.b64encode(encoded((1, 2, 3), "GIF", 1)).decode()] * 65}).encode(),
+                        "application/json", {}, 413, "at most 64"),
     "JSON with a text": (json.dumps({"images": [base64.b64encode(b"text").decode()]}).encode(),
                          "application/json", {}, 400, "Image 0 cannot be read"),
 }
