@@ -1,4 +1,5 @@
 # The SageMaker training image: fine-tunes a timm EfficientNet on folders of labelled images.
+# Started with `serve` instead, the same image hosts the trained model (endpoint or batch transform).
 #
 # SageMaker runs `docker run IMAGE train` (and `IMAGE serve` for endpoints), so the console
 # scripts are plain commands on PATH (/opt/venv/bin) and there is no ENTRYPOINT to swallow that
@@ -77,5 +78,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 COPY --from=builder /opt/venv /opt/venv
 COPY --from=builder /opt/hf /opt/hf
 WORKDIR /opt/program
+# `serve` listens here unless SageMaker passes SAGEMAKER_BIND_TO_PORT (allowed by the label above).
+EXPOSE 8080
 # `train` when no command is given; SageMaker's `train` / `serve` argument replaces it.
 CMD ["train"]

@@ -7,14 +7,16 @@ checkpoint.
 
 from __future__ import annotations
 
+import io
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import JobError
 
@@ -106,10 +108,43 @@ def scan_channel(name: str, root: Path, classes: list[str] | None = None) -> Cha
     return channel
 
 
+class UnreadableImage(ValueError):
+    """Bytes that are not a whole, reasonably sized image; the message says which of those."""
+
+
 def load_image(path: str) -> Image.Image:
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)  # phones store rotation in EXIF, not in pixels
-        return image.convert("RGB")
+    with open(path, "rb") as f:
+        try:
+            return decode_image(f)
+        except UnreadableImage as exc:
+            raise UnreadableImage(f"{path}: {exc}") from exc
+
+
+def decode_image(source: bytes | BinaryIO) -> Image.Image:
+    """An RGB image from encoded bytes or a binary file, upright as its EXIF says, fully decoded.
+
+    Refuses what would cost far more memory than its size suggests (decompression bombs) and
+    files cut short, instead of returning half an image.
+    """
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    try:
+        with Image.open(source) as image:
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse there too.
+            if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"Image size ({image.width * image.height} pixels) exceeds "
+                                                   f"limit of {Image.MAX_IMAGE_PIXELS} pixels")
+            image = ImageOps.exif_transpose(image)  # phones store rotation in EXIF, not in pixels
+            return image.convert("RGB")  # decodes every pixel: a truncated file fails here, not later
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImage(f"the image is too large to decode safely: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise UnreadableImage("the data is not an image in a format Pillow reads "
+                              "(JPEG, PNG, GIF, BMP, WebP, TIFF, ...)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # Pillow reports a cut-short or corrupt file as OSError ("image file is truncated"), SyntaxError
+        # or EOFError depending on the format.
+        raise UnreadableImage(f"the image is truncated or corrupt ({exc})") from exc
 
 
 class ImageDataset(torch.utils.data.Dataset):

@@ -91,3 +91,59 @@ class SageMakerEnvironment:
         if len(text) > FAILURE_REASON_LIMIT:
             text = text[: FAILURE_REASON_LIMIT - 3] + "..."
         self.failure_file.write_text(text + "\n", encoding="utf-8")
+
+
+# Serving: what SageMaker hosting and batch transform tell the `serve` container, and this image's own
+# settings (SERVE_*), which a buyer sets as the model's or the transform job's environment.
+DEFAULT_SERVING_PORT = 8080
+# InvokeEndpoint's real-time limit; batch transform says its own in SAGEMAKER_MAX_PAYLOAD_IN_MB.
+REALTIME_PAYLOAD_LIMIT_MB = 6
+DEFAULT_TOP_K = 5
+DEFAULT_MAX_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class ServingEnvironment:
+    model_dir: Path
+    port: int
+    batch: bool  # batch transform: answer JSON Lines
+    payload_limit_mb: int
+    top_k: int
+    workers: int  # server processes, each with its own copy of the model
+    threads: int  # concurrent requests per process
+    max_batch_size: int  # images per forward pass when requests are batched together
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "ServingEnvironment":
+        environ = dict(os.environ if environ is None else environ)
+        return cls(
+            model_dir=SageMakerEnvironment.from_environ(environ).model_dir,
+            # Only honoured because the image declares com.amazonaws.sagemaker.capabilities.accept-bind-to-port.
+            port=_positive_int(environ, "SAGEMAKER_BIND_TO_PORT", DEFAULT_SERVING_PORT),
+            # The SDK's local mode sends "True", SageMaker "true".
+            batch=environ.get("SAGEMAKER_BATCH", "").strip().lower() == "true",
+            # Some local tools send 0 for "not set".
+            payload_limit_mb=_positive_int(environ, "SAGEMAKER_MAX_PAYLOAD_IN_MB", REALTIME_PAYLOAD_LIMIT_MB,
+                                           zero_means_default=True),
+            top_k=_positive_int(environ, "SERVE_TOP_K", DEFAULT_TOP_K),
+            # The sagemaker-inference-toolkit's name for the same setting.
+            workers=_positive_int(environ, "SAGEMAKER_MODEL_SERVER_WORKERS", 1),
+            threads=_positive_int(environ, "SERVE_THREADS", 16),
+            max_batch_size=_positive_int(environ, "SERVE_MAX_BATCH_SIZE", DEFAULT_MAX_BATCH_SIZE),
+        )
+
+
+def _positive_int(environ: Mapping[str, str], name: str, default: int, zero_means_default: bool = False) -> int:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value == 0 and zero_means_default:
+        return default
+    if value < 1:
+        raise JobError(f"The environment variable {name}={raw!r} must be a whole number of at least 1 "
+                       f"(or unset, for {default}).")
+    return value

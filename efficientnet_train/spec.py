@@ -13,6 +13,8 @@ from .hyperparameters import sagemaker_hyperparameter_specs
 from .metrics import VAL_ACC_1, metric_definitions
 
 TRAINING_IMAGE_PLACEHOLDER = "<TRAINING_IMAGE_URI>"
+# Today the same image as training (started with `serve`); its own placeholder lets a slimmer one replace it.
+INFERENCE_IMAGE_PLACEHOLDER = "<INFERENCE_IMAGE_URI>"
 IMAGE_CONTENT_TYPES = ["image/jpeg", "image/png", "image/gif", "image/bmp", "image/webp", "image/tiff",
                        "application/x-image"]
 TRAINING_INSTANCE_TYPES = ["ml.p3.2xlarge", "ml.p3.8xlarge", "ml.p3.16xlarge", "ml.p3dn.24xlarge",
@@ -43,7 +45,30 @@ def algorithm_spec() -> dict:
             ],
             "SupportedTuningJobObjectiveMetrics": [{"Type": "Maximize", "MetricName": VAL_ACC_1}],
         },
+        "InferenceSpecification": inference_specification(),
         "CertifyForMarketplace": True,
+    }
+
+
+# `serve` answers any image/* body; these are the ones Pillow decodes that buyers send. JSON carries several.
+INFERENCE_CONTENT_TYPES = ["image/jpeg", "image/png", "application/x-image", "image/webp", "image/bmp", "image/gif",
+                           "image/tiff", "application/json"]
+INFERENCE_RESPONSE_TYPES = ["application/json", "application/jsonlines"]
+# An EfficientNet answers one image in tens of milliseconds on a CPU: CPU instances suffice for real-time;
+# GPUs pay off for batch transform, where the server batches concurrent requests.
+REALTIME_INSTANCE_TYPES = ["ml.m5.large", "ml.m5.xlarge", "ml.m5.2xlarge", "ml.c5.xlarge", "ml.c5.2xlarge",
+                           "ml.g4dn.xlarge", "ml.g5.xlarge"]
+TRANSFORM_INSTANCE_TYPES = ["ml.m5.xlarge", "ml.m5.2xlarge", "ml.c5.2xlarge", "ml.c5.4xlarge", "ml.g4dn.xlarge",
+                            "ml.g4dn.2xlarge", "ml.p3.2xlarge"]
+
+
+def inference_specification() -> dict:
+    return {
+        "Containers": [{"Image": INFERENCE_IMAGE_PLACEHOLDER}],
+        "SupportedTransformInstanceTypes": TRANSFORM_INSTANCE_TYPES,
+        "SupportedRealtimeInferenceInstanceTypes": REALTIME_INSTANCE_TYPES,
+        "SupportedContentTypes": INFERENCE_CONTENT_TYPES,
+        "SupportedResponseMIMETypes": INFERENCE_RESPONSE_TYPES,
     }
 
 

@@ -1,0 +1,73 @@
+"""The trained model as an image classifier, shared by `serve` and `predict`.
+
+Everything that decides a prediction comes from the training code itself: the weights that
+were chosen as best (`load_trained_model`), validation's preprocessing (`eval_transform` on the
+checkpoint's `data_config`) and validation's prediction (`predict_log_probabilities`, mirrored
+when the job evaluated that way), so a served probability is the one validation computed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .data import eval_transform
+from .errors import JobError
+from .model import load_trained_model, predict_log_probabilities
+from .outputs import BEST_MODEL_FILE, LABELS_FILE
+
+
+class Classifier:
+    def __init__(self, model_dir: Path, device: torch.device | None = None):
+        check_model_dir(model_dir)
+        from .train import autocast_for  # validation's precision, so a GPU serves what it validated
+
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, checkpoint = load_trained_model(model_dir / BEST_MODEL_FILE)
+        self.model = model.to(self.device)
+        self.labels = read_labels(model_dir, expected=len(checkpoint["labels"]))
+        self.transform = eval_transform(checkpoint["data_config"])
+        self.mirror = bool(checkpoint.get("eval_hflip", False))
+        self.autocast, _ = autocast_for(self.device)
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image)
+
+    @torch.inference_mode()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities, one row per preprocessed image, on the CPU."""
+        images = images.to(self.device, non_blocking=True)
+        with self.autocast():
+            log_probabilities = predict_log_probabilities(self.model, images, mirror=self.mirror)
+        return log_probabilities.exp().cpu()
+
+    def top_k(self, probabilities: torch.Tensor, k: int) -> list[dict]:
+        """The k likeliest labels of each row, likeliest first: {"labels": [...], "probabilities": [...]}."""
+        values, indices = probabilities.topk(min(k, len(self.labels)), dim=1)
+        return [{"labels": [self.labels[i] for i in row_indices], "probabilities": row_values}
+                for row_values, row_indices in zip(values.tolist(), indices.tolist())]
+
+
+def check_model_dir(model_dir: Path) -> None:
+    missing = [name for name in (BEST_MODEL_FILE, LABELS_FILE) if not (model_dir / name).is_file()]
+    if missing:
+        raise JobError(f"No trained model in {model_dir}: {', '.join(missing)} missing. It must hold the "
+                       f"contents of the model.tar.gz that `train` wrote ({BEST_MODEL_FILE}, {LABELS_FILE}); "
+                       f"SageMaker extracts it to /opt/ml/model, and SAGEMAKER_BASE_DIR moves /opt/ml.")
+
+
+def read_labels(model_dir: Path, expected: int) -> list[str]:
+    path = model_dir / LABELS_FILE
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+        labels = [str(mapping[str(index)]) for index in range(len(mapping))]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise JobError(f"{path} must map every index \"0\"..\"N-1\" to a class name, as `train` writes it "
+                       f"({type(exc).__name__}: {exc}).") from exc
+    if len(labels) != expected:
+        raise JobError(f"{path} names {len(labels)} classes but {BEST_MODEL_FILE} beside it was trained on "
+                       f"{expected}: the two files come from different jobs.")
+    return labels

@@ -1,0 +1,142 @@
+"""`predict`: classify an image or a folder of images with a trained model, into a CSV.
+
+    predict photos/ --model-dir model/ --output predictions.csv --top-k 3
+
+The same model, preprocessing and prediction as `serve` (efficientnet_train.inference), batched,
+with a progress bar. Files that are not readable images are listed on stderr and left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from .data import IMAGE_EXTENSIONS, UnreadableImage, load_image
+from .errors import JobError
+from .inference import Classifier
+from .sagemaker import ServingEnvironment
+
+log = logging.getLogger("efficientnet_train.predict")
+
+
+def find_images(inputs: list[Path]) -> list[Path]:
+    """Each file as given; each folder's images, recursively, in sorted order."""
+    images = []
+    for path in inputs:
+        if path.is_dir():
+            images += sorted(p for p in path.rglob("*")
+                             if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
+        elif path.is_file():
+            images.append(path)
+        else:
+            raise JobError(f"{path} is neither an image file nor a folder.")
+    return images
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Preprocessed images, or the reason one can't be read (so one bad file doesn't stop the run)."""
+
+    def __init__(self, paths: list[Path], preprocess):
+        self.paths = paths
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.preprocess(load_image(str(self.paths[index]))), None
+        except (UnreadableImage, OSError) as exc:
+            return index, None, str(exc)
+
+
+def _collate(items):
+    return items  # a list of (index, tensor or None, error or None): stacked after dropping failures
+
+
+def predict(classifier: Classifier, paths: list[Path], top_k: int, batch_size: int, workers: int,
+            progress: bool = True):
+    """Yields (path, prediction) for each readable image and (path, error) for each other, in order."""
+    from tqdm import tqdm
+
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, classifier.preprocess), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=_collate)
+    with tqdm(total=len(paths), unit="image", disable=not progress, file=sys.stderr) as bar:
+        for items in loader:
+            readable = [(index, tensor) for index, tensor, _ in items if tensor is not None]
+            predictions = {}
+            if readable:
+                probabilities = classifier.probabilities(torch.stack([tensor for _, tensor in readable]))
+                predictions = dict(zip((index for index, _ in readable), classifier.top_k(probabilities, top_k)))
+            for index, _, error in items:
+                yield paths[index], predictions.get(index, error)
+            bar.update(len(items))
+
+
+def write_csv(rows, output, k: int) -> tuple[int, list[str]]:
+    """image, label_1, probability_1, ..., label_k, probability_k; returns the count and the failures."""
+    writer = csv.writer(output, lineterminator="\n")
+    writer.writerow(["image"] + [f"{column}_{rank}" for rank in range(1, k + 1)
+                                 for column in ("label", "probability")])
+    written, failures = 0, []
+    for path, prediction in rows:
+        if isinstance(prediction, str):
+            failures.append(f"{path}: {prediction}")
+            continue
+        cells = [value for pair in zip(prediction["labels"], prediction["probabilities"]) for value in pair]
+        writer.writerow([str(path)] + [repr(cell) if isinstance(cell, float) else cell for cell in cells])
+        written += 1
+    return written, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        settings = ServingEnvironment.from_environ()
+    except JobError as exc:
+        log.error("%s", exc)
+        return 1
+    parser = argparse.ArgumentParser(prog="predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", type=Path, help="image files and folders of images")
+    parser.add_argument("--model-dir", type=Path, default=settings.model_dir,
+                        help="the extracted model.tar.gz of a `train` job (default: %(default)s)")
+    parser.add_argument("--output", "-o", default="predictions.csv", help="CSV file, or - for stdout")
+    parser.add_argument("--top-k", type=int, default=settings.top_k, help="labels per image (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="processes that decode images (default: %(default)s)")
+    options = parser.parse_args(argv)
+    if options.top_k < 1 or options.batch_size < 1 or options.workers < 0:
+        parser.error("--top-k and --batch-size must be at least 1, --workers at least 0")
+    try:
+        paths = find_images(options.inputs)
+        if not paths:
+            raise JobError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, options.inputs))}.")
+        classifier = Classifier(options.model_dir)
+    except JobError as exc:
+        log.error("%s", exc)
+        return 1
+    k = min(options.top_k, len(classifier.labels))
+    rows = predict(classifier, paths, k, options.batch_size, options.workers)
+    if options.output == "-":
+        written, failures = write_csv(rows, sys.stdout, k)
+    else:
+        with open(options.output, "w", newline="", encoding="utf-8") as output:
+            written, failures = write_csv(rows, output, k)
+    for failure in failures:
+        log.warning("Skipped %s", failure)
+    log.info("Wrote %d predictions to %s%s", written, options.output,
+             f"; skipped {len(failures)} unreadable files" if failures else "")
+    return 0 if written else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

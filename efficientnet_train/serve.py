@@ -1,0 +1,296 @@
+"""`serve`: the trained model as a SageMaker endpoint, for real-time hosting and batch transform.
+
+gunicorn (the production WSGI server of SageMaker's bring-your-own-container examples) runs this
+module's WSGI app in threaded workers. Each worker process loads the model once; one thread of
+it, the `MicroBatcher`, owns the model and runs every request that is waiting as one batch,
+while the request threads decode images, answer /ping and write responses. There is no timer
+that holds a request back to fill a batch: requests that arrive while a batch runs simply make
+up the next one, so a lone request goes straight through and a busy GPU gets full batches.
+
+On SIGTERM gunicorn stops accepting connections and lets requests in flight finish for up to
+`GRACEFUL_TIMEOUT_S`, inside the 30 s SageMaker waits before SIGKILL.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+from concurrent.futures import Future
+from urllib.parse import parse_qs
+
+import torch
+
+from .data import UnreadableImage, decode_image
+from .errors import JobError
+from .inference import Classifier, check_model_dir
+from .sagemaker import ServingEnvironment
+
+log = logging.getLogger("efficientnet_train.serve")
+
+GRACEFUL_TIMEOUT_S = 25  # SageMaker sends SIGKILL 30 s after SIGTERM
+JSON, JSON_LINES = "application/json", "application/jsonlines"
+RESPONSE_TYPES = (JSON, JSON_LINES)
+IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image", "image/*")
+CUSTOM_ATTRIBUTES = "HTTP_X_AMZN_SAGEMAKER_CUSTOM_ATTRIBUTES"  # InvokeEndpoint's CustomAttributes
+# 6 MB of tiny GIFs would be tens of thousands of images, each a full-size tensor once preprocessed.
+MAX_IMAGES_PER_REQUEST = 64
+
+
+class HttpError(Exception):
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class MicroBatcher:
+    """Runs the model on one thread, over every request waiting for it at once."""
+
+    def __init__(self, classifier: Classifier, max_batch_size: int):
+        self.classifier = classifier
+        self.max_batch_size = max_batch_size
+        self._waiting: queue.SimpleQueue[tuple[torch.Tensor, Future]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        done: Future = Future()
+        self._waiting.put((images, done))
+        return done.result()
+
+    def _run(self) -> None:
+        while True:
+            requests = [self._waiting.get()]
+            count = len(requests[0][0])
+            while count < self.max_batch_size:
+                try:
+                    requests.append(self._waiting.get_nowait())
+                except queue.Empty:
+                    break
+                count += len(requests[-1][0])
+            try:
+                batch = torch.cat([images for images, _ in requests])
+                results = torch.cat([self.classifier.probabilities(chunk)
+                                     for chunk in batch.split(self.max_batch_size)])
+            except Exception as exc:  # noqa: BLE001 - the requests answer 500; the thread must live on
+                for _, done in requests:
+                    done.set_exception(exc)
+                continue
+            for (_, done), result in zip(requests, results.split([len(images) for images, _ in requests])):
+                done.set_result(result)
+
+
+class InferenceApp:
+    """The WSGI app: SageMaker's three routes, content negotiation and errors as JSON."""
+
+    def __init__(self, settings: ServingEnvironment, classifier: Classifier):
+        self.settings = settings
+        self.classifier = classifier
+        self.batcher = MicroBatcher(classifier, settings.max_batch_size)
+        self.payload_limit = settings.payload_limit_mb * 1024 * 1024
+
+    def __call__(self, environ, start_response):
+        route = (environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""))
+        routes = {"/ping": ("GET", self.ping), "/execution-parameters": ("GET", self.execution_parameters),
+                  "/invocations": ("POST", self.invocations)}
+        headers = []
+        try:
+            if route[1] not in routes:
+                raise HttpError("404 Not Found", f"No route {route[1]}; this server answers "
+                                                 f"GET /ping, POST /invocations and GET /execution-parameters.")
+            method, handler = routes[route[1]]
+            if route[0] != method:
+                headers.append(("Allow", method))
+                raise HttpError("405 Method Not Allowed", f"{route[1]} takes {method}, not {route[0]}.")
+            status, content_type, body = handler(environ)
+        except HttpError as exc:
+            status, content_type, body = exc.status, JSON, _json_body({"error": str(exc)})
+        except Exception:  # noqa: BLE001 - the caller gets a message, the log gets the traceback
+            log.exception("Failed to answer %s %s", *route)
+            status, content_type, body = "500 Internal Server Error", JSON, _json_body(
+                {"error": "The model failed on this request; the endpoint's log has the details."})
+        start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body))), *headers])
+        return [body]
+
+    def ping(self, environ):
+        # The app exists only once the model has loaded, so reaching it means ready.
+        if not self.batcher.is_alive():
+            return "503 Service Unavailable", JSON, _json_body({"status": "the model's thread has stopped"})
+        return "200 OK", JSON, _json_body({"status": "ok"})
+
+    def execution_parameters(self, environ):
+        # An image file is one record (it can't be split), so one per request. Concurrency: on a GPU,
+        # as many as make a full batch; on a CPU, about one per core, beyond which requests only queue.
+        wanted = self.settings.max_batch_size if self.classifier.device.type == "cuda" else os.cpu_count() or 1
+        capacity = self.settings.workers * self.settings.threads
+        return "200 OK", JSON, _json_body({"MaxConcurrentTransforms": max(1, min(wanted, capacity)),
+                                           "BatchStrategy": "SINGLE_RECORD",
+                                           "MaxPayloadInMB": self.settings.payload_limit_mb})
+
+    def invocations(self, environ):
+        content_type = _media_type(environ.get("CONTENT_TYPE", ""))
+        response_type = self._response_type(environ.get("HTTP_ACCEPT", ""))
+        if content_type not in ("", JSON, "application/x-image") and not content_type.startswith("image/"):
+            raise HttpError("415 Unsupported Media Type",
+                            f"Content-Type {content_type} is not supported. Send one image as "
+                            f"{', '.join(IMAGE_TYPES)}, or several as {JSON}: "
+                            '{"images": ["<base64 image>", ...]}.')
+        k = self._top_k(environ)
+        body = self._read_body(environ)
+        encoded = _json_images(body) if content_type == JSON else [body]
+        images = []
+        for index, data in enumerate(encoded):
+            try:
+                images.append(self.classifier.preprocess(decode_image(data)))
+            except UnreadableImage as exc:
+                where = f"Image {index}" if content_type == JSON else "The request body"
+                raise HttpError("400 Bad Request", f"{where} cannot be read: {exc}.") from exc
+        predictions = self.classifier.top_k(self.batcher.probabilities(torch.stack(images)), k)
+        if response_type == JSON_LINES:
+            return "200 OK", JSON_LINES, b"".join(_json_body(prediction) for prediction in predictions)
+        return "200 OK", JSON, _json_body({"predictions": predictions})
+
+    def _response_type(self, accept: str) -> str:
+        default = JSON_LINES if self.settings.batch else JSON
+        offered = [_media_type(item) for item in accept.split(",") if item.strip()]
+        if not offered:
+            return default
+        for media_type in offered:
+            if media_type in RESPONSE_TYPES:
+                return media_type
+            if media_type in ("*/*", "application/*"):
+                return default
+        raise HttpError("406 Not Acceptable", f"Cannot answer in {accept}: responses are "
+                                              f"{' or '.join(RESPONSE_TYPES)}.")
+
+    def _top_k(self, environ) -> int:
+        """k from ?top_k=, else CustomAttributes "top_k=3" (what InvokeEndpoint can pass), else SERVE_TOP_K."""
+        raw = parse_qs(environ.get("QUERY_STRING", "")).get("top_k", [None])[-1]
+        if raw is None:
+            attributes = dict(item.strip().partition("=")[::2]
+                              for item in environ.get(CUSTOM_ATTRIBUTES, "").replace(";", ",").split(","))
+            raw = attributes.get("top_k")
+        if raw is None:
+            return self.settings.top_k
+        if not raw.strip().isdigit() or int(raw) < 1:
+            raise HttpError("400 Bad Request", f"top_k must be a whole number of at least 1, not {raw!r}.")
+        return int(raw)
+
+    def _read_body(self, environ) -> bytes:
+        limit_message = (f"The request body is larger than {self.settings.payload_limit_mb} MB, the most "
+                         f"SageMaker sends to a model. Send smaller images, or fewer per request.")
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or -1)
+        except ValueError:
+            raise HttpError("400 Bad Request", "Content-Length is not a number.") from None
+        if length > self.payload_limit:
+            raise HttpError("413 Content Too Large", limit_message)
+        # Without a length (chunked upload) read one byte past the limit to see whether it is over.
+        body = environ["wsgi.input"].read(length if length >= 0 else self.payload_limit + 1)
+        if len(body) > self.payload_limit:
+            raise HttpError("413 Content Too Large", limit_message)
+        if not body:
+            raise HttpError("400 Bad Request", "The request body is empty: send an image.")
+        return body
+
+
+def _json_images(body: bytes) -> list[bytes]:
+    usage = 'Send {"images": ["<base64 image>", ...]}.'
+    try:
+        request = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep to parse
+        raise HttpError("400 Bad Request", f"The body is not valid JSON ({exc}). {usage}") from None
+    images = request.get("images") if isinstance(request, dict) else None
+    if not isinstance(images, list) or not images or not all(isinstance(image, str) for image in images):
+        raise HttpError("400 Bad Request", f"The JSON must have a non-empty list of base64 strings "
+                                           f"under \"images\". {usage}")
+    if len(images) > MAX_IMAGES_PER_REQUEST:
+        raise HttpError("413 Content Too Large", f"{len(images)} images in one request; send at most "
+                                                 f"{MAX_IMAGES_PER_REQUEST} per request.")
+    decoded = []
+    for index, text in enumerate(images):
+        text = "".join(text.split())  # `base64` wraps lines
+        if text.startswith("data:") and "," in text:  # a data URL, as browsers make them
+            text = text.split(",", 1)[1]
+        try:
+            decoded.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise HttpError("400 Bad Request", f"Image {index} is not valid base64.") from None
+    return decoded
+
+
+def _media_type(header: str) -> str:
+    return header.split(";", 1)[0].strip().lower()
+
+
+def _json_body(value) -> bytes:
+    return (json.dumps(value, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def create_app(settings: ServingEnvironment) -> InferenceApp:
+    # Processes share the cores; each one's PyTorch would otherwise start a thread per core.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
+    classifier = Classifier(settings.model_dir)
+    log.info("Loaded %s (%d classes) on %s from %s", type(classifier.model).__name__, len(classifier.labels),
+             classifier.device, settings.model_dir)
+    return InferenceApp(settings, classifier)
+
+
+def gunicorn_options(settings: ServingEnvironment) -> dict:
+    return {
+        "bind": f"0.0.0.0:{settings.port}",
+        "workers": settings.workers,
+        "worker_class": "gthread",
+        "threads": settings.threads,
+        # A worker that does not check in for this long is restarted; loading a large model counts.
+        "timeout": 120,
+        "graceful_timeout": GRACEFUL_TIMEOUT_S,
+        # SageMaker's front end reuses connections; gunicorn's 2 s default would close them under it.
+        "keepalive": 75,
+        "accesslog": None,
+        "errorlog": "-",
+        "loglevel": "info",
+        "proc_name": "serve",
+        # gunicorn >= 24 opens a control socket in $HOME: nothing here uses it, and servers side by side
+        # (tests, several models on one host) would share its path.
+        "control_socket_disable": True,
+    }
+
+
+def main() -> int:
+    os.environ["HF_HUB_OFFLINE"] = "1"  # endpoints of Marketplace models have no network
+    logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        settings = ServingEnvironment.from_environ()
+        check_model_dir(settings.model_dir)  # fail here, with the reason, before any worker starts
+    except JobError as exc:
+        log.error("Cannot serve: %s", exc)
+        return 1
+    from gunicorn.app.base import BaseApplication
+
+    class Server(BaseApplication):
+        def load_config(self):
+            for name, value in gunicorn_options(settings).items():
+                if name in self.cfg.settings:  # older gunicorns lack the newer settings
+                    self.cfg.set(name, value)
+
+        def load(self):
+            return create_app(settings)  # in each worker, after the fork: PyTorch does not survive forks
+
+    log.info("Serving %s on port %d: %d worker(s) x %d threads, batches of up to %d images%s",
+             settings.model_dir, settings.port, settings.workers, settings.threads, settings.max_batch_size,
+             ", batch transform (JSON Lines)" if settings.batch else "")
+    Server().run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

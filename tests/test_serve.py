@@ -1,0 +1,401 @@
+"""`serve` as SageMaker runs it: a subprocess on a free port, with a model a tiny `train` job wrote, over HTTP.
+
+Also `predict`, the serving settings, and the image decoding both share.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import http.client
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import COLOURS, TINY_MODEL, make_job, run_train
+from efficientnet_train import spec
+from efficientnet_train.data import UnreadableImage, decode_image, eval_transform, load_image
+from efficientnet_train.errors import JobError
+from efficientnet_train.model import load_trained_model, predict_log_probabilities
+from efficientnet_train.sagemaker import ServingEnvironment
+
+BIN = Path(sys.executable).parent
+SERVE_COMMAND = shutil.which("serve", path=str(BIN)) or "serve"
+PREDICT_COMMAND = shutil.which("predict", path=str(BIN)) or "predict"
+CLASSES = sorted(COLOURS)
+SIX_MB = 6 * 1024 * 1024
+
+
+# --- fixtures: one tiny trained model, and servers on it ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_weights) -> Path:
+    """A finished tiny job: <base>/model holds what SageMaker would extract from model.tar.gz."""
+    base = make_job(tmp_path_factory.mktemp("opt_ml"), {
+        "epochs": "1", "batch_size": "8", "model": TINY_MODEL, "pretrained_path": str(tiny_weights["pth"]),
+        "img_size": "32", "workers": "0", "lr": "0.1", "opt": "sgd"})
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return base
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: Path, log_dir: Path, **env: str):
+        self.port = free_port()
+        environ = {key: value for key, value in os.environ.items()
+                   if not key.startswith(("SAGEMAKER_", "SERVE_"))}
+        environ.update(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(self.port), SERVE_THREADS="4", **env)
+        self.log = log_dir / f"serve-{self.port}.log"
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen([SERVE_COMMAND], env=environ, stdout=log, stderr=subprocess.STDOUT)
+
+    def wait_until_ready(self, timeout: float = 60) -> "Server":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"serve exited with {self.process.returncode}:\n{self.log.read_text()}")
+            try:
+                if self.request("GET", "/ping", timeout=2)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.2)
+        pytest.fail(f"serve did not answer /ping within {timeout} s:\n{self.log.read_text()}")
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                timeout: float = 30) -> tuple[int, dict, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+        finally:
+            connection.close()
+
+    def invoke(self, body: bytes, content_type: str = "image/png", path: str = "/invocations", **headers):
+        return self.request("POST", path, body, {"Content-Type": content_type, **headers})
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(job, tmp_path_factory):
+    running = Server(job, tmp_path_factory.mktemp("logs")).wait_until_ready()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def batch_server(job, tmp_path_factory):
+    running = Server(job, tmp_path_factory.mktemp("logs"), SAGEMAKER_BATCH="true", SERVE_TOP_K="1").wait_until_ready()
+    yield running
+    running.stop()
+
+
+# --- images ---------------------------------------------------------------------------------------------
+
+def encoded(colour: tuple[int, int, int], fmt: str = "PNG", size: int = 40) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels: what a decompression bomb looks like to a decoder."""
+    data = bytearray(encoded((0, 0, 0)))
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    return bytes(data)
+
+
+def val_image(job: Path, label: str, suffix: str) -> Path:
+    return next(p for p in sorted((job / "input" / "data" / "val" / label).iterdir()) if p.suffix == suffix)
+
+
+def validation_probabilities(job: Path, path: Path) -> list[float]:
+    """What validation computes for this image: the package's own loader, transform and prediction."""
+    model, checkpoint = load_trained_model(job / "model" / "model_best.pth.tar")
+    image = eval_transform(checkpoint["data_config"])(load_image(str(path))).unsqueeze(0)
+    with torch.no_grad():
+        return predict_log_probabilities(model, image, mirror=checkpoint["eval_hflip"]).exp()[0].tolist()
+
+
+def predictions(response) -> list[dict]:
+    status, headers, body = response
+    assert status == 200, body
+    assert headers["content-type"] == "application/json"
+    return json.loads(body)["predictions"]
+
+
+# --- hosting --------------------------------------------------------------------------------------------
+
+def test_ping_is_ok_and_fast_once_loaded(server):
+    start = time.monotonic()
+    status, headers, body = server.request("GET", "/ping")
+    assert status == 200 and json.loads(body) == {"status": "ok"} and time.monotonic() - start < 2
+
+
+@pytest.mark.parametrize("content_type, fmt", [("image/jpeg", "JPEG"), ("image/png", "PNG"),
+                                               ("application/x-image", "JPEG"), ("image/webp", "WEBP"),
+                                               ("image/png; charset=binary", "PNG")])
+def test_one_image_in_each_content_type(server, content_type, fmt):
+    [prediction] = predictions(server.invoke(encoded(COLOURS["bees"], fmt), content_type))
+    assert sorted(prediction["labels"]) == CLASSES  # default k=5, clamped to the 3 classes
+    assert prediction["probabilities"] == sorted(prediction["probabilities"], reverse=True)
+    assert sum(prediction["probabilities"]) == pytest.approx(1, abs=1e-5)
+
+
+@pytest.mark.parametrize("label, suffix", [("ants", ".jpg"), ("bees", ".png"), ("wasps", ".webp")])
+def test_served_probabilities_are_validations(server, job, label, suffix):
+    path = val_image(job, label, suffix)
+    [prediction] = predictions(server.invoke(path.read_bytes(), "application/x-image"))
+    expected = validation_probabilities(job, path)
+    served = dict(zip(prediction["labels"], prediction["probabilities"]))
+    assert served == pytest.approx(dict(zip(CLASSES, expected)), rel=1e-5, abs=1e-7)
+    assert prediction["labels"][0] == CLASSES[max(range(len(expected)), key=expected.__getitem__)]
+
+
+def test_json_with_several_base64_images_answers_each_in_order(server):
+    images = [encoded(COLOURS[name]) for name in ("wasps", "ants", "bees")]
+    body = json.dumps({"images": [base64.b64encode(image).decode() for image in images]}).encode()
+    several = predictions(server.invoke(body, "application/json"))
+    singles = [predictions(server.invoke(image))[0] for image in images]
+    assert len(several) == 3
+    for one, alone in zip(several, singles):
+        assert one["labels"] == alone["labels"]
+        assert one["probabilities"] == pytest.approx(alone["probabilities"], rel=1e-5)
+
+
+def test_top_k_per_request_by_query_or_custom_attributes(server):
+    image = encoded(COLOURS["ants"])
+    assert len(predictions(server.invoke(image, path="/invocations?top_k=1"))[0]["labels"]) == 1
+    custom = {"X-Amzn-SageMaker-Custom-Attributes": "trace=abc, top_k=2"}
+    assert len(predictions(server.invoke(image, **custom))[0]["labels"]) == 2
+    assert len(predictions(server.invoke(image, path="/invocations?top_k=50"))[0]["labels"]) == 3
+    for bad in ("0", "-1", "two"):
+        status, _, body = server.invoke(image, path=f"/invocations?top_k={bad}")
+        assert status == 400 and "top_k" in json.loads(body)["error"]
+
+
+def test_accept_chooses_json_or_json_lines(server):
+    image = encoded(COLOURS["ants"])
+    status, headers, body = server.invoke(image, Accept="application/jsonlines")
+    assert status == 200 and headers["content-type"] == "application/jsonlines"
+    assert len(body.decode().splitlines()) == 1 and set(json.loads(body)) == {"labels", "probabilities"}
+    assert len(predictions(server.invoke(image, Accept="*/*"))) == 1
+    assert len(predictions(server.invoke(image, Accept="text/html, application/json;q=0.9"))) == 1
+
+
+def truncated_jpeg() -> bytes:
+    data = encoded((10, 200, 30), "JPEG", size=200)
+    return data[: len(data) // 2]
+
+
+BAD_REQUESTS = {
+    "empty body": (b"", "image/jpeg", {}, 400, "empty"),
+    "not an image": (b"hello, world", "image/jpeg", {}, 400, "not an image"),
+    "truncated image": (truncated_jpeg(), "image/jpeg", {}, 400, "truncated"),
+    "decompression bomb": (png_claiming(20000, 20000), "image/png", {}, 400, "too large"),
+    "bomb under Pillow's error limit": (png_claiming(10000, 10000), "image/png", {}, 400, "too large"),
+    "unsupported content type": (b"a,b\n1,2\n", "text/csv", {}, 415, "Content-Type text/csv"),
+    "unsupported accept": (encoded((1, 2, 3)), "image/png", {"Accept": "text/csv"}, 406, "text/csv"),
+    "malformed JSON": (b'{"images": [', "application/json", {}, 400, "not valid JSON"),
+    "JSON without images": (b'{"instances": []}', "application/json", {}, 400, '"images"'),
+    "JSON with bad base64": (b'{"images": ["not base64!"]}', "application/json", {}, 400, "base64"),
+    "too many images": (json.dumps({"images": [base64.b64encode(encoded((1, 2, 3), "GIF", 1)).decode()] * 65}).encode(),
+                        "application/json", {}, 413, "at most 64"),
+    "JSON with a text": (json.dumps({"images": [base64.b64encode(b"text").decode()]}).encode(),
+                         "application/json", {}, 400, "Image 0 cannot be read"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_REQUESTS)
+def test_bad_request_gets_a_json_4xx_and_the_server_stays_up(server, name):
+    body, content_type, headers, expected_status, message = BAD_REQUESTS[name]
+    status, response_headers, response = server.invoke(body, content_type, **headers)
+    assert status == expected_status, response
+    assert response_headers["content-type"] == "application/json"
+    error = json.loads(response)["error"]
+    assert message in error and "Traceback" not in error
+    assert server.request("GET", "/ping")[0] == 200
+
+
+def test_body_over_six_megabytes_is_refused_before_it_is_read(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.putrequest("POST", "/invocations")
+    connection.putheader("Content-Type", "image/jpeg")
+    connection.putheader("Content-Length", str(SIX_MB + 1))
+    connection.endheaders()  # and no body: the answer must not wait for it
+    response = connection.getresponse()
+    assert response.status == 413 and "6 MB" in json.loads(response.read())["error"]
+    connection.close()
+
+
+def test_chunked_body_over_six_megabytes_is_refused(server):
+    chunks = [b"\xff" * (1024 * 1024)] * 6 + [b"\xff" * 16]
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    connection.request("POST", "/invocations", body=iter(chunks), headers={"Content-Type": "image/jpeg"},
+                       encode_chunked=True)
+    response = connection.getresponse()
+    assert response.status == 413
+    connection.close()
+    assert server.request("GET", "/ping")[0] == 200
+
+
+def test_unknown_routes_and_methods(server):
+    status, _, body = server.request("GET", "/predict")
+    assert status == 404 and "/invocations" in json.loads(body)["error"]
+    status, headers, _ = server.request("GET", "/invocations")
+    assert status == 405 and headers["allow"] == "POST"
+
+
+# --- batch transform ------------------------------------------------------------------------------------
+
+def test_batch_transform_answers_json_lines_with_the_environments_top_k(batch_server):
+    status, headers, body = batch_server.invoke(encoded(COLOURS["wasps"]))
+    assert status == 200 and headers["content-type"] == "application/jsonlines"
+    [line] = body.decode().splitlines()
+    assert len(json.loads(line)["labels"]) == 1  # SERVE_TOP_K=1
+    several = json.dumps({"images": [base64.b64encode(encoded(COLOURS[c])).decode() for c in CLASSES]}).encode()
+    status, _, body = batch_server.invoke(several, "application/json")
+    assert status == 200 and len(body.decode().splitlines()) == 3
+    status, _, body = batch_server.invoke(encoded(COLOURS["wasps"]), path="/invocations?top_k=2",
+                                          Accept="application/json")
+    assert json.loads(body)["predictions"][0]["labels"].__len__() == 2
+
+
+def test_execution_parameters(batch_server):
+    status, _, body = batch_server.request("GET", "/execution-parameters")
+    parameters = json.loads(body)
+    assert status == 200 and parameters["BatchStrategy"] == "SINGLE_RECORD" and parameters["MaxPayloadInMB"] == 6
+    assert 1 <= parameters["MaxConcurrentTransforms"] <= 4  # no more than its threads can take at once
+
+
+# --- lifecycle ------------------------------------------------------------------------------------------
+
+def test_sigterm_finishes_the_request_in_flight_then_exits(job, tmp_path):
+    running = Server(job, tmp_path).wait_until_ready()
+    try:
+        image = encoded(COLOURS["bees"])
+        connection = http.client.HTTPConnection("127.0.0.1", running.port, timeout=20)
+        # A first request on the same connection makes sure the worker holds it, however slow the machine.
+        connection.request("GET", "/ping")
+        assert connection.getresponse().read()
+        connection.putrequest("POST", "/invocations")
+        connection.putheader("Content-Type", "image/png")
+        connection.putheader("Content-Length", str(len(image)))
+        connection.endheaders(image[:10])  # the request has started, its body is still coming
+        time.sleep(0.5)
+        running.process.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert running.process.poll() is None, "serve quit with a request in flight"
+        connection.send(image[10:])
+        response = connection.getresponse()
+        assert response.status == 200 and len(json.loads(response.read())["predictions"]) == 1
+        connection.close()
+        assert running.process.wait(timeout=20) == 0
+    finally:
+        running.stop()
+    log = running.log.read_text()
+    assert "Traceback" not in log, log
+
+
+def test_serve_without_a_model_says_what_is_missing(tmp_path):
+    result = subprocess.run([SERVE_COMMAND], env={**os.environ, "SAGEMAKER_BASE_DIR": str(tmp_path)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"No trained model in {tmp_path / 'model'}" in result.stdout and "model_best.pth.tar" in result.stdout
+
+
+# --- predict --------------------------------------------------------------------------------------------
+
+def test_predict_writes_a_csv_that_matches_the_server(server, job, tmp_path):
+    val = job / "input" / "data" / "val"
+    (val / "ants" / "broken.jpg").write_bytes(b"not really a jpeg")
+    try:
+        result = subprocess.run([PREDICT_COMMAND, str(val), "--model-dir", str(job / "model"), "--top-k", "2",
+                                 "--batch-size", "4", "--workers", "0", "--output", str(tmp_path / "out.csv")],
+                                capture_output=True, text=True, timeout=60)
+    finally:
+        (val / "ants" / "broken.jpg").unlink()
+    assert result.returncode == 0, result.stderr
+    assert "Skipped" in result.stderr and "broken.jpg" in result.stderr and "18 predictions" in result.stderr
+    with open(tmp_path / "out.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 18 and list(rows[0]) == ["image", "label_1", "probability_1", "label_2", "probability_2"]
+    for row in rows[::5]:
+        [served] = predictions(server.invoke(Path(row["image"]).read_bytes(), "application/x-image",
+                                             path="/invocations?top_k=2"))
+        assert [row["label_1"], row["label_2"]] == served["labels"]
+        assert [float(row["probability_1"]), float(row["probability_2"])] == pytest.approx(
+            served["probabilities"], rel=1e-5, abs=1e-7)
+
+
+# --- the pieces -----------------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # refused all the same
+def test_decode_image_refuses_bombs_truncation_and_non_images():
+    assert decode_image(encoded((1, 2, 3), "JPEG")).mode == "RGB"
+    for data, message in ((png_claiming(20000, 20000), "too large"), (png_claiming(10000, 10000), "too large"),
+                          (truncated_jpeg(), "truncated"), (b"", "not an image")):
+        with pytest.raises(UnreadableImage, match=message):
+            decode_image(data)
+
+
+def test_load_image_names_the_file_it_cannot_read(tmp_path):
+    (tmp_path / "cut.jpg").write_bytes(truncated_jpeg())
+    with pytest.raises(UnreadableImage, match=r"cut\.jpg: the image is truncated"):
+        load_image(str(tmp_path / "cut.jpg"))
+
+
+def test_serving_environment_defaults_and_sagemaker_variables(tmp_path):
+    defaults = ServingEnvironment.from_environ({})
+    assert (defaults.port, defaults.batch, defaults.payload_limit_mb, defaults.top_k, defaults.workers) == \
+        (8080, False, 6, 5, 1)
+    assert defaults.model_dir == Path("/opt/ml/model")
+    settings = ServingEnvironment.from_environ({
+        "SAGEMAKER_BASE_DIR": str(tmp_path), "SAGEMAKER_BIND_TO_PORT": "9000", "SAGEMAKER_BATCH": "True",
+        "SAGEMAKER_MAX_PAYLOAD_IN_MB": "20", "SERVE_TOP_K": "2", "SAGEMAKER_MODEL_SERVER_WORKERS": "3"})
+    assert (settings.model_dir, settings.port, settings.batch, settings.payload_limit_mb, settings.top_k,
+            settings.workers) == (tmp_path / "model", 9000, True, 20, 2, 3)
+    with pytest.raises(JobError, match="SERVE_TOP_K='none'"):
+        ServingEnvironment.from_environ({"SERVE_TOP_K": "none"})
+
+
+def test_spec_declares_inference():
+    inference = spec.algorithm_spec()["InferenceSpecification"]
+    assert {"image/jpeg", "image/png", "application/x-image", "application/json"} <= \
+        set(inference["SupportedContentTypes"])
+    assert inference["SupportedResponseMIMETypes"] == ["application/json", "application/jsonlines"]
+    assert inference["Containers"] == [{"Image": spec.INFERENCE_IMAGE_PLACEHOLDER}]
+    assert inference["SupportedRealtimeInferenceInstanceTypes"] and inference["SupportedTransformInstanceTypes"]
+
+
+def test_image_declares_the_serving_port():
+    dockerfile = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()
+    assert "com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true" in dockerfile
+    assert "\nEXPOSE 8080\n" in dockerfile
