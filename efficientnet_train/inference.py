@@ -16,14 +16,13 @@ from PIL import Image
 
 from .data import eval_transform
 from .errors import JobError
-from .model import load_trained_model, predict_log_probabilities
+from .model import autocast_for, load_trained_model, predict_log_probabilities
 from .outputs import BEST_MODEL_FILE, LABELS_FILE
 
 
 class Classifier:
     def __init__(self, model_dir: Path, device: torch.device | None = None):
         check_model_dir(model_dir)
-        from .train import autocast_for  # validation's precision, so a GPU serves what it validated
 
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, checkpoint = load_trained_model(model_dir / BEST_MODEL_FILE)
@@ -31,7 +30,7 @@ class Classifier:
         self.labels = read_labels(model_dir, expected=len(checkpoint["labels"]))
         self.transform = eval_transform(checkpoint["data_config"])
         self.mirror = bool(checkpoint.get("eval_hflip", False))
-        self.autocast, _ = autocast_for(self.device)
+        self.autocast, _ = autocast_for(self.device)  # validation's precision: a GPU serves what it validated
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return self.transform(image)

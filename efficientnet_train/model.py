@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import logging
 import tarfile
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +131,14 @@ def _create_pretrained(name: str, num_classes: int, pretrained_path: str, drop: 
         raise JobError(f"No ImageNet weights for model '{name}' are available without a network "
                        f"({type(exc).__name__}). {listing} Choose one of those models, or set "
                        f"pretrained_path to a timm weights file for '{name}'.") from exc
+
+
+def autocast_for(device: torch.device):
+    """Mixed precision on CUDA (bf16 where the GPU has it), plain float32 on the CPU."""
+    if device.type != "cuda":
+        return nullcontext, None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return partial(torch.autocast, "cuda", dtype=dtype), dtype
 
 
 def predict_log_probabilities(model: torch.nn.Module, images: torch.Tensor, mirror: bool) -> torch.Tensor:

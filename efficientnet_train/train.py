@@ -8,7 +8,6 @@ import platform
 import random
 import sys
 import time
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +23,7 @@ from .data import (ImageDataset, TrainBatches, eval_transform, resolve_data_conf
                    train_transform)
 from .errors import JobError
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
-from .model import (checkpoint_of, create_model, predict_log_probabilities, read_model_channel,
+from .model import (autocast_for, checkpoint_of, create_model, predict_log_probabilities, read_model_channel,
                     save_checkpoint)
 from .sagemaker import SageMakerEnvironment
 
@@ -304,14 +303,6 @@ def evaluate(model, loader, autocast, device, memory_format, num_classes: int, m
     right, images = per_class.tolist()
     return SimpleNamespace(loss=loss, top1=top1, top5=top5,
                            per_class=[100 * r / n if n else None for r, n in zip(right, images)])
-
-
-def autocast_for(device: torch.device):
-    """Mixed precision on CUDA (bf16 where the GPU has it), plain float32 on the CPU."""
-    if device.type != "cuda":
-        return nullcontext, None
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return partial(torch.autocast, "cuda", dtype=dtype), dtype
 
 
 def seed_everything(seed: int) -> None:
