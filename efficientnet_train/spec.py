@@ -22,9 +22,9 @@ TRAINING_INSTANCE_TYPES = ["ml.p3.2xlarge", "ml.p3.8xlarge", "ml.p3.16xlarge", "
                            "ml.g5.xlarge", "ml.g5.2xlarge", "ml.g5.12xlarge", "ml.m5.2xlarge", "ml.c5.4xlarge"]
 
 
-def _channel(name: str, description: str) -> dict:
-    return {"Name": name, "Description": description, "IsRequired": True,
-            "SupportedContentTypes": IMAGE_CONTENT_TYPES, "SupportedCompressionTypes": ["None"],
+def _channel(name: str, description: str, required: bool = True, content_types=IMAGE_CONTENT_TYPES) -> dict:
+    return {"Name": name, "Description": description, "IsRequired": required,
+            "SupportedContentTypes": content_types, "SupportedCompressionTypes": ["None"],
             "SupportedInputModes": ["File", "FastFile"]}
 
 
@@ -42,6 +42,9 @@ def algorithm_spec() -> dict:
             "TrainingChannels": [
                 _channel("train", "Training images: train/<label>/<image>. The folder names are the labels."),
                 _channel("val", "Validation images: val/<label>/<image>, with labels that are also in train."),
+                _channel("model", "Optional: a previous job's model.tar.gz to continue training from "
+                                  "(incremental training); a changed label set gets a new classifier head.",
+                         required=False, content_types=["application/x-tar", "application/gzip"]),
             ],
             "SupportedTuningJobObjectiveMetrics": [{"Type": "Maximize", "MetricName": VAL_ACC_1}],
         },
