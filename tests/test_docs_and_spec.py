@@ -21,7 +21,7 @@ def test_spec_declares_every_hyperparameter_and_metric():
     assert [h["Name"] for h in training["SupportedHyperParameters"]] == [h.name for h in hyperparameters.SCHEMA]
     assert [m["Name"] for m in training["MetricDefinitions"]] == list(metrics.METRIC_NAMES)
     assert training["SupportedTuningJobObjectiveMetrics"] == [{"Type": "Maximize", "MetricName": "validation:acc_1"}]
-    assert {c["Name"]: c["IsRequired"] for c in training["TrainingChannels"]} == {"train": True, "val": True}
+    assert {c["Name"]: c["IsRequired"] for c in training["TrainingChannels"]} == {"train": True, "val": True, "model": False}
 
 
 def test_metric_regexes_take_plain_decimals_only():
