@@ -155,7 +155,8 @@ def predict_log_probabilities(model: torch.nn.Module, images: torch.Tensor, mirr
 
 def checkpoint_of(model: torch.nn.Module, **metadata: Any) -> dict:
     """A timm-layout checkpoint of plain types, loadable with torch.load(weights_only=True)."""
-    state_dict = {key: value.detach().cpu() for key, value in model.state_dict().items()}
+    # A copy even on the CPU, where .cpu() would alias the weights that training goes on changing.
+    state_dict = {key: value.detach().to("cpu", copy=True) for key, value in model.state_dict().items()}
     return {"state_dict": state_dict, "version": CHECKPOINT_VERSION, **metadata}
 
 

@@ -50,6 +50,8 @@ def assert_same_run(base, reference):
     best = torch.load(base / "model" / "model_best.pth.tar", weights_only=True)
     best_reference = torch.load(reference / "model" / "model_best.pth.tar", weights_only=True)
     assert best["epoch"] == best_reference["epoch"] and best["metric"] == best_reference["metric"]
+    for key, value in best_reference["state_dict"].items():
+        assert torch.equal(best["state_dict"][key], value), f"best model's {key} differs after resuming"
     state, state_reference = final_state(base), final_state(reference)
     for part in ("model", "ema"):
         for key, value in state_reference[part].items():
@@ -94,8 +96,11 @@ def test_sigterm_mid_epoch_stops_cleanly_and_a_restart_finishes_the_same_run(uni
     stopped = re.search(r"Stopped by SIGTERM in epoch 2 after (\d+) of 18 batches; saved (\S+),", log)
     assert stopped and 0 < int(stopped[1]) < 18, log[-2000:]
     assert (base / "checkpoints" / f"checkpoint-00002-{int(stopped[1]):07d}.pth.tar").exists()
-    # model/ holds the best model so far, and says why it stopped
-    assert torch.load(base / "model" / "model_best.pth.tar", weights_only=True)["epoch"] == 1
+    # model/ holds the best model so far, and says why it stopped; the checkpoint carries that same model
+    best = torch.load(base / "model" / "model_best.pth.tar", weights_only=True)
+    carried = torch.load(stopped[2], weights_only=True)["best_model"]
+    assert best["epoch"] == carried["epoch"] == 1
+    assert all(torch.equal(carried["state_dict"][key], value) for key, value in best["state_dict"].items())
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
     assert args["stop_reason"] == "stopped by SIGTERM" and args["epochs_completed"] == 1
 
