@@ -1,4 +1,4 @@
-"""The four files of `model/` (the artifact SageMaker packs into model.tar.gz), written safely."""
+"""The files of `model/` (the artifact SageMaker packs into model.tar.gz), written safely."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from typing import BinaryIO, Callable
 import yaml
 
 ARGS_FILE, LABELS_FILE, BEST_MODEL_FILE, SUMMARY_FILE = "args.yml", "labels.json", "model_best.pth.tar", "summary.csv"
-MODEL_FILES = (ARGS_FILE, LABELS_FILE, BEST_MODEL_FILE, SUMMARY_FILE)
+METRICS_PLOT_FILE, CONFUSION_FILE = "metrics.png", "confusion_matrix.csv"
+MODEL_FILES = (ARGS_FILE, LABELS_FILE, BEST_MODEL_FILE, SUMMARY_FILE, METRICS_PLOT_FILE, CONFUSION_FILE)
 ARCHIVE_FILE = "model.tar.gz"
 SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
 

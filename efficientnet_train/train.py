@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__, hyperparameters, outputs
+from . import __version__, hyperparameters, outputs, report
 from .checkpoints import (Interrupted, Progress, StopRequest, check_resumable, load_latest_state,
                           restore_training_state, save_state, training_state)
 from .data import (ImageDataset, TrainBatches, eval_transform, resolve_data_config, scan_channel,
@@ -28,6 +28,7 @@ from .model import (autocast_for, checkpoint_of, create_model, predict_log_proba
 from .sagemaker import SageMakerEnvironment
 
 log = logging.getLogger("efficientnet_train")
+PROGRESS_EVERY_S = 60  # a line within long epochs too, so a buyer sees the job is alive and how fast it goes
 
 
 def main() -> int:
@@ -131,9 +132,10 @@ def run(env: SageMakerEnvironment) -> None:
                  f"best so far top-1 {best['top1']:.4f}% at epoch {best['epoch']}")
     outputs.write_labels(env.model_dir, classes)
     log.info("Resolved settings (also in %s):\n%s", outputs.ARGS_FILE, outputs.write_args(env.model_dir, args))
+    title = f"{hp.model} on {len(classes)} classes, {env.training_job_name or 'local run'}"
     if best_model is not None:  # a restarted spot job's model/ starts empty
         save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, best_model)
-    outputs.write_summary(env.model_dir, summary)
+    write_epoch_outputs(env.model_dir, summary, best, classes, title)
 
     def save_progress() -> Path:
         return save_state(env.checkpoint_dir, training_state(
@@ -143,12 +145,13 @@ def run(env: SageMakerEnvironment) -> None:
 
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_channel) if hp.balance_classes else None,
                                         label_smoothing=hp.smoothing).to(device)
-    started = time.monotonic()
+    started, epoch_seconds = time.monotonic(), []
     try:
         while stop_reason is None and progress.epoch <= hp.epochs:
-            epoch = progress.epoch
+            epoch, epoch_started, seen_before = progress.epoch, time.monotonic(), progress.seen
             train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, ema, scaler, autocast,
                                          device, memory_format, progress, stop)
+            images_per_second = (progress.seen - seen_before) / max(time.monotonic() - epoch_started, 1e-6)
             candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
             results = {name: evaluate(net, val_loader, autocast, device, memory_format, len(classes), eval_hflip,
                                       stop) for name, net in candidates.items()}
@@ -156,19 +159,20 @@ def run(env: SageMakerEnvironment) -> None:
             result = results[chosen]
             scheduler.step(epoch, result.top1)
             lr_now = max(group["lr"] for group in optimizer.param_groups)  # the classifier's
-            log.info("epoch %d/%d %s lr=%.8f weights=%s%s elapsed=%.0fs", epoch, hp.epochs,
+            epoch_seconds.append(time.monotonic() - epoch_started)
+            log.info("epoch %d/%d %s lr=%.8f weights=%s%s images/s=%.1f elapsed=%.0fs left<=%s", epoch, hp.epochs,
                      metric_line({TRAIN_LOSS: train_loss, VAL_LOSS: result.loss, VAL_ACC_1: result.top1,
                                   VAL_ACC_5: result.top5}),
                      lr_now, chosen, "" if len(results) == 1 else
                      " (" + ", ".join(f"{name} acc_1={r.top1:.2f}" for name, r in results.items()) + ")",
-                     time.monotonic() - started)
+                     images_per_second, time.monotonic() - started,
+                     report.duration((hp.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)))
             summary.append({"epoch": epoch, "train_loss": f"{train_loss:.6f}", "eval_loss": f"{result.loss:.6f}",
                             "eval_top1": f"{result.top1:.6f}", "eval_top5": f"{result.top5:.6f}",
                             "lr": f"{lr_now:.10f}"})
-            outputs.write_summary(env.model_dir, summary)
             if best is None or (result.top1, -result.loss) > (best["top1"], -best["loss"]):
                 best = {"epoch": epoch, "top1": result.top1, "loss": result.loss, "weights": chosen,
-                        "per_class": dict(zip(classes, result.per_class))}
+                        "per_class": dict(zip(classes, result.per_class)), "confusion": result.confusion}
                 best_model = checkpoint_of(candidates[chosen], arch=hp.model, epoch=epoch, metric=result.top1,
                                            metric_name=VAL_ACC_1, weights=chosen, labels=classes,
                                            num_classes=len(classes), data_config=data_config,
@@ -176,6 +180,7 @@ def run(env: SageMakerEnvironment) -> None:
                 save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, best_model)
                 # Not "validation:acc_1=": SageMaker's regex would record the value a second time.
                 log.info("New best model: epoch %d, top-1 accuracy %.4f%% (%s weights)", epoch, result.top1, chosen)
+            write_epoch_outputs(env.model_dir, summary, best, classes, title)
             if hp.early_stopping:
                 stop_reason = early_stop_reason(epoch, best["epoch"], lr_now, lr, hp)
             progress = Progress(epoch + 1)
@@ -194,6 +199,15 @@ def run(env: SageMakerEnvironment) -> None:
     finish(env, args, summary, best, stop_reason or "epochs done", time.monotonic() - started)
 
 
+def write_epoch_outputs(model_dir: Path, summary: list[dict], best: dict | None, classes: list[str],
+                        title: str) -> None:
+    """What a stopped job leaves beside its best model, rewritten every epoch."""
+    outputs.write_summary(model_dir, summary)
+    if best is not None:
+        report.plot_metrics(model_dir / outputs.METRICS_PLOT_FILE, summary, best["epoch"], title)
+        report.write_confusion_csv(model_dir / outputs.CONFUSION_FILE, classes, best["confusion"])
+
+
 def finish(env: SageMakerEnvironment, args: dict, summary: list[dict], best: dict | None, stop_reason: str,
            seconds: float) -> None:
     args.update(epochs_completed=len(summary), stop_reason=stop_reason)
@@ -204,10 +218,13 @@ def finish(env: SageMakerEnvironment, args: dict, summary: list[dict], best: dic
     args.update(best_epoch=best["epoch"], best_acc_1=best["top1"], best_weights=best["weights"],
                 best_per_class_acc_1=best["per_class"])
     outputs.write_args(env.model_dir, args)
-    log.info("Done in %.0fs (%s): best top-1 accuracy %.4f%% at epoch %d (%s weights), saved to %s", seconds,
-             stop_reason, best["top1"], best["epoch"], best["weights"], env.model_dir / outputs.BEST_MODEL_FILE)
-    log.info("Best model's top-1 accuracy per class: %s",
-             ", ".join(f"{name} {acc:.1f}%" for name, acc in best["per_class"].items() if acc is not None))
+    classes = list(best["per_class"])
+    log.info("Done in %s after %d epochs (%s). Best model: epoch %d, top-1 accuracy %.4f%% (%s weights), "
+             "saved to %s", report.duration(seconds), len(summary), stop_reason, best["epoch"], best["top1"],
+             best["weights"], env.model_dir / outputs.BEST_MODEL_FILE)
+    log.info("Best model per class (validation):\n%s", report.per_class_table(classes, best["confusion"]))
+    log.info("Best model's confusion matrix (also in %s and, as curves, %s):\n%s", outputs.CONFUSION_FILE,
+             outputs.METRICS_PLOT_FILE, report.confusion_text(classes, best["confusion"]))
     if env.training_job_name is None:
         # SageMaker packs model/ itself; a plain `docker run` should still hand over the same artifact.
         log.info("Packed %s", outputs.pack_model(env.model_dir))
@@ -243,6 +260,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ema, scaler, a
     model.train()
     loader.batch_sampler.start_epoch(progress.epoch, skip_batches=progress.step)
     loss_sum = torch.tensor(progress.loss_sum, device=device)  # no .item() per step: a sync would stall the GPU
+    started, first_step, last_report = time.monotonic(), progress.step, time.monotonic()
     for images, targets in loader:
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
@@ -263,6 +281,12 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ema, scaler, a
         scheduler.step_update(num_updates)
         loss_sum += loss.detach() * len(targets)
         progress.seen += len(targets)
+        if time.monotonic() - last_report >= PROGRESS_EVERY_S:
+            last_report = time.monotonic()
+            rate = (progress.step - first_step) * len(targets) / (last_report - started)
+            log.info("epoch %d: %d/%d batches, %.1f images/s, epoch's training done in ~%s", progress.epoch,
+                     progress.step, len(loader), rate,
+                     report.duration((len(loader) - progress.step) * len(targets) / max(rate, 1e-6)))
         if stop:  # before the next batch is loaded, so a resumed run draws the same random numbers
             progress.loss_sum = loss_sum.item()
             raise Interrupted
@@ -283,7 +307,7 @@ def evaluate(model, loader, autocast, device, memory_format, num_classes: int, m
     top_k = min(5, num_classes)  # top-5 over fewer than 5 classes would fail; it is then over all of them
     model.eval()
     sums = torch.zeros(3, device=device)  # loss, top-1 and top-k summed over images; one sync at the end
-    per_class = torch.zeros(2, num_classes, device=device)  # right answers and images, per class
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)  # true x predicted
     seen = 0
     for images, targets in loader:
         if stop:
@@ -295,14 +319,13 @@ def evaluate(model, loader, autocast, device, memory_format, num_classes: int, m
         top1, topk = accuracy(log_probabilities, targets, topk=(1, top_k))  # percentages of this batch
         sums += torch.stack([F.nll_loss(log_probabilities, targets, reduction="sum"),
                              top1 * len(targets), topk * len(targets)])
-        right = (log_probabilities.argmax(dim=1) == targets).float()
-        per_class += torch.stack([torch.bincount(targets, weights=right, minlength=num_classes),
-                                  torch.bincount(targets, minlength=num_classes).float()])
+        confusion += torch.bincount(targets * num_classes + log_probabilities.argmax(dim=1),
+                                    minlength=num_classes * num_classes)
         seen += len(targets)
     loss, top1, top5 = (sums / seen).tolist()
-    right, images = per_class.tolist()
-    return SimpleNamespace(loss=loss, top1=top1, top5=top5,
-                           per_class=[100 * r / n if n else None for r, n in zip(right, images)])
+    confusion = confusion.view(num_classes, num_classes).tolist()
+    per_class = [100 * row[index] / sum(row) if sum(row) else None for index, row in enumerate(confusion)]
+    return SimpleNamespace(loss=loss, top1=top1, top5=top5, per_class=per_class, confusion=confusion)
 
 
 def seed_everything(seed: int) -> None:

@@ -91,8 +91,9 @@ def main() -> int:
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
     best = rows[args["best_epoch"] - 1]  # the epoch of the model the job kept
     stop = [line.split("INFO ", 1)[1] for line in log.splitlines() if "Stopping" in line]
-    per_class = [line.split("per class: ", 1)[1] for line in log.splitlines() if "per class: " in line]
-    print(f"best val top-1 {float(best['eval_top1']):.2f}% at epoch {best['epoch']} ({per_class[0]}); "
+    per_class = ", ".join(f"{name} {acc:.1f}%" for name, acc in args["best_per_class_acc_1"].items()
+                          if acc is not None)
+    print(f"best val top-1 {float(best['eval_top1']):.2f}% at epoch {best['epoch']} ({per_class}); "
           f"{len(rows)} epochs; wall time {wall:.0f}s (with start-up); log in {work / 'train.log'}")
     if stop:
         print(stop[0])

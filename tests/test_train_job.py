@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import tarfile
@@ -14,7 +15,7 @@ import yaml
 from conftest import COLOURS, TINY_MODEL, make_channels, make_job, read_summary, run_train, write_images
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL_FILES = {"args.yml", "labels.json", "model_best.pth.tar", "summary.csv"}
+MODEL_FILES = {"args.yml", "labels.json", "model_best.pth.tar", "summary.csv", "metrics.png", "confusion_matrix.csv"}
 EPOCHS = 3
 
 
@@ -166,7 +167,36 @@ def test_per_class_accuracy_of_the_best_model(finished_job):
     per_class = args["best_per_class_acc_1"]
     assert list(per_class) == sorted(COLOURS)
     assert sum(per_class.values()) / 3 == pytest.approx(args["best_acc_1"])  # 6 val images per class
-    assert "Best model's top-1 accuracy per class: ants " in log
+    table = log.split("Best model per class (validation):\n", 1)[1].splitlines()
+    assert table[0].split() == ["class", "images", "right", "accuracy", "most", "often", "mistaken", "for"]
+    assert [line.split()[:2] for line in table[1:4]] == [["ants", "6"], ["bees", "6"], ["wasps", "6"]]
+    assert float(table[1].split()[3].rstrip("%")) == pytest.approx(per_class["ants"], abs=0.05)
+
+
+def test_confusion_matrix_and_metrics_plot_beside_the_model(finished_job):
+    from PIL import Image
+
+    base, log = finished_job
+    args = yaml.safe_load((base / "model" / "args.yml").read_text())
+    with open(base / "model" / "confusion_matrix.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["true \\ predicted", "ants", "bees", "wasps"] and [row[0] for row in rows[1:]] == sorted(COLOURS)
+    counts = [[int(value) for value in row[1:]] for row in rows[1:]]
+    assert [sum(row) for row in counts] == [6, 6, 6]
+    assert [100 * counts[i][i] / 6 for i in range(3)] == pytest.approx(list(args["best_per_class_acc_1"].values()))
+    assert "rows: true class, columns: predicted class" in log
+    with Image.open(base / "model" / "metrics.png") as plot:
+        assert plot.format == "PNG" and plot.size == (1000, 400)
+
+
+def test_progress_line_says_speed_and_time_left(finished_job):
+    _, log = finished_job
+    lines = [line for line in log.splitlines() if re.search(r"epoch \d/3 train:loss", line)]
+    assert len(lines) == EPOCHS
+    assert all(re.search(r" images/s=\d+\.\d elapsed=\d+s left<=\S+$", line) for line in lines), lines
+    assert lines[-1].endswith("left<=0s")
+    assert re.search(r"Done in \S+ after 3 epochs \(epochs done\)\. Best model: epoch \d, top-1 accuracy", log), \
+        [line for line in log.splitlines() if "Done" in line]
 
 
 def test_stops_once_the_learning_rate_is_spent(tmp_path, tiny_hyperparameters):

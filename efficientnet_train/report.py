@@ -1,0 +1,85 @@
+"""What a buyer reads after training: progress in words, the per-class table, the confusion
+matrix and `metrics.png`, the curves the listing shows."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from .outputs import atomic_write, write_text
+
+# Beyond this many classes a full matrix in the log is unreadable: the log lists the worst confusions.
+LOG_MATRIX_MAX_CLASSES = 12
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def per_class_table(classes: list[str], confusion: list[list[int]]) -> str:
+    """Images, right answers and accuracy per class, and what each class is mistaken for most."""
+    width = max(len("class"), *(len(name) for name in classes))
+    lines = [f"{'class':<{width}}  images  right  accuracy  most often mistaken for"]
+    for index, name in enumerate(classes):
+        row = confusion[index]
+        images, right = sum(row), row[index]
+        wrong = max(((count, other) for other, count in enumerate(row) if other != index and count), default=None)
+        accuracy = f"{100 * right / images:7.1f}%" if images else "      - "
+        mistaken = f"{classes[wrong[1]]} ({wrong[0]})" if wrong else "-"
+        lines.append(f"{name:<{width}}  {images:6d}  {right:5d}  {accuracy}  {mistaken}")
+    return "\n".join(lines)
+
+
+def confusion_text(classes: list[str], confusion: list[list[int]]) -> str:
+    if len(classes) > LOG_MATRIX_MAX_CLASSES:
+        mistakes = sorted(((count, classes[t], classes[p]) for t, row in enumerate(confusion)
+                           for p, count in enumerate(row) if p != t and count), reverse=True)[:15]
+        return "most frequent mistakes (true -> predicted: images): " + (
+            ", ".join(f"{t} -> {p}: {count}" for count, t, p in mistakes) or "none")
+    width = max(6, *(len(name) for name in classes))
+    header = " " * width + "  " + " ".join(f"{name[:width]:>{width}}" for name in classes)
+    rows = [f"{name:<{width}}  " + " ".join(f"{count:>{width}d}" for count in confusion[index])
+            for index, name in enumerate(classes)]
+    return "rows: true class, columns: predicted class\n" + "\n".join([header, *rows])
+
+
+def write_confusion_csv(path: Path, classes: list[str], confusion: list[list[int]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["true \\ predicted", *classes])
+    writer.writerows([name, *row] for name, row in zip(classes, confusion))
+    write_text(path, buffer.getvalue())
+
+
+def plot_metrics(path: Path, summary: list[dict], best_epoch: int | None, title: str) -> None:
+    """Loss and accuracy per epoch, the best epoch marked: the listing's metrics figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in a training container
+    from matplotlib.figure import Figure
+
+    epochs = [int(row["epoch"]) for row in summary]
+    figure = Figure(figsize=(10, 4), dpi=100, layout="constrained")
+    loss, accuracy = figure.subplots(1, 2)
+    loss.plot(epochs, [float(row["train_loss"]) for row in summary], "o-", label="train:loss")
+    loss.plot(epochs, [float(row["eval_loss"]) for row in summary], "o-", label="validation:loss")
+    loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    accuracy.plot(epochs, [float(row["eval_top1"]) for row in summary], "o-", label="validation:acc_1")
+    accuracy.plot(epochs, [float(row["eval_top5"]) for row in summary], "o-", label="validation:acc_5")
+    accuracy.set(xlabel="epoch", ylabel="accuracy (%)", title="Validation accuracy")
+    for axes in (loss, accuracy):
+        if best_epoch is not None:
+            axes.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best (epoch {best_epoch})")
+        axes.grid(alpha=0.3)
+        axes.legend()
+        axes.xaxis.get_major_locator().set_params(integer=True)
+    figure.suptitle(title)
+    atomic_write(path, lambda f: figure.savefig(f, format="png"))
