@@ -353,6 +353,8 @@ def probe_image(path: str) -> tuple[str, str] | None:
         load_image(path)
     except (UnreadableImage, OSError) as exc:
         return Skip.CORRUPT, str(exc.__cause__ or exc)
+    except Exception as exc:  # noqa: BLE001 - a decoder tripping over odd bytes: the file is the problem
+        return Skip.CORRUPT, f"{type(exc).__name__}: {exc}"
     return None
 
 

@@ -26,6 +26,8 @@ def explained(exc: Exception, batch_size: int, workers: int, datasets) -> Except
         reason = out_of_memory_reason(batch_size, phase_of(exc), "CPU")
     elif isinstance(exc, RuntimeError):
         reason = _runtime_reason(exc, batch_size, workers, datasets)
+    elif isinstance(exc, ConnectionResetError):  # a worker died while the loader was taking a batch from it
+        reason = worker_crash_reason(str(exc), workers, datasets)
     elif isinstance(exc, JobError):
         reason = worker_message(exc)  # the worker's traceback stays in the log, with the cause
     else:

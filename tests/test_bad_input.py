@@ -340,7 +340,8 @@ def test_an_error_in_a_loader_worker_reaches_the_buyer_without_the_traceback(tmp
 
 def test_a_loader_worker_killed_by_a_signal_names_the_file_and_the_fix(tmp_path):
     two_classes(tmp_path, per_class=3)
-    write_files(tmp_path / "bees", {"poison.png": encoded(Image.new("RGB", (13, 13)), "PNG")})
+    # The first file read: the worker dies before it has handed over a batch, which would race with its death.
+    write_files(tmp_path / "ants", {"a_poison.png": encoded(Image.new("RGB", (13, 13)), "PNG")})
     channel = scan_channel("train", tmp_path)
 
     def transform(image):
@@ -353,8 +354,10 @@ def test_a_loader_worker_killed_by_a_signal_names_the_file_and_the_fix(tmp_path)
     with pytest.raises(RuntimeError, match="DataLoader worker") as info:
         list(torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=1))
     reason = str(failures.explained(info.value, 2, 1, [dataset]))
-    assert "while reading" in reason and "poison.png" in reason
+    assert "while reading" in reason and "ants/a_poison.png" in reason
     assert "lower workers (now 1)" in reason
+    reset = str(failures.explained(ConnectionResetError(104, "Connection reset by peer"), 2, 1, [dataset]))
+    assert reset.startswith("A data-loading worker process died") and "lower workers" in reset
 
 
 # ---- the environment: memory, disk, GPU -------------------------------------------------------------
