@@ -23,8 +23,9 @@ log = logging.getLogger("efficientnet_train")
 
 STATE_VERSION = 1
 KEEP = 2  # the newest, and the one before it in case the newest is found unreadable
-# Hyperparameters a resumed job may change: they change how fast it trains, not what it learns.
-MAY_CHANGE_ON_RESUME = frozenset({"workers"})
+# Hyperparameters a resumed job may change: they change how fast it trains, or when it gives up, not what
+# it learns.
+MAY_CHANGE_ON_RESUME = frozenset({"workers", "max_unusable_fraction"})
 REQUIRED_KEYS = frozenset({"version", "progress", "model", "optimizer", "scheduler", "rng", "summary", "best",
                            "best_model", "finished", "hyperparameters", "classes", "train_images"})
 

@@ -8,25 +8,74 @@ checkpoint.
 from __future__ import annotations
 
 import io
+import logging
 import os
+import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import JobError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+log = logging.getLogger("efficientnet_train")
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
+# What a training image may be inside, whatever its extension says (scrapers save PNGs as .jpg). Naming
+# them keeps Pillow from guessing exotic formats from a few bytes of a file that is no image at all.
+# (Phones' multi-picture JPEGs open as JPEG and become MPO.)
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+# Images all the same, in formats this image does not read: unusable data, not stray files.
+UNSUPPORTED_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".svg", ".psd", ".raw", ".cr2", ".nef", ".dng", ".arw",
+                                ".orf", ".jp2", ".ico", ".eps")
+# Left behind by operating systems and archivers; ignored like hidden (dot) files and folders.
+SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx", "$recycle.bin",
+                          "system volume information", "@eadir", "icon\r"})
+SMALL_CLASS = 5  # fewer training images than this: the class trains, with a warning
+PROBE_THREADS = 32  # header reads wait on the disk, or on S3 under FastFile: many at once
+LOGGED_DECODE_FAILURES = 20  # per dataset; more are counted, not logged one by one
 # Random-resized crops keep at least a quarter of the image, not ImageNet's 8%: a fine-tune is short and
 # a small crop of a photo often misses the object (hymenoptera, Lite2: 95.4 -> 96.1% val top-1).
 TRAIN_CROP_SCALE = (0.25, 1.0)
 # Random-resized crops make objects look bigger in training than in a whole image, so evaluating a
 # little larger matches them again (FixRes; timm's test_input_size does the same for some models).
 EVAL_SIZE_RATIO = 1.15
+# JPEGs at least twice this on their short side decode at 1/2, 1/4 or 1/8 scale, still at least this
+# large: the same picture for a model that sees at most 1024 pixels, for a fraction of the time and memory.
+DECODE_MIN_SIDE = 2048
+
+# Images above Image.MAX_IMAGE_PIXELS are refused by the checks here; Pillow's own warning would only
+# repeat that for each file.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+class Skip:
+    """Why a file is not used, as the log and args.yml count them."""
+
+    NOT_AN_IMAGE = "not an image file"  # by its extension (.txt, .csv, ...): the only reason that is not "unusable"
+    OUTSIDE_CLASSES = "not in a class folder"
+    EMPTY = "empty"
+    UNREADABLE = "cannot be read"
+    UNSUPPORTED = "unsupported format"
+    CORRUPT = "truncated or corrupt"
+    TOO_LARGE = "too large"
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    path: str  # relative to the channel's root, printable
+    label: str | None  # its class folder; None in the channel's root
+    reason: str
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.reason}{': ' + self.detail if self.detail else ''})"
 
 
 @dataclass
@@ -37,7 +86,8 @@ class Channel:
     root: Path
     classes: list[str]
     samples: list[tuple[str, int]] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # files that are not images, relative to root
+    skipped: list[SkippedFile] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # hidden and system files and folders, relative to root
 
     def images_per_class(self) -> dict[str, int]:
         counts = Counter(label for _, label in self.samples)
@@ -46,6 +96,21 @@ class Channel:
     def formats(self) -> dict[str, int]:
         return dict(sorted(Counter(Path(path).suffix.lower().lstrip(".") for path, _ in self.samples).items()))
 
+    def unusable(self) -> list[SkippedFile]:
+        """Files meant as images that cannot be used; max_unusable_fraction limits their share."""
+        return [skipped for skipped in self.skipped if skipped.reason != Skip.NOT_AN_IMAGE]
+
+    def image_files(self) -> int:
+        return len(self.samples) + len(self.unusable())
+
+    def skipped_summary(self) -> dict:
+        """The args.yml record: counts by reason and by class, and the first files."""
+        return {"count": len(self.skipped), "unusable": len(self.unusable()),
+                "by_reason": dict(Counter(s.reason for s in self.skipped).most_common()),
+                "per_class": dict(Counter(s.label or "(channel root)" for s in self.skipped).most_common()),
+                "examples": [str(s) for s in self.skipped[:10]],
+                "ignored_hidden_or_system": len(self.ignored)}
+
     def inventory(self) -> str:
         present = {name: count for name, count in self.images_per_class().items() if count}
         per_class = ", ".join(f"{name}: {count}" for name, count in present.items())
@@ -53,59 +118,287 @@ class Channel:
         lines = [f"channel '{self.name}' ({self.root}): {len(self.samples)} images in {len(present)} classes "
                  f"[{per_class}]; formats [{formats}]"]
         if self.skipped:
-            lines.append(f"channel '{self.name}': skipped {len(self.skipped)} files that are not images "
-                         f"(e.g. {', '.join(self.skipped[:5])})")
+            summary = self.skipped_summary()
+            reasons = ", ".join(f"{count} {reason}" for reason, count in summary["by_reason"].items())
+            classes = ", ".join(f"{label}: {count}" for label, count in summary["per_class"].items())
+            lines.append(f"channel '{self.name}': skipped {len(self.skipped)} files ({reasons}) [{classes}], "
+                         f"e.g. {'; '.join(str(s) for s in self.skipped[:5])}")
+        if self.ignored:
+            lines.append(f"channel '{self.name}': ignored {len(self.ignored)} hidden or system files and folders "
+                         f"({', '.join(self.ignored[:5])}{', ...' if len(self.ignored) > 5 else ''})")
         return "\n".join(lines)
 
 
-def _visible(name: str) -> bool:
-    return not name.startswith(".")
+def printable(text: str) -> str:
+    """A file name for the log and args.yml: names that are not UTF-8 (old archives) keep a readable form."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _ignored(name: str) -> bool:
+    return name.startswith(".") or name.lower() in SYSTEM_FILES
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links: SageMaker's FastFile mode and local mocks use them
+    except OSError:
+        return False  # a broken link: scanned as a file, and reported as unreadable
+
+
+def _listing(folder: Path) -> tuple[list[str], list[str], list[str]]:
+    """Sorted (sub-folder names, file names, ignored names) directly in `folder`."""
+    folders, files, ignored = [], [], []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if _ignored(entry.name):
+            ignored.append(entry.name)
+        elif _is_folder(entry):
+            folders.append(entry.name)
+        else:
+            files.append(entry.name)
+    return folders, files, ignored
 
 
 def class_folders(root: Path) -> list[str]:
     # Sorted like torchvision's ImageFolder, so label indices mean the same as there.
-    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and _visible(entry.name))
+    return _listing(root)[0]
 
 
-def scan_channel(name: str, root: Path, classes: list[str] | None = None) -> Channel:
-    """Find `root/<class>/**/<image>`; `classes` fixes the label order (the train channel's)."""
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _files_under(folder: Path) -> tuple[list[str], list[str]]:
+    """Every file below `folder` in sorted depth-first order, and the ignored names (relative to `folder`).
+
+    Links are followed, but each real folder is walked once, so a link loop cannot hang the scan."""
+    files, ignored, walked, stack = [], [], set(), [str(folder)]
+    while stack:
+        current = stack.pop()
+        try:
+            status = os.stat(current)
+            if (status.st_dev, status.st_ino) in walked:
+                log.warning("Not scanning %s again: it is a link to a folder already scanned (a link loop?)",
+                            printable(current))
+                continue
+            walked.add((status.st_dev, status.st_ino))
+            folders, names, hidden = _listing(Path(current))
+        except OSError as exc:
+            log.warning("Cannot list the folder %s (%s); its files are left out", printable(current), exc.strerror)
+            continue
+        files += [os.path.join(current, name) for name in names]
+        ignored += [os.path.relpath(os.path.join(current, name), folder) for name in hidden]
+        stack += [os.path.join(current, name) for name in reversed(folders)]
+    return files, ignored
+
+
+def scan_channel(name: str, root: Path, classes: list[str] | None = None,
+                 max_unusable_fraction: float | None = None) -> Channel:
+    """Find `root/<class>/**/<image>` and check each image's header; `classes` fixes the label order (the
+    train channel's). Fails if the channel's layout is wrong, a class has no usable image, or more than
+    `max_unusable_fraction` of its image files cannot be used."""
+    folders, loose, ignored = _channel_layout(name, root)
+    _refuse_nesting_one_level_too_deep(name, root, folders, loose, classes)
+    classes = _classes_of(name, folders, classes)
+    channel = Channel(name, root, list(classes), ignored=[printable(n) for n in ignored])
+    channel.skipped += [SkippedFile(printable(file), None, Skip.OUTSIDE_CLASSES if _is_image_name(file)
+                                    else Skip.NOT_AN_IMAGE) for file in loose]
+    candidates = []
+    label_index = {label: index for index, label in enumerate(classes)}
+    for label in folders:
+        files, hidden = _files_under(root / label)
+        channel.ignored += [printable(os.path.join(label, n)) for n in hidden]
+        for path in files:
+            if _is_image_name(path):
+                candidates.append((path, label))
+            else:
+                reason = Skip.UNSUPPORTED if path.lower().endswith(UNSUPPORTED_IMAGE_EXTENSIONS) else Skip.NOT_AN_IMAGE
+                channel.skipped.append(SkippedFile(printable(os.path.relpath(path, root)), label, reason,
+                                                   "convert it to JPEG or PNG" if reason == Skip.UNSUPPORTED else ""))
+    for (path, label), problem in zip(candidates, probe_images([path for path, _ in candidates])):
+        if problem is None:
+            channel.samples.append((path, label_index[label]))
+        else:
+            channel.skipped.append(SkippedFile(printable(os.path.relpath(path, root)), label, *problem))
+    # Files meant as images first: the examples in the log and args.yml should show what needs fixing.
+    channel.skipped.sort(key=lambda skipped: (skipped.reason == Skip.NOT_AN_IMAGE, skipped.path))
+    check_unusable_share(channel, max_unusable_fraction)
+    _refuse_classes_without_images(channel, folders)
+    return channel
+
+
+def _channel_layout(name: str, root: Path) -> tuple[list[str], list[str], list[str]]:
     if not root.is_dir():
-        raise JobError(f"The '{name}' channel is missing: no folder at {root}. Give the training job a "
+        what = "a file, not a folder, is" if root.exists() else "no folder"
+        raise JobError(f"The '{name}' channel is missing: {what} at {root}. Give the training job a "
                        f"'{name}' input channel whose S3 prefix holds one folder per class "
                        f"({name}/<label>/<image>.jpg).")
-    found = class_folders(root)
-    if not found:
-        loose = [entry.name for entry in os.scandir(root) if entry.is_file() and _visible(entry.name)]
-        where = f"it holds only files ({', '.join(sorted(loose)[:3])}...)" if loose else "it is empty"
+    folders, loose, ignored = _listing(root)
+    if not folders:
+        where = f"it holds only files ({', '.join(printable(f) for f in loose[:3])}...)" if loose else "it is empty"
         raise JobError(f"The '{name}' channel at {root} has no class folders: {where}. Put each image in a "
                        f"folder named after its label: {name}/<label>/<image>.jpg.")
+    return folders, loose, ignored
+
+
+def _refuse_nesting_one_level_too_deep(name: str, root: Path, folders: list[str], loose: list[str],
+                                       classes: list[str] | None) -> None:
+    """`train/train/ants/...` or `train/photos/ants/...`: the commonest upload mistake, a folder too many."""
+    if len(folders) != 1 or any(_is_image_name(file) for file in loose):
+        return
+    only = root / folders[0]
+    inner_folders, inner_files, _ = _listing(only)
+    if not inner_folders or any(_is_image_name(file) for file in inner_files):
+        return
+    if classes is not None and (folders[0] in classes or not set(inner_folders) & set(classes)):
+        return  # a validation channel that holds one class, in sub-folders
+    shown = ", ".join(printable(f) for f in inner_folders[:5]) + (", ..." if len(inner_folders) > 5 else "")
+    raise JobError(f"The '{name}' channel is nested one level too deep: its only folder, {printable(str(only))}, "
+                   f"holds the folders {shown} instead of images. Move the class folders up one level, so that "
+                   f"they sit directly in the channel ({name}/{printable(inner_folders[0])}/<image>.jpg, not "
+                   f"{name}/{printable(folders[0])}/{printable(inner_folders[0])}/<image>.jpg); a classifier "
+                   f"needs at least two class folders there.")
+
+
+def _classes_of(name: str, folders: list[str], classes: list[str] | None) -> list[str]:
+    undecodable = [printable(folder) for folder in folders if printable(folder) != folder]
+    if undecodable:
+        raise JobError(f"The '{name}' channel has class folder names that are not valid UTF-8: "
+                       f"{', '.join(undecodable)}. Class names become the model's labels: rename those folders.")
     if classes is None:
-        classes = found
+        return folders
+    unknown = [folder for folder in folders if folder not in classes]
+    if unknown:
+        raise JobError(f"The '{name}' channel has classes that are not in 'train': {', '.join(unknown)}. "
+                       f"The model can only learn labels it is trained on; add images of "
+                       f"{', '.join(unknown)} to train/, or remove those folders from {name}/.")
+    return classes
+
+
+def check_unusable_share(channel: Channel, max_fraction: float | None) -> None:
+    unusable, total = channel.unusable(), channel.image_files()
+    if max_fraction is None or len(unusable) <= max_fraction * total:
+        return
+    reasons = ", ".join(f"{count} {reason}" for reason, count in Counter(s.reason for s in unusable).most_common())
+    raise JobError(f"{len(unusable)} of the {total} image files in the '{channel.name}' channel "
+                   f"({len(unusable) / total:.0%}) cannot be used, more than max_unusable_fraction="
+                   f"{max_fraction:g} allows ({reasons}). For example: {_examples(unusable)}. Replace or remove "
+                   f"those files (re-save them as JPEG or PNG), or raise max_unusable_fraction to train on the rest.")
+
+
+def _examples(items, count: int = 4, width: int = 120) -> str:
+    shown = [str(item) if len(str(item)) <= width else str(item)[:width - 3] + "..." for item in items[:count]]
+    return "; ".join(shown) + ("; ..." if len(items) > count else "")
+
+
+def _refuse_classes_without_images(channel: Channel, folders: list[str]) -> None:
+    empty = [label for label, count in channel.images_per_class().items() if label in folders and not count]
+    if not empty:
+        return
+    described = []
+    for label in empty:
+        skipped = [s for s in channel.skipped if s.label == label]
+        why = f": {len(skipped)} files skipped, e.g. {_examples(skipped, 2, 100)}" if skipped else ""
+        described.append(f"{printable(str(channel.root / label))}{why}")
+    if len(empty) == 1:
+        head = f"The class folder {described[0]} in the '{channel.name}' channel holds no images"
     else:
-        unknown = [folder for folder in found if folder not in classes]
-        if unknown:
-            raise JobError(f"The '{name}' channel has classes that are not in 'train': {', '.join(unknown)}. "
-                           f"The model can only learn labels it is trained on; add images of "
-                           f"{', '.join(unknown)} to train/, or remove those folders from {name}/.")
-    channel = Channel(name, root, list(classes))
-    label_index = {label: index for index, label in enumerate(classes)}
-    for label in found:
-        class_dir = root / label
-        before = len(channel.samples)
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if _visible(d))
-            for filename in sorted(filenames):
-                if not _visible(filename):
-                    continue
-                path = os.path.join(dirpath, filename)
-                if filename.lower().endswith(IMAGE_EXTENSIONS):
-                    channel.samples.append((path, label_index[label]))
-                else:
-                    channel.skipped.append(os.path.relpath(path, root))
-        if len(channel.samples) == before:
-            raise JobError(f"The class folder {class_dir} in the '{name}' channel holds no images "
-                           f"({', '.join(e.lower() for e in IMAGE_EXTENSIONS)}). Add images to it or delete it.")
-    return channel
+        head = (f"{len(empty)} class folders in the '{channel.name}' channel hold no usable images: "
+                f"{' | '.join(described[:5])}")
+    raise JobError(f"{head} ({', '.join(e.lower() for e in IMAGE_EXTENSIONS)}). Add images to each, or delete "
+                   f"the folder.")
+
+
+def warn_about_thin_classes(train: Channel, val: Channel) -> None:
+    """Classes that train but learn little, or that validation never measures: warnings, not failures."""
+    thin = {label: count for label, count in train.images_per_class().items() if count < SMALL_CLASS}
+    if thin:
+        log.warning("Classes with fewer than %d training images: %s. The model learns them poorly; add images "
+                    "if they matter.", SMALL_CLASS, ", ".join(f"{label} ({count})" for label, count in thin.items()))
+    unmeasured = [label for label, count in val.images_per_class().items() if not count]
+    if unmeasured:
+        log.warning("The 'val' channel has no images of %d of the %d classes (%s): the validation accuracy, which "
+                    "picks the best model, does not measure them.", len(unmeasured), len(val.classes),
+                    ", ".join(unmeasured[:10]) + (", ..." if len(unmeasured) > 10 else ""))
+
+
+# ---- reading images ---------------------------------------------------------------------------------
+
+
+def probe_images(paths: list[str]) -> list[tuple[str, str] | None]:
+    """`probe_image` of each path, many at once: 100,000 files take seconds, not minutes."""
+    chunks = [paths[start:start + 256] for start in range(0, len(paths), 256)]
+    if len(chunks) <= 1:
+        return [probe_image(path) for path in paths]
+    with ThreadPoolExecutor(max_workers=PROBE_THREADS) as pool:
+        return [problem for chunk in pool.map(lambda chunk: [probe_image(p) for p in chunk], chunks)
+                for problem in chunk]
+
+
+def probe_image(path: str) -> tuple[str, str] | None:
+    """Why a file can't be used as a training image, or None: from its header and last bytes alone; only a
+    file whose end looks cut short is decoded, to tell a truncated file from one with bytes after its end."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return Skip.EMPTY, "0 bytes"
+            head = f.read(16)
+            f.seek(0)
+            problem, image_format = _header_problem(f, head)
+            if problem or _ends_completely(f, size, image_format, head):
+                return problem
+    except OSError as exc:  # a broken link, no permission, an I/O error of a network file system
+        return Skip.UNREADABLE, exc.strerror or str(exc)
+    try:
+        load_image(path)
+    except (UnreadableImage, OSError) as exc:
+        return Skip.CORRUPT, str(exc.__cause__ or exc)
+    except Exception as exc:  # noqa: BLE001 - a decoder tripping over odd bytes: the file is the problem
+        return Skip.CORRUPT, f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _header_problem(f: BinaryIO, head: bytes) -> tuple[tuple[str, str] | None, str]:
+    try:
+        with Image.open(f, formats=IMAGE_FORMATS) as image:
+            width, height, image_format = image.width, image.height, image.format
+    except UnidentifiedImageError:
+        return (Skip.UNSUPPORTED, _what_else(head)), ""
+    except Image.DecompressionBombError:
+        return (Skip.TOO_LARGE, f"more than twice the {Image.MAX_IMAGE_PIXELS} pixels an image may have; not "
+                                f"decoded (a decompression bomb?)"), ""
+    except Exception as exc:  # noqa: BLE001 - Pillow's plugins report bad headers in many types
+        return (Skip.CORRUPT, f"bad header: {type(exc).__name__}: {exc}"), ""
+    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
+        return (Skip.TOO_LARGE, f"{width}x{height} pixels, more than the {Image.MAX_IMAGE_PIXELS} an image may "
+                                f"have; not decoded (a decompression bomb, or far more than training needs)"), ""
+    return None, image_format
+
+
+def _what_else(head: bytes) -> str:
+    if head[4:8] == b"ftyp":
+        return "HEIC/HEIF or AVIF data (phone photos): convert it to JPEG"
+    if head.lstrip().startswith(b"<"):
+        return "an HTML or XML page, not an image (a failed download?)"
+    if head.startswith(b"%PDF"):
+        return "a PDF document"
+    return "the data is not JPEG, PNG, GIF, BMP, WebP or TIFF"
+
+
+def _ends_completely(f: BinaryIO, size: int, image_format: str, head: bytes) -> bool:
+    """Whether the file ends with its format's end marker; formats without one pass here, and a file cut
+    short is then found when training decodes it."""
+    f.seek(max(0, size - 64))
+    tail = f.read()
+    if image_format in ("JPEG", "MPO"):
+        return b"\xff\xd9" in tail
+    if image_format == "PNG":
+        return b"IEND" in tail
+    if image_format == "GIF":
+        return tail.rstrip(b"\0").endswith(b";")
+    if image_format == "WEBP":
+        return size >= int.from_bytes(head[4:8], "little") + 8
+    return True
 
 
 class UnreadableImage(ValueError):
@@ -123,8 +416,9 @@ def load_image(path: str) -> Image.Image:
 def decode_image(source: bytes | BinaryIO) -> Image.Image:
     """An RGB image from encoded bytes or a binary file, upright as its EXIF says, fully decoded.
 
-    Refuses what would cost far more memory than its size suggests (decompression bombs) and
-    files cut short, instead of returning half an image.
+    Transparent pixels are shown on white, as a viewer shows them; 16-bit images are scaled to 8 bits;
+    animations give their first frame. Refuses what would cost far more memory than its size suggests
+    (decompression bombs) and files cut short, instead of returning half an image.
     """
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
@@ -134,8 +428,10 @@ def decode_image(source: bytes | BinaryIO) -> Image.Image:
             if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(f"Image size ({image.width * image.height} pixels) exceeds "
                                                    f"limit of {Image.MAX_IMAGE_PIXELS} pixels")
-            image = ImageOps.exif_transpose(image)  # phones store rotation in EXIF, not in pixels
-            return image.convert("RGB")  # decodes every pixel: a truncated file fails here, not later
+            if image.format in ("JPEG", "MPO") and min(image.size) >= 2 * DECODE_MIN_SIDE:
+                image.draft("RGB", (DECODE_MIN_SIDE, DECODE_MIN_SIDE))
+            image.load()  # decodes every pixel: a truncated file fails here, not later
+            return _to_rgb(_upright(image))
     except Image.DecompressionBombError as exc:
         raise UnreadableImage(f"the image is too large to decode safely: {exc}") from exc
     except UnidentifiedImageError as exc:
@@ -147,17 +443,142 @@ def decode_image(source: bytes | BinaryIO) -> Image.Image:
         raise UnreadableImage(f"the image is truncated or corrupt ({exc})") from exc
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    try:
+        return ImageOps.exif_transpose(image)  # phones store rotation in EXIF, not in pixels
+    except Exception:  # noqa: BLE001 - a garbled EXIF block should not cost the picture
+        return image
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return _eight_bit(image).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """Grey levels of a 16-bit or 32-bit image on 0..255; convert("RGB") would clip them to white."""
+    pixels = np.asarray(image, dtype=np.float64)
+    peak = pixels.max() if pixels.size else 0
+    if image.mode == "F" and peak <= 1.0:
+        pixels = pixels * 255  # floats from 0 to 1
+    elif image.mode.startswith("I;16") or peak > 255:
+        pixels = pixels / 257  # 16 bits: 65535 -> 255
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
+class UnusableData(JobError):
+    """Too many images, or every image of a class, failed while training read them."""
+
+
 class ImageDataset(torch.utils.data.Dataset):
-    def __init__(self, samples: list[tuple[str, int]], transform):
-        self.samples = samples
-        self.transform = transform
+    """Images and their labels.
+
+    A file found broken only when training reads it (damaged past its header, deleted or unreadable
+    mid-run) does not stop the job: the next image of its class takes its place, the file is logged once
+    and counted, and more than `allowed_failures` of them fail the job, naming some.
+    """
+
+    def __init__(self, samples: list[tuple[str, int]], transform, channel: str = "", classes: list[str] | None = None,
+                 allowed_failures: int | None = None, workers: int = 0):
+        self.samples, self.transform, self.channel = samples, transform, channel
+        self.classes, self.allowed_failures = classes, allowed_failures
+        labels = np.array([label for _, label in samples], dtype=np.int64)
+        order = np.argsort(labels, kind="stable")
+        groups = np.split(order, np.flatnonzero(np.diff(labels[order])) + 1) if len(order) else []
+        self.members = {int(labels[group[0]]): group for group in groups}  # each class's sample indices
+        self.position = np.empty(len(labels), dtype=np.int64)  # each sample's place among its class's
+        for group in groups:
+            self.position[group] = np.arange(len(group))
+        # Shared with the loader's worker processes: which files failed, and which each worker is reading
+        # (pid, index), so that a worker killed mid-file can be blamed on that file.
+        self.failed = torch.zeros(len(samples), dtype=torch.uint8).share_memory_()
+        self.reading = torch.full((max(workers, 1), 2), -1, dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        return self.transform(load_image(path)), label
+        label = self.samples[index][1]
+        for candidate in self._same_class(index, label):
+            image = self._load(candidate)
+            if image is not None:
+                return image, label
+        raise UnusableData(f"Every image of class {self._class_name(label)} in the '{self.channel}' channel failed "
+                           f"to load during training (e.g. {printable(self.samples[index][0])}; the log lists "
+                           f"them). Replace those files with readable JPEG or PNG images.")
+
+    def _same_class(self, index: int, label: int) -> Iterator[int]:
+        group, start = self.members[label], int(self.position[index])
+        for offset in range(len(group)):
+            candidate = int(group[(start + offset) % len(group)])
+            if not self.failed[candidate]:
+                yield candidate
+
+    def _load(self, index: int):
+        info = torch.utils.data.get_worker_info()
+        slot = (info.id if info else 0) % len(self.reading)
+        self.reading[slot] = torch.tensor([os.getpid(), index])
+        try:
+            return self.transform(load_image(self.samples[index][0]))
+        except Exception as exc:  # noqa: BLE001 - whatever is wrong with one file, the others can train
+            self._record_failure(index, exc)
+            return None
+        finally:
+            self.reading[slot, 1] = -1
+
+    def _record_failure(self, index: int, exc: Exception) -> None:
+        self.failed[index] = 1
+        failures = int(self.failed.sum())
+        path = printable(self.samples[index][0])
+        why = str(exc.__cause__) if isinstance(exc, UnreadableImage) and exc.__cause__ else \
+            f"{type(exc).__name__}: {exc}"
+        if failures <= LOGGED_DECODE_FAILURES:
+            log.warning("'%s' channel: %s cannot be used (%s); the next image of its class takes its place%s",
+                        self.channel, path, why, "" if failures < LOGGED_DECODE_FAILURES else
+                        ". Further such files are counted, not logged one by one.")
+        if self.allowed_failures is not None and failures > self.allowed_failures:
+            others = [p for p in self.failed_files() if p != path]
+            raise UnusableData(f"{failures} image files of the '{self.channel}' channel failed to load during "
+                               f"training, more than max_unusable_fraction allows with the files skipped before "
+                               f"it. For example: {path} ({why[:200]}); {_examples(others, 3)}. Replace or remove "
+                               f"those files, or raise max_unusable_fraction to train on the rest.")
+
+    def _class_name(self, label: int) -> str:
+        return repr(self.classes[label]) if self.classes else str(label)
+
+    def failed_files(self) -> list[str]:
+        return [printable(self.samples[i][0]) for i in torch.nonzero(self.failed).flatten().tolist()]
+
+    def being_read(self, pids: list[int]) -> list[str]:
+        """The files the data-loading workers with these process ids (any, if none given) were reading."""
+        return [printable(self.samples[index][0]) for pid, index in self.reading.tolist()
+                if index >= 0 and (not pids or pid in pids)]
+
+
+def dataset_of(channel: Channel, transform, max_unusable_fraction: float | None = None,
+               workers: int = 0) -> ImageDataset:
+    """The channel's dataset, allowed as many failures while training as the scan left room for."""
+    allowed = None if max_unusable_fraction is None else \
+        int(max_unusable_fraction * channel.image_files()) - len(channel.unusable())
+    return ImageDataset(channel.samples, transform, channel=channel.name, classes=channel.classes,
+                        allowed_failures=allowed, workers=workers)
+
+
+def report_load_failures(epoch: int, datasets: list[ImageDataset]) -> dict:
+    """A log line per channel whose files failed while training; their count and first names, for args.yml."""
+    report = {}
+    for dataset in datasets:
+        failed = dataset.failed_files()
+        if failed:
+            log.warning("After epoch %d: %d files of the '%s' channel failed to load and were replaced by other "
+                        "images of their class: %s", epoch, len(failed), dataset.channel, _examples(failed, 5))
+            report[dataset.channel] = {"count": len(failed), "examples": failed[:10]}
+    return report
 
 
 class TrainBatches(torch.utils.data.Sampler):

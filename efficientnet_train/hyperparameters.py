@@ -280,6 +280,11 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("balance_classes", bool, False,
                    "Weight the training loss by inverse class frequency, so that every class counts as much "
                    "as the others however many images it has."),
+    Hyperparameter("max_unusable_fraction", float, 0.1,
+                   "Largest share of a channel's image files that may be unusable (corrupt, truncated, empty, "
+                   "too large, unsupported format, outside a class folder) before the job fails instead of "
+                   "skipping them; 0 = fail on the first one, 1 = never fail for this.",
+                   minimum=0, maximum=1),
 )
 BY_NAME: dict[str, Hyperparameter] = {hp.name: hp for hp in SCHEMA}
 # What buyers coming from SageMaker's built-in image classifier or other trainers tend to type.

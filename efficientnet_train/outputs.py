@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -12,6 +13,8 @@ from typing import BinaryIO, Callable
 
 import yaml
 
+from .errors import JobError
+
 ARGS_FILE, LABELS_FILE, BEST_MODEL_FILE, SUMMARY_FILE = "args.yml", "labels.json", "model_best.pth.tar", "summary.csv"
 METRICS_PLOT_FILE, CONFUSION_FILE = "metrics.png", "confusion_matrix.csv"
 MODEL_FILES = (ARGS_FILE, LABELS_FILE, BEST_MODEL_FILE, SUMMARY_FILE, METRICS_PLOT_FILE, CONFUSION_FILE)
@@ -20,19 +23,54 @@ SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5",
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Readers see the old file or the new one, never half of one."""
+    """Readers see the old file or the new one, never half of one; a full disk fails the job saying so."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    f = None
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as raw:
+            f = _WriteErrorMemo(raw)
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        full = next((e for e in (exc, exc.__context__, f and f.error) if _disk_full(e)), None)
+        if full is not None:
+            raise JobError(disk_full_reason(path, full)) from exc
         raise
     _fsync_dir(path.parent)  # the rename itself must reach the disk before we count on it
+
+
+class _WriteErrorMemo:
+    """A file that remembers the OSError of a failed write: torch.save reports a full disk as a bare
+    RuntimeError ("unexpected pos ..."), which would hide the cause."""
+
+    def __init__(self, f: BinaryIO):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
+
+
+def _disk_full(exc: BaseException | None) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_reason(path: Path, exc: OSError) -> str:
+    what = "over its disk quota" if exc.errno == errno.EDQUOT else "full"
+    return (f"The disk is {what}: writing {path.name} to {path.parent} failed ({os.strerror(exc.errno)}); the "
+            f"files already there are kept. Give the training job a larger volume (VolumeSizeInGB in "
+            f"CreateTrainingJob's ResourceConfig, volume_size in the SageMaker Python SDK's Estimator), or free "
+            f"space in {path.parent}.")
 
 
 def _fsync_dir(folder: Path) -> None:

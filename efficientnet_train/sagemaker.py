@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -86,11 +87,14 @@ class SageMakerEnvironment:
 
     def write_failure(self, reason: str) -> None:
         """Record why the job failed, where SageMaker shows it to the buyer."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         text = " ".join(reason.split())  # one paragraph: CloudWatch and the console show it whole
         if len(text) > FAILURE_REASON_LIMIT:
             text = text[: FAILURE_REASON_LIMIT - 3] + "..."
-        self.failure_file.write_text(text + "\n", encoding="utf-8")
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.failure_file.write_text(text + "\n", encoding="utf-8")
+        except OSError as exc:  # a full disk may refuse even this; the log still has the reason
+            print(f"Cannot write {self.failure_file} ({exc}); the failure reason was: {text}", file=sys.stderr)
 
 
 # Serving: what SageMaker hosting and batch transform tell the `serve` container, and this image's own

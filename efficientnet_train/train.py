@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from . import __version__, hyperparameters, outputs, report
 from .checkpoints import (Interrupted, Progress, StopRequest, check_resumable, load_latest_state,
                           restore_training_state, save_state, training_state)
-from .data import (ImageDataset, TrainBatches, eval_transform, resolve_data_config, scan_channel,
-                   train_transform)
+from .data import (TrainBatches, dataset_of, eval_transform, report_load_failures, resolve_data_config, scan_channel,
+                   train_transform, warn_about_thin_classes)
 from .errors import JobError
+from .failures import explained
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
 from .model import (autocast_for, checkpoint_of, create_model, predict_log_probabilities, read_model_channel,
                     save_checkpoint)
@@ -42,7 +43,7 @@ def main() -> int:
         run(env)
         return 0
     except JobError as exc:
-        log.error("Training failed: %s", exc)
+        log.error("Training failed: %s", exc, exc_info=True)
         env.write_failure(str(exc))
     except Exception as exc:  # noqa: BLE001 - whatever it is, the buyer must see a reason
         log.exception("Training failed with an unexpected error")
@@ -56,20 +57,27 @@ def run(env: SageMakerEnvironment) -> None:
     hp, ignored = hyperparameters.parse(env.read_hyperparameters())
     if ignored:
         log.info("Ignoring SageMaker's own hyperparameters: %s", ", ".join(ignored))
-    train_channel = scan_channel("train", env.channel_dir("train"))
-    val_channel = scan_channel("val", env.channel_dir("val"), classes=train_channel.classes)
+    # Everything that can be checked without the model is, first: a broken tree fails in seconds.
+    train_channel = scan_channel("train", env.channel_dir("train"), max_unusable_fraction=hp.max_unusable_fraction)
+    log.info(train_channel.inventory())
+    val_channel = scan_channel("val", env.channel_dir("val"), classes=train_channel.classes,
+                               max_unusable_fraction=hp.max_unusable_fraction)
+    log.info(val_channel.inventory())
     classes = train_channel.classes
     if len(classes) < 2:
         raise JobError(f"The 'train' channel has one class ({classes[0]}); a classifier needs at least two. "
                        f"Add a folder of images for each other label to {train_channel.root}.")
-    log.info(train_channel.inventory())
-    log.info(val_channel.inventory())
+    check_batch_size(hp.batch_size, len(train_channel.samples))
+    warn_about_thin_classes(train_channel, val_channel)
     resumed = load_latest_state(env.checkpoint_dir)
     if resumed:
         check_resumable(*resumed, vars(hp), classes, len(train_channel.samples))
 
     seed_everything(hp.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        log.warning("No GPU found (torch.cuda.is_available() is False): training on the CPU, many times slower. "
+                    "Choose a GPU instance type (ml.g5, ml.g6, ml.p3, ...) for more than a small test.")
     autocast, amp_dtype = autocast_for(device)
     model = create_model(hp.model, classes, hp.pretrained_path, hp.drop, hp.drop_connect,
                          start=None if resumed else read_model_channel(env.channel_dir("model"))).to(device)
@@ -77,19 +85,16 @@ def run(env: SageMakerEnvironment) -> None:
     model = model.to(memory_format=memory_format)
     data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
 
-    batch_size = min(hp.batch_size, len(train_channel.samples))
-    if batch_size < hp.batch_size:
-        log.warning("batch_size %d is larger than the training set (%d images): using %d",
-                    hp.batch_size, len(train_channel.samples), batch_size)
+    batch_size = hp.batch_size
     # Own generators: the loaders must not draw from the global RNG, or resuming would shift it.
     loader = partial(torch.utils.data.DataLoader, num_workers=hp.workers, pin_memory=device.type == "cuda",
                      persistent_workers=hp.workers > 0)
-    train_loader = loader(ImageDataset(train_channel.samples, train_transform(data_config, hp.aa, hp.reprob,
-                                                                              hp.remode, hp.hflip)),
-                          batch_sampler=TrainBatches(len(train_channel.samples), batch_size, hp.seed),
+    train_data = dataset_of(train_channel, train_transform(data_config, hp.aa, hp.reprob, hp.remode, hp.hflip),
+                            hp.max_unusable_fraction, hp.workers)
+    val_data = dataset_of(val_channel, eval_transform(data_config), hp.max_unusable_fraction, hp.workers)
+    train_loader = loader(train_data, batch_sampler=TrainBatches(len(train_data), batch_size, hp.seed),
                           generator=torch.Generator().manual_seed(hp.seed))
-    val_loader = loader(ImageDataset(val_channel.samples, eval_transform(data_config)), batch_size=batch_size,
-                        shuffle=False, generator=torch.Generator().manual_seed(hp.seed))
+    val_loader = loader(val_data, batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(hp.seed))
     eval_hflip = hp.eval_hflip and hp.hflip > 0  # a model never shown mirror images can't be asked about them
 
     from timm.scheduler import create_scheduler_v2
@@ -117,8 +122,7 @@ def run(env: SageMakerEnvironment) -> None:
             "train_images": len(train_channel.samples), "val_images": len(val_channel.samples),
             "train_images_per_class": train_channel.images_per_class(),
             "val_images_per_class": val_channel.images_per_class(),
-            "skipped_files": {ch.name: {"count": len(ch.skipped), "examples": ch.skipped[:10]}
-                              for ch in (train_channel, val_channel)},
+            "skipped_files": {ch.name: ch.skipped_summary() for ch in (train_channel, val_channel)},
             "training_job_name": env.training_job_name, "versions": versions()}
 
     progress, summary, best, best_model, stop_reason = Progress(), [], None, None, None
@@ -170,6 +174,7 @@ def run(env: SageMakerEnvironment) -> None:
             summary.append({"epoch": epoch, "train_loss": f"{train_loss:.6f}", "eval_loss": f"{result.loss:.6f}",
                             "eval_top1": f"{result.top1:.6f}", "eval_top5": f"{result.top5:.6f}",
                             "lr": f"{lr_now:.10f}"})
+            args["failed_during_training"] = report_load_failures(epoch, [train_data, val_data])
             if best is None or (result.top1, -result.loss) > (best["top1"], -best["loss"]):
                 best = {"epoch": epoch, "top1": result.top1, "loss": result.loss, "weights": chosen,
                         "per_class": dict(zip(classes, result.per_class)), "confusion": result.confusion}
@@ -196,6 +201,8 @@ def run(env: SageMakerEnvironment) -> None:
         stop_reason = f"stopped by {stop.signal_name}"
         log.info("Stopped by %s in epoch %d after %d of %d batches; saved %s, which a restarted job resumes from.",
                  stop.signal_name, progress.epoch, progress.step, len(train_loader), path)
+    except Exception as exc:  # out of memory, a data-loading worker killed: the reason says what to change
+        raise explained(exc, batch_size, hp.workers, (train_data, val_data))
     finish(env, args, summary, best, stop_reason or "epochs done", time.monotonic() - started)
 
 
@@ -237,6 +244,15 @@ def create_optimizer(model: torch.nn.Module, hp, lr: float) -> torch.optim.Optim
 
     return create_optimizer_v2(model, opt=hp.opt, lr=lr, weight_decay=hp.weight_decay, eps=hp.opt_eps,
                                layer_decay=hp.layer_decay if hp.layer_decay < 1 else None)
+
+
+def check_batch_size(batch_size: int, train_images: int) -> None:
+    """Every training step takes a full batch (a short last batch would be a noisy step), so a batch larger
+    than the training set would never train."""
+    if batch_size > train_images:
+        raise JobError(f"batch_size={batch_size} is larger than the training set ({train_images} usable images in "
+                       f"'train'), so not one full batch can be made and no training step would run. Set batch_size "
+                       f"to {train_images} or less (the largest value that works), or add training images.")
 
 
 def early_stop_reason(epoch: int, best_epoch: int, lr_now: float, peak_lr: float, hp) -> str | None:

@@ -67,8 +67,10 @@ def test_args_hold_resolved_hyperparameters_and_derived_values(finished_job):
     assert args["data_config"]["input_size"] == [3, 37, 37]  # evaluated 1.15x larger
     assert args["effective_lr"] == pytest.approx(0.1 * 8 / 256)
     assert args["train_images_per_class"] == {"ants": 12, "bees": 14, "wasps": 12}
-    assert args["skipped_files"] == {"train": {"count": 1, "examples": ["ants/notes.txt"]},
-                                     "val": {"count": 0, "examples": []}}
+    assert args["skipped_files"]["train"] == {
+        "count": 1, "unusable": 0, "by_reason": {"not an image file": 1}, "per_class": {"ants": 1},
+        "examples": ["ants/notes.txt (not an image file)"], "ignored_hidden_or_system": 2}
+    assert args["skipped_files"]["val"]["count"] == 0 and args["failed_during_training"] == {}
     assert set(args["ignored_hyperparameters"]) == {"_tuning_objective_metric", "sagemaker_program"}
     assert {"torch", "timm", "torchvision", "python"} <= set(args["versions"])
     assert args["best_epoch"] in range(1, EPOCHS + 1) and args["epochs_completed"] == EPOCHS
@@ -100,7 +102,8 @@ def test_log_shows_inventory_settings_and_versions(finished_job):
     _, log = finished_job
     assert "channel 'train'" in log and "38 images in 3 classes" in log
     assert "ants: 12, bees: 14, wasps: 12" in log
-    assert "skipped 1 files that are not images (e.g. ants/notes.txt)" in log
+    assert "skipped 1 files (1 not an image file) [ants: 1], e.g. ants/notes.txt (not an image file)" in log
+    assert "ignored 2 hidden or system files and folders (.DS_Store, bees/.hidden.jpg)" in log
     assert re.search(r"formats \[bmp: \d+, gif: \d+, jpeg: \d+, jpg: \d+, png: \d+, webp: \d+\]", log)
     assert "Resolved settings" in log and "timm:" in log and "device: cpu" in log
     assert "Ignoring SageMaker's own hyperparameters: _tuning_objective_metric, sagemaker_program" in log
