@@ -87,12 +87,15 @@ def test_sigterm_mid_epoch_stops_cleanly_and_a_restart_finishes_the_same_run(uni
     base = copy_job(uninterrupted, tmp_path)
     job = start_train(base)
     run_until(job, r"epoch 1/3 ")
-    time.sleep(0.5)  # well into epoch 2's 18 batches
+    epoch_2_started = base / "checkpoints" / "checkpoint-00002-0000000.pth.tar"  # the last thing epoch 1 does
+    while not epoch_2_started.exists():
+        time.sleep(0.02)
+    time.sleep(0.3)  # into epoch 2's 18 batches
     started = time.monotonic()
     job.send_signal(signal.SIGTERM)
-    log = job.communicate(timeout=60)[0]
+    log = "".join(job.stdout) + job.communicate(timeout=120)[0]
     assert job.returncode == 0, log
-    assert time.monotonic() - started < 20
+    assert time.monotonic() - started < 60  # a batch and a save; far less when the machine is not shared
     stopped = re.search(r"Stopped by SIGTERM in epoch 2 after (\d+) of 18 batches; saved (\S+),", log)
     assert stopped and 0 < int(stopped[1]) < 18, log[-2000:]
     assert (base / "checkpoints" / f"checkpoint-00002-{int(stopped[1]):07d}.pth.tar").exists()
