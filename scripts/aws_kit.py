@@ -15,8 +15,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC_PATH = REPO / "container" / "algorithm-spec.json"
+# The placeholders of efficientnet_train/spec.py (this module does not import the package).
 TRAINING_IMAGE_PLACEHOLDER = "<TRAINING_IMAGE_URI>"
 INFERENCE_IMAGE_PLACEHOLDER = "<INFERENCE_IMAGE_URI>"
+VALIDATION_PLACEHOLDERS = ("<VALIDATION_ROLE_ARN>", "<VALIDATION_DATA_S3_URI>", "<VALIDATION_OUTPUT_S3_URI>")
 OBJECTIVE_METRIC = "validation:acc_1"
 DEFAULT_TRAINING_INSTANCE = "ml.g4dn.xlarge"
 DEFAULT_ENDPOINT_INSTANCE = "ml.m5.xlarge"
@@ -36,14 +38,31 @@ def load_spec(path: Path = SPEC_PATH) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def fill_images(spec: dict, training_image: str, inference_image: str | None = None) -> dict:
-    """The CreateAlgorithm request: the spec with its two image placeholders replaced."""
+def fill_spec(spec: dict, training_image: str, inference_image: str | None = None,
+              validation: tuple[str, str, str] | None = None) -> dict:
+    """The CreateAlgorithm request: the spec with its placeholders replaced.
+
+    validation is (role ARN, S3 prefix of sample data holding train/ and val/, S3 output prefix): AWS
+    runs the spec's validation profile with them, and only a validated algorithm can be listed on the
+    Marketplace. Without it the request has no ValidationSpecification and is not certified for the
+    Marketplace: an algorithm for the seller's own account, e.g. to try the listing's experience first.
+    """
     filled = copy.deepcopy(spec)
     filled["TrainingSpecification"]["TrainingImage"] = training_image
     for container in filled["InferenceSpecification"]["Containers"]:
         container["Image"] = inference_image or training_image
-    if TRAINING_IMAGE_PLACEHOLDER in json.dumps(filled) or INFERENCE_IMAGE_PLACEHOLDER in json.dumps(filled):
-        raise ValueError("an image placeholder is left in the spec")
+    if validation is None:
+        filled.pop("ValidationSpecification", None)
+        filled["CertifyForMarketplace"] = False
+    else:
+        text = json.dumps(filled)
+        for placeholder, value in zip(VALIDATION_PLACEHOLDERS, validation):
+            text = text.replace(placeholder, value.rstrip("/"))
+        filled = json.loads(text)
+    left = [p for p in (TRAINING_IMAGE_PLACEHOLDER, INFERENCE_IMAGE_PLACEHOLDER, *VALIDATION_PLACEHOLDERS)
+            if p in json.dumps(filled)]
+    if left:
+        raise ValueError(f"placeholders left in the spec: {', '.join(left)}")
     return filled
 
 

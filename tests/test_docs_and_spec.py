@@ -50,8 +50,16 @@ ECR_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/efficientnet-train:0.1
 
 
 def filled_spec() -> dict:
-    text = spec.render().replace(spec.TRAINING_IMAGE_PLACEHOLDER, ECR_IMAGE)
-    return json.loads(text.replace(spec.INFERENCE_IMAGE_PLACEHOLDER, ECR_IMAGE))
+    """The spec as the registering script fills it: plausible image URIs, role and S3 locations."""
+    text = spec.render()
+    for placeholder, value in ((spec.TRAINING_IMAGE_PLACEHOLDER, ECR_IMAGE), (spec.INFERENCE_IMAGE_PLACEHOLDER, ECR_IMAGE),
+                               (spec.VALIDATION_ROLE_PLACEHOLDER, "arn:aws:iam::123456789012:role/SageMakerRole"),
+                               (spec.VALIDATION_DATA_PLACEHOLDER, "s3://my-bucket/hymenoptera_data"),
+                               (spec.VALIDATION_OUTPUT_PLACEHOLDER, "s3://my-bucket/validation")):
+        assert placeholder in text
+        text = text.replace(placeholder, value)
+    assert not re.search(r'"<[A-Z_]+>|<[A-Z_]+_URI>', text), "a placeholder is left"
+    return json.loads(text)
 
 
 def create_algorithm_shape():
@@ -136,3 +144,19 @@ def test_spec_is_consistent_where_the_service_model_cannot_say():
     for name in ("train", "val"):
         assert channels[name]["IsRequired"] and set(channels[name]["SupportedInputModes"]) == {"File", "FastFile"}
         assert "image/jpeg" in channels[name]["SupportedContentTypes"]
+
+
+def test_validation_profile_fits_the_algorithm_it_validates():
+    body = filled_spec()
+    training, inference = body["TrainingSpecification"], body["InferenceSpecification"]
+    assert body["CertifyForMarketplace"] is True  # listing needs a validation that succeeded
+    (profile,) = body["ValidationSpecification"]["ValidationProfiles"]
+    job = profile["TrainingJobDefinition"]
+    assert job["ResourceConfig"]["InstanceType"] in training["SupportedTrainingInstanceTypes"]
+    assert {c["ChannelName"] for c in job["InputDataConfig"]} == {"train", "val"}
+    assert set(job["HyperParameters"]) <= {h["Name"] for h in training["SupportedHyperParameters"]}
+    hyperparameters.parse(job["HyperParameters"])  # the job itself would accept them
+    transform = profile["TransformJobDefinition"]
+    assert transform["TransformResources"]["InstanceType"] in inference["SupportedTransformInstanceTypes"]
+    assert transform["TransformInput"]["ContentType"] in inference["SupportedContentTypes"]
+    assert transform["TransformOutput"]["Accept"] in inference["SupportedResponseMIMETypes"]

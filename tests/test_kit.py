@@ -101,7 +101,7 @@ def offline_sdk(monkeypatch):
 
 
 def described_algorithm() -> dict:
-    spec = aws_kit.fill_images(aws_kit.load_spec(), IMAGE)
+    spec = aws_kit.fill_spec(aws_kit.load_spec(), IMAGE)
     return {"AlgorithmName": spec["AlgorithmName"], "AlgorithmArn": ALGORITHM_ARN, "CreationTime": NOW,
             "TrainingSpecification": spec["TrainingSpecification"],
             "InferenceSpecification": spec["InferenceSpecification"], "AlgorithmStatus": "Completed",
@@ -132,32 +132,47 @@ def test_push_script_parses_and_its_dry_run_prints_the_ecr_commands():
     assert f"docker push {registry}/efficientnet-train:1.2.3" in out
 
 
-def test_register_sends_the_spec_with_the_image_uris_filled_in(capsys):
+VALIDATION = (ROLE, "s3://my-bucket/hymenoptera_data/", "s3://my-bucket/validation")
+
+
+def test_register_sends_the_spec_with_its_placeholders_filled_in(capsys):
     spec = aws_kit.load_spec()
-    expected = aws_kit.fill_images(spec, IMAGE)
+    expected = aws_kit.fill_spec(spec, IMAGE, validation=VALIDATION)
     assert expected["TrainingSpecification"]["TrainingImage"] == IMAGE
     assert expected["InferenceSpecification"]["Containers"] == [{"Image": IMAGE}]
-    # everything but the two URIs is the committed spec
-    assert json.dumps(expected).replace(IMAGE, "?") == json.dumps(spec).replace(
-        aws_kit.TRAINING_IMAGE_PLACEHOLDER, "?").replace(aws_kit.INFERENCE_IMAGE_PLACEHOLDER, "?")
+    assert expected["ValidationSpecification"]["ValidationRole"] == ROLE
+    assert expected["CertifyForMarketplace"] is True
+    # everything but the placeholders is the committed spec
+    text = json.dumps(spec)
+    for placeholder, value in zip((aws_kit.TRAINING_IMAGE_PLACEHOLDER, aws_kit.INFERENCE_IMAGE_PLACEHOLDER,
+                                   *aws_kit.VALIDATION_PLACEHOLDERS), (IMAGE, IMAGE, *VALIDATION)):
+        text = text.replace(placeholder, value.rstrip("/"))
+    assert json.loads(text) == expected
 
     client = boto3.client("sagemaker", region_name=REGION, aws_access_key_id="x", aws_secret_access_key="x")
     with Stubber(client) as stub:
         stub.add_response("create_algorithm", {"AlgorithmArn": ALGORITHM_ARN}, expected_params=expected)
         stub.add_response("describe_algorithm", {**described_algorithm(), "AlgorithmStatus": "InProgress"},
                           expected_params={"AlgorithmName": spec["AlgorithmName"]})
-        stub.add_response("describe_algorithm", described_algorithm(),
-                          expected_params={"AlgorithmName": spec["AlgorithmName"]})
-        assert aws_register_algorithm.main(["--training-image", IMAGE, "--wait"], client=client) == 0
+        stub.add_response("describe_algorithm", {**described_algorithm(), "AlgorithmStatusDetails": {
+            "ValidationStatuses": [{"Name": "one-epoch-then-batch-transform", "Status": "Completed"}]}},
+            expected_params={"AlgorithmName": spec["AlgorithmName"]})
+        assert aws_register_algorithm.main(
+            ["--training-image", IMAGE, "--validation-role", VALIDATION[0], "--validation-data", VALIDATION[1],
+             "--validation-output", VALIDATION[2], "--wait"], client=client) == 0
         stub.assert_no_pending_responses()
-    assert "AlgorithmStatus: Completed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "AlgorithmStatus: Completed" in out and "validation one-epoch-then-batch-transform: Completed" in out
 
-    # as a program, the way a seller runs it
+    # as a program, the way a seller runs it; without validation: for the seller's own account only
     printed = json.loads(subprocess.run(
         [sys.executable, str(REPO / "scripts" / "aws_register_algorithm.py"), "--training-image", IMAGE,
          "--inference-image", IMAGE + "-serve", "--dry-run"], check=True, capture_output=True, text=True).stdout)
     assert printed["InferenceSpecification"]["Containers"] == [{"Image": IMAGE + "-serve"}]
     assert printed["TrainingSpecification"] == expected["TrainingSpecification"]
+    assert "ValidationSpecification" not in printed and printed["CertifyForMarketplace"] is False
+    with pytest.raises(SystemExit):
+        aws_register_algorithm.parse_args(["--training-image", IMAGE, "--validation-role", ROLE])
 
 
 # ---- training -----------------------------------------------------------------------------
