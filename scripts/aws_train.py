@@ -52,7 +52,7 @@ def parse_args(argv):
     parser.add_argument("--region", help="AWS region (default: your AWS configuration's)")
     parser.add_argument("--wait", action="store_true", help="stream the job's log until it ends")
     parser.add_argument("hyperparameters", nargs="*", metavar="key=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value words may come before, between or after options
     try:
         args.hyperparameters = aws_kit.parse_key_values(args.hyperparameters)
     except ValueError as exc:
