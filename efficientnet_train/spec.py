@@ -2,7 +2,8 @@
 
     python -m efficientnet_train.spec > container/algorithm-spec.json
 
-Image URIs are placeholders that the publishing script fills in.
+Image URIs, and the role and S3 locations of the validation that AWS runs before a Marketplace
+listing, are placeholders that scripts/aws_register_algorithm.py fills in.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from .metrics import VAL_ACC_1, metric_definitions
 TRAINING_IMAGE_PLACEHOLDER = "<TRAINING_IMAGE_URI>"
 # Today the same image as training (started with `serve`); its own placeholder lets a slimmer one replace it.
 INFERENCE_IMAGE_PLACEHOLDER = "<INFERENCE_IMAGE_URI>"
+# The validation AWS runs before it lets the algorithm be listed: the seller's role and sample data.
+VALIDATION_ROLE_PLACEHOLDER = "<VALIDATION_ROLE_ARN>"
+VALIDATION_DATA_PLACEHOLDER = "<VALIDATION_DATA_S3_URI>"  # holds train/<label>/ and val/<label>/
+VALIDATION_OUTPUT_PLACEHOLDER = "<VALIDATION_OUTPUT_S3_URI>"
 IMAGE_CONTENT_TYPES = ["image/jpeg", "image/png", "image/gif", "image/bmp", "image/webp", "image/tiff",
                        "application/x-image"]
 TRAINING_INSTANCE_TYPES = ["ml.p3.2xlarge", "ml.p3.8xlarge", "ml.p3.16xlarge", "ml.p3dn.24xlarge",
@@ -49,7 +54,46 @@ def algorithm_spec() -> dict:
             "SupportedTuningJobObjectiveMetrics": [{"Type": "Maximize", "MetricName": VAL_ACC_1}],
         },
         "InferenceSpecification": inference_specification(),
+        "ValidationSpecification": validation_specification(),
         "CertifyForMarketplace": True,
+    }
+
+
+def _s3_channel(name: str, uri: str) -> dict:
+    return {"ChannelName": name, "DataSource": {"S3DataSource": {
+        "S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}}}
+
+
+def validation_specification() -> dict:
+    """One short training job on the seller's sample data, then a batch transform of its val images.
+
+    AWS runs it when the algorithm is created; only an algorithm whose validation succeeded can be listed.
+    The defaults apply except epochs, so it also checks that the image ships the default model's weights.
+    """
+    data, output = VALIDATION_DATA_PLACEHOLDER, VALIDATION_OUTPUT_PLACEHOLDER
+    return {
+        "ValidationRole": VALIDATION_ROLE_PLACEHOLDER,
+        "ValidationProfiles": [{
+            "ProfileName": "one-epoch-then-batch-transform",
+            "TrainingJobDefinition": {
+                "TrainingInputMode": "File",
+                "HyperParameters": {"epochs": "1"},
+                "InputDataConfig": [_s3_channel("train", f"{data}/train"), _s3_channel("val", f"{data}/val")],
+                "OutputDataConfig": {"S3OutputPath": f"{output}/training"},
+                "ResourceConfig": {"InstanceType": "ml.g4dn.xlarge", "InstanceCount": 1, "VolumeSizeInGB": 30},
+                "StoppingCondition": {"MaxRuntimeInSeconds": 3600},
+            },
+            "TransformJobDefinition": {
+                "MaxConcurrentTransforms": 1,
+                "MaxPayloadInMB": 6,
+                "BatchStrategy": "SingleRecord",
+                "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": f"{data}/val"}},
+                                   "ContentType": "image/jpeg", "CompressionType": "None", "SplitType": "None"},
+                "TransformOutput": {"S3OutputPath": f"{output}/transform", "Accept": "application/jsonlines",
+                                    "AssembleWith": "Line"},
+                "TransformResources": {"InstanceType": "ml.m5.xlarge", "InstanceCount": 1},
+            },
+        }],
     }
 
 

@@ -42,3 +42,121 @@ def test_readme_starts_with_the_two_fresh_machine_commands():
     commands = re.findall(r"^(bash scripts/\S+)", (REPO / "README.md").read_text(), flags=re.M)
     assert commands[:2] == ["bash scripts/demo.sh", "bash scripts/test.sh"]
     assert "bash scripts/test.sh" in (REPO / ".ci" / "run").read_text()
+
+
+# ---- the spec against AWS's own request shape (botocore's SageMaker service model) ----------------
+
+ECR_IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/efficientnet-train:0.1.0"
+
+
+def filled_spec() -> dict:
+    """The spec as the registering script fills it: plausible image URIs, role and S3 locations."""
+    text = spec.render()
+    for placeholder, value in ((spec.TRAINING_IMAGE_PLACEHOLDER, ECR_IMAGE), (spec.INFERENCE_IMAGE_PLACEHOLDER, ECR_IMAGE),
+                               (spec.VALIDATION_ROLE_PLACEHOLDER, "arn:aws:iam::123456789012:role/SageMakerRole"),
+                               (spec.VALIDATION_DATA_PLACEHOLDER, "s3://my-bucket/hymenoptera_data"),
+                               (spec.VALIDATION_OUTPUT_PLACEHOLDER, "s3://my-bucket/validation")):
+        assert placeholder in text
+        text = text.replace(placeholder, value)
+    assert not re.search(r'"<[A-Z_]+>|<[A-Z_]+_URI>', text), "a placeholder is left"
+    return json.loads(text)
+
+
+def create_algorithm_shape():
+    import botocore.session
+
+    return botocore.session.get_session().get_service_model("sagemaker").operation_model("CreateAlgorithm").input_shape
+
+
+def test_spec_passes_botocores_parameter_validation():
+    from botocore.validate import ParamValidator
+
+    report = ParamValidator().validate(filled_spec(), create_algorithm_shape())
+    assert not report.has_errors(), report.generate_report()
+    # the validator is live: a spec that breaks the shape is reported
+    broken = filled_spec()
+    broken["TrainingSpecification"]["SupportedHyperParameters"][0]["IsTunable"] = "yes"
+    del broken["TrainingSpecification"]["TrainingChannels"][0]["SupportedInputModes"]
+    report = ParamValidator().validate(broken, create_algorithm_shape()).generate_report()
+    assert "IsTunable" in report and "SupportedInputModes" in report
+
+
+def shape_problems(value, shape, path="") -> list[str]:
+    """The service model's limits that botocore's validator leaves to the service: maximum lengths and
+    counts, enums, and patterns (those Python's re can read; the \\p{...} ones allow any printable text)."""
+    problems = []
+    limit = shape.metadata.get("max")
+    if shape.type_name == "structure":
+        for name, member in shape.members.items():
+            if name in value:
+                problems += shape_problems(value[name], member, f"{path}.{name}")
+    elif shape.type_name == "list":
+        if limit is not None and len(value) > limit:
+            problems.append(f"{path}: {len(value)} items, at most {limit}")
+        for i, item in enumerate(value):
+            problems += shape_problems(item, shape.member, f"{path}[{i}]")
+    elif shape.type_name == "string":
+        if limit is not None and len(value) > limit:
+            problems.append(f"{path}: {len(value)} characters, at most {limit}")
+        if shape.enum and value not in shape.enum:
+            problems.append(f"{path}: {value!r} is not one of the model's values")
+        pattern = shape.metadata.get("pattern")
+        if pattern and "\\p{" not in pattern and not re.fullmatch(pattern, value):
+            problems.append(f"{path}: {value!r} does not match {pattern}")
+    return problems
+
+
+def test_spec_keeps_the_limits_that_botocore_leaves_to_the_service():
+    body = filled_spec()
+    assert shape_problems(body, create_algorithm_shape()) == []
+    # the walker reads the model's limits (100 hyperparameters, 40 metrics, 30 values, 500-character regexes)
+    training = create_algorithm_shape().members["TrainingSpecification"]
+    assert training.members["SupportedHyperParameters"].metadata["max"] == 100
+    assert training.members["MetricDefinitions"].metadata["max"] == 40
+    assert training.members["MetricDefinitions"].member.members["Regex"].metadata["max"] == 500
+    bad = filled_spec()
+    bad["AlgorithmName"] = "efficientnet_image_classifier"
+    bad["TrainingSpecification"]["SupportedTrainingInstanceTypes"].append("ml.x9.huge")
+    opt = next(h for h in bad["TrainingSpecification"]["SupportedHyperParameters"] if h["Name"] == "opt")
+    opt["Range"]["CategoricalParameterRangeSpecification"]["Values"] = [f"opt{i}" for i in range(31)]
+    assert len(shape_problems(bad, create_algorithm_shape())) == 3
+
+
+def test_spec_is_consistent_where_the_service_model_cannot_say():
+    training = filled_spec()["TrainingSpecification"]
+    names = [h["Name"] for h in training["SupportedHyperParameters"]]
+    assert len(names) == len(set(names))
+    metric_names = {m["Name"] for m in training["MetricDefinitions"]}
+    assert {m["MetricName"] for m in training["SupportedTuningJobObjectiveMetrics"]} <= metric_names
+    for metric in training["MetricDefinitions"]:
+        assert re.compile(metric["Regex"]).groups == 1
+    for hp in training["SupportedHyperParameters"]:
+        assert not (hp["IsRequired"] and "DefaultValue" in hp), "a hyperparameter with a default cannot be required"
+        ranges = hp.get("Range", {})
+        if hp["Type"] == "Categorical":
+            assert hp["DefaultValue"] in ranges["CategoricalParameterRangeSpecification"]["Values"], hp["Name"]
+        elif hp["Type"] in ("Integer", "Continuous"):
+            allowed = ranges[f"{hp['Type']}ParameterRangeSpecification"]
+            assert float(allowed["MinValue"]) <= float(hp["DefaultValue"]) <= float(allowed["MaxValue"]), hp["Name"]
+    # distributed training is another issue: until it is built, the spec must not offer it
+    assert training["SupportsDistributedTraining"] is False
+    channels = {c["Name"]: c for c in training["TrainingChannels"]}
+    for name in ("train", "val"):
+        assert channels[name]["IsRequired"] and set(channels[name]["SupportedInputModes"]) == {"File", "FastFile"}
+        assert "image/jpeg" in channels[name]["SupportedContentTypes"]
+
+
+def test_validation_profile_fits_the_algorithm_it_validates():
+    body = filled_spec()
+    training, inference = body["TrainingSpecification"], body["InferenceSpecification"]
+    assert body["CertifyForMarketplace"] is True  # listing needs a validation that succeeded
+    (profile,) = body["ValidationSpecification"]["ValidationProfiles"]
+    job = profile["TrainingJobDefinition"]
+    assert job["ResourceConfig"]["InstanceType"] in training["SupportedTrainingInstanceTypes"]
+    assert {c["ChannelName"] for c in job["InputDataConfig"]} == {"train", "val"}
+    assert set(job["HyperParameters"]) <= {h["Name"] for h in training["SupportedHyperParameters"]}
+    hyperparameters.parse(job["HyperParameters"])  # the job itself would accept them
+    transform = profile["TransformJobDefinition"]
+    assert transform["TransformResources"]["InstanceType"] in inference["SupportedTransformInstanceTypes"]
+    assert transform["TransformInput"]["ContentType"] in inference["SupportedContentTypes"]
+    assert transform["TransformOutput"]["Accept"] in inference["SupportedResponseMIMETypes"]
