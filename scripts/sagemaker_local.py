@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run a training job on the image through the SageMaker Python SDK's local mode.
+"""Run a training job on the image through the SageMaker Python SDK's local mode, and host its model.
 
 This is the client buyers use on a laptop with Docker: `Estimator(instance_type="local")` with
 `file://` inputs and output. The SDK writes the /opt/ml tree (hyperparameters as strings,
@@ -9,12 +9,21 @@ the container's /opt/ml/model into model.tar.gz and /opt/ml/output into output.t
 files, and prints the metric lines and any failure reason (from output.tar.gz's `failure`).
 
     python scripts/sagemaker_local.py --data DIR [--image IMAGE] [--output DIR]
-        [--weights FILE] [key=value ...]
+        [--weights FILE] [--deploy] [key=value ...]
+    python scripts/sagemaker_local.py --data DIR --model-data MODEL.tar.gz [--image IMAGE]
 
 DATA holds train/<label>/<image> and val/<label>/<image> (the 'train' and 'val' channels).
 --weights names a timm weights file on this machine: it goes in as a third channel, 'weights',
 and pretrained_path points at it inside the container. Each key=value is a hyperparameter.
 Exits 0 when the job succeeded and model.tar.gz holds the four files, 1 otherwise.
+
+--deploy then hosts that model.tar.gz as a local endpoint, as a buyer would try a model package:
+`Model(image_uri=IMAGE, model_data="file://.../model.tar.gz").deploy(instance_type="local")`. The
+SDK extracts the archive, starts `IMAGE serve` through docker compose with it at /opt/ml/model and
+port 8080 published (--serving-port to change the host's side), and waits for GET /ping. This
+script then invokes the endpoint with the first image of DATA/val (sorted) and checks the answer:
+every class once, probabilities summing to 1. --model-data deploys a model.tar.gz made before,
+without training. The endpoint is deleted (its container stopped) afterwards.
 
 Needs the SageMaker SDK v2 (v3 dropped sagemaker.estimator and sagemaker.local), in its own venv:
     python3 -m venv .venv-sagemaker && .venv-sagemaker/bin/pip install 'sagemaker==2.257.7'
@@ -80,6 +89,12 @@ def parse_args(argv):
     parser.add_argument("--instance-type", default="local", choices=["local", "local_gpu"],
                         help="local_gpu runs the container with the host's GPUs")
     parser.add_argument("--telemetry", action="store_true", help="let the SDK send its usage telemetry")
+    parser.add_argument("--deploy", action="store_true",
+                        help="after training, host model.tar.gz as a local endpoint and invoke it with one image")
+    parser.add_argument("--model-data", type=Path, metavar="MODEL_TAR_GZ",
+                        help="skip training: host this model.tar.gz as a local endpoint and invoke it")
+    parser.add_argument("--serving-port", type=int, default=8080,
+                        help="host port of the local endpoint (default %(default)s, the SDK's)")
     parser.add_argument("hyperparameters", nargs="*", metavar="key=value")
     args = parser.parse_args(argv)
     for split in ("train", "val"):
@@ -87,6 +102,8 @@ def parse_args(argv):
             parser.error(f"{args.data / split} is missing: --data needs train/ and val/ folders")
     if args.weights is not None and not args.weights.is_file():
         parser.error(f"--weights {args.weights} is not a file")
+    if args.model_data is not None and not args.model_data.is_file():
+        parser.error(f"--model-data {args.model_data} is not a file")
     hyperparameters = {}
     for pair in args.hyperparameters:
         key, sep, value = pair.partition("=")
@@ -155,6 +172,81 @@ def read_member(archive: Path, name: str) -> str | None:
         return None
 
 
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
+def first_val_image(data: Path) -> Path | None:
+    images = sorted(p for p in (data / "val").rglob("*") if p.suffix.lower() in IMAGE_TYPES)
+    return images[0] if images else None
+
+
+def deploy(args, session, model_archive: Path) -> bool:
+    """Hosts model_archive as a local endpoint, invokes it with one image, deletes the endpoint."""
+    import json
+
+    from sagemaker.deserializers import JSONDeserializer
+    from sagemaker.model import Model
+    from sagemaker.predictor import Predictor
+    from sagemaker.serializers import IdentitySerializer
+
+    image = first_val_image(args.data)
+    if image is None:
+        print(f"No .png or .jpg image under {args.data / 'val'} to invoke the endpoint with")
+        return False
+    # Local mode extracts model.tar.gz in the folder that holds it and mounts that whole folder at
+    # /opt/ml/model: give it a folder of its own, removed afterwards.
+    folder = Path(tempfile.mkdtemp(prefix="sagemaker_local_model_")).resolve()
+    shutil.copy2(model_archive, folder / "model.tar.gz")
+    # Through the setter, which passes the port on to the runtime client that invokes the endpoint. No
+    # container_root: the training job's scratch folder is gone by now (the SDK's default, /tmp, is used).
+    session.config = {"local": {"local_code": True, "serving_port": args.serving_port}}
+    model = Model(image_uri=args.image, model_data=f"file://{folder / 'model.tar.gz'}", role=DUMMY_ROLE,
+                  predictor_cls=Predictor, sagemaker_session=session)
+    print(f"\n===== deploying {model_archive} on {args.image} (local endpoint, port {args.serving_port}) =====",
+          flush=True)
+    predictor = None
+    ok = False
+    before = job_containers(args.image)
+    start = time.monotonic()
+    try:
+        # wait=False: local mode's create_endpoint already returns only once /ping answers 200;
+        # waiting would add the SDK's status poll, which sleeps 30 s before its first look.
+        predictor = model.deploy(initial_instance_count=1, instance_type=args.instance_type,
+                                 serializer=IdentitySerializer(IMAGE_TYPES[image.suffix.lower()]),
+                                 deserializer=JSONDeserializer(), wait=False)
+        ready = time.monotonic() - start
+        start = time.monotonic()
+        labels = json.loads(read_member(model_archive, "labels.json") or "{}")
+        answer = predictor.predict(image.read_bytes(), initial_args={"CustomAttributes": f"top_k={len(labels)}"})
+        latency = time.monotonic() - start
+        print(f"\n===== sagemaker_local.py deploy summary =====")
+        print(f"deploy: in service after {ready:.0f} s (the SDK looks at /ping every 5 s); invoke with {image} "
+              f"({image.stat().st_size} bytes): {latency * 1000:.0f} ms, with the SDK's `docker info` on each call")
+        print(f"answer: {json.dumps(answer)}")
+        prediction = answer["predictions"][0]
+        total = sum(prediction["probabilities"])
+        ok = sorted(prediction["labels"]) == sorted(labels.values()) and abs(total - 1) < 1e-4
+        print(f"every class once, probabilities sum to {total:.6f}: {'ok' if ok else 'WRONG'}")
+    except Exception as exc:  # noqa: BLE001 - reported; the endpoint is still deleted
+        print(f"deploy or invoke failed: {exc!r}")
+    finally:
+        if predictor is not None:
+            predictor.delete_endpoint()
+        else:  # deploy() failed part way: stop whatever endpoint local mode started
+            for endpoint in list(getattr(session.sagemaker_client, "_endpoints", {}) or {}):
+                try:
+                    session.delete_endpoint(endpoint)
+                except Exception:  # noqa: BLE001
+                    pass
+        # Deleting the endpoint stops docker compose, which stops the container (SIGTERM) but
+        # leaves it behind: its exit code says whether serve stopped cleanly.
+        for name, code in sorted(dict(finish_container(c) for c in job_containers(args.image) - before).items()):
+            print(f"Serving container {name} exit code after the endpoint was deleted: {code}")
+            ok = ok and code == 0
+        shutil.rmtree(folder, ignore_errors=True)
+    return ok
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")  # boto3 needs one; nothing calls AWS
@@ -164,6 +256,9 @@ def main(argv=None) -> int:
 
     if not check_image(args.image):
         return 1
+    if args.model_data is not None:
+        session = LocalSession(sagemaker_config=None if args.telemetry else NO_TELEMETRY)
+        return 0 if deploy(args, session, args.model_data.resolve()) else 1
     data = args.data.resolve()
     output = args.output.resolve()
     output.mkdir(parents=True, exist_ok=True)
@@ -245,6 +340,8 @@ def main(argv=None) -> int:
         if failure:
             ok = False
             print(f"Failure reason: {failure.strip()}")
+    if ok and args.deploy:
+        ok = deploy(args, session, model_archive)
     return 0 if ok else 1
 
 
