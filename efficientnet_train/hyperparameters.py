@@ -203,8 +203,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("aa", str, "rand-m9-mstd0.5",
                    "Augmentation policy (timm's auto_augment): v0, original, a RandAugment string such as "
                    "rand-m9-mstd0.5, or none.",
-                   check=_check_auto_augment, allowed_text="none, v0, original, or a timm RandAugment string",
-                   tunable=True),
+                   # Not tunable: a tuning job can only search ranges and category lists, not free text.
+                   check=_check_auto_augment, allowed_text="none, v0, original, or a timm RandAugment string"),
     Hyperparameter("decay_epochs", float, 2.4, "Epochs between learning-rate decays (step schedule).",
                    minimum=0, exclusive_minimum=True, maximum=10000, tunable=True),
     Hyperparameter("decay_rate", float, 0.1, "Factor the learning rate is multiplied by at each decay.",

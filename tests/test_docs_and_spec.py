@@ -160,3 +160,9 @@ def test_validation_profile_fits_the_algorithm_it_validates():
     assert transform["TransformResources"]["InstanceType"] in inference["SupportedTransformInstanceTypes"]
     assert transform["TransformInput"]["ContentType"] in inference["SupportedContentTypes"]
     assert transform["TransformOutput"]["Accept"] in inference["SupportedResponseMIMETypes"]
+
+
+def test_free_text_hyperparameters_are_not_tunable():
+    """A tuning job searches numeric ranges and category lists; CreateAlgorithm must not offer free text."""
+    free_text = [h for h in hyperparameters.sagemaker_hyperparameter_specs() if h["Type"] == "FreeText"]
+    assert free_text and not [h["Name"] for h in free_text if h["IsTunable"]]
