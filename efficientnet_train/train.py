@@ -85,22 +85,21 @@ def run(env: SageMakerEnvironment) -> None:
     model = model.to(memory_format=memory_format)
     data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
 
-    batch_size = hp.batch_size
     # Own generators: the loaders must not draw from the global RNG, or resuming would shift it.
     loader = partial(torch.utils.data.DataLoader, num_workers=hp.workers, pin_memory=device.type == "cuda",
                      persistent_workers=hp.workers > 0)
     train_data = dataset_of(train_channel, train_transform(data_config, hp.aa, hp.reprob, hp.remode, hp.hflip),
                             hp.max_unusable_fraction, hp.workers)
     val_data = dataset_of(val_channel, eval_transform(data_config), hp.max_unusable_fraction, hp.workers)
-    train_loader = loader(train_data, batch_sampler=TrainBatches(len(train_data), batch_size, hp.seed),
+    train_loader = loader(train_data, batch_sampler=TrainBatches(len(train_data), hp.batch_size, hp.seed),
                           generator=torch.Generator().manual_seed(hp.seed))
-    val_loader = loader(val_data, batch_size=batch_size, shuffle=False, generator=torch.Generator().manual_seed(hp.seed))
+    val_loader = loader(val_data, batch_size=hp.batch_size, shuffle=False, generator=torch.Generator().manual_seed(hp.seed))
     eval_hflip = hp.eval_hflip and hp.hflip > 0  # a model never shown mirror images can't be asked about them
 
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
-    lr = hp.lr * batch_size / hyperparameters.LR_REFERENCE_BATCH
+    lr = hp.lr * hp.batch_size / hyperparameters.LR_REFERENCE_BATCH
     optimizer = create_optimizer(model, hp, lr)
     # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch;
     # timm's plateau schedule only steps on epochs.
@@ -116,7 +115,7 @@ def run(env: SageMakerEnvironment) -> None:
 
     args = {**vars(hp),
             "ignored_hyperparameters": ignored, "classes": classes, "num_classes": len(classes),
-            "data_config": data_config, "effective_eval_hflip": eval_hflip, "effective_batch_size": batch_size,
+            "data_config": data_config, "effective_eval_hflip": eval_hflip, "effective_batch_size": hp.batch_size,
             "effective_lr": lr, "checkpoint_dir": str(env.checkpoint_dir),
             "device": describe(device), "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
             "train_images": len(train_channel.samples), "val_images": len(val_channel.samples),
@@ -202,7 +201,7 @@ def run(env: SageMakerEnvironment) -> None:
         log.info("Stopped by %s in epoch %d after %d of %d batches; saved %s, which a restarted job resumes from.",
                  stop.signal_name, progress.epoch, progress.step, len(train_loader), path)
     except Exception as exc:  # out of memory, a data-loading worker killed: the reason says what to change
-        raise explained(exc, batch_size, hp.workers, (train_data, val_data))
+        raise explained(exc, hp.batch_size, hp.workers, (train_data, val_data))
     finish(env, args, summary, best, stop_reason or "epochs done", time.monotonic() - started)
 
 

@@ -58,6 +58,14 @@ def assert_same_run(base, reference):
             assert torch.equal(state[part][key], value), f"{part} {key} differs after resuming"
 
 
+def resume_and_compare(base, reference) -> str:
+    """Start the job again on the same tree; it must finish as the uninterrupted run did. Returns its log."""
+    resumed = run_train(base)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_same_run(base, reference)
+    return resumed.stdout
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_weights):
     base = make_job(tmp_path_factory.mktemp("uninterrupted"),
@@ -107,11 +115,9 @@ def test_sigterm_mid_epoch_stops_cleanly_and_a_restart_finishes_the_same_run(uni
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
     assert args["stop_reason"] == "stopped by SIGTERM" and args["epochs_completed"] == 1
 
-    resumed = run_train(base)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    resumed_log = resume_and_compare(base, uninterrupted[0])
     assert f"Resuming from checkpoint {stopped[2]}: epoch 2, after {stopped[1]} of its 18 batches; " \
-           f"best so far top-1" in resumed.stdout
-    assert_same_run(base, uninterrupted[0])
+           f"best so far top-1" in resumed_log
 
 
 def test_sigkill_at_any_moment_loses_at_most_the_epoch_in_progress(uninterrupted, tmp_path):
@@ -121,10 +127,7 @@ def test_sigkill_at_any_moment_loses_at_most_the_epoch_in_progress(uninterrupted
     time.sleep(0.2)
     job.kill()
     job.wait(timeout=30)
-    resumed = run_train(base)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "Resuming from checkpoint" in resumed.stdout
-    assert_same_run(base, uninterrupted[0])
+    assert "Resuming from checkpoint" in resume_and_compare(base, uninterrupted[0])
 
 
 def test_a_second_signal_while_stopping_changes_nothing(uninterrupted, tmp_path):
@@ -137,9 +140,7 @@ def test_a_second_signal_while_stopping_changes_nothing(uninterrupted, tmp_path)
     log = job.communicate(timeout=60)[0]
     assert job.returncode == 0 and re.search(r"Stopped by SIG(TERM|INT)", log), log  # Python handles SIGINT first
     assert "received while already stopping" in log and "Traceback" not in log
-    resumed = run_train(base)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert_same_run(base, uninterrupted[0])
+    resume_and_compare(base, uninterrupted[0])
 
 
 def test_an_unreadable_newest_checkpoint_is_reported_and_the_one_before_used(uninterrupted, tmp_path):
@@ -148,11 +149,9 @@ def test_an_unreadable_newest_checkpoint_is_reported_and_the_one_before_used(uni
     shutil.copytree(reference / "checkpoints", base / "checkpoints")
     newest = base / "checkpoints" / "checkpoint-00004-0000000.pth.tar"
     newest.write_bytes(newest.read_bytes()[:10_000])  # what a kill during an S3 sync might leave
-    result = run_train(base)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"Checkpoint {newest} is unreadable" in result.stdout
-    assert "Resuming from checkpoint" in result.stdout and "checkpoint-00003-0000000.pth.tar: epoch 3" in result.stdout
-    assert_same_run(base, reference)
+    log = resume_and_compare(base, reference)
+    assert f"Checkpoint {newest} is unreadable" in log
+    assert "Resuming from checkpoint" in log and "checkpoint-00003-0000000.pth.tar: epoch 3" in log
 
 
 def test_a_checkpoint_of_another_run_is_refused(uninterrupted, tmp_path):
@@ -192,10 +191,8 @@ def test_a_finished_run_restarted_rewrites_its_model_without_training(uninterrup
     reference, _ = uninterrupted
     base = copy_job(uninterrupted, tmp_path)
     shutil.copytree(reference / "checkpoints", base / "checkpoints")
-    result = run_train(base)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "epoch 1/3" not in result.stdout and "Done in" in result.stdout
-    assert_same_run(base, reference)
+    log = resume_and_compare(base, reference)
+    assert "epoch 1/3" not in log and "Done in" in log
 
 
 # -- incremental training: the optional 'model' channel
