@@ -106,7 +106,8 @@ def load_latest_state(folder: Path) -> tuple[Path, dict] | None:
     return None
 
 
-def check_resumable(path: Path, state: dict, hyperparameters: dict, classes: list[str], train_images: int) -> None:
+def check_resumable(path: Path, state: dict, hyperparameters: dict, classes: list[str], train_images: int,
+                    processes: int = 1) -> None:
     """Refuse to continue a run with a checkpoint from a different one instead of silently mixing them."""
     saved = state["hyperparameters"]
     problems = [f"{key}={saved.get(key)!r} there, {value!r} here" for key, value in hyperparameters.items()
@@ -115,6 +116,8 @@ def check_resumable(path: Path, state: dict, hyperparameters: dict, classes: lis
         problems.append(f"classes {state['classes']} there, {classes} here")
     if state["train_images"] != train_images:
         problems.append(f"{state['train_images']} training images there, {train_images} here")
+    if state.get("world_size", 1) != processes:  # the global batch, and with it each step, would differ
+        problems.append(f"{state.get('world_size', 1)} training processes there, {processes} here")
     if problems:
         raise JobError(f"The checkpoint {path} is from a different training run: {'; '.join(problems)}. "
                        f"Resuming it would mix two runs. To resume, give the same data and hyperparameters; "
@@ -139,7 +142,7 @@ def restore_rng(state: dict) -> None:
 
 def training_state(*, progress: Progress, model, ema, optimizer, scheduler, scaler, summary: list[dict],
                    best: dict | None, best_model: dict | None, finished: str | None, hyperparameters: dict,
-                   classes: list[str], train_images: int) -> dict:
+                   classes: list[str], train_images: int, world_size: int = 1) -> dict:
     def cpu(state_dict):
         return {key: value.detach().cpu() for key, value in state_dict.items()}
 
@@ -147,7 +150,8 @@ def training_state(*, progress: Progress, model, ema, optimizer, scheduler, scal
             "ema": cpu(ema.state_dict()) if ema is not None else None, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": capture_rng(), "summary": summary, "best": best, "best_model": best_model, "finished": finished,
-            "hyperparameters": hyperparameters, "classes": classes, "train_images": train_images}
+            "hyperparameters": hyperparameters, "classes": classes, "train_images": train_images,
+            "world_size": world_size}
 
 
 def restore_training_state(state: dict, *, model, ema, optimizer, scheduler, scaler) -> Progress:

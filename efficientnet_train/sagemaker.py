@@ -22,6 +22,20 @@ FAILURE_REASON_LIMIT = 1024
 
 
 @dataclass(frozen=True)
+class Hosts:
+    """The instances of a training job (resourceconfig.json): `names` in SageMaker's order, the first one
+    being where the others meet, and the network interface they reach each other on."""
+
+    names: tuple[str, ...]
+    current: str
+    interface: str | None  # None: one host, everything over the loopback
+
+    @property
+    def rank(self) -> int:
+        return self.names.index(self.current)
+
+
+@dataclass(frozen=True)
 class SageMakerEnvironment:
     base_dir: Path
     environ: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -65,6 +79,38 @@ class SageMakerEnvironment:
     def training_job_name(self) -> str | None:
         """Set by SageMaker (and by the SDK's local mode); absent in a plain `docker run`."""
         return self.environ.get("TRAINING_JOB_NAME") or None
+
+    @property
+    def hosts(self) -> Hosts:
+        path = self.base_dir / "input" / "config" / "resourceconfig.json"
+        if not path.exists():  # a plain `docker run`: one machine
+            return Hosts(("localhost",), "localhost", None)
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+            names, current = tuple(config["hosts"]), config["current_host"]
+            interface = config.get("network_interface_name") or None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise JobError(f"{path} is not a SageMaker resource config ({type(exc).__name__}: {exc}); it must be "
+                           'a JSON object like {"current_host": "algo-1", "hosts": ["algo-1", "algo-2"], '
+                           '"network_interface_name": "eth0"}.') from exc
+        if current not in names:
+            raise JobError(f"{path}: current_host {current!r} is not one of the hosts {list(names)}.")
+        return Hosts(names, current, interface if len(names) > 1 else None)
+
+    @property
+    def processes_per_host(self) -> int | None:
+        """None: one per GPU (one on a CPU-only host). Set to run several processes without GPUs, e.g. in tests."""
+        return _positive_int(self.environ, "TRAIN_PROCESSES_PER_HOST", 0) or None
+
+    @property
+    def peer_timeout_s(self) -> int:
+        """How long hosts wait for each other to resolve and connect before the job fails."""
+        return _positive_int(self.environ, "TRAIN_PEER_TIMEOUT_S", 600)
+
+    @property
+    def rendezvous_port(self) -> int:
+        """Where the processes of a distributed job meet, on the first host; torchrun's name and default."""
+        return _positive_int(self.environ, "MASTER_PORT", 29500)
 
     def channel_dir(self, name: str) -> Path:
         override = self.environ.get(f"SM_CHANNEL_{name.upper()}")

@@ -42,7 +42,7 @@ def algorithm_spec() -> dict:
             "TrainingImage": TRAINING_IMAGE_PLACEHOLDER,
             "SupportedHyperParameters": sagemaker_hyperparameter_specs(),
             "SupportedTrainingInstanceTypes": TRAINING_INSTANCE_TYPES,
-            "SupportsDistributedTraining": False,
+            "SupportsDistributedTraining": True,  # one process per GPU of every instance: distributed.py
             "MetricDefinitions": metric_definitions(),
             "TrainingChannels": [
                 _channel("train", "Training images: train/<label>/<image>. The folder names are the labels."),

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__, hyperparameters, outputs, report
+from . import __version__, distributed, hyperparameters, outputs, report
 from .checkpoints import (Interrupted, Progress, StopRequest, check_resumable, load_latest_state,
                           restore_training_state, save_state, training_state)
 from .data import (TrainBatches, dataset_of, eval_transform, report_load_failures, resolve_data_config, scan_channel,
@@ -40,7 +40,12 @@ def main() -> int:
     env = SageMakerEnvironment.from_environ()
     env.failure_file.unlink(missing_ok=True)  # a reason left by an earlier run would mislead
     try:
-        run(env)
+        cluster = distributed.Cluster.of(env)
+        job = prepare(env, cluster.world_size)
+        if cluster.world_size == 1:
+            run(env, job)
+        else:
+            distributed.launch(cluster, run, env, job)
         return 0
     except JobError as exc:
         log.error("Training failed: %s", exc, exc_info=True)
@@ -52,12 +57,12 @@ def main() -> int:
     return 1
 
 
-def run(env: SageMakerEnvironment) -> None:
-    stop = StopRequest().install()
+def prepare(env: SageMakerEnvironment, world_size: int) -> SimpleNamespace:
+    """Everything that can be checked without the model is, first, once per host: a broken tree fails in
+    seconds, before any training process starts."""
     hp, ignored = hyperparameters.parse(env.read_hyperparameters())
     if ignored:
         log.info("Ignoring SageMaker's own hyperparameters: %s", ", ".join(ignored))
-    # Everything that can be checked without the model is, first: a broken tree fails in seconds.
     train_channel = scan_channel("train", env.channel_dir("train"), max_unusable_fraction=hp.max_unusable_fraction)
     log.info(train_channel.inventory())
     val_channel = scan_channel("val", env.channel_dir("val"), classes=train_channel.classes,
@@ -67,15 +72,29 @@ def run(env: SageMakerEnvironment) -> None:
     if len(classes) < 2:
         raise JobError(f"The 'train' channel has one class ({classes[0]}); a classifier needs at least two. "
                        f"Add a folder of images for each other label to {train_channel.root}.")
-    check_batch_size(hp.batch_size, len(train_channel.samples))
+    check_batch_size(hp.batch_size, len(train_channel.samples), world_size)
     warn_about_thin_classes(train_channel, val_channel)
     resumed = load_latest_state(env.checkpoint_dir)
     if resumed:
-        check_resumable(*resumed, vars(hp), classes, len(train_channel.samples))
+        check_resumable(*resumed, vars(hp), classes, len(train_channel.samples), world_size)
+    return SimpleNamespace(hp=hp, ignored=ignored, train_channel=train_channel, val_channel=val_channel,
+                           resumed=resumed)
 
-    seed_everything(hp.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
+
+def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank = distributed.SINGLE) -> None:
+    """Train in this process: the only one, or one of `rank.world_size` (then only rank 0 writes)."""
+    hp, ignored, train_channel, val_channel = job.hp, job.ignored, job.train_channel, job.val_channel
+    classes = train_channel.classes
+    stop = StopRequest().install()
+    if rank.distributed:
+        stop = distributed.AgreedStop(stop)
+    # Rank 0's checkpoint for all: another host's checkpoint folder may be empty or behind.
+    resumed = distributed.broadcast_object(job.resumed, rank)
+    job.resumed = None  # not kept twice in memory
+
+    seed_everything(hp.seed + rank.rank)  # other dropout and augmentation in each process
+    device = torch.device("cuda", rank.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu" and rank.is_main:
         log.warning("No GPU found (torch.cuda.is_available() is False): training on the CPU, many times slower. "
                     "Choose a GPU instance type (ml.g5, ml.g6, ml.p3, ...) for more than a small test.")
     autocast, amp_dtype = autocast_for(device)
@@ -84,6 +103,8 @@ def run(env: SageMakerEnvironment) -> None:
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
+    # Gradients averaged over all processes after each backward; parameters start as rank 0's.
+    trained = torch.nn.parallel.DistributedDataParallel(model) if rank.distributed else model
 
     # Own generators: the loaders must not draw from the global RNG, or resuming would shift it.
     loader = partial(torch.utils.data.DataLoader, num_workers=hp.workers, pin_memory=device.type == "cuda",
@@ -91,15 +112,20 @@ def run(env: SageMakerEnvironment) -> None:
     train_data = dataset_of(train_channel, train_transform(data_config, hp.aa, hp.reprob, hp.remode, hp.hflip),
                             hp.max_unusable_fraction, hp.workers)
     val_data = dataset_of(val_channel, eval_transform(data_config), hp.max_unusable_fraction, hp.workers)
-    train_loader = loader(train_data, batch_sampler=TrainBatches(len(train_data), hp.batch_size, hp.seed),
-                          generator=torch.Generator().manual_seed(hp.seed))
-    val_loader = loader(val_data, batch_size=hp.batch_size, shuffle=False, generator=torch.Generator().manual_seed(hp.seed))
+    train_loader = loader(train_data, batch_sampler=TrainBatches(len(train_data), hp.batch_size, hp.seed,
+                                                                 rank.world_size, rank.rank),
+                          generator=torch.Generator().manual_seed(hp.seed + rank.rank))
+    # Every rank a different share, each image exactly once (no padding): the summed counts are the val set's.
+    val_share = torch.utils.data.Subset(val_data, range(rank.rank, len(val_data), rank.world_size))
+    val_loader = loader(val_share, batch_size=hp.batch_size, shuffle=False,
+                        generator=torch.Generator().manual_seed(hp.seed + rank.rank))
     eval_hflip = hp.eval_hflip and hp.hflip > 0  # a model never shown mirror images can't be asked about them
 
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
 
-    lr = hp.lr * hp.batch_size / hyperparameters.LR_REFERENCE_BATCH
+    global_batch = hp.batch_size * rank.world_size
+    lr = hp.lr * global_batch / hyperparameters.LR_REFERENCE_BATCH
     optimizer = create_optimizer(model, hp, lr)
     # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch;
     # timm's plateau schedule only steps on epochs.
@@ -115,9 +141,9 @@ def run(env: SageMakerEnvironment) -> None:
 
     args = {**vars(hp),
             "ignored_hyperparameters": ignored, "classes": classes, "num_classes": len(classes),
-            "data_config": data_config, "effective_eval_hflip": eval_hflip, "effective_batch_size": hp.batch_size,
+            "data_config": data_config, "effective_eval_hflip": eval_hflip, "global_batch_size": global_batch,
             "effective_lr": lr, "checkpoint_dir": str(env.checkpoint_dir),
-            "device": describe(device), "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+            "processes": rank.world_size, "device": describe(device), "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
             "train_images": len(train_channel.samples), "val_images": len(val_channel.samples),
             "train_images_per_class": train_channel.images_per_class(),
             "val_images_per_class": val_channel.images_per_class(),
@@ -129,22 +155,27 @@ def run(env: SageMakerEnvironment) -> None:
         path, state = resumed
         progress = restore_training_state(state, **trainables)
         summary, best, best_model, stop_reason = state["summary"], state["best"], state["best_model"], state["finished"]
+        if rank.rank:
+            seed_everything(hp.seed + rank.rank + 1000 * progress.epoch)  # the saved RNG states are rank 0's
         args["resumed_from"] = f"{path} (epoch {progress.epoch}, after {progress.step} of {len(train_loader)} batches)"
         log.info("Resuming from checkpoint %s: epoch %d, after %d of its %d batches; %s", path, progress.epoch,
                  progress.step, len(train_loader), "no best model yet" if best is None else
                  f"best so far top-1 {best['top1']:.4f}% at epoch {best['epoch']}")
-    outputs.write_labels(env.model_dir, classes)
-    log.info("Resolved settings (also in %s):\n%s", outputs.ARGS_FILE, outputs.write_args(env.model_dir, args))
     title = f"{hp.model} on {len(classes)} classes, {env.training_job_name or 'local run'}"
-    if best_model is not None:  # a restarted spot job's model/ starts empty
-        save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, best_model)
-    write_epoch_outputs(env.model_dir, summary, best, classes, title)
+    if rank.is_main:
+        outputs.write_labels(env.model_dir, classes)
+        log.info("Resolved settings (also in %s):\n%s", outputs.ARGS_FILE, outputs.write_args(env.model_dir, args))
+        if best_model is not None:  # a restarted spot job's model/ starts empty
+            save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, best_model)
+        write_epoch_outputs(env.model_dir, summary, best, classes, title)
 
-    def save_progress() -> Path:
+    def save_progress() -> Path | None:
+        if not rank.is_main:
+            return None
         return save_state(env.checkpoint_dir, training_state(
             progress=progress, **trainables, summary=summary, best=best, best_model=best_model,
             finished=stop_reason, hyperparameters=vars(hp), classes=classes,
-            train_images=len(train_channel.samples)))
+            train_images=len(train_channel.samples), world_size=rank.world_size))
 
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_channel) if hp.balance_classes else None,
                                         label_smoothing=hp.smoothing).to(device)
@@ -152,12 +183,16 @@ def run(env: SageMakerEnvironment) -> None:
     try:
         while stop_reason is None and progress.epoch <= hp.epochs:
             epoch, epoch_started, seen_before = progress.epoch, time.monotonic(), progress.seen
-            train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, ema, scaler, autocast,
+            train_loss = train_one_epoch(trained, train_loader, loss_fn, optimizer, scheduler, ema, scaler, autocast,
                                          device, memory_format, progress, stop)
-            images_per_second = (progress.seen - seen_before) / max(time.monotonic() - epoch_started, 1e-6)
+            images_per_second = ((progress.seen - seen_before) * rank.world_size
+                                 / max(time.monotonic() - epoch_started, 1e-6))
             candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
+            for net in candidates.values():
+                distributed.broadcast_buffers(net)
+            # Ranks may hold different val shares, so not interruptible by batch there: validation is short.
             results = {name: evaluate(net, val_loader, autocast, device, memory_format, len(classes), eval_hflip,
-                                      stop) for name, net in candidates.items()}
+                                      None if rank.distributed else stop) for name, net in candidates.items()}
             chosen = max(results, key=lambda name: (results[name].top1, -results[name].loss))
             result = results[chosen]
             scheduler.step(epoch, result.top1)
@@ -181,10 +216,12 @@ def run(env: SageMakerEnvironment) -> None:
                                            metric_name=VAL_ACC_1, weights=chosen, labels=classes,
                                            num_classes=len(classes), data_config=data_config,
                                            eval_hflip=eval_hflip, args=args)
-                save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, best_model)
+                if rank.is_main:
+                    save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, best_model)
                 # Not "validation:acc_1=": SageMaker's regex would record the value a second time.
                 log.info("New best model: epoch %d, top-1 accuracy %.4f%% (%s weights)", epoch, result.top1, chosen)
-            write_epoch_outputs(env.model_dir, summary, best, classes, title)
+            if rank.is_main:
+                write_epoch_outputs(env.model_dir, summary, best, classes, title)
             if hp.early_stopping:
                 stop_reason = early_stop_reason(epoch, best["epoch"], lr_now, lr, hp)
             progress = Progress(epoch + 1)
@@ -202,7 +239,8 @@ def run(env: SageMakerEnvironment) -> None:
                  stop.signal_name, progress.epoch, progress.step, len(train_loader), path)
     except Exception as exc:  # out of memory, a data-loading worker killed: the reason says what to change
         raise explained(exc, hp.batch_size, hp.workers, (train_data, val_data))
-    finish(env, args, summary, best, stop_reason or "epochs done", time.monotonic() - started)
+    if rank.is_main:
+        finish(env, args, summary, best, stop_reason or "epochs done", time.monotonic() - started)
 
 
 def write_epoch_outputs(model_dir: Path, summary: list[dict], best: dict | None, classes: list[str],
@@ -245,13 +283,15 @@ def create_optimizer(model: torch.nn.Module, hp, lr: float) -> torch.optim.Optim
                                layer_decay=hp.layer_decay if hp.layer_decay < 1 else None)
 
 
-def check_batch_size(batch_size: int, train_images: int) -> None:
-    """Every training step takes a full batch (a short last batch would be a noisy step), so a batch larger
-    than the training set would never train."""
-    if batch_size > train_images:
+def check_batch_size(batch_size: int, train_images: int, processes: int = 1) -> None:
+    """Every training step takes a full batch in each process (a short last batch would be a noisy step), so a
+    batch larger than a process's share of the training set would never train."""
+    share = train_images // processes
+    if batch_size > share:
+        among = f", shared among {processes} training processes (one per GPU)" if processes > 1 else ""
         raise JobError(f"batch_size={batch_size} is larger than the training set ({train_images} usable images in "
-                       f"'train'), so not one full batch can be made and no training step would run. Set batch_size "
-                       f"to {train_images} or less (the largest value that works), or add training images.")
+                       f"'train'{among}), so not one full batch can be made and no training step would run. Set "
+                       f"batch_size to {share} or less (the largest value that works), or add training images.")
 
 
 def early_stop_reason(epoch: int, best_epoch: int, lr_now: float, peak_lr: float, hp) -> str | None:
@@ -306,7 +346,9 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ema, scaler, a
             progress.loss_sum = loss_sum.item()
             raise Interrupted
     progress.loss_sum = loss_sum.item()
-    mean_loss = progress.loss_sum / max(progress.seen, 1)
+    totals = distributed.sum_over_ranks(torch.tensor([progress.loss_sum, progress.seen], dtype=torch.float64,
+                                                     device=device))
+    mean_loss = (totals[0] / totals[1].clamp(min=1)).item()
     if not np.isfinite(mean_loss):
         raise JobError(f"Training diverged in epoch {progress.epoch}: the training loss is {mean_loss}. Lower lr "
                        f"(it is scaled to the batch size from a batch of {hyperparameters.LR_REFERENCE_BATCH}) "
@@ -323,7 +365,6 @@ def evaluate(model, loader, autocast, device, memory_format, num_classes: int, m
     model.eval()
     sums = torch.zeros(3, device=device)  # loss, top-1 and top-k summed over images; one sync at the end
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)  # true x predicted
-    seen = 0
     for images, targets in loader:
         if stop:
             raise Interrupted
@@ -336,8 +377,9 @@ def evaluate(model, loader, autocast, device, memory_format, num_classes: int, m
                              top1 * len(targets), topk * len(targets)])
         confusion += torch.bincount(targets * num_classes + log_probabilities.argmax(dim=1),
                                     minlength=num_classes * num_classes)
-        seen += len(targets)
-    loss, top1, top5 = (sums / seen).tolist()
+    distributed.sum_over_ranks(sums)
+    distributed.sum_over_ranks(confusion)
+    loss, top1, top5 = (sums / confusion.sum()).tolist()  # over every image of the val set, once
     confusion = confusion.view(num_classes, num_classes).tolist()
     per_class = [100 * row[index] / sum(row) if sum(row) else None for index, row in enumerate(confusion)]
     return SimpleNamespace(loss=loss, top1=top1, top5=top5, per_class=per_class, confusion=confusion)

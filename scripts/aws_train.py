@@ -40,6 +40,8 @@ def parse_args(argv):
     parser.add_argument("--model", help="optional S3 URI of a previous job's model.tar.gz (the 'model' channel)")
     parser.add_argument("--output", required=True, help="S3 prefix for the job's model and checkpoints")
     parser.add_argument("--instance-type", default=aws_kit.DEFAULT_TRAINING_INSTANCE)
+    parser.add_argument("--instance-count", type=int, default=1,
+                        help="instances: the job trains one model on every GPU of all of them (batch_size is per GPU)")
     parser.add_argument("--volume-size", type=int, default=30, help="GB of disk for the data and checkpoints")
     parser.add_argument("--input-mode", default="File", choices=["File", "FastFile"],
                         help="File copies the data before training; FastFile streams it from S3")
@@ -66,7 +68,7 @@ def estimator(args, session, job_name: str):
     # SageMaker Debugger and its profiler are off: the image has no hooks for them, and they would add
     # their own outputs and rule jobs to a buyer's bill.
     common = dict(
-        role=args.role, instance_count=1, instance_type=args.instance_type, volume_size=args.volume_size,
+        role=args.role, instance_count=args.instance_count, instance_type=args.instance_type, volume_size=args.volume_size,
         max_run=args.max_run, output_path=args.output, sagemaker_session=session,
         use_spot_instances=not args.on_demand,
         max_wait=None if args.on_demand else (args.max_wait or 2 * args.max_run),

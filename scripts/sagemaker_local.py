@@ -88,6 +88,8 @@ def parse_args(argv):
     parser.add_argument("--weights", type=Path, help="a timm weights file, passed as the 'weights' channel")
     parser.add_argument("--instance-type", default="local", choices=["local", "local_gpu"],
                         help="local_gpu runs the container with the host's GPUs")
+    parser.add_argument("--instance-count", type=int, default=1,
+                        help="containers (hosts algo-1, algo-2, ...) that train one model together")
     parser.add_argument("--telemetry", action="store_true", help="let the SDK send its usage telemetry")
     parser.add_argument("--deploy", action="store_true",
                         help="after training, host model.tar.gz as a local endpoint and invoke it with one image")
@@ -280,7 +282,7 @@ def main(argv=None) -> int:
     estimator = Estimator(
         image_uri=args.image,
         role=DUMMY_ROLE,
-        instance_count=1,
+        instance_count=args.instance_count,
         instance_type=args.instance_type,
         hyperparameters=hyperparameters,
         output_path=f"file://{output}",

@@ -210,7 +210,8 @@ def test_train_on_a_marketplace_subscription_uses_the_algorithm_and_its_defaults
         aws.answer("describe_algorithm", described_algorithm())
         aws.answer("create_training_job", {"TrainingJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/j2"})
         aws_train.main(["--algorithm-arn", ALGORITHM_ARN, *common_train_args(
-            "--job-name", "j2", "--model", f"{OUTPUT}/j1/output/model.tar.gz", "--instance-type", "ml.p3.2xlarge"),
+            "--job-name", "j2", "--model", f"{OUTPUT}/j1/output/model.tar.gz", "--instance-type", "ml.p3.2xlarge",
+            "--instance-count", "2"),
             "epochs=30", "opt=adamw"], session=aws.session)
     assert aws.request("DescribeAlgorithm") == {"AlgorithmName": ALGORITHM_ARN}
     job = aws.request("CreateTrainingJob")
@@ -227,6 +228,7 @@ def test_train_on_a_marketplace_subscription_uses_the_algorithm_and_its_defaults
     assert job["CheckpointConfig"] == {"S3Uri": f"{OUTPUT}/j2/checkpoints"}
     assert job["StoppingCondition"]["MaxWaitTimeInSeconds"] == 2 * job["StoppingCondition"]["MaxRuntimeInSeconds"]
     assert job["ResourceConfig"]["InstanceType"] == "ml.p3.2xlarge"
+    assert job["ResourceConfig"]["InstanceCount"] == 2  # the SDK allows it: the spec declares distributed training
     assert "DebugHookConfig" not in job and job["ProfilerConfig"] == {"DisableProfiler": True}
     assert set(channels(job)) == {"train", "val", "model"}
 
