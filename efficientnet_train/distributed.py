@@ -42,6 +42,7 @@ class Rank:
     world_size: int = 1
     local_rank: int = 0
     host: str = "localhost"
+    per_host: int = 1  # processes on this host, which share its CPU cores
 
     @property
     def is_main(self) -> bool:
@@ -73,7 +74,7 @@ class Cluster:
 
     def rank(self, local_rank: int) -> Rank:
         return Rank(self.hosts.rank * self.processes_per_host + local_rank, self.world_size, local_rank,
-                    self.hosts.current)
+                    self.hosts.current, self.processes_per_host)
 
     @property
     def master(self) -> str:

@@ -233,8 +233,9 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("reprob", float, 0.2, "Random-erasing probability.", minimum=0, maximum=1, tunable=True),
     Hyperparameter("sched", str, "step", "Learning-rate schedule (timm's names).",
                    choices=("step", "cosine", "tanh", "poly", "plateau"), tunable=True),
-    Hyperparameter("workers", int, 1, "Data-loading worker processes (0 loads in the training process).",
-                   minimum=0, maximum=128),
+    Hyperparameter("workers", int, -1,
+                   "Data-loading worker processes per GPU; -1 = every CPU core but one per GPU (the listing's 1 "
+                   "starves a GPU); 0 loads in the training process.", minimum=-1, maximum=128),
     Hyperparameter("warmup_lr", float, 0.000001, "Learning rate at the start of the warmup.",
                    minimum=0, maximum=10, tunable=True),
     Hyperparameter("weight_decay", float, 0.00001, "Weight decay.", minimum=0, maximum=1, tunable=True),

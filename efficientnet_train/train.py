@@ -42,6 +42,7 @@ def main() -> int:
     try:
         cluster = distributed.Cluster.of(env)
         job = prepare(env, cluster.world_size)
+        job.started = process_started_at()
         if cluster.world_size == 1:
             run(env, job)
         else:
@@ -106,12 +107,13 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     # Gradients averaged over all processes after each backward; parameters start as rank 0's.
     trained = torch.nn.parallel.DistributedDataParallel(model) if rank.distributed else model
 
+    workers = hp.workers if hp.workers >= 0 else data_loading_workers(rank.per_host)
     # Own generators: the loaders must not draw from the global RNG, or resuming would shift it.
-    loader = partial(torch.utils.data.DataLoader, num_workers=hp.workers, pin_memory=device.type == "cuda",
-                     persistent_workers=hp.workers > 0)
+    loader = partial(torch.utils.data.DataLoader, num_workers=workers, pin_memory=device.type == "cuda",
+                     persistent_workers=workers > 0)
     train_data = dataset_of(train_channel, train_transform(data_config, hp.aa, hp.reprob, hp.remode, hp.hflip),
-                            hp.max_unusable_fraction, hp.workers)
-    val_data = dataset_of(val_channel, eval_transform(data_config), hp.max_unusable_fraction, hp.workers)
+                            hp.max_unusable_fraction, workers)
+    val_data = dataset_of(val_channel, eval_transform(data_config), hp.max_unusable_fraction, workers)
     train_loader = loader(train_data, batch_sampler=TrainBatches(len(train_data), hp.batch_size, hp.seed,
                                                                  rank.world_size, rank.rank),
                           generator=torch.Generator().manual_seed(hp.seed + rank.rank))
@@ -143,7 +145,7 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
             "ignored_hyperparameters": ignored, "classes": classes, "num_classes": len(classes),
             "data_config": data_config, "effective_eval_hflip": eval_hflip, "global_batch_size": global_batch,
             "effective_lr": lr, "checkpoint_dir": str(env.checkpoint_dir),
-            "processes": rank.world_size, "device": describe(device), "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+            "processes": rank.world_size, "effective_workers": workers, "device": describe(device), "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
             "train_images": len(train_channel.samples), "val_images": len(val_channel.samples),
             "train_images_per_class": train_channel.images_per_class(),
             "val_images_per_class": val_channel.images_per_class(),
@@ -184,15 +186,15 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
         while stop_reason is None and progress.epoch <= hp.epochs:
             epoch, epoch_started, seen_before = progress.epoch, time.monotonic(), progress.seen
             train_loss = train_one_epoch(trained, train_loader, loss_fn, optimizer, scheduler, ema, scaler, autocast,
-                                         device, memory_format, progress, stop)
+                                         device, memory_format, progress, stop, job.started if not epoch_seconds else None)
             images_per_second = ((progress.seen - seen_before) * rank.world_size
                                  / max(time.monotonic() - epoch_started, 1e-6))
             candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
             for net in candidates.values():
                 distributed.broadcast_buffers(net)
             # Ranks may hold different val shares, so not interruptible by batch there: validation is short.
-            results = {name: evaluate(net, val_loader, autocast, device, memory_format, len(classes), eval_hflip,
-                                      None if rank.distributed else stop) for name, net in candidates.items()}
+            results = evaluate(candidates, val_loader, autocast, device, memory_format, len(classes), eval_hflip,
+                               None if rank.distributed else stop)
             chosen = max(results, key=lambda name: (results[name].top1, -results[name].loss))
             result = results[chosen]
             scheduler.step(epoch, result.top1)
@@ -205,6 +207,11 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
                      " (" + ", ".join(f"{name} acc_1={r.top1:.2f}" for name, r in results.items()) + ")",
                      images_per_second, time.monotonic() - started,
                      report.duration((hp.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)))
+            if device.type == "cuda" and len(epoch_seconds) == 1:
+                log.info("Peak GPU memory: %.1f GiB of %.1f GiB (batch_size=%d, img_size=%d)",
+                         torch.cuda.max_memory_reserved(device) / 2**30,
+                         torch.cuda.get_device_properties(device).total_memory / 2**30, hp.batch_size,
+                         data_config["input_size"][-1])
             summary.append({"epoch": epoch, "train_loss": f"{train_loss:.6f}", "eval_loss": f"{result.loss:.6f}",
                             "eval_top1": f"{result.top1:.6f}", "eval_top5": f"{result.top5:.6f}",
                             "lr": f"{lr_now:.10f}"})
@@ -238,7 +245,7 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
         log.info("Stopped by %s in epoch %d after %d of %d batches; saved %s, which a restarted job resumes from.",
                  stop.signal_name, progress.epoch, progress.step, len(train_loader), path)
     except Exception as exc:  # out of memory, a data-loading worker killed: the reason says what to change
-        raise explained(exc, hp.batch_size, hp.workers, (train_data, val_data))
+        raise explained(exc, hp.batch_size, workers, (train_data, val_data))
     if rank.is_main:
         finish(env, args, summary, best, stop_reason or "epochs done", time.monotonic() - started)
 
@@ -310,8 +317,9 @@ def class_weights(channel) -> torch.Tensor:
 
 
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ema, scaler, autocast, device, memory_format,
-                    progress: Progress, stop: StopRequest) -> float:
-    """Train the rest of `progress.epoch` (all of it unless resuming), counting batches in `progress`."""
+                    progress: Progress, stop: StopRequest, job_started: float | None = None) -> float:
+    """Train the rest of `progress.epoch` (all of it unless resuming), counting batches in `progress`;
+    given when the job started, say how long it took to get to the first step."""
     model.train()
     loader.batch_sampler.start_epoch(progress.epoch, skip_batches=progress.step)
     loss_sum = torch.tensor(progress.loss_sum, device=device)  # no .item() per step: a sync would stall the GPU
@@ -336,6 +344,10 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ema, scaler, a
         scheduler.step_update(num_updates)
         loss_sum += loss.detach() * len(targets)
         progress.seen += len(targets)
+        if job_started is not None:
+            loss.item()  # waits for the GPU, once
+            log.info("First training step done %.1f s after the job started", time.time() - job_started)
+            job_started = None
         if time.monotonic() - last_report >= PROGRESS_EVERY_S:
             last_report = time.monotonic()
             rate = (progress.step - first_step) * len(targets) / (last_report - started)
@@ -357,32 +369,58 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ema, scaler, a
 
 
 @torch.no_grad()
-def evaluate(model, loader, autocast, device, memory_format, num_classes: int, mirror: bool,
-             stop: StopRequest | None = None) -> SimpleNamespace:
+def evaluate(models: dict[str, torch.nn.Module], loader, autocast, device, memory_format, num_classes: int,
+             mirror: bool, stop: StopRequest | None = None) -> dict[str, SimpleNamespace]:
+    """Loss, top-1/top-5 accuracy and confusion matrix of each model on the whole val set (summed over all
+    processes). One pass over the images for all the models: decoding them is often the slow part."""
     from timm.utils import accuracy
 
     top_k = min(5, num_classes)  # top-5 over fewer than 5 classes would fail; it is then over all of them
-    model.eval()
-    sums = torch.zeros(3, device=device)  # loss, top-1 and top-k summed over images; one sync at the end
-    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)  # true x predicted
+    for model in models.values():
+        model.eval()
+    # Per model: loss, top-1 and top-k summed over images, and true x predicted counts; one sync at the end.
+    sums = {name: torch.zeros(3, device=device) for name in models}
+    confusion = {name: torch.zeros(num_classes * num_classes, dtype=torch.long, device=device) for name in models}
     for images, targets in loader:
         if stop:
             raise Interrupted
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
-        with autocast():
-            log_probabilities = predict_log_probabilities(model, images, mirror)
-        top1, topk = accuracy(log_probabilities, targets, topk=(1, top_k))  # percentages of this batch
-        sums += torch.stack([F.nll_loss(log_probabilities, targets, reduction="sum"),
-                             top1 * len(targets), topk * len(targets)])
-        confusion += torch.bincount(targets * num_classes + log_probabilities.argmax(dim=1),
-                                    minlength=num_classes * num_classes)
-    distributed.sum_over_ranks(sums)
-    distributed.sum_over_ranks(confusion)
+        for name, model in models.items():
+            with autocast():
+                log_probabilities = predict_log_probabilities(model, images, mirror)
+            top1, topk = accuracy(log_probabilities, targets, topk=(1, top_k))  # percentages of this batch
+            sums[name] += torch.stack([F.nll_loss(log_probabilities, targets, reduction="sum"),
+                                       top1 * len(targets), topk * len(targets)])
+            confusion[name] += torch.bincount(targets * num_classes + log_probabilities.argmax(dim=1),
+                                              minlength=num_classes * num_classes)
+    return {name: _evaluation(distributed.sum_over_ranks(sums[name]), distributed.sum_over_ranks(confusion[name]),
+                              num_classes) for name in models}
+
+
+def _evaluation(sums: torch.Tensor, confusion: torch.Tensor, num_classes: int) -> SimpleNamespace:
     loss, top1, top5 = (sums / confusion.sum()).tolist()  # over every image of the val set, once
     confusion = confusion.view(num_classes, num_classes).tolist()
     per_class = [100 * row[index] / sum(row) if sum(row) else None for index, row in enumerate(confusion)]
     return SimpleNamespace(loss=loss, top1=top1, top5=top5, per_class=per_class, confusion=confusion)
+
+
+def data_loading_workers(processes_on_this_host: int) -> int:
+    """Every CPU core this job may use, but one for each training process, shared among the processes."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(cores // processes_on_this_host - 1, 0)
+
+
+def process_started_at() -> float:
+    """When this process started (its imports included), as time.time() counts."""
+    try:
+        with open("/proc/self/stat") as f:  # field 22: clock ticks after boot; the name may hold spaces
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
 
 
 def seed_everything(seed: int) -> None:

@@ -49,8 +49,8 @@ def evaluate_alone(model_dir: Path, val_dir: Path):
     loader = torch.utils.data.DataLoader(dataset_of(channel, eval_transform(checkpoint["data_config"])),
                                          batch_size=5)
     device = torch.device("cpu")
-    return evaluate(model, loader, autocast_for(device)[0], device, torch.contiguous_format,
-                    len(checkpoint["labels"]), checkpoint["eval_hflip"])
+    return evaluate({"saved": model}, loader, autocast_for(device)[0], device, torch.contiguous_format,
+                    len(checkpoint["labels"]), checkpoint["eval_hflip"])["saved"]
 
 
 def check_outputs_agree_with_one_process(base: Path, processes: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -82,3 +83,14 @@ def test_mirrored_prediction_averages_an_image_and_its_mirror():
     assert torch.allclose(mirrored, predict_log_probabilities(model, images.flip(3), mirror=True), atol=1e-6)
     plain = predict_log_probabilities(model, images, mirror=False)
     assert torch.allclose(plain, model(images).log_softmax(1)) and not torch.allclose(plain, mirrored)
+
+
+def test_data_loading_workers_use_every_core_but_one_per_gpu(monkeypatch):
+    from efficientnet_train.train import data_loading_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))  # ml.p3.2xlarge: 8 vCPUs, 1 GPU
+    assert data_loading_workers(1) == 7
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(32)))  # ml.p3.8xlarge: 32 vCPUs, 4 GPUs
+    assert data_loading_workers(4) == 7
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})
+    assert data_loading_workers(1) == 0  # one core: loading in the training process beats competing with it
