@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .data import eval_transform
+from .data import decode_side, eval_transform
 from .errors import JobError
 from .model import autocast_for, load_trained_model, predict_log_probabilities
 from .outputs import BEST_MODEL_FILE, LABELS_FILE
@@ -29,6 +29,7 @@ class Classifier:
         self.model = model.to(self.device)
         self.labels = read_labels(model_dir, expected=len(checkpoint["labels"]))
         self.transform = eval_transform(checkpoint["data_config"])
+        self.decode_side = decode_side(checkpoint["data_config"], training=False)  # pixels as validation decoded
         self.mirror = bool(checkpoint.get("eval_hflip", False))
         self.autocast, _ = autocast_for(self.device)  # validation's precision: a GPU serves what it validated
 

@@ -42,16 +42,15 @@ def find_images(inputs: list[Path]) -> list[Path]:
 class ImageFiles(torch.utils.data.Dataset):
     """Preprocessed images, or the reason one can't be read (so one bad file doesn't stop the run)."""
 
-    def __init__(self, paths: list[Path], preprocess):
-        self.paths = paths
-        self.preprocess = preprocess
+    def __init__(self, paths: list[Path], preprocess, decode_side: int):
+        self.paths, self.preprocess, self.decode_side = paths, preprocess, decode_side
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            return index, self.preprocess(load_image(str(self.paths[index]))), None
+            return index, self.preprocess(load_image(str(self.paths[index]), self.decode_side)), None
         except (UnreadableImage, OSError) as exc:
             return index, None, str(exc)
 
@@ -65,7 +64,7 @@ def predict(classifier: Classifier, paths: list[Path], top_k: int, batch_size: i
     """Yields (path, prediction) for each readable image and (path, error) for each other, in order."""
     from tqdm import tqdm
 
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, classifier.preprocess), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, classifier.preprocess, classifier.decode_side), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_collate)
     with tqdm(total=len(paths), unit="image", disable=not progress, file=sys.stderr) as bar:
         for items in loader:

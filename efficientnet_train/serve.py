@@ -149,7 +149,7 @@ class InferenceApp:
         images = []
         for index, data in enumerate(encoded):
             try:
-                images.append(self.classifier.preprocess(decode_image(data)))
+                images.append(self.classifier.preprocess(decode_image(data, self.classifier.decode_side)))
             except UnreadableImage as exc:
                 where = f"Image {index}" if content_type == JSON else "The request body"
                 raise HttpError("400 Bad Request", f"{where} cannot be read: {exc}.") from exc

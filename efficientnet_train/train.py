@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from . import __version__, distributed, hyperparameters, outputs, report
 from .checkpoints import (Interrupted, Progress, StopRequest, check_resumable, load_latest_state,
                           restore_training_state, save_state, training_state)
-from .data import (TrainBatches, dataset_of, eval_transform, report_load_failures, resolve_data_config, scan_channel,
-                   train_transform, warn_about_thin_classes)
+from .data import (TrainBatches, dataset_of, decode_side, eval_transform, report_load_failures, resolve_data_config,
+                   scan_channel, train_transform, warn_about_thin_classes)
 from .errors import JobError
 from .failures import explained
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
@@ -112,8 +112,9 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     loader = partial(torch.utils.data.DataLoader, num_workers=workers, pin_memory=device.type == "cuda",
                      persistent_workers=workers > 0)
     train_data = dataset_of(train_channel, train_transform(data_config, hp.aa, hp.reprob, hp.remode, hp.hflip),
-                            hp.max_unusable_fraction, workers)
-    val_data = dataset_of(val_channel, eval_transform(data_config), hp.max_unusable_fraction, workers)
+                            hp.max_unusable_fraction, workers, decode_side(data_config, training=True))
+    val_data = dataset_of(val_channel, eval_transform(data_config), hp.max_unusable_fraction, workers,
+                          decode_side(data_config, training=False))
     train_loader = loader(train_data, batch_sampler=TrainBatches(len(train_data), hp.batch_size, hp.seed,
                                                                  rank.world_size, rank.rank),
                           generator=torch.Generator().manual_seed(hp.seed + rank.rank))

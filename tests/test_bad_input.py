@@ -536,3 +536,15 @@ def test_cuda_out_of_memory_in_a_job_names_the_batch_size_and_half_of_it(tmp_pat
     reason = failure_reason(base)
     assert reason.startswith(f"Out of GPU memory in {phase} with batch_size=8")
     assert "Set batch_size to 4 (half of 8) or lower" in reason
+
+
+def test_a_phone_photo_decodes_at_the_scale_its_smallest_crop_needs():
+    from efficientnet_train.data import decode_side
+
+    config = {"train_input_size": [3, 300, 300], "input_size": [3, 320, 320], "crop_pct": 1.0}
+    side = decode_side(config, training=True)
+    assert side == 693  # a crop of a quarter of the area at aspect 3/4 is still 300 pixels on its short side
+    photo = encoded(Image.new("RGB", (4032, 3024), RED), "JPEG")
+    assert decode_image(photo, side).size == (1008, 756)  # 1/4 scale: 1/8 would be 378 < 693
+    assert decode_image(photo, decode_side(config, training=False)).size == (504, 378)  # resized to 320 anyway
+    assert decode_image(encoded(Image.new("RGB", (1300, 1000), RED), "JPEG"), side).size == (1300, 1000)
