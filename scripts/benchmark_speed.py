@@ -356,10 +356,14 @@ def report(r: dict) -> None:
                   f"compiling; breaks even after {k['break_even_images'] or float('inf'):.0f} images; "
                   f"20 epochs of 10k images: {k['net_saving_s_20_epochs_of_10k']:+.0f} s saved")
     if b:
-        print(f"(b) loader, {b['train_images']} JPEGs at {b['input_size']}:\n    workers  images/s  per worker  first batch")
+        print(f"(b) loader, {b['train_images']} images (data/train repeated) at {b['input_size']}:\n"
+              f"    workers  images/s  per worker  first batch")
         for row in b["rows"]:
             print(f"    {row['workers']:>7}  {row['images_per_s']:8.1f}  {row['per_worker_images_per_s']:10.1f}  "
                   f"{row['first_batch_s']:9.2f}s{'  (default workers)' if row['default'] else ''}")
+        if a:  # below 1, the default loader cannot keep the model busy: the job waits on JPEGs
+            default = next(row for row in b["rows"] if row["default"])
+            print(f"    default workers deliver {default['images_per_s'] / a['images_per_s']:.2f} x what (a) consumes")
     if c:
         ratio = f" = {c['vs_model']:.2f} x (a)" if c["vs_model"] else ""
         first = f"{c['first_step_s']:.1f} s" if c["first_step_s"] is not None else "?"
