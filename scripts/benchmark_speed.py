@@ -1,0 +1,415 @@
+"""How fast does training go, and what holds it back? Four measurements, each through the product's own code:
+
+  (a) model: forward + backward + optimizer + EMA steps on synthetic tensors already on the device, as
+      train_one_epoch does them: the ceiling, no data loading at all (optionally with torch.compile too)
+  (b) loader: decode + augment + collate of real JPEGs through the DataLoader train.py builds, per worker count
+  (c) job: the real `train` entry point on a mocked /opt/ml tree (symlinked JPEGs); its last epoch's images/s,
+      (c)/(a), start-up time and peak memory of the job's process tree
+  scan: scan_channel over generated trees of 10k and 100k files
+
+    python scripts/benchmark_speed.py                                   # efficientnet_b3, its own size, batch 32
+    python scripts/benchmark_speed.py --model tf_efficientnet_lite0 --img-size 224 --train-images 256 --epochs 1
+    python scripts/benchmark_speed.py --compile --json speed.json --hp aa=none --hp workers=4
+    python scripts/benchmark_speed.py --quick                           # tiny model, seconds (the test runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as train.py: nothing here may reach a hub
+
+import torch  # noqa: E402
+
+from efficientnet_train import hyperparameters  # noqa: E402
+from efficientnet_train.data import (TrainBatches, class_folders, dataset_of, resolve_data_config,  # noqa: E402
+                                     scan_channel, train_transform)
+from efficientnet_train.model import autocast_for, create_model  # noqa: E402
+from efficientnet_train.train import create_optimizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "hymenoptera_data"
+# --quick: timm's own tiny EfficientNet (as the test suite uses), small everything; a smoke test, not a measurement.
+QUICK = dict(model="test_efficientnet", img_size=64, batch_size=8, steps=3, warmup=1, train_images=32, epochs=1,
+             scan_sizes="1000", loader_seconds=0.5, max_workers=1)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    cuda = torch.cuda.is_available()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="timm EfficientNet name (default: the product's, efficientnet_b3)")
+    p.add_argument("--img-size", type=int, help="training size; 0 = the model's own, as img_size=0 (default)")
+    p.add_argument("--batch-size", type=int, help="per device (default: the product's, 32)")
+    p.add_argument("--steps", type=int, help="timed steps in (a) (default 50 on cuda, 10 on cpu)")
+    p.add_argument("--warmup", type=int, help="untimed steps first in (a) (default 10 on cuda, 3 on cpu)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding train/ and val/ (class folders)")
+    p.add_argument("--train-images", type=int, help="(c)'s training set, data/train replicated by links "
+                                                     "(default 4096 on cuda, 256 on cpu)")
+    p.add_argument("--epochs", type=int, help="(c)'s epochs (default 2: the first one warms up)")
+    p.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="more hyperparameters, for all parts")
+    p.add_argument("--scan-sizes", help="comma-separated file counts (default 10000,100000)")
+    p.add_argument("--loader-seconds", type=float, help="(b): time each worker count at least this long (default 3)")
+    p.add_argument("--max-workers", type=int, help="(b): largest worker count tried (default: the CPU count)")
+    p.add_argument("--parts", default="model,loader,job,scan", help="which measurements, comma-separated")
+    p.add_argument("--compile", action="store_true", help="(a) with torch.compile too: compile time and throughput")
+    p.add_argument("--json", type=Path, help="also write every number here")
+    p.add_argument("--quick", action="store_true", help="tiny model and sizes: checks the script runs")
+    o = p.parse_args(argv)
+    product = hyperparameters.defaults()  # the product's own defaults, whatever they become
+    defaults = QUICK if o.quick else dict(
+        model=product["model"], img_size=product["img_size"], batch_size=product["batch_size"],
+        steps=50 if cuda else 10, warmup=10 if cuda else 3,
+        train_images=4096 if cuda else 256, epochs=2, scan_sizes="10000,100000", loader_seconds=3.0,
+        max_workers=os.cpu_count() or 1)
+    for key, value in defaults.items():
+        if getattr(o, key) is None:
+            setattr(o, key, value)
+    o.extras = dict(item.split("=", 1) for item in o.hp)
+    o.parts = set(o.parts.split(","))
+    return o
+
+
+def product_hyperparameters(o):
+    """The job's resolved hyperparameters for these options: the product's defaults unless said otherwise."""
+    raw = {"model": o.model, "batch_size": str(o.batch_size), "img_size": str(o.img_size), **o.extras}
+    return hyperparameters.parse(raw)[0]
+
+
+def write_random_weights(name: str, path: Path) -> Path:
+    """An ImageNet-shaped (1000-class) random-init weights file: create_model insists on weights (it never
+    downloads, and this machine may have none), and random weights train exactly as fast as real ones."""
+    import timm
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(timm.create_model(name, num_classes=1000).state_dict(), path)
+    return path
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_model(o, hp, weights: Path, classes: list[str], device: torch.device) -> dict:
+    """(a) The ceiling: the body of train.train_one_epoch on one fixed batch already on the device (less its
+    loss sum and scheduler update, which cost next to nothing): no data loading, no validation."""
+    from timm.utils import ModelEmaV3
+
+    autocast, amp_dtype = autocast_for(device)
+    model = create_model(hp.model, classes, str(weights), hp.drop, hp.drop_connect).to(device)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    model = model.to(memory_format=memory_format).train()
+    size = resolve_data_config(model, hp.img_size, hp.eval_img_size)["train_input_size"]
+    optimizer = create_optimizer(model, hp, hp.lr * hp.batch_size / hyperparameters.LR_REFERENCE_BATCH)
+    ema = ModelEmaV3(model, decay=hp.model_ema_decay, use_warmup=True) if hp.model_ema else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp.smoothing).to(device)
+    images = torch.randn(hp.batch_size, *size, device=device).to(memory_format=memory_format)
+    targets = torch.randint(len(classes), (hp.batch_size,), device=device)
+    updates = 0
+
+    def run(net, steps: int) -> float:  # seconds for `steps` steps, the device drained before and after
+        nonlocal updates
+        sync(device)
+        started = time.perf_counter()
+        for _ in range(steps):
+            with autocast():
+                loss = loss_fn(net(images), targets)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            updates += 1
+            if ema is not None:
+                ema.update(model, step=updates)
+        sync(device)
+        return time.perf_counter() - started
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run(model, o.warmup)  # cuDNN autotuning, allocator growth, lazy init
+    seconds = run(model, o.steps)
+    result = {"input_size": list(size), "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+              "steps": o.steps, "images_per_s": o.steps * hp.batch_size / seconds}
+    if device.type == "cuda":
+        result.update(peak_gpu_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
+                      peak_gpu_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
+    if o.compile:
+        compiled = torch.compile(model)
+        first = run(compiled, o.warmup)  # the first step compiles forward and backward
+        steady = run(compiled, o.steps) / o.steps
+        overhead = first - o.warmup * steady
+        saved_per_image = 1 / result["images_per_s"] - steady / hp.batch_size
+        typical = 20 * 10_000  # 20 epochs of 10k images
+        result["compile"] = {"first_steps_s": first, "compile_overhead_s": overhead,
+                             "images_per_s": hp.batch_size / steady,
+                             "break_even_images": overhead / saved_per_image if saved_per_image > 0 else None,
+                             "net_saving_s_20_epochs_of_10k": typical * saved_per_image - overhead}
+    return result
+
+
+def measure_loader(o, hp, device: torch.device) -> dict:
+    """(b) Decode + augment + collate alone, through the DataLoader train.py builds, for several worker counts."""
+    import timm
+
+    channel = scan_channel("train", o.data / "train", max_unusable_fraction=hp.max_unusable_fraction)
+    # As many images as (c) trains on, so that with many workers an epoch is still many batches per worker:
+    # each epoch's start drains and refills the prefetch queue.
+    channel = dataclasses.replace(channel, samples=channel.samples * -(-o.train_images // len(channel.samples)))
+    # Only the model's pretrained_cfg matters here (sizes, interpolation, normalisation): no weights needed.
+    data_config = resolve_data_config(timm.create_model(hp.model, num_classes=2), hp.img_size, hp.eval_img_size)
+    transform = train_transform(data_config, hp.aa, hp.reprob, hp.remode, hp.hflip)
+    counts, n = [0], 1
+    while n <= o.max_workers:
+        counts.append(n)
+        n *= 2
+    if o.max_workers not in counts:
+        counts.append(o.max_workers)
+    counts = sorted(set(counts) | {hp.workers})
+    rows = []
+    for workers in counts:
+        dataset = dataset_of(channel, transform, hp.max_unusable_fraction, workers)
+        sampler = TrainBatches(len(dataset), hp.batch_size, hp.seed)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                             pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                             generator=torch.Generator().manual_seed(hp.seed))
+        started, images, epoch, first = time.perf_counter(), 0, 1, None
+        # Several epochs of the small set, so each count is timed for seconds; the first batch (workers starting,
+        # the prefetch queue filling) is timed apart: a long job pays it once.
+        while first is None or time.perf_counter() - first < o.loader_seconds:
+            sampler.start_epoch(epoch)
+            for batch, _ in loader:
+                if first is None:
+                    first = time.perf_counter()
+                else:
+                    images += len(batch)
+            epoch += 1
+        rate = images / (time.perf_counter() - first)
+        rows.append({"workers": workers, "default": workers == hp.workers, "images_per_s": rate,
+                     "per_worker_images_per_s": rate / workers if workers else rate,
+                     "first_batch_s": first - started, "epochs": epoch - 1})
+        del loader  # shuts the persistent workers down before the next count starts its own
+    return {"train_images": len(channel.samples), "input_size": data_config["train_input_size"], "rows": rows}
+
+
+def process_tree_memory(root: int) -> tuple[int, int, int]:
+    """Sums of VmRSS and of Pss over `root` and its descendants, and root's VmHWM, in bytes; /proc, Linux only.
+    Forked loader workers share the parent's pages: the RSS sum counts those once per process, PSS splits them."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    tree, frontier = {root}, [root]
+    while frontier:
+        children = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
+        tree.update(children)
+        frontier = children
+    rss, pss, hwm = 0, 0, 0
+    for pid in tree:
+        try:
+            status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+            rollup = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:])
+        except (OSError, ValueError):
+            continue
+        rss += int(status.get("VmRSS", "0 kB").split()[0]) * 1024
+        pss += int(rollup.get("Pss", "0 kB").split()[0]) * 1024
+        if pid == root:
+            hwm = int(status.get("VmHWM", "0 kB").split()[0]) * 1024
+    return rss, pss, hwm
+
+
+def build_job_tree(o, base: Path, weights: Path) -> dict:
+    """A mocked /opt/ml (see sagemaker.py): train/ holds data/train's images linked round-robin up to
+    --train-images, val/ links data/val's class folders."""
+    data = base / "input" / "data"
+    labels = class_folders(o.data / "train")
+    images = {label: sorted(p for p in (o.data / "train" / label).iterdir() if not p.name.startswith("."))
+              for label in labels}
+    for i in range(o.train_images):  # class by class in turn, so any count keeps every class
+        label = labels[i % len(labels)]
+        source = images[label][(i // len(labels)) % len(images[label])]
+        (data / "train" / label).mkdir(parents=True, exist_ok=True)
+        (data / "train" / label / f"{i:06d}_{source.name}").symlink_to(source.resolve())
+    for label in class_folders(o.data / "val"):
+        (data / "val").mkdir(parents=True, exist_ok=True)
+        (data / "val" / label).symlink_to((o.data / "val" / label).resolve(), target_is_directory=True)
+    hp = {"model": o.model, "epochs": str(o.epochs), "batch_size": str(o.batch_size), "pretrained_path": str(weights),
+          **({"img_size": str(o.img_size)} if o.img_size else {}), **o.extras}
+    (base / "input" / "config").mkdir(parents=True, exist_ok=True)
+    (base / "input" / "config" / "hyperparameters.json").write_text(json.dumps(hp))
+    return hp
+
+
+def log_time(line: str) -> float | None:
+    """The epoch seconds of a log line's asctime stamp (`2025-01-01 12:00:00,123 INFO ...`)."""
+    try:
+        return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    except ValueError:
+        return None
+
+
+def measure_job(o, weights: Path, work: Path, a_rate: float | None) -> dict:
+    """(c) The real `train` process; its own log says how fast each epoch trained."""
+    base = work / "opt_ml"
+    hp = build_job_tree(o, base, weights)
+    log_path, peak = work / "train.log", [0, 0, 0]
+    started = time.time()
+    with open(log_path, "w") as log_file:
+        job = subprocess.Popen([sys.executable, "-m", "efficientnet_train.train"], stdout=log_file,
+                               stderr=subprocess.STDOUT, env={**os.environ, "SAGEMAKER_BASE_DIR": str(base)})
+        while job.poll() is None:  # the job's RSS plus its loader workers', every 0.2 s
+            peak = [max(pair) for pair in zip(peak, process_tree_memory(job.pid))]
+            time.sleep(0.2)
+    wall = time.time() - started
+    log = log_path.read_text()
+    if job.returncode != 0:
+        sys.exit(f"{log[-3000:]}\ntrain failed (exit {job.returncode}); log in {log_path}")
+    epochs = [(line, float(re.search(r"images/s=([\d.]+)", line)[1])) for line in log.splitlines()
+              if re.search(r" epoch \d+/\d+ .*images/s=", line)]
+    last_rate = epochs[-1][1]
+    result = {"hyperparameters": hp, "wall_s": wall, "epoch_images_per_s": [rate for _, rate in epochs],
+              "images_per_s": last_rate, "vs_model": last_rate / a_rate if a_rate else None,
+              "peak_tree_rss_gib": peak[0] / 2**30, "peak_tree_pss_gib": peak[1] / 2**30,
+              "peak_main_vmhwm_gib": peak[2] / 2**30, "log": str(log_path)}
+    first_step = re.search(r"First training step done after ([\d.]+) ?s", log)
+    if first_step:
+        result["first_step_s"], result["first_step_source"] = float(first_step[1]), "log line"
+    else:  # the last line logged before the loop starts: a lower bound (no worker start, no first batch in it)
+        settings = next((log_time(line) for line in log.splitlines() if "Resolved settings" in line), None)
+        result["first_step_s"] = settings - started if settings else None
+        result["first_step_source"] = "estimate: 'Resolved settings' logged (lower bound, no first batch)"
+    if len(epochs) > 1:  # what the first epoch cost beyond a steady one: warm-up, cuDNN autotuning, workers starting
+        first_end, last_end = log_time(epochs[0][0]), log_time(epochs[-1][0])
+        previous = log_time(epochs[-2][0])
+        result["first_epoch_extra_s"] = (first_end - started) - (last_end - previous) if first_end else None
+    gpu = re.search(r"peak GPU memory.*", log)
+    result["peak_gpu_memory"] = gpu[0] if gpu else "n/a (the job logs no 'peak GPU memory' line)"
+    return result
+
+
+def measure_scan(o, hp, work: Path) -> list[dict]:
+    """scan_channel over 10 class folders of hard links to a few real JPEGs (real files, one inode each)."""
+    sources = sorted(p for label in class_folders(o.data / "train") for p in (o.data / "train" / label).iterdir())[:5]
+    rows = []
+    for size in (int(s) for s in o.scan_sizes.split(",")):
+        root = work / f"scan_{size}"
+        originals = root / ".originals"  # a hidden folder: scan_channel ignores it
+        originals.mkdir(parents=True)
+        copies = [Path(shutil.copy(s, originals / f"{i}{s.suffix}")) for i, s in enumerate(sources)]
+        for i in range(size):
+            folder = root / f"class_{i % 10}"
+            folder.mkdir(exist_ok=True)
+            os.link(copies[i % len(copies)], folder / f"{i:07d}.jpg")
+        started = time.perf_counter()
+        channel = scan_channel("train", root, max_unusable_fraction=hp.max_unusable_fraction)
+        seconds = time.perf_counter() - started
+        rows.append({"files": size, "found": len(channel.samples), "seconds": seconds, "files_per_s": size / seconds})
+        shutil.rmtree(root)
+    return rows
+
+
+def environment(device: torch.device) -> dict:
+    import timm
+
+    commit = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True,
+                            text=True).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({cpu})",
+            "torch": torch.__version__, "timm": timm.__version__, "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "git_commit": commit or "unknown",
+            "load_average": list(os.getloadavg()), "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def report(r: dict) -> None:
+    e, a, b, c = r["environment"], r.get("model"), r.get("loader"), r.get("job")
+    print(f"\nseconds per part: {r['part_seconds']}")
+    print(f"\n{r['model_name']}, batch {r['batch_size']}, on {e['device']}; torch {e['torch']}, timm {e['timm']}, "
+          f"{e['cpu_count']} CPUs, commit {e['git_commit']}, load average {e['load_average'][0]:.2f}")
+    if a:
+        print(f"(a) model step, synthetic {a['input_size']} {a['precision']}: {a['images_per_s']:.1f} images/s" +
+              (f"; peak GPU {a['peak_gpu_allocated_gib']:.2f} GiB allocated, {a['peak_gpu_reserved_gib']:.2f} reserved"
+               if "peak_gpu_allocated_gib" in a else ""))
+        if "compile" in a:
+            k = a["compile"]
+            print(f"    torch.compile: {k['images_per_s']:.1f} images/s after {k['compile_overhead_s']:.1f} s of "
+                  f"compiling; breaks even after {k['break_even_images'] or float('inf'):.0f} images; "
+                  f"20 epochs of 10k images: {k['net_saving_s_20_epochs_of_10k']:+.0f} s saved")
+    if b:
+        print(f"(b) loader, {b['train_images']} images (data/train repeated) at {b['input_size']}:\n"
+              f"    workers  images/s  per worker  first batch")
+        for row in b["rows"]:
+            print(f"    {row['workers']:>7}  {row['images_per_s']:8.1f}  {row['per_worker_images_per_s']:10.1f}  "
+                  f"{row['first_batch_s']:9.2f}s{'  (default workers)' if row['default'] else ''}")
+        if a:  # below 1, the default loader cannot keep the model busy: the job waits on JPEGs
+            default = next(row for row in b["rows"] if row["default"])
+            print(f"    default workers deliver {default['images_per_s'] / a['images_per_s']:.2f} x what (a) consumes")
+    if c:
+        ratio = f" = {c['vs_model']:.2f} x (a)" if c["vs_model"] else ""
+        first = f"{c['first_step_s']:.1f} s" if c["first_step_s"] is not None else "?"
+        print(f"(c) job: last epoch {c['images_per_s']:.1f} images/s{ratio} (epochs: "
+              f"{', '.join(f'{x:.1f}' for x in c['epoch_images_per_s'])}); wall {c['wall_s']:.1f} s; "
+              f"first step after {first} ({c['first_step_source']})" +
+              (f"; first epoch's extra {c['first_epoch_extra_s']:.1f} s" if c.get("first_epoch_extra_s") else ""))
+        print(f"    peak memory of the job and its workers: RSS sum {c['peak_tree_rss_gib']:.2f} GiB, PSS sum "
+              f"{c['peak_tree_pss_gib']:.2f} GiB (shared pages once); main VmHWM {c['peak_main_vmhwm_gib']:.2f} GiB; "
+              f"GPU: {c['peak_gpu_memory']}")
+    for row in r.get("scan", []):
+        print(f"scan_channel {row['files']:>7} files: {row['seconds']:6.2f} s, {row['files_per_s']:8.0f} files/s")
+    busiest = max(r["load_before"], e["load_average"][0])
+    if busiest > 0.5 * e["cpu_count"]:  # other processes' OpenMP threads and ours fight for the cores
+        print(f"WARNING: load average {busiest:.1f} on {e['cpu_count']} CPUs: other work was running, the CPU "
+              f"timings are unreliable (with contention, 2 OpenMP threads on 2 cores can run 10x slower)")
+
+
+def main(argv=None) -> int:
+    o = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    hp = product_hyperparameters(o)
+    load_before = os.getloadavg()[0]
+    work = Path(tempfile.mkdtemp(prefix="benchmark-speed-"))
+    result = {"model_name": hp.model, "batch_size": hp.batch_size, "options": {k: str(v) for k, v in vars(o).items()}}
+    weights = write_random_weights(hp.model, work / "weights" / f"{hp.model}.pth")
+    measurements = {"model": lambda: measure_model(o, hp, weights, class_folders(o.data / "train"), device),
+                    "loader": lambda: measure_loader(o, hp, device),
+                    "job": lambda: measure_job(o, weights, work, result.get("model", {}).get("images_per_s")),
+                    "scan": lambda: measure_scan(o, hp, work)}
+    result["part_seconds"] = {}
+    for part, measure in measurements.items():
+        if part in o.parts:
+            started = time.perf_counter()
+            result[part] = measure()
+            result["part_seconds"][part] = round(time.perf_counter() - started, 1)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # (c)'s process needs the GPU memory that (a) held
+    result["environment"] = environment(device)  # load average at the end: what the timings ran beside
+    result["load_before"] = load_before
+    report(result)
+    if o.json:
+        o.json.write_text(json.dumps(result, indent=2))
+    print(f"work folder (job log): {work}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
