@@ -34,10 +34,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as train.py: nothing here may re
 import torch  # noqa: E402
 
 from efficientnet_train import hyperparameters  # noqa: E402
-from efficientnet_train.data import (TrainBatches, class_folders, dataset_of, resolve_data_config,  # noqa: E402
-                                     scan_channel, train_transform)
+from efficientnet_train.data import (TrainBatches, class_folders, dataset_of, decode_side,  # noqa: E402
+                                     resolve_data_config, scan_channel, train_transform)
 from efficientnet_train.model import autocast_for, create_model  # noqa: E402
-from efficientnet_train.train import create_optimizer  # noqa: E402
+from efficientnet_train.train import create_optimizer, data_loading_workers  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "hymenoptera_data"
@@ -108,6 +108,7 @@ def measure_model(o, hp, weights: Path, classes: list[str], device: torch.device
     from timm.utils import ModelEmaV3
 
     autocast, amp_dtype = autocast_for(device)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # as train.py
     model = create_model(hp.model, classes, str(weights), hp.drop, hp.drop_connect).to(device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
@@ -181,10 +182,12 @@ def measure_loader(o, hp, device: torch.device) -> dict:
         n *= 2
     if o.max_workers not in counts:
         counts.append(o.max_workers)
-    counts = sorted(set(counts) | {hp.workers})
+    default_workers = hp.workers if hp.workers >= 0 else data_loading_workers(1)  # as train.py resolves -1
+    counts = sorted(set(counts) | {default_workers})
     rows = []
     for workers in counts:
-        dataset = dataset_of(channel, transform, hp.max_unusable_fraction, workers)
+        dataset = dataset_of(channel, transform, hp.max_unusable_fraction, workers,
+                             decode_side(data_config, training=True))
         sampler = TrainBatches(len(dataset), hp.batch_size, hp.seed)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
                                              pin_memory=device.type == "cuda", persistent_workers=workers > 0,
@@ -201,7 +204,7 @@ def measure_loader(o, hp, device: torch.device) -> dict:
                     images += len(batch)
             epoch += 1
         rate = images / (time.perf_counter() - first)
-        rows.append({"workers": workers, "default": workers == hp.workers, "images_per_s": rate,
+        rows.append({"workers": workers, "default": workers == default_workers, "images_per_s": rate,
                      "per_worker_images_per_s": rate / workers if workers else rate,
                      "first_batch_s": first - started, "epochs": epoch - 1})
         del loader  # shuts the persistent workers down before the next count starts its own
@@ -291,7 +294,7 @@ def measure_job(o, weights: Path, work: Path, a_rate: float | None) -> dict:
               "images_per_s": last_rate, "vs_model": last_rate / a_rate if a_rate else None,
               "peak_tree_rss_gib": peak[0] / 2**30, "peak_tree_pss_gib": peak[1] / 2**30,
               "peak_main_vmhwm_gib": peak[2] / 2**30, "log": str(log_path)}
-    first_step = re.search(r"First training step done after ([\d.]+) ?s", log)
+    first_step = re.search(r"First training step done ([\d.]+) s after the job started", log)
     if first_step:
         result["first_step_s"], result["first_step_source"] = float(first_step[1]), "log line"
     else:  # the last line logged before the loop starts: a lower bound (no worker start, no first batch in it)
@@ -302,8 +305,8 @@ def measure_job(o, weights: Path, work: Path, a_rate: float | None) -> dict:
         first_end, last_end = log_time(epochs[0][0]), log_time(epochs[-1][0])
         previous = log_time(epochs[-2][0])
         result["first_epoch_extra_s"] = (first_end - started) - (last_end - previous) if first_end else None
-    gpu = re.search(r"peak GPU memory.*", log)
-    result["peak_gpu_memory"] = gpu[0] if gpu else "n/a (the job logs no 'peak GPU memory' line)"
+    gpu = re.search(r"Peak GPU memory: (.*)", log)
+    result["peak_gpu_memory"] = gpu[1] if gpu else "n/a (no GPU)"
     return result
 
 

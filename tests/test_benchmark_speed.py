@@ -38,6 +38,7 @@ def test_quick_benchmark_measures_every_part(tmp_path):
     assert all(row["images_per_s"] > 0 for row in speed["loader"]["rows"])
     assert speed["job"]["images_per_s"] > 0 and speed["job"]["vs_model"] > 0
     assert speed["job"]["peak_tree_rss_gib"] > 0.1  # torch alone takes more
+    assert speed["job"]["first_step_source"] == "log line" and speed["job"]["first_step_s"] > 0
     assert speed["scan"][0]["found"] == 1000
     assert speed["environment"]["cpu_count"] == os.cpu_count()
     for heading in ("(a) model step", "(b) loader", "(c) job", "scan_channel"):
