@@ -214,7 +214,7 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
                 log.info("Peak GPU memory: %.1f GiB of %.1f GiB (batch_size=%d, img_size=%d)",
                          torch.cuda.max_memory_reserved(device) / 2**30,
                          torch.cuda.get_device_properties(device).total_memory / 2**30, hp.batch_size,
-                         data_config["input_size"][-1])
+                         data_config["train_input_size"][-1])
             summary.append({"epoch": epoch, "train_loss": f"{train_loss:.6f}", "eval_loss": f"{result.loss:.6f}",
                             "eval_top1": f"{result.top1:.6f}", "eval_top5": f"{result.top5:.6f}",
                             "lr": f"{lr_now:.10f}"})

@@ -195,13 +195,17 @@ def measure_loader(o, hp, device: torch.device) -> dict:
         started, images, epoch, first = time.perf_counter(), 0, 1, None
         # Several epochs of the small set, so each count is timed for seconds; the first batch (workers starting,
         # the prefetch queue filling) is timed apart: a long job pays it once.
-        while first is None or time.perf_counter() - first < o.loader_seconds:
+        timed_out = False  # a few seconds per count, even when one epoch takes minutes with few workers
+        while not timed_out:
             sampler.start_epoch(epoch)
             for batch, _ in loader:
                 if first is None:
                     first = time.perf_counter()
                 else:
                     images += len(batch)
+                timed_out = first is not None and time.perf_counter() - first >= o.loader_seconds
+                if timed_out:
+                    break
             epoch += 1
         rate = images / (time.perf_counter() - first)
         rows.append({"workers": workers, "default": workers == default_workers, "images_per_s": rate,
@@ -403,6 +407,10 @@ def main(argv=None) -> int:
             started = time.perf_counter()
             result[part] = measure()
             result["part_seconds"][part] = round(time.perf_counter() - started, 1)
+            # At once, and saved: a run stopped by a time limit still keeps the parts it finished.
+            print(f"[{part}: {result['part_seconds'][part]} s] {json.dumps(result[part])[:600]}", flush=True)
+            if o.json:
+                o.json.write_text(json.dumps(result, indent=2))
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # (c)'s process needs the GPU memory that (a) held
     result["environment"] = environment(device)  # load average at the end: what the timings ran beside
