@@ -154,6 +154,10 @@ def _process(local_rank: int, cluster: Cluster, failures: Path, target: Callable
             torch.cuda.set_device(local_rank)
         store = _join(cluster, rank)
         target(*args, rank)
+        # Rank 0 writes model/ after the last gradient exchange (the best model, the checkpoint, args.yml): no
+        # host's `train` may end before that is done. The SDK's local mode (docker compose
+        # --abort-on-container-exit) stops every container of the job as soon as one of them exits.
+        dist.barrier()
         dist.destroy_process_group()
     except BaseException as exc:  # noqa: BLE001 - every way of failing must reach output/failure
         reason, caused_here = _reason(exc, rank, store)

@@ -5,8 +5,9 @@ This is the client buyers use on a laptop with Docker: `Estimator(instance_type=
 `file://` inputs and output. The SDK writes the /opt/ml tree (hyperparameters as strings,
 resourceconfig.json), sets TRAINING_JOB_NAME, runs `IMAGE train` through docker compose, and packs
 the container's /opt/ml/model into model.tar.gz and /opt/ml/output into output.tar.gz under
---output. Afterwards this script lists model.tar.gz, checks that it holds exactly the four model
-files, and prints the metric lines and any failure reason (from output.tar.gz's `failure`).
+--output. Afterwards this script lists model.tar.gz, checks that it holds exactly the model files
+(outputs.MODEL_FILES), and prints the metric lines and any failure reason (from output.tar.gz's
+`failure`).
 
     python scripts/sagemaker_local.py --data DIR [--image IMAGE] [--output DIR]
         [--weights FILE] [--deploy] [key=value ...]
@@ -15,7 +16,7 @@ files, and prints the metric lines and any failure reason (from output.tar.gz's 
 DATA holds train/<label>/<image> and val/<label>/<image> (the 'train' and 'val' channels).
 --weights names a timm weights file on this machine: it goes in as a third channel, 'weights',
 and pretrained_path points at it inside the container. Each key=value is a hyperparameter.
-Exits 0 when the job succeeded and model.tar.gz holds the four files, 1 otherwise.
+Exits 0 when the job succeeded and model.tar.gz holds exactly the model files, 1 otherwise.
 
 --deploy then hosts that model.tar.gz as a local endpoint, as a buyer would try a model package:
 `Model(image_uri=IMAGE, model_data="file://.../model.tar.gz").deploy(instance_type="local")`. The
@@ -328,7 +329,7 @@ def main(argv=None) -> int:
             print(f"  {name}")
         names = {name.removeprefix("./") for name in members if name not in (".", "./")}
         if names == MODEL_FILES:
-            print("model.tar.gz holds exactly the four model files")
+            print(f"model.tar.gz holds exactly the {len(MODEL_FILES)} model files")
         else:
             ok = False
             print(f"model.tar.gz is WRONG: missing {sorted(MODEL_FILES - names) or 'nothing'}, "

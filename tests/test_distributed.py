@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -233,3 +234,38 @@ def test_a_failure_on_one_host_ends_the_other_with_its_reason(tmp_path, two_host
     # The first host names the second host's reason, not just a broken connection.
     assert f"another process failed first, rank 1 (host {two_hosts[1]})" in reasons[0], reasons[0]
     assert "efficientnet_b0" in reasons[0]
+
+
+HOST_SCRIPT = '''
+import sys, time
+from pathlib import Path
+from efficientnet_train.distributed import Cluster, launch
+from efficientnet_train.sagemaker import Hosts
+
+def target(done, rank):
+    if rank.is_main:  # rank 0 still writing model/ after the last collective, as after an early stop
+        time.sleep(3)
+        Path(done).write_text("written")
+
+if __name__ == "__main__":
+    names, current, port, done = ("localhost", "127.0.0.1"), sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    launch(Cluster(Hosts(names, current, "lo"), 1, 60, port), target, done)
+    print("rank 0 had written:", Path(done).exists(), flush=True)
+'''
+
+
+def test_no_host_ends_before_rank_0_has_written(tmp_path):
+    """docker compose --abort-on-container-exit (the SDK's local mode) stops the job when any host's train exits."""
+    script, done, port = tmp_path / "host.py", tmp_path / "done", free_port()
+    script.write_text(HOST_SCRIPT)
+    environ = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    hosts = [subprocess.Popen([sys.executable, str(script), name, port, str(done)], env=environ, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for name in ("localhost", "127.0.0.1")]
+    try:
+        second = hosts[1].communicate(timeout=120)[0]
+        assert hosts[1].returncode == 0, second
+        assert "rank 0 had written: True" in second, second
+        assert hosts[0].wait(timeout=60) == 0, hosts[0].communicate()[0]
+    finally:
+        for host in hosts:
+            host.kill()
