@@ -82,40 +82,49 @@ class Cluster:
 
 
 def launch(cluster: Cluster, target: Callable, *args) -> None:
-    """Run `target(*args, rank)` in one process per GPU of this host; return when all of them are done,
-    raise a JobError with the first failure's reason when any of them (here or on another host) fails."""
-    _wait_until_resolvable(cluster)
-    # Without these, gloo and NCCL pick an interface by themselves, which in a SageMaker container may be
-    # one the other hosts cannot reach.
-    interface = cluster.hosts.interface or "lo"
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
-    os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
-    log.info("Distributed training: %d processes (%d hosts x %d per host), this is host %s (node rank %d); "
-             "meeting at %s:%d over %s", cluster.world_size, len(cluster.hosts.names), cluster.processes_per_host,
-             cluster.hosts.current, cluster.hosts.rank, cluster.master, cluster.port, interface)
-    with tempfile.TemporaryDirectory(prefix="failures-") as failures:
-        context = torch.multiprocessing.start_processes(
-            _process, args=(cluster, Path(failures), target, args), nprocs=cluster.processes_per_host, join=False,
-            start_method="spawn")
-        for local_rank, process in enumerate(context.processes):
-            log.info("Started rank %d (pid %d)", cluster.rank(local_rank).rank, process.pid)
-        forward = _forward_signals(context.processes)
-        try:
-            # grace_period=0: once one process has failed, the job has; the others are stopped at once.
-            while not context.join(timeout=1, grace_period=0):
-                pass
-        except ProcessException as exc:
-            raise JobError(_first_failure(cluster, Path(failures), exc)) from None
-        finally:
-            for signum, previous in forward.items():
-                signal.signal(signum, previous)
+    """Run `target(*args, rank)` in one process per GPU of this host; return when all of them are done (or
+    stopped), raise a JobError with the first failure's reason when any of them (here or on another host) fails."""
+    stopper = _Stopper()
+    try:
+        if not _wait_until_resolvable(cluster, stopper):
+            return
+        # Without these, gloo and NCCL pick an interface by themselves, which in a SageMaker container may be
+        # one the other hosts cannot reach.
+        interface = cluster.hosts.interface or "lo"
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
+        log.info("Distributed training: %d processes (%d hosts x %d per host), this is host %s (node rank %d); "
+                 "meeting at %s:%d over %s", cluster.world_size, len(cluster.hosts.names), cluster.processes_per_host,
+                 cluster.hosts.current, cluster.hosts.rank, cluster.master, cluster.port, interface)
+        with tempfile.TemporaryDirectory(prefix="failures-") as failures:
+            context = torch.multiprocessing.start_processes(
+                _process, args=(cluster, Path(failures), target, args), nprocs=cluster.processes_per_host,
+                join=False, start_method="spawn")
+            for local_rank, process in enumerate(context.processes):
+                log.info("Started rank %d (pid %d)", cluster.rank(local_rank).rank, process.pid)
+            stopper.forward_to(context.processes)
+            try:
+                # grace_period=0: once one process has failed, the job has; the others are stopped at once.
+                while not context.join(timeout=1, grace_period=0):
+                    pass
+            except ProcessException as exc:
+                if stopper.signal_name and getattr(exc, "signal_name", None) == stopper.signal_name:
+                    # Stopped while still meeting the others, before training (which saves its place) began.
+                    log.info("Stopped by %s before training started: nothing to save.", stopper.signal_name)
+                    return
+                raise JobError(_first_failure(cluster, Path(failures), exc)) from None
+    finally:
+        stopper.restore()
 
 
-def _wait_until_resolvable(cluster: Cluster) -> None:
-    """SageMaker's host names may take a moment to appear in DNS after the container starts."""
+def _wait_until_resolvable(cluster: Cluster, stopper: "_Stopper") -> bool:
+    """SageMaker's host names may take a moment to appear in DNS after the container starts. False: stopped."""
     deadline, pending = time.monotonic() + cluster.timeout_s, list(cluster.hosts.names)
     next_note = time.monotonic() + 10
     while pending:
+        if stopper.signal_name:
+            log.info("Stopped by %s while waiting for the other hosts: nothing to save.", stopper.signal_name)
+            return False
         try:
             socket.getaddrinfo(pending[0], cluster.port)
             pending.pop(0)
@@ -129,18 +138,38 @@ def _wait_until_resolvable(cluster: Cluster) -> None:
                 log.info("Waiting for the host name %s to resolve (%s)", pending[0], exc)
                 next_note = time.monotonic() + 30
         time.sleep(1)
+    return True
 
 
-def _forward_signals(processes) -> dict:
-    """SageMaker stops a job by sending SIGTERM to this process only: each training process must get it to
-    save its place and end cleanly."""
-    def forward(signum, _frame):
-        log.warning("%s received: passing it on to the training processes", signal.Signals(signum).name)
-        for process in processes:
+class _Stopper:
+    """SageMaker stops a job by sending SIGTERM to this process only, PID 1 of the container, which ignores a
+    signal it has no handler for: from the start, a stop is noted and passed on to the training processes,
+    which save their place and end cleanly."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self.processes: list = []
+        self.previous = {signum: signal.signal(signum, self._received) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def forward_to(self, processes: list) -> None:
+        self.processes = processes
+        if self.signal_name:  # arrived while they were being started
+            self._send(signal.Signals[self.signal_name])
+
+    def _received(self, signum: int, _frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s received: %s", self.signal_name,
+                    "passing it on to the training processes" if self.processes else "stopping")
+        self._send(signum)
+
+    def _send(self, signum: int) -> None:
+        for process in self.processes:
             if process.is_alive():
                 os.kill(process.pid, signum)
 
-    return {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+    def restore(self) -> None:
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
 
 
 def _process(local_rank: int, cluster: Cluster, failures: Path, target: Callable, args: tuple) -> None:
@@ -187,7 +216,7 @@ def _join(cluster: Cluster, rank: Rank):
 
 def _reason(exc: BaseException, rank: Rank, store) -> tuple[str, bool]:
     """(the reason, whether it happened here): a process that only lost its peers reports the peer's reason."""
-    if not isinstance(exc, (dist.DistError, RuntimeError)) or isinstance(exc, JobError) or store is None:
+    if not _lost_contact(exc) or store is None:
         reason = str(exc) if isinstance(exc, JobError) else f"{type(exc).__name__}: {exc}"
         _tell_the_others(store, f"rank {rank.rank} (host {rank.host}): {reason}")
         return reason, True
@@ -197,6 +226,15 @@ def _reason(exc: BaseException, rank: Rank, store) -> tuple[str, bool]:
     except Exception:  # noqa: BLE001 - the store lives in rank 0: gone if rank 0's host is
         return (f"lost contact with the other processes ({type(exc).__name__}: {_first_line(exc)}); the first "
                 f"failure is in another host's log"), False
+
+
+def _lost_contact(exc: BaseException) -> bool:
+    """A broken collective (a peer gone), as opposed to a failure of this process's own."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and not isinstance(exc, JobError) and any(
+        word in text for word in ("gloo", "nccl", "connection", "peer", "socket", "timed out"))
 
 
 def _tell_the_others(store, reason: str) -> None:

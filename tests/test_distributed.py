@@ -269,3 +269,19 @@ def test_no_host_ends_before_rank_0_has_written(tmp_path):
     finally:
         for host in hosts:
             host.kill()
+
+
+def test_sigterm_while_waiting_for_the_other_hosts_stops_at_once(tmp_path, tiny_hyperparameters):
+    """train is PID 1 in the container, which ignores a signal without a handler: StopTrainingJob must work
+    before training starts too."""
+    base = make_job(tmp_path / "ml", tiny_hyperparameters)
+    (base / "input" / "config" / "resourceconfig.json").write_text(json.dumps(
+        {"current_host": "localhost", "hosts": ["localhost", "algo-2.invalid"], "network_interface_name": "lo"}))
+    process, lines = start_train(base, MASTER_PORT=free_port()), []
+    read_until(process, "channel 'val'", lines)
+    time.sleep(1)
+    process.send_signal(signal.SIGTERM)
+    lines.extend(process.stdout)
+    assert process.wait(timeout=30) == 0, "".join(lines[-20:])
+    assert "Stopped by SIGTERM while waiting for the other hosts" in "".join(lines)
+    assert not (base / "output" / "failure").exists()

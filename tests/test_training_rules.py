@@ -94,3 +94,12 @@ def test_data_loading_workers_use_every_core_but_one_per_gpu(monkeypatch):
     assert data_loading_workers(4) == 7
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0})
     assert data_loading_workers(1) == 0  # one core: loading in the training process beats competing with it
+
+
+def test_batch_size_is_per_process_and_checked_against_each_process_share():
+    from efficientnet_train.errors import JobError
+    from efficientnet_train.train import check_batch_size
+
+    check_batch_size(18, 36, processes=2)
+    with pytest.raises(JobError, match=r"shared among 2 training processes .*Set batch_size to 18 or less"):
+        check_batch_size(19, 36, processes=2)
