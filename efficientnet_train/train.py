@@ -330,16 +330,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ema, scaler, a
     for images, targets in loader:
         images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
-        with autocast():
-            loss = loss_fn(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        loss = train_step(model, images, targets, loss_fn, optimizer, scaler, autocast)
         progress.step += 1
         num_updates = (progress.epoch - 1) * len(loader) + progress.step
         if ema is not None:
@@ -369,6 +360,21 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ema, scaler, a
                        f"(it is scaled to the batch size from a batch of {hyperparameters.LR_REFERENCE_BATCH}) "
                        f"or raise warmup_epochs.")
     return mean_loss
+
+
+def train_step(model, images, targets, loss_fn, optimizer, scaler, autocast) -> torch.Tensor:
+    """One update of the weights on one batch; the loss stays on the device (reading it would wait for it)."""
+    with autocast():
+        loss = loss_fn(model(images), targets)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:  # float16: scaled so that small gradients do not underflow
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss
 
 
 @torch.no_grad()

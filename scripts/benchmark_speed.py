@@ -37,7 +37,7 @@ from efficientnet_train import hyperparameters  # noqa: E402
 from efficientnet_train.data import (TrainBatches, class_folders, dataset_of, decode_side,  # noqa: E402
                                      resolve_data_config, scan_channel, train_transform)
 from efficientnet_train.model import autocast_for, create_model  # noqa: E402
-from efficientnet_train.train import create_optimizer, data_loading_workers  # noqa: E402
+from efficientnet_train.train import create_optimizer, data_loading_workers, train_step  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "hymenoptera_data"
@@ -103,8 +103,9 @@ def sync(device: torch.device) -> None:
 
 
 def measure_model(o, hp, weights: Path, classes: list[str], device: torch.device) -> dict:
-    """(a) The ceiling: the body of train.train_one_epoch on one fixed batch already on the device (less its
-    loss sum and scheduler update, which cost next to nothing): no data loading, no validation."""
+    """(a) The ceiling: train.train_step and the EMA update, as train_one_epoch runs them, on one fixed batch
+    already on the device (less the loss sum and scheduler update, which cost next to nothing): no data
+    loading, no validation."""
     from timm.utils import ModelEmaV3
 
     autocast, amp_dtype = autocast_for(device)
@@ -126,16 +127,7 @@ def measure_model(o, hp, weights: Path, classes: list[str], device: torch.device
         sync(device)
         started = time.perf_counter()
         for _ in range(steps):
-            with autocast():
-                loss = loss_fn(net(images), targets)
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            train_step(net, images, targets, loss_fn, optimizer, scaler, autocast)
             updates += 1
             if ema is not None:
                 ema.update(model, step=updates)
