@@ -190,8 +190,8 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
             epoch, epoch_started, seen_before = progress.epoch, time.monotonic(), progress.seen
             train_loss = train_one_epoch(trained, train_loader, loss_fn, optimizer, scheduler, ema, scaler, autocast,
                                          device, memory_format, progress, stop, job.started if not epoch_seconds else None)
-            images_per_second = ((progress.seen - seen_before) * rank.world_size
-                                 / max(time.monotonic() - epoch_started, 1e-6))
+            training_seconds = time.monotonic() - epoch_started
+            images_per_second = (progress.seen - seen_before) * rank.world_size / max(training_seconds, 1e-6)
             candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
             for net in candidates.values():
                 distributed.broadcast_buffers(net)
@@ -203,12 +203,14 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
             scheduler.step(epoch, result.top1)
             lr_now = max(group["lr"] for group in optimizer.param_groups)  # the classifier's
             epoch_seconds.append(time.monotonic() - epoch_started)
-            log.info("epoch %d/%d %s lr=%.8f weights=%s%s images/s=%.1f elapsed=%.0fs left<=%s", epoch, hp.epochs,
+            log.info("epoch %d/%d %s lr=%.8f weights=%s%s images/s=%.1f training=%.0fs validation=%.0fs elapsed=%.0fs "
+                     "left<=%s", epoch, hp.epochs,
                      metric_line({TRAIN_LOSS: train_loss, VAL_LOSS: result.loss, VAL_ACC_1: result.top1,
                                   VAL_ACC_5: result.top5}),
                      lr_now, chosen, "" if len(results) == 1 else
                      " (" + ", ".join(f"{name} acc_1={r.top1:.2f}" for name, r in results.items()) + ")",
-                     images_per_second, time.monotonic() - started,
+                     images_per_second, training_seconds, epoch_seconds[-1] - training_seconds,
+                     time.monotonic() - started,
                      report.duration((hp.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)))
             if device.type == "cuda" and len(epoch_seconds) == 1:
                 log.info("Peak GPU memory: %.1f GiB of %.1f GiB (batch_size=%d, img_size=%d)",
