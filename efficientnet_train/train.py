@@ -148,7 +148,8 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
             "ignored_hyperparameters": ignored, "classes": classes, "num_classes": len(classes),
             "data_config": data_config, "effective_eval_hflip": eval_hflip, "global_batch_size": global_batch,
             "effective_lr": lr, "checkpoint_dir": str(env.checkpoint_dir),
-            "processes": rank.world_size, "effective_workers": workers, "device": describe(device), "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+            "processes": rank.world_size, "effective_workers": workers, "device": describe(device),
+            "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
             "train_images": len(train_channel.samples), "val_images": len(val_channel.samples),
             "train_images_per_class": train_channel.images_per_class(),
             "val_images_per_class": val_channel.images_per_class(),
@@ -188,8 +189,10 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     try:
         while stop_reason is None and progress.epoch <= hp.epochs:
             epoch, epoch_started, seen_before = progress.epoch, time.monotonic(), progress.seen
+            first_epoch_here = not epoch_seconds  # of this process: a resumed job reports its start-up again
             train_loss = train_one_epoch(trained, train_loader, loss_fn, optimizer, scheduler, ema, scaler, autocast,
-                                         device, memory_format, progress, stop, job.started if not epoch_seconds else None)
+                                         device, memory_format, progress, stop,
+                                         job.started if first_epoch_here else None)
             training_seconds = time.monotonic() - epoch_started
             images_per_second = (progress.seen - seen_before) * rank.world_size / max(training_seconds, 1e-6)
             candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
