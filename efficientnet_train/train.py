@@ -8,7 +8,6 @@ import platform
 import random
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -110,20 +109,16 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     trained = torch.nn.parallel.DistributedDataParallel(model) if rank.distributed else model
 
     workers = hp.workers if hp.workers >= 0 else data_loading_workers(rank.per_host)
-    # Own generators: the loaders must not draw from the global RNG, or resuming would shift it.
-    loader = partial(torch.utils.data.DataLoader, num_workers=workers, pin_memory=device.type == "cuda",
-                     persistent_workers=workers > 0)
     train_data = dataset_of(train_channel, train_transform(data_config, hp.aa, hp.reprob, hp.remode, hp.hflip),
                             hp.max_unusable_fraction, workers, decode_side(data_config, training=True))
     val_data = dataset_of(val_channel, eval_transform(data_config), hp.max_unusable_fraction, workers,
                           decode_side(data_config, training=False))
-    train_loader = loader(train_data, batch_sampler=TrainBatches(len(train_data), hp.batch_size, hp.seed,
-                                                                 rank.world_size, rank.rank),
-                          generator=torch.Generator().manual_seed(hp.seed + rank.rank))
+    train_loader = data_loader(train_data, workers, device, hp.seed + rank.rank,
+                               batch_sampler=TrainBatches(len(train_data), hp.batch_size, hp.seed, rank.world_size,
+                                                          rank.rank))
     # Every rank a different share, each image exactly once (no padding): the summed counts are the val set's.
     val_share = torch.utils.data.Subset(val_data, range(rank.rank, len(val_data), rank.world_size))
-    val_loader = loader(val_share, batch_size=hp.batch_size, shuffle=False,
-                        generator=torch.Generator().manual_seed(hp.seed + rank.rank))
+    val_loader = data_loader(val_share, workers, device, hp.seed + rank.rank, batch_size=hp.batch_size)
     eval_hflip = hp.eval_hflip and hp.hflip > 0  # a model never shown mirror images can't be asked about them
 
     from timm.scheduler import create_scheduler_v2
@@ -417,6 +412,14 @@ def _evaluation(sums: torch.Tensor, confusion: torch.Tensor, num_classes: int) -
     confusion = confusion.view(num_classes, num_classes).tolist()
     per_class = [100 * row[index] / sum(row) if sum(row) else None for index, row in enumerate(confusion)]
     return SimpleNamespace(loss=loss, top1=top1, top5=top5, per_class=per_class, confusion=confusion)
+
+
+def data_loader(dataset, workers: int, device: torch.device, seed: int, **batching) -> torch.utils.data.DataLoader:
+    """The job's loaders: pinned memory for the GPU, workers kept from epoch to epoch, and a random generator
+    of their own (drawing from the global one would shift it, and a resumed run would differ)."""
+    return torch.utils.data.DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
+                                       persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
+                                       **batching)
 
 
 def data_loading_workers(processes_on_this_host: int) -> int:

@@ -37,7 +37,8 @@ from efficientnet_train import hyperparameters  # noqa: E402
 from efficientnet_train.data import (TrainBatches, class_folders, dataset_of, decode_side,  # noqa: E402
                                      resolve_data_config, scan_channel, train_transform)
 from efficientnet_train.model import autocast_for, create_model  # noqa: E402
-from efficientnet_train.train import create_optimizer, data_loading_workers, train_step  # noqa: E402
+from efficientnet_train.train import (create_optimizer, data_loader, data_loading_workers,  # noqa: E402
+                                      train_step)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "hymenoptera_data"
@@ -181,9 +182,7 @@ def measure_loader(o, hp, device: torch.device) -> dict:
         dataset = dataset_of(channel, transform, hp.max_unusable_fraction, workers,
                              decode_side(data_config, training=True))
         sampler = TrainBatches(len(dataset), hp.batch_size, hp.seed)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
-                                             pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                             generator=torch.Generator().manual_seed(hp.seed))
+        loader = data_loader(dataset, workers, device, hp.seed, batch_sampler=sampler)
         started, images, epoch, first = time.perf_counter(), 0, 1, None
         # Several epochs of the small set, so each count is timed for seconds; the first batch (workers starting,
         # the prefetch queue filling) is timed apart: a long job pays it once.
