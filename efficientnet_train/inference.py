@@ -1,8 +1,8 @@
 """The trained model as an image classifier, shared by `serve` and `predict`.
 
 Everything that decides a prediction comes from the training code itself: the weights that
-were chosen as best (`load_trained_model`), validation's preprocessing (`eval_transform` on the
-checkpoint's `data_config`) and validation's prediction (`predict_log_probabilities`, mirrored
+were chosen as best (`load_trained_model`), validation's preprocessing (`eval_transform` and `ModelInput` on
+the checkpoint's `data_config`) and validation's prediction (`predict_log_probabilities`, mirrored
 when the job evaluated that way), so a served probability is the one validation computed.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .data import decode_side, eval_transform
+from .data import ModelInput, decode_side, eval_transform
 from .errors import JobError
 from .model import autocast_for, load_trained_model, predict_log_probabilities
 from .outputs import BEST_MODEL_FILE, LABELS_FILE
@@ -29,6 +29,7 @@ class Classifier:
         self.model = model.to(self.device)
         self.labels = read_labels(model_dir, expected=len(checkpoint["labels"]))
         self.transform = eval_transform(checkpoint["data_config"])
+        self.to_input = ModelInput(checkpoint["data_config"], self.device)
         self.decode_side = decode_side(checkpoint["data_config"], training=False)  # pixels as validation decoded
         self.mirror = bool(checkpoint.get("eval_hflip", False))
         self.autocast, _ = autocast_for(self.device)  # validation's precision: a GPU serves what it validated
@@ -39,7 +40,7 @@ class Classifier:
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities, one row per preprocessed image, on the CPU."""
-        images = images.to(self.device, non_blocking=True)
+        images = self.to_input(images)
         with self.autocast():
             log_probabilities = predict_log_probabilities(self.model, images, mirror=self.mirror)
         return log_probabilities.exp().cpu()

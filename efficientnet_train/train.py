@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from . import __version__, distributed, hyperparameters, outputs, report
 from .checkpoints import (Interrupted, Progress, StopRequest, check_resumable, load_latest_state,
                           restore_training_state, save_state, training_state)
-from .data import (TrainBatches, dataset_of, decode_side, eval_transform, report_load_failures, resolve_data_config,
-                   scan_channel, train_transform, warn_about_thin_classes)
+from .data import (ModelInput, TrainBatches, dataset_of, decode_side, eval_transform, report_load_failures,
+                   resolve_data_config, scan_channel, train_transform, warn_about_thin_classes)
 from .errors import JobError
 from .failures import explained
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
@@ -109,7 +109,7 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     trained = torch.nn.parallel.DistributedDataParallel(model) if rank.distributed else model
 
     workers = hp.workers if hp.workers >= 0 else data_loading_workers(rank.per_host)
-    train_data = dataset_of(train_channel, train_transform(data_config, hp.aa, hp.reprob, hp.remode, hp.hflip),
+    train_data = dataset_of(train_channel, train_transform(data_config, hp.aa, hp.hflip),
                             hp.max_unusable_fraction, workers, decode_side(data_config, training=True))
     val_data = dataset_of(val_channel, eval_transform(data_config), hp.max_unusable_fraction, workers,
                           decode_side(data_config, training=False))
@@ -120,6 +120,8 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     val_share = torch.utils.data.Subset(val_data, range(rank.rank, len(val_data), rank.world_size))
     val_loader = data_loader(val_share, workers, device, hp.seed + rank.rank, batch_size=hp.batch_size)
     eval_hflip = hp.eval_hflip and hp.hflip > 0  # a model never shown mirror images can't be asked about them
+    train_input = ModelInput(data_config, device, memory_format, hp.reprob, hp.remode)
+    val_input = ModelInput(data_config, device, memory_format)
 
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3
@@ -185,16 +187,15 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
         while stop_reason is None and progress.epoch <= hp.epochs:
             epoch, epoch_started, seen_before = progress.epoch, time.monotonic(), progress.seen
             first_epoch_here = not epoch_seconds  # of this process: a resumed job reports its start-up again
-            train_loss = train_one_epoch(trained, train_loader, loss_fn, optimizer, scheduler, ema, scaler, autocast,
-                                         device, memory_format, progress, stop,
-                                         job.started if first_epoch_here else None)
+            train_loss = train_one_epoch(trained, train_loader, train_input, loss_fn, optimizer, scheduler, ema,
+                                         scaler, autocast, progress, stop, job.started if first_epoch_here else None)
             training_seconds = time.monotonic() - epoch_started
             images_per_second = (progress.seen - seen_before) * rank.world_size / max(training_seconds, 1e-6)
             candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
             for net in candidates.values():
                 distributed.broadcast_buffers(net)
             # Ranks may hold different val shares, so not interruptible by batch there: validation is short.
-            results = evaluate(candidates, val_loader, autocast, device, memory_format, len(classes), eval_hflip,
+            results = evaluate(candidates, val_loader, val_input, autocast, len(classes), eval_hflip,
                                None if rank.distributed else stop)
             chosen = max(results, key=lambda name: (results[name].top1, -results[name].loss))
             result = results[chosen]
@@ -319,17 +320,17 @@ def class_weights(channel) -> torch.Tensor:
     return counts.sum() / (len(counts) * counts.clamp(min=1))
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ema, scaler, autocast, device, memory_format,
+def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, scheduler, ema, scaler, autocast,
                     progress: Progress, stop: StopRequest, job_started: float | None = None) -> float:
     """Train the rest of `progress.epoch` (all of it unless resuming), counting batches in `progress`;
     given when the job started, say how long it took to get to the first step."""
     model.train()
     loader.batch_sampler.start_epoch(progress.epoch, skip_batches=progress.step)
+    device = to_input.device
     loss_sum = torch.tensor(progress.loss_sum, device=device)  # no .item() per step: a sync would stall the GPU
     started, first_step, last_report = time.monotonic(), progress.step, time.monotonic()
     for images, targets in loader:
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        targets = targets.to(device, non_blocking=True)
+        images, targets = to_input(images), targets.to(device, non_blocking=True)
         loss = train_step(model, images, targets, loss_fn, optimizer, scaler, autocast)
         progress.step += 1
         num_updates = (progress.epoch - 1) * len(loader) + progress.step
@@ -378,12 +379,13 @@ def train_step(model, images, targets, loss_fn, optimizer, scaler, autocast) -> 
 
 
 @torch.no_grad()
-def evaluate(models: dict[str, torch.nn.Module], loader, autocast, device, memory_format, num_classes: int,
+def evaluate(models: dict[str, torch.nn.Module], loader, to_input: ModelInput, autocast, num_classes: int,
              mirror: bool, stop: StopRequest | None = None) -> dict[str, SimpleNamespace]:
     """Loss, top-1/top-5 accuracy and confusion matrix of each model on the whole val set (summed over all
     processes). One pass over the images for all the models: decoding them is often the slow part."""
     from timm.utils import accuracy
 
+    device = to_input.device
     top_k = min(5, num_classes)  # top-5 over fewer than 5 classes would fail; it is then over all of them
     for model in models.values():
         model.eval()
@@ -393,8 +395,7 @@ def evaluate(models: dict[str, torch.nn.Module], loader, autocast, device, memor
     for images, targets in loader:
         if stop:
             raise Interrupted
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        targets = targets.to(device, non_blocking=True)
+        images, targets = to_input(images), targets.to(device, non_blocking=True)
         for name, model in models.items():
             with autocast():
                 log_probabilities = predict_log_probabilities(model, images, mirror)

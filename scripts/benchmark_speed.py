@@ -168,7 +168,7 @@ def measure_loader(o, hp, device: torch.device) -> dict:
     channel = dataclasses.replace(channel, samples=channel.samples * -(-o.train_images // len(channel.samples)))
     # Only the model's pretrained_cfg matters here (sizes, interpolation, normalisation): no weights needed.
     data_config = resolve_data_config(timm.create_model(hp.model, num_classes=2), hp.img_size, hp.eval_img_size)
-    transform = train_transform(data_config, hp.aa, hp.reprob, hp.remode, hp.hflip)
+    transform = train_transform(data_config, hp.aa, hp.hflip)
     counts, n = [0], 1
     while n <= o.max_workers:
         counts.append(n)
@@ -206,9 +206,18 @@ def measure_loader(o, hp, device: torch.device) -> dict:
     return {"train_images": len(channel.samples), "input_size": data_config["train_input_size"], "rows": rows}
 
 
-def process_tree_memory(root: int) -> tuple[int, int, int]:
-    """Sums of VmRSS and of Pss over `root` and its descendants, and root's VmHWM, in bytes; /proc, Linux only.
-    Forked loader workers share the parent's pages: the RSS sum counts those once per process, PSS splits them."""
+def cpu_seconds(stat_path: str) -> float:
+    """utime + stime of a process or thread, from its /proc stat file."""
+    with open(stat_path) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_tree_sample(root: int) -> tuple[int, int, int, float, float, float]:
+    """Sums of VmRSS and of Pss over `root` and its descendants, and root's VmHWM, in bytes; then CPU seconds
+    so far of root's main thread (the one that launches the GPU's work), of root as a whole and of its
+    descendants (the loader workers); /proc, Linux only. Forked loader workers share the parent's pages: the
+    RSS sum counts those once per process, PSS splits them."""
     parents = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -222,7 +231,7 @@ def process_tree_memory(root: int) -> tuple[int, int, int]:
         children = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
         tree.update(children)
         frontier = children
-    rss, pss, hwm = 0, 0, 0
+    rss, pss, hwm, main_thread, main, others = 0, 0, 0, 0.0, 0.0, 0.0
     for pid in tree:
         try:
             status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
@@ -231,9 +240,15 @@ def process_tree_memory(root: int) -> tuple[int, int, int]:
             continue
         rss += int(status.get("VmRSS", "0 kB").split()[0]) * 1024
         pss += int(rollup.get("Pss", "0 kB").split()[0]) * 1024
-        if pid == root:
-            hwm = int(status.get("VmHWM", "0 kB").split()[0]) * 1024
-    return rss, pss, hwm
+        try:
+            if pid == root:
+                hwm = int(status.get("VmHWM", "0 kB").split()[0]) * 1024
+                main_thread, main = cpu_seconds(f"/proc/{pid}/task/{pid}/stat"), cpu_seconds(f"/proc/{pid}/stat")
+            else:
+                others += cpu_seconds(f"/proc/{pid}/stat")
+        except (OSError, IndexError, ValueError):
+            continue
+    return rss, pss, hwm, main_thread, main, others
 
 
 def build_job_tree(o, base: Path, weights: Path) -> dict:
@@ -270,13 +285,15 @@ def measure_job(o, weights: Path, work: Path, a_rate: float | None) -> dict:
     """(c) The real `train` process; its own log says how fast each epoch trained."""
     base = work / "opt_ml"
     hp = build_job_tree(o, base, weights)
-    log_path, peak = work / "train.log", [0, 0, 0]
+    log_path, peak, cpu = work / "train.log", [0, 0, 0], []
     started = time.time()
     with open(log_path, "w") as log_file:
         job = subprocess.Popen([sys.executable, "-m", "efficientnet_train.train"], stdout=log_file,
                                stderr=subprocess.STDOUT, env={**os.environ, "SAGEMAKER_BASE_DIR": str(base)})
-        while job.poll() is None:  # the job's RSS plus its loader workers', every 0.2 s
-            peak = [max(pair) for pair in zip(peak, process_tree_memory(job.pid))]
+        while job.poll() is None:  # the job's memory and CPU time, with its loader workers', every 0.2 s
+            sample = process_tree_sample(job.pid)
+            peak = [max(pair) for pair in zip(peak, sample[:3])]
+            cpu.append((time.time(), *sample[3:]))
             time.sleep(0.2)
     wall = time.time() - started
     log = log_path.read_text()
@@ -300,6 +317,14 @@ def measure_job(o, weights: Path, work: Path, a_rate: float | None) -> dict:
         first_end, last_end = log_time(epochs[0][0]), log_time(epochs[-1][0])
         previous = log_time(epochs[-2][0])
         result["first_epoch_extra_s"] = (first_end - started) - (last_end - previous) if first_end else None
+    # CPU cores busy during the last epoch (training and validation): a main thread near 1.0 cannot launch
+    # the GPU's work any faster; workers near the core count cannot decode any faster.
+    window_start = log_time(epochs[-2][0]) if len(epochs) > 1 else started
+    window = [row for row in cpu if window_start <= row[0] <= (log_time(epochs[-1][0]) or wall + started)]
+    if len(window) > 1 and window[-1][0] > window[0][0]:
+        seconds = window[-1][0] - window[0][0]
+        result["last_epoch_cpu_cores"] = {name: (window[-1][i] - window[0][i]) / seconds
+                                          for i, name in enumerate(("main_thread", "main_process", "workers"), 1)}
     gpu = re.search(r"Peak GPU memory: (.*)", log)
     result["peak_gpu_memory"] = gpu[1] if gpu else "n/a (no GPU)"
     return result
@@ -372,6 +397,10 @@ def report(r: dict) -> None:
         print(f"    peak memory of the job and its workers: RSS sum {c['peak_tree_rss_gib']:.2f} GiB, PSS sum "
               f"{c['peak_tree_pss_gib']:.2f} GiB (shared pages once); main VmHWM {c['peak_main_vmhwm_gib']:.2f} GiB; "
               f"GPU: {c['peak_gpu_memory']}")
+        if "last_epoch_cpu_cores" in c:
+            k = c["last_epoch_cpu_cores"]
+            print(f"    CPU cores busy in the last epoch: main thread {k['main_thread']:.2f} (1.00: the GPU waits on "
+                  f"Python), main process {k['main_process']:.2f}, loader workers {k['workers']:.2f}")
     for row in r.get("scan", []):
         print(f"scan_channel {row['files']:>7} files: {row['seconds']:6.2f} s, {row['files_per_s']:8.0f} files/s")
     busiest = max(r["load_before"], e["load_average"][0])

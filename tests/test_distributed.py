@@ -41,7 +41,7 @@ def evaluate_alone(model_dir: Path, val_dir: Path):
     """The saved model evaluated in this one process on the whole val set, as validation does it."""
     import torch
 
-    from efficientnet_train.data import dataset_of, eval_transform, scan_channel
+    from efficientnet_train.data import ModelInput, dataset_of, eval_transform, scan_channel
     from efficientnet_train.model import autocast_for, load_trained_model
     from efficientnet_train.train import evaluate
 
@@ -50,7 +50,7 @@ def evaluate_alone(model_dir: Path, val_dir: Path):
     loader = torch.utils.data.DataLoader(dataset_of(channel, eval_transform(checkpoint["data_config"])),
                                          batch_size=5)
     device = torch.device("cpu")
-    return evaluate({"saved": model}, loader, autocast_for(device)[0], device, torch.contiguous_format,
+    return evaluate({"saved": model}, loader, ModelInput(checkpoint["data_config"], device), autocast_for(device)[0],
                     len(checkpoint["labels"]), checkpoint["eval_hflip"])["saved"]
 
 

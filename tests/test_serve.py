@@ -26,7 +26,7 @@ from PIL import Image
 
 from conftest import COLOURS, TINY_MODEL, make_job, run_train
 from efficientnet_train import spec
-from efficientnet_train.data import UnreadableImage, decode_image, eval_transform, load_image
+from efficientnet_train.data import ModelInput, UnreadableImage, decode_image, eval_transform, load_image
 from efficientnet_train.errors import JobError
 from efficientnet_train.model import load_trained_model, predict_log_probabilities
 from efficientnet_train.sagemaker import ServingEnvironment
@@ -140,6 +140,7 @@ def validation_probabilities(job: Path, path: Path) -> list[float]:
     """What validation computes for this image: the package's own loader, transform and prediction."""
     model, checkpoint = load_trained_model(job / "model" / "model_best.pth.tar")
     image = eval_transform(checkpoint["data_config"])(load_image(str(path))).unsqueeze(0)
+    image = ModelInput(checkpoint["data_config"], torch.device("cpu"))(image)
     with torch.no_grad():
         return predict_log_probabilities(model, image, mirror=checkpoint["eval_hflip"]).exp()[0].tolist()
 

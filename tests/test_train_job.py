@@ -124,7 +124,7 @@ def test_best_checkpoint_loads_safely_and_with_plain_timm(finished_job):
 
 def test_saved_model_scores_what_the_summary_says(finished_job):
     """The weights kept are the ones that earned the best metric (EMA or raw), with the same preprocessing."""
-    from efficientnet_train.data import ImageDataset, eval_transform, scan_channel
+    from efficientnet_train.data import ImageDataset, ModelInput, eval_transform, scan_channel
     from efficientnet_train.model import load_trained_model, predict_log_probabilities
 
     base, _ = finished_job
@@ -133,7 +133,8 @@ def test_saved_model_scores_what_the_summary_says(finished_job):
     dataset = ImageDataset(val.samples, eval_transform(checkpoint["data_config"]))
     images, targets = zip(*(dataset[i] for i in range(len(dataset))))
     with torch.no_grad():
-        predictions = predict_log_probabilities(model, torch.stack(images), checkpoint["eval_hflip"]).argmax(dim=1)
+        inputs = ModelInput(checkpoint["data_config"], torch.device("cpu"))(torch.stack(images))
+        predictions = predict_log_probabilities(model, inputs, checkpoint["eval_hflip"]).argmax(dim=1)
     accuracy = 100.0 * (predictions == torch.tensor(targets)).float().mean().item()
     best_row = read_summary(base / "model")[checkpoint["epoch"] - 1]
     assert accuracy == pytest.approx(float(best_row["eval_top1"]), abs=1e-3)

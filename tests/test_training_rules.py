@@ -103,3 +103,35 @@ def test_batch_size_is_per_process_and_checked_against_each_process_share():
     check_batch_size(18, 36, processes=2)
     with pytest.raises(JobError, match=r"shared among 2 training processes .*Set batch_size to 18 or less"):
         check_batch_size(19, 36, processes=2)
+
+
+def test_model_input_normalises_uint8_batches_as_timms_float_transform_would():
+    """The loaders hand over uint8; ModelInput's arithmetic on the device must give the model what timm's
+    ToTensor + Normalize would have (the model was pretrained on that)."""
+    from PIL import Image
+    from timm.data import create_transform
+
+    from efficientnet_train.data import ModelInput, eval_transform
+
+    config = {"input_size": [3, 24, 24], "interpolation": "bicubic", "mean": [0.485, 0.456, 0.406],
+              "std": [0.229, 0.224, 0.225], "crop_pct": 0.9, "crop_mode": "center"}
+    image = Image.fromarray(torch.randint(0, 256, (40, 30, 3), dtype=torch.uint8).numpy())
+    as_uint8 = eval_transform(config)(image)
+    assert as_uint8.dtype == torch.uint8
+    reference = create_transform(24, interpolation="bicubic", mean=config["mean"], std=config["std"], crop_pct=0.9)
+    expected = reference(image).unsqueeze(0)
+    given = ModelInput(config, torch.device("cpu"), torch.channels_last)(as_uint8.unsqueeze(0))
+    assert given.dtype == torch.float32 and given.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(given, expected, rtol=0, atol=1e-5)
+
+
+def test_model_input_erases_training_batches_only_when_asked():
+    from efficientnet_train.data import ModelInput
+
+    config = {"mean": [0.5] * 3, "std": [0.25] * 3}
+    images = torch.full((8, 3, 16, 16), 128, dtype=torch.uint8)
+    plain = ModelInput(config, torch.device("cpu"))(images)
+    assert torch.allclose(plain, torch.full_like(plain, (128 - 127.5) / 63.75))
+    erased = ModelInput(config, torch.device("cpu"), reprob=1.0, remode="pixel")(images)
+    changed = (erased != plain).flatten(1).any(dim=1)
+    assert changed.all()  # every image had a patch of noise put in
