@@ -187,8 +187,9 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
         while stop_reason is None and progress.epoch <= hp.epochs:
             epoch, epoch_started, seen_before = progress.epoch, time.monotonic(), progress.seen
             first_epoch_here = not epoch_seconds  # of this process: a resumed job reports its start-up again
-            train_loss = train_one_epoch(trained, train_loader, train_input, loss_fn, optimizer, scheduler, ema,
-                                         scaler, autocast, progress, stop, job.started if first_epoch_here else None)
+            train_loss, data_wait = train_one_epoch(trained, train_loader, train_input, loss_fn, optimizer, scheduler,
+                                                    ema, scaler, autocast, progress, stop,
+                                                    job.started if first_epoch_here else None)
             training_seconds = time.monotonic() - epoch_started
             images_per_second = (progress.seen - seen_before) * rank.world_size / max(training_seconds, 1e-6)
             candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
@@ -202,13 +203,13 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
             scheduler.step(epoch, result.top1)
             lr_now = max(group["lr"] for group in optimizer.param_groups)  # the classifier's
             epoch_seconds.append(time.monotonic() - epoch_started)
-            log.info("epoch %d/%d %s lr=%.8f weights=%s%s images/s=%.1f training=%.0fs validation=%.0fs elapsed=%.0fs "
-                     "left<=%s", epoch, hp.epochs,
+            log.info("epoch %d/%d %s lr=%.8f weights=%s%s images/s=%.1f training=%.0fs data_wait=%.1fs "
+                     "validation=%.0fs elapsed=%.0fs left<=%s", epoch, hp.epochs,
                      metric_line({TRAIN_LOSS: train_loss, VAL_LOSS: result.loss, VAL_ACC_1: result.top1,
                                   VAL_ACC_5: result.top5}),
                      lr_now, chosen, "" if len(results) == 1 else
                      " (" + ", ".join(f"{name} acc_1={r.top1:.2f}" for name, r in results.items()) + ")",
-                     images_per_second, training_seconds, epoch_seconds[-1] - training_seconds,
+                     images_per_second, training_seconds, data_wait, epoch_seconds[-1] - training_seconds,
                      time.monotonic() - started,
                      report.duration((hp.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)))
             if device.type == "cuda" and len(epoch_seconds) == 1:
@@ -321,15 +322,20 @@ def class_weights(channel) -> torch.Tensor:
 
 
 def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, scheduler, ema, scaler, autocast,
-                    progress: Progress, stop: StopRequest, job_started: float | None = None) -> float:
+                    progress: Progress, stop: StopRequest, job_started: float | None = None) -> tuple[float, float]:
     """Train the rest of `progress.epoch` (all of it unless resuming), counting batches in `progress`;
-    given when the job started, say how long it took to get to the first step."""
+    given when the job started, say how long it took to get to the first step. Returns the mean training
+    loss and the seconds spent waiting for the loader's next batch (beyond the first): more than a small share
+    of the epoch means the GPU waits on JPEG decoding and augmentation."""
     model.train()
     loader.batch_sampler.start_epoch(progress.epoch, skip_batches=progress.step)
     device = to_input.device
     loss_sum = torch.tensor(progress.loss_sum, device=device)  # no .item() per step: a sync would stall the GPU
     started, first_step, last_report = time.monotonic(), progress.step, time.monotonic()
+    data_wait, asked = 0.0, None  # from the second batch on: the first one waits for the workers to (re)start
     for images, targets in loader:
+        if asked is not None:
+            data_wait += time.monotonic() - asked
         images, targets = to_input(images), targets.to(device, non_blocking=True)
         loss = train_step(model, images, targets, loss_fn, optimizer, scaler, autocast)
         progress.step += 1
@@ -352,6 +358,7 @@ def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, sch
         if stop:  # before the next batch is loaded, so a resumed run draws the same random numbers
             progress.loss_sum = loss_sum.item()
             raise Interrupted
+        asked = time.monotonic()
     progress.loss_sum = loss_sum.item()
     totals = distributed.sum_over_ranks(torch.tensor([progress.loss_sum, progress.seen], dtype=torch.float64,
                                                      device=device))
@@ -360,7 +367,7 @@ def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, sch
         raise JobError(f"Training diverged in epoch {progress.epoch}: the training loss is {mean_loss}. Lower lr "
                        f"(it is scaled to the batch size from a batch of {hyperparameters.LR_REFERENCE_BATCH}) "
                        f"or raise warmup_epochs.")
-    return mean_loss
+    return mean_loss, data_wait
 
 
 def train_step(model, images, targets, loss_fn, optimizer, scaler, autocast) -> torch.Tensor:

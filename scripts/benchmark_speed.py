@@ -213,10 +213,11 @@ def cpu_seconds(stat_path: str) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def process_tree_sample(root: int) -> tuple[int, int, int, float, float, float]:
+def process_tree_sample(root: int) -> tuple[int, int, int, float, float, float, float]:
     """Sums of VmRSS and of Pss over `root` and its descendants, and root's VmHWM, in bytes; then CPU seconds
     so far of root's main thread (the one that launches the GPU's work), of root as a whole and of its
-    descendants (the loader workers); /proc, Linux only. Forked loader workers share the parent's pages: the
+    descendants (the loader workers), and the seconds root's main thread was ready to run but waited for a core
+    (schedstat; 0 where the kernel does not keep it); /proc, Linux only. Forked loader workers share the parent's pages: the
     RSS sum counts those once per process, PSS splits them."""
     parents = {}
     for entry in os.listdir("/proc"):
@@ -231,7 +232,7 @@ def process_tree_sample(root: int) -> tuple[int, int, int, float, float, float]:
         children = [pid for pid, parent in parents.items() if parent in frontier and pid not in tree]
         tree.update(children)
         frontier = children
-    rss, pss, hwm, main_thread, main, others = 0, 0, 0, 0.0, 0.0, 0.0
+    rss, pss, hwm, main_thread, main, others, main_thread_ready = 0, 0, 0, 0.0, 0.0, 0.0, 0.0
     for pid in tree:
         try:
             status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
@@ -244,11 +245,13 @@ def process_tree_sample(root: int) -> tuple[int, int, int, float, float, float]:
             if pid == root:
                 hwm = int(status.get("VmHWM", "0 kB").split()[0]) * 1024
                 main_thread, main = cpu_seconds(f"/proc/{pid}/task/{pid}/stat"), cpu_seconds(f"/proc/{pid}/stat")
+                with open(f"/proc/{pid}/task/{pid}/schedstat") as f:  # ns running, ns waiting for a core, slices
+                    main_thread_ready = int(f.read().split()[1]) / 1e9
             else:
                 others += cpu_seconds(f"/proc/{pid}/stat")
         except (OSError, IndexError, ValueError):
             continue
-    return rss, pss, hwm, main_thread, main, others
+    return rss, pss, hwm, main_thread, main, others, main_thread_ready
 
 
 def build_job_tree(o, base: Path, weights: Path) -> dict:
@@ -323,8 +326,12 @@ def measure_job(o, weights: Path, work: Path, a_rate: float | None) -> dict:
     window = [row for row in cpu if window_start <= row[0] <= (log_time(epochs[-1][0]) or wall + started)]
     if len(window) > 1 and window[-1][0] > window[0][0]:
         seconds = window[-1][0] - window[0][0]
-        result["last_epoch_cpu_cores"] = {name: (window[-1][i] - window[0][i]) / seconds
-                                          for i, name in enumerate(("main_thread", "main_process", "workers"), 1)}
+        result["last_epoch_cpu_cores"] = {
+            name: (window[-1][i] - window[0][i]) / seconds
+            for i, name in enumerate(("main_thread", "main_process", "workers", "main_thread_waiting_for_a_core"), 1)}
+    wait = re.search(r" training=(\d+)s data_wait=([\d.]+)s", epochs[-1][0])
+    if wait:  # the job's own measure: how long its loop waited for the loader's next batch
+        result["last_epoch_training_s"], result["last_epoch_data_wait_s"] = int(wait[1]), float(wait[2])
     gpu = re.search(r"Peak GPU memory: (.*)", log)
     result["peak_gpu_memory"] = gpu[1] if gpu else "n/a (no GPU)"
     return result
@@ -400,7 +407,11 @@ def report(r: dict) -> None:
         if "last_epoch_cpu_cores" in c:
             k = c["last_epoch_cpu_cores"]
             print(f"    CPU cores busy in the last epoch: main thread {k['main_thread']:.2f} (1.00: the GPU waits on "
-                  f"Python), main process {k['main_process']:.2f}, loader workers {k['workers']:.2f}")
+                  f"Python), main process {k['main_process']:.2f}, loader workers {k['workers']:.2f}; the main thread "
+                  f"waited for a free core {100 * k['main_thread_waiting_for_a_core']:.0f}% of the time")
+        if "last_epoch_data_wait_s" in c:
+            print(f"    the last epoch's training loop waited {c['last_epoch_data_wait_s']:.1f} s of its "
+                  f"{c['last_epoch_training_s']} s for the loader's next batch")
     for row in r.get("scan", []):
         print(f"scan_channel {row['files']:>7} files: {row['seconds']:6.2f} s, {row['files_per_s']:8.0f} files/s")
     busiest = max(r["load_before"], e["load_average"][0])

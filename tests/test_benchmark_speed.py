@@ -39,6 +39,9 @@ def test_quick_benchmark_measures_every_part(tmp_path):
     assert speed["job"]["images_per_s"] > 0 and speed["job"]["vs_model"] > 0
     assert speed["job"]["peak_tree_rss_gib"] > 0.1  # torch alone takes more
     assert speed["job"]["first_step_source"] == "log line" and speed["job"]["first_step_s"] > 0
+    assert speed["job"]["last_epoch_data_wait_s"] >= 0 and speed["job"]["last_epoch_training_s"] >= 0
+    assert set(speed["job"]["last_epoch_cpu_cores"]) == {"main_thread", "main_process", "workers",
+                                                         "main_thread_waiting_for_a_core"}
     assert speed["scan"][0]["found"] == 1000
     assert speed["environment"]["cpu_count"] == os.cpu_count()
     for heading in ("(a) model step", "(b) loader", "(c) job", "scan_channel"):

@@ -197,8 +197,8 @@ def test_progress_line_says_speed_and_time_left(finished_job):
     _, log = finished_job
     lines = [line for line in log.splitlines() if re.search(r"epoch \d/3 train:loss", line)]
     assert len(lines) == EPOCHS
-    assert all(re.search(r" images/s=\d+\.\d training=\d+s validation=\d+s elapsed=\d+s left<=\S+$", line)
-               for line in lines), lines
+    pattern = r" images/s=\d+\.\d training=\d+s data_wait=\d+\.\ds validation=\d+s elapsed=\d+s left<=\S+$"
+    assert all(re.search(pattern, line) for line in lines), lines
     assert lines[-1].endswith("left<=0s")
     assert re.search(r"Done in \S+ after 3 epochs \(epochs done\)\. Best model: epoch \d, top-1 accuracy", log), \
         [line for line in log.splitlines() if "Done" in line]
