@@ -1,4 +1,4 @@
-"""How fast does training go, and what holds it back? Four measurements, each through the product's own code:
+"""How fast does training go, and what holds it back? Measurements through the product's own code:
 
   (a) model: forward + backward + optimizer + EMA steps on synthetic tensors already on the device, as
       train_one_epoch does them: the ceiling, no data loading at all (optionally with torch.compile too)
@@ -6,17 +6,21 @@
   (c) job: the real `train` entry point on a mocked /opt/ml tree (symlinked JPEGs); its last epoch's images/s,
       (c)/(a), start-up time and peak memory of the job's process tree
   scan: scan_channel over generated trees of 10k and 100k files
+  (d) loop, only when asked (--parts loop): where the real loop loses against (a), variant by variant in one
+      process: the step fed a batch on the device, a pinned uint8 batch, the job's loader, the loader unpinned
 
     python scripts/benchmark_speed.py                                   # efficientnet_b3, its own size, batch 32
     python scripts/benchmark_speed.py --model tf_efficientnet_lite0 --img-size 224 --train-images 256 --epochs 1
     python scripts/benchmark_speed.py --compile --json speed.json --hp aa=none --hp workers=4
     python scripts/benchmark_speed.py --quick                           # tiny model, seconds (the test runs this)
+    python scripts/benchmark_speed.py --parts model,loop --train-images 4096   # on a GPU: what the loop loses
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -28,13 +32,14 @@ import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as train.py: nothing here may reach a hub
 
 import torch  # noqa: E402
 
 from efficientnet_train import hyperparameters  # noqa: E402
-from efficientnet_train.data import (TrainBatches, class_folders, dataset_of, decode_side,  # noqa: E402
+from efficientnet_train.data import (ModelInput, TrainBatches, class_folders, dataset_of, decode_side,  # noqa: E402
                                      resolve_data_config, scan_channel, train_transform)
 from efficientnet_train.model import autocast_for, create_model  # noqa: E402
 from efficientnet_train.train import (create_optimizer, data_loader, data_loading_workers,  # noqa: E402
@@ -63,7 +68,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scan-sizes", help="comma-separated file counts (default 10000,100000)")
     p.add_argument("--loader-seconds", type=float, help="(b): time each worker count at least this long (default 3)")
     p.add_argument("--max-workers", type=int, help="(b): largest worker count tried (default: the CPU count)")
-    p.add_argument("--parts", default="model,loader,job,scan", help="which measurements, comma-separated")
+    p.add_argument("--parts", default="model,loader,job,scan",
+                   help="which measurements, comma-separated, of model, loader, job, scan and loop")
     p.add_argument("--compile", action="store_true", help="(a) with torch.compile too: compile time and throughput")
     p.add_argument("--json", type=Path, help="also write every number here")
     p.add_argument("--quick", action="store_true", help="tiny model and sizes: checks the script runs")
@@ -103,10 +109,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure_model(o, hp, weights: Path, classes: list[str], device: torch.device) -> dict:
-    """(a) The ceiling: train.train_step and the EMA update, as train_one_epoch runs them, on one fixed batch
-    already on the device (less the loss sum and scheduler update, which cost next to nothing): no data
-    loading, no validation."""
+def training_setup(hp, weights: Path, classes: list[str], device: torch.device) -> SimpleNamespace:
+    """The model, optimizer, EMA and loss as train.py makes them, and `step(images, targets)`: train.train_step
+    and the EMA update, as train_one_epoch runs them (less the loss sum and scheduler update, which cost next to
+    nothing)."""
     from timm.utils import ModelEmaV3
 
     autocast, amp_dtype = autocast_for(device)
@@ -114,24 +120,37 @@ def measure_model(o, hp, weights: Path, classes: list[str], device: torch.device
     model = create_model(hp.model, classes, str(weights), hp.drop, hp.drop_connect).to(device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
-    size = resolve_data_config(model, hp.img_size, hp.eval_img_size)["train_input_size"]
+    data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
     optimizer = create_optimizer(model, hp, hp.lr * hp.batch_size / hyperparameters.LR_REFERENCE_BATCH)
     ema = ModelEmaV3(model, decay=hp.model_ema_decay, use_warmup=True) if hp.model_ema else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp.smoothing).to(device)
-    images = torch.randn(hp.batch_size, *size, device=device).to(memory_format=memory_format)
-    targets = torch.randint(len(classes), (hp.batch_size,), device=device)
     updates = 0
 
-    def run(net, steps: int) -> float:  # seconds for `steps` steps, the device drained before and after
+    def step(images, targets, net=model):
         nonlocal updates
+        train_step(net, images, targets, loss_fn, optimizer, scaler, autocast)
+        updates += 1
+        if ema is not None:
+            ema.update(model, step=updates)
+
+    return SimpleNamespace(model=model, data_config=data_config, memory_format=memory_format, step=step,
+                           size=data_config["train_input_size"], amp_dtype=amp_dtype)
+
+
+def measure_model(o, hp, weights: Path, classes: list[str], device: torch.device) -> dict:
+    """(a) The ceiling: the training step on one fixed batch already on the device: no data loading, no
+    validation."""
+    setup = training_setup(hp, weights, classes, device)
+    model, size, amp_dtype = setup.model, setup.size, setup.amp_dtype
+    images = torch.randn(hp.batch_size, *size, device=device).to(memory_format=setup.memory_format)
+    targets = torch.randint(len(classes), (hp.batch_size,), device=device)
+
+    def run(net, steps: int) -> float:  # seconds for `steps` steps, the device drained before and after
         sync(device)
         started = time.perf_counter()
         for _ in range(steps):
-            train_step(net, images, targets, loss_fn, optimizer, scaler, autocast)
-            updates += 1
-            if ema is not None:
-                ema.update(model, step=updates)
+            setup.step(images, targets, net)
         sync(device)
         return time.perf_counter() - started
 
@@ -158,14 +177,86 @@ def measure_model(o, hp, weights: Path, classes: list[str], device: torch.device
     return result
 
 
+def replicated_train_channel(o, hp):
+    """data/train's images listed over and over, up to --train-images: as many as (c) trains on, so that with
+    many workers an epoch is still many batches per worker (each epoch's start drains and refills the queue)."""
+    channel = scan_channel("train", o.data / "train", max_unusable_fraction=hp.max_unusable_fraction)
+    return dataclasses.replace(channel, samples=channel.samples * -(-o.train_images // len(channel.samples)))
+
+
+def thread_ready_seconds() -> float:
+    """Seconds this thread has been ready to run but waited for a core (0 where schedstat is missing)."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def measure_loop(o, hp, weights: Path, classes: list[str], device: torch.device) -> dict:
+    """(d) Where the real loop loses against (a), in one process with one model, so without (c)'s start-up:
+    the job's step fed (1) a normalised batch already on the device, as (a); (2) one uint8 batch in pinned host
+    memory through ModelInput, as the loop does it (copy, normalise, random erasing); (3) the job's own loader;
+    (4) the same loader without pinned memory. For each: images/s, seconds waiting for batches, and how busy the
+    main thread was and how long it waited for a free core."""
+    setup = training_setup(hp, weights, classes, device)
+    data_config = setup.data_config
+    to_input = ModelInput(data_config, device, setup.memory_format, hp.reprob, hp.remode)
+    workers = hp.workers if hp.workers >= 0 else data_loading_workers(1)
+    dataset = dataset_of(replicated_train_channel(o, hp), train_transform(data_config, hp.aa, hp.hflip),
+                         hp.max_unusable_fraction, workers, decode_side(data_config, training=True))
+    fixed = (torch.randint(0, 256, (hp.batch_size, *setup.size), dtype=torch.uint8),
+             torch.randint(len(classes), (hp.batch_size,)))
+    pinned = tuple(t.pin_memory() for t in fixed) if device.type == "cuda" else fixed
+    on_device = (to_input(pinned[0]), pinned[1].to(device))
+
+    def repeat(batch):
+        while True:
+            yield batch
+
+    def endless(pin_device: torch.device):  # the job's loader, epoch after epoch
+        sampler = TrainBatches(len(dataset), hp.batch_size, hp.seed)
+        loader = data_loader(dataset, workers, pin_device, hp.seed, batch_sampler=sampler)
+        epoch = 1
+        while True:
+            sampler.start_epoch(epoch)
+            yield from loader
+            epoch += 1
+
+    def run(batches, convert) -> dict:
+        for _ in range(o.warmup):  # workers starting, cuDNN autotuning (first variant), allocator growth
+            setup.step(*convert(*next(batches)))
+        sync(device)
+        waited, cpu, ready, started = 0.0, time.thread_time(), thread_ready_seconds(), time.perf_counter()
+        for _ in range(o.steps):
+            asked = time.perf_counter()
+            images, targets = next(batches)
+            waited += time.perf_counter() - asked
+            setup.step(*convert(images, targets))
+        sync(device)
+        seconds = time.perf_counter() - started
+        return {"images_per_s": o.steps * hp.batch_size / seconds, "data_wait_s": waited, "seconds": seconds,
+                "main_thread_cpu": (time.thread_time() - cpu) / seconds,
+                "main_thread_waiting_for_a_core": (thread_ready_seconds() - ready) / seconds}
+
+    def as_loop(images, targets):
+        return to_input(images), targets.to(device, non_blocking=True)
+
+    rows = {"device_batch": lambda: run(repeat(on_device), lambda images, targets: (images, targets)),
+            "pinned_batch": lambda: run(repeat(pinned), as_loop),
+            "loader": lambda: run(endless(device), as_loop),
+            "loader_unpinned": lambda: run(endless(torch.device("cpu")), as_loop)}
+    result = {"workers": workers, "steps": o.steps}
+    for name, measure in rows.items():
+        result[name] = measure()
+        gc.collect()  # the loader generator's workers end with it
+    return result
+
+
 def measure_loader(o, hp, device: torch.device) -> dict:
     """(b) Decode + augment + collate alone, through the DataLoader train.py builds, for several worker counts."""
     import timm
 
-    channel = scan_channel("train", o.data / "train", max_unusable_fraction=hp.max_unusable_fraction)
-    # As many images as (c) trains on, so that with many workers an epoch is still many batches per worker:
-    # each epoch's start drains and refills the prefetch queue.
-    channel = dataclasses.replace(channel, samples=channel.samples * -(-o.train_images // len(channel.samples)))
+    channel = replicated_train_channel(o, hp)
     # Only the model's pretrained_cfg matters here (sizes, interpolation, normalisation): no weights needed.
     data_config = resolve_data_config(timm.create_model(hp.model, num_classes=2), hp.img_size, hp.eval_img_size)
     transform = train_transform(data_config, hp.aa, hp.hflip)
@@ -372,7 +463,7 @@ def environment(device: torch.device) -> dict:
 
 
 def report(r: dict) -> None:
-    e, a, b, c = r["environment"], r.get("model"), r.get("loader"), r.get("job")
+    e, a, b, c, d = r["environment"], r.get("model"), r.get("loader"), r.get("job"), r.get("loop")
     print(f"\nseconds per part: {r['part_seconds']}")
     print(f"\n{r['model_name']}, batch {r['batch_size']}, on {e['device']}; torch {e['torch']}, timm {e['timm']}, "
           f"{e['cpu_count']} CPUs, commit {e['git_commit']}, load average {e['load_average'][0]:.2f}")
@@ -412,6 +503,13 @@ def report(r: dict) -> None:
         if "last_epoch_data_wait_s" in c:
             print(f"    the last epoch's training loop waited {c['last_epoch_data_wait_s']:.1f} s of its "
                   f"{c['last_epoch_training_s']} s for the loader's next batch")
+    if d:
+        print(f"(d) the job's step, {d['steps']} steps fed by each source ({d['workers']} workers):\n"
+              f"    source           images/s  waiting for data  main thread busy  waiting for a core")
+        for name, row in d.items():
+            if isinstance(row, dict):
+                print(f"    {name:<15} {row['images_per_s']:9.1f}  {row['data_wait_s']:15.2f}s  "
+                      f"{row['main_thread_cpu']:16.2f}  {100 * row['main_thread_waiting_for_a_core']:17.0f}%")
     for row in r.get("scan", []):
         print(f"scan_channel {row['files']:>7} files: {row['seconds']:6.2f} s, {row['files_per_s']:8.0f} files/s")
     busiest = max(r["load_before"], e["load_average"][0])
@@ -431,7 +529,8 @@ def main(argv=None) -> int:
     measurements = {"model": lambda: measure_model(o, hp, weights, class_folders(o.data / "train"), device),
                     "loader": lambda: measure_loader(o, hp, device),
                     "job": lambda: measure_job(o, weights, work, result.get("model", {}).get("images_per_s")),
-                    "scan": lambda: measure_scan(o, hp, work)}
+                    "scan": lambda: measure_scan(o, hp, work),
+                    "loop": lambda: measure_loop(o, hp, weights, class_folders(o.data / "train"), device)}
     result["part_seconds"] = {}
     for part, measure in measurements.items():
         if part in o.parts:

@@ -29,7 +29,8 @@ def test_quick_benchmark_measures_every_part(tmp_path):
     # can make a 2-core machine ten times slower.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_speed.py"), "--quick",
-                             "--data", str(tmp_path / "data"), "--json", str(tmp_path / "speed.json")],
+                             "--data", str(tmp_path / "data"), "--json", str(tmp_path / "speed.json"),
+                             "--parts", "model,loader,job,scan,loop"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     speed = json.loads((tmp_path / "speed.json").read_text())
@@ -43,6 +44,9 @@ def test_quick_benchmark_measures_every_part(tmp_path):
     assert set(speed["job"]["last_epoch_cpu_cores"]) == {"main_thread", "main_process", "workers",
                                                          "main_thread_waiting_for_a_core"}
     assert speed["scan"][0]["found"] == 1000
+    for source in ("device_batch", "pinned_batch", "loader", "loader_unpinned"):
+        row = speed["loop"][source]
+        assert row["images_per_s"] > 0 and row["data_wait_s"] >= 0 and 0 < row["main_thread_cpu"] <= 1.5
     assert speed["environment"]["cpu_count"] == os.cpu_count()
-    for heading in ("(a) model step", "(b) loader", "(c) job", "scan_channel"):
+    for heading in ("(a) model step", "(b) loader", "(c) job", "scan_channel", "(d) the job's step"):
         assert heading in result.stdout
