@@ -12,6 +12,7 @@
     python scripts/benchmark_speed.py                                   # efficientnet_b3, its own size, batch 32
     python scripts/benchmark_speed.py --model tf_efficientnet_lite0 --img-size 224 --train-images 256 --epochs 1
     python scripts/benchmark_speed.py --compile --json speed.json --hp aa=none --hp workers=4
+    python scripts/benchmark_speed.py --parts model --compile reduce-overhead   # CUDA graphs: less launching
     python scripts/benchmark_speed.py --quick                           # tiny model, seconds (the test runs this)
     python scripts/benchmark_speed.py --parts model,loop --train-images 4096   # on a GPU: what the loop loses
 """
@@ -70,7 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-workers", type=int, help="(b): largest worker count tried (default: the CPU count)")
     p.add_argument("--parts", default="model,loader,job,scan",
                    help="which measurements, comma-separated, of model, loader, job, scan and loop")
-    p.add_argument("--compile", action="store_true", help="(a) with torch.compile too: compile time and throughput")
+    p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                   choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="(a) with torch.compile too, in this mode (default: default): compile time and throughput; "
+                        "reduce-overhead replays the step's kernels as CUDA graphs, for steps bound by launching")
     p.add_argument("--json", type=Path, help="also write every number here")
     p.add_argument("--quick", action="store_true", help="tiny model and sizes: checks the script runs")
     o = p.parse_args(argv)
@@ -159,22 +163,41 @@ def measure_model(o, hp, weights: Path, classes: list[str], device: torch.device
     run(model, o.warmup)  # cuDNN autotuning, allocator growth, lazy init
     seconds = run(model, o.steps)
     result = {"input_size": list(size), "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
-              "steps": o.steps, "images_per_s": o.steps * hp.batch_size / seconds}
+              "steps": o.steps, "images_per_s": o.steps * hp.batch_size / seconds,
+              "ops_per_step": dispatched_ops(lambda: setup.step(images, targets))}
     if device.type == "cuda":
         result.update(peak_gpu_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                       peak_gpu_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
     if o.compile:
-        compiled = torch.compile(model)
+        compiled = torch.compile(model, mode=o.compile)
         first = run(compiled, o.warmup)  # the first step compiles forward and backward
         steady = run(compiled, o.steps) / o.steps
         overhead = first - o.warmup * steady
         saved_per_image = 1 / result["images_per_s"] - steady / hp.batch_size
         typical = 20 * 10_000  # 20 epochs of 10k images
-        result["compile"] = {"first_steps_s": first, "compile_overhead_s": overhead,
+        result["compile"] = {"mode": o.compile, "first_steps_s": first, "compile_overhead_s": overhead,
                              "images_per_s": hp.batch_size / steady,
                              "break_even_images": overhead / saved_per_image if saved_per_image > 0 else None,
                              "net_saving_s_20_epochs_of_10k": typical * saved_per_image - overhead}
     return result
+
+
+def dispatched_ops(run) -> int:
+    """How many tensor operations `run` dispatches, backward included. Most launch a kernel on a GPU, and at a
+    small batch the time to launch them, not the GPU's arithmetic, can set the pace (timm's RMSpropTF before
+    1.0.31 updated each of efficientnet_b3's 340 tensors alone: 3,533 operations per step against 590)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as counter:
+        run()
+    return counter.count
 
 
 def replicated_train_channel(o, hp):
@@ -468,12 +491,13 @@ def report(r: dict) -> None:
     print(f"\n{r['model_name']}, batch {r['batch_size']}, on {e['device']}; torch {e['torch']}, timm {e['timm']}, "
           f"{e['cpu_count']} CPUs, commit {e['git_commit']}, load average {e['load_average'][0]:.2f}")
     if a:
-        print(f"(a) model step, synthetic {a['input_size']} {a['precision']}: {a['images_per_s']:.1f} images/s" +
+        print(f"(a) model step, synthetic {a['input_size']} {a['precision']}: {a['images_per_s']:.1f} images/s, "
+              f"{a['ops_per_step']} operations dispatched per step" +
               (f"; peak GPU {a['peak_gpu_allocated_gib']:.2f} GiB allocated, {a['peak_gpu_reserved_gib']:.2f} reserved"
                if "peak_gpu_allocated_gib" in a else ""))
         if "compile" in a:
             k = a["compile"]
-            print(f"    torch.compile: {k['images_per_s']:.1f} images/s after {k['compile_overhead_s']:.1f} s of "
+            print(f"    torch.compile ({k['mode']}): {k['images_per_s']:.1f} images/s after {k['compile_overhead_s']:.1f} s of "
                   f"compiling; breaks even after {k['break_even_images'] or float('inf'):.0f} images; "
                   f"20 epochs of 10k images: {k['net_saving_s_20_epochs_of_10k']:+.0f} s saved")
     if b:

@@ -9,6 +9,8 @@
 #   timm   timm's reference train.py on (c)'s tree with the same settings (needs job first, TIMM_TRAIN) (2 min)
 #   loader (b) per worker count (1 min)
 #   batch  (a) at batch_size 64 and 128: how much of the GPU batch 32 leaves unused; memory per image (3 min)
+#   graphs (a) under torch.compile's reduce-overhead mode (CUDA graphs), only when named: does replaying the
+#          step's kernels beat launching them one by one, and after how long compiling (4 min)
 #
 #   bash scripts/benchmark_speed_gpu.sh DATA_DIR OUT_DIR        # DATA_DIR holds train/ and val/ (hymenoptera)
 #   STEPS="loop job timm" TIMM_TRAIN=path/to/timm/train.py bash scripts/benchmark_speed_gpu.sh DATA_DIR OUT_DIR
@@ -47,6 +49,15 @@ timm_reference() {  # (c)'s own tree, so both read the same files; the product's
   rm -rf "$OUT/timm"  # its checkpoints: hundreds of MB nobody needs
 }
 
+# The image's versions or nothing: timm 1.0.29's RMSpropTF launched 6x as many optimizer kernels per step as
+# 1.0.31's, and an (a) and a (c) measured under different versions made a ratio that meant nothing.
+pinned=$(grep -m1 "^timm==" "$(dirname "$0")/../constraints.txt" | cut -d= -f3)
+found=$($PY -c "import timm; print(timm.__version__)")
+if [ "$found" != "$pinned" ]; then
+  echo "timm $found here, but the image pins $pinned (constraints.txt): install that one first, e.g." \
+       "pip install --target /tmp/site timm-$pinned-py3-none-any.whl && export PYTHONPATH=/tmp/site:\$PWD" | tee "$LOG"
+  exit 2
+fi
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
   echo "cpus: $cores; kernel: $(uname -r); $(dmesg 2>/dev/null | grep -m1 -i gvisor || echo 'no gVisor in dmesg')"
   $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
@@ -60,6 +71,7 @@ for step in $STEPS; do
     loader) run loader 60 --parts loader --train-images "$N" --loader-seconds 2 ;;
     batch) run model64 80 --parts model --batch-size 64 --steps 20
            run model128 80 --parts model --batch-size 128 --steps 20 ;;
+    graphs) run graphs 240 --parts model --compile reduce-overhead --steps 30 ;;
     *) echo "unknown step $step" | tee -a "$LOG" ;;
   esac
 done
