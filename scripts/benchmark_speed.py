@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                    help="(a) with torch.compile too, in this mode (default: default): compile time and throughput; "
                         "reduce-overhead replays the step's kernels as CUDA graphs, for steps bound by launching")
+    p.add_argument("--cudnn-benchmark", choices=("on", "off"), default="on",
+                   help="(a) and (d): cuDNN timing its kernels on the first steps (on, as the job does) or picking "
+                        "them by heuristics (off): the first steps' seconds against the steady rate")
     p.add_argument("--json", type=Path, help="also write every number here")
     p.add_argument("--quick", action="store_true", help="tiny model and sizes: checks the script runs")
     o = p.parse_args(argv)
@@ -113,14 +116,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def training_setup(hp, weights: Path, classes: list[str], device: torch.device) -> SimpleNamespace:
+def training_setup(hp, weights: Path, classes: list[str], device: torch.device,
+                   cudnn_benchmark: bool = True) -> SimpleNamespace:
     """The model, optimizer, EMA and loss as train.py makes them, and `step(images, targets)`: train.train_step
     and the EMA update, as train_one_epoch runs them (less the loss sum and scheduler update, which cost next to
     nothing)."""
     from timm.utils import ModelEmaV3
 
     autocast, amp_dtype = autocast_for(device)
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # as train.py
+    torch.backends.cudnn.benchmark = cudnn_benchmark and device.type == "cuda"  # as train.py unless told
     model = create_model(hp.model, classes, str(weights), hp.drop, hp.drop_connect).to(device)
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
@@ -145,7 +149,7 @@ def training_setup(hp, weights: Path, classes: list[str], device: torch.device) 
 def measure_model(o, hp, weights: Path, classes: list[str], device: torch.device) -> dict:
     """(a) The ceiling: the training step on one fixed batch already on the device: no data loading, no
     validation."""
-    setup = training_setup(hp, weights, classes, device)
+    setup = training_setup(hp, weights, classes, device, o.cudnn_benchmark == "on")
     model, size, amp_dtype = setup.model, setup.size, setup.amp_dtype
     images = torch.randn(hp.batch_size, *size, device=device).to(memory_format=setup.memory_format)
     targets = torch.randint(len(classes), (hp.batch_size,), device=device)
@@ -160,10 +164,11 @@ def measure_model(o, hp, weights: Path, classes: list[str], device: torch.device
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    run(model, o.warmup)  # cuDNN autotuning, allocator growth, lazy init
+    warmup = run(model, o.warmup)  # cuDNN autotuning, allocator growth, lazy init
     seconds = run(model, o.steps)
     result = {"input_size": list(size), "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
               "steps": o.steps, "images_per_s": o.steps * hp.batch_size / seconds,
+              "cudnn_benchmark": torch.backends.cudnn.benchmark, "warmup_steps": o.warmup, "warmup_s": warmup,
               "ops_per_step": dispatched_ops(lambda: setup.step(images, targets))}
     if device.type == "cuda":
         result.update(peak_gpu_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
@@ -221,7 +226,7 @@ def measure_loop(o, hp, weights: Path, classes: list[str], device: torch.device)
     memory through ModelInput, as the loop does it (copy, normalise, random erasing); (3) the job's own loader;
     (4) the same loader without pinned memory. For each: images/s, seconds waiting for batches, and how busy the
     main thread was and how long it waited for a free core."""
-    setup = training_setup(hp, weights, classes, device)
+    setup = training_setup(hp, weights, classes, device, o.cudnn_benchmark == "on")
     data_config = setup.data_config
     to_input = ModelInput(data_config, device, setup.memory_format, hp.reprob, hp.remode)
     workers = hp.workers if hp.workers >= 0 else data_loading_workers(1)
@@ -492,7 +497,8 @@ def report(r: dict) -> None:
           f"{e['cpu_count']} CPUs, commit {e['git_commit']}, load average {e['load_average'][0]:.2f}")
     if a:
         print(f"(a) model step, synthetic {a['input_size']} {a['precision']}: {a['images_per_s']:.1f} images/s, "
-              f"{a['ops_per_step']} operations dispatched per step" +
+              f"{a['ops_per_step']} operations dispatched per step; the {a['warmup_steps']} steps before took "
+              f"{a['warmup_s']:.1f} s{' (cuDNN timing its kernels)' if a['cudnn_benchmark'] else ''}" +
               (f"; peak GPU {a['peak_gpu_allocated_gib']:.2f} GiB allocated, {a['peak_gpu_reserved_gib']:.2f} reserved"
                if "peak_gpu_allocated_gib" in a else ""))
         if "compile" in a:

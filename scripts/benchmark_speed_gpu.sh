@@ -9,6 +9,8 @@
 #   timm   timm's reference train.py on (c)'s tree with the same settings (needs job first, TIMM_TRAIN) (2 min)
 #   loader (b) per worker count (1 min)
 #   batch  (a) at batch_size 64 and 128: how much of the GPU batch 32 leaves unused; memory per image (3 min)
+#   cudnn  (a) with cuDNN's benchmark mode off, only when named: is timing kernels on the first steps (about a
+#          minute of start-up on the H100) worth its speed-up? (1.5 min)
 #   graphs (a) under torch.compile's reduce-overhead mode (CUDA graphs), only when named: does replaying the
 #          step's kernels beat launching them one by one, and after how long compiling (4 min)
 #
@@ -64,13 +66,14 @@ fi
 } 2>&1 | tee "$LOG"
 for step in $STEPS; do
   case $step in
-    loop) run loop 150 --parts model,loop --train-images "$N" --steps 50 ;;
+    loop) run loop 180 --parts model,loop --train-images "$N" --steps 50 ;;
     job) run job 210 --parts job --train-images "$N" --epochs 2
          cp "$($PY -c "import json; print(json.load(open('$OUT/job.json'))['job']['log'])")" "$OUT/job_train.log" ;;
     timm) if [ -n "${TIMM_TRAIN:-}" ]; then timm_reference; else echo "== timm: set TIMM_TRAIN" | tee -a "$LOG"; fi ;;
     loader) run loader 60 --parts loader --train-images "$N" --loader-seconds 2 ;;
     batch) run model64 80 --parts model --batch-size 64 --steps 20
            run model128 80 --parts model --batch-size 128 --steps 20 ;;
+    cudnn) run cudnn_off 90 --parts model --cudnn-benchmark off --steps 30 ;;
     graphs) run graphs 240 --parts model --compile reduce-overhead --steps 30 ;;
     *) echo "unknown step $step" | tee -a "$LOG" ;;
   esac

@@ -35,6 +35,7 @@ def test_quick_benchmark_measures_every_part(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     speed = json.loads((tmp_path / "speed.json").read_text())
     assert speed["model"]["images_per_s"] > 0 and speed["model"]["ops_per_step"] > 100
+    assert speed["model"]["warmup_s"] > 0 and speed["model"]["cudnn_benchmark"] is False  # no GPU here
     assert [row["workers"] for row in speed["loader"]["rows"]] == [0, 1]
     assert all(row["images_per_s"] > 0 for row in speed["loader"]["rows"])
     assert speed["job"]["images_per_s"] > 0 and speed["job"]["vs_model"] > 0
