@@ -636,13 +636,15 @@ def decode_side(data_config: dict, training: bool) -> int:
 
 
 def train_transform(data_config: dict, aa: str, hflip: float):
-    """Decoded image -> uint8 CHW tensor (crop, flip, RandAugment); ModelInput does the rest on the device."""
+    """Decoded image -> uint8 CHW tensor (crop, flip, RandAugment); ModelInput does the rest on the device.
+    The mean still matters here: RandAugment fills what rotating and shearing uncover with it."""
     from timm.data import create_transform
 
     return create_transform(
         tuple(data_config["train_input_size"]), is_training=True, scale=TRAIN_CROP_SCALE,
         hflip=hflip, auto_augment=None if aa.lower() in ("", "none") else aa,
-        interpolation=data_config["interpolation"], use_prefetcher=True)
+        interpolation=data_config["interpolation"], mean=tuple(data_config["mean"]),
+        std=tuple(data_config["std"]), use_prefetcher=True)
 
 
 def eval_transform(data_config: dict):
@@ -673,6 +675,8 @@ class ModelInput:
         self.erase = RandomErasing(probability=reprob, mode=remode, device=device) if reprob > 0 else None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8:  # a float batch would be normalised twice, in the caller's tensor
+            raise TypeError(f"ModelInput takes uint8 images, as the transforms make them, not {images.dtype}")
         images = images.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
         images = images.float().sub_(self.mean).div_(self.std)
         return self.erase(images) if self.erase is not None else images

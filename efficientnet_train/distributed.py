@@ -287,6 +287,13 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def max_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """The largest value of any process, in place; a no-op in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Make batch-norm statistics those of rank 0: each process updated them on its own batches, and the model
     evaluated (and saved) must be one model."""

@@ -325,8 +325,9 @@ def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, sch
                     progress: Progress, stop: StopRequest, job_started: float | None = None) -> tuple[float, float]:
     """Train the rest of `progress.epoch` (all of it unless resuming), counting batches in `progress`;
     given when the job started, say how long it took to get to the first step. Returns the mean training
-    loss and the seconds spent waiting for the loader's next batch (beyond the first): more than a small share
-    of the epoch means the GPU waits on JPEG decoding and augmentation."""
+    loss and the seconds spent waiting for the loader's next batch (beyond the first; the longest wait of any
+    process, as the others wait for the slowest at every step): more than a small share of the epoch means the
+    GPU waits on JPEG decoding and augmentation."""
     model.train()
     loader.batch_sampler.start_epoch(progress.epoch, skip_batches=progress.step)
     device = to_input.device
@@ -363,6 +364,7 @@ def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, sch
     totals = distributed.sum_over_ranks(torch.tensor([progress.loss_sum, progress.seen], dtype=torch.float64,
                                                      device=device))
     mean_loss = (totals[0] / totals[1].clamp(min=1)).item()
+    data_wait = distributed.max_over_ranks(torch.tensor([data_wait], dtype=torch.float64, device=device)).item()
     if not np.isfinite(mean_loss):
         raise JobError(f"Training diverged in epoch {progress.epoch}: the training loss is {mean_loss}. Lower lr "
                        f"(it is scaled to the batch size from a batch of {hyperparameters.LR_REFERENCE_BATCH}) "

@@ -250,8 +250,8 @@ def measure_loop(o, hp, weights: Path, classes: list[str], device: torch.device)
             yield from loader
             epoch += 1
 
-    def run(batches, convert) -> dict:
-        for _ in range(o.warmup):  # workers starting, cuDNN autotuning (first variant), allocator growth
+    def run(batches, convert, warmup: int = o.warmup) -> dict:
+        for _ in range(warmup):  # workers starting, cuDNN autotuning (first variant), allocator growth
             setup.step(*convert(*next(batches)))
         sync(device)
         waited, cpu, ready, started = 0.0, time.thread_time(), thread_ready_seconds(), time.perf_counter()
@@ -269,10 +269,13 @@ def measure_loop(o, hp, weights: Path, classes: list[str], device: torch.device)
     def as_loop(images, targets):
         return to_input(images), targets.to(device, non_blocking=True)
 
+    # The loader's workers fill their queue (2 batches each) while starting: with that many more warm-up steps a
+    # loader slower than the step has drained it before the timing starts, so its rows are not flattered.
+    queued = 2 * workers
     rows = {"device_batch": lambda: run(repeat(on_device), lambda images, targets: (images, targets)),
             "pinned_batch": lambda: run(repeat(pinned), as_loop),
-            "loader": lambda: run(endless(device), as_loop),
-            "loader_unpinned": lambda: run(endless(torch.device("cpu")), as_loop)}
+            "loader": lambda: run(endless(device), as_loop, o.warmup + queued),
+            "loader_unpinned": lambda: run(endless(torch.device("cpu")), as_loop, o.warmup + queued)}
     result = {"workers": workers, "steps": o.steps}
     for name, measure in rows.items():
         result[name] = measure()
@@ -441,7 +444,9 @@ def measure_job(o, weights: Path, work: Path, a_rate: float | None) -> dict:
         result["first_epoch_extra_s"] = (first_end - started) - (last_end - previous) if first_end else None
     # CPU cores busy during the last epoch (training and validation): a main thread near 1.0 cannot launch
     # the GPU's work any faster; workers near the core count cannot decode any faster.
-    window_start = log_time(epochs[-2][0]) if len(epochs) > 1 else started
+    first_step_line = next((line for line in log.splitlines() if "First training step done" in line), "")
+    # One epoch only: from its first step, so that the start-up (imports, model, workers starting) is left out.
+    window_start = log_time(epochs[-2][0]) if len(epochs) > 1 else (log_time(first_step_line) or started)
     window = [row for row in cpu if window_start <= row[0] <= (log_time(epochs[-1][0]) or wall + started)]
     if len(window) > 1 and window[-1][0] > window[0][0]:
         seconds = window[-1][0] - window[0][0]

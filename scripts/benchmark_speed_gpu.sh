@@ -37,6 +37,7 @@ run() {  # run NAME SECONDS ARGS...: one benchmark run, its output in the log, i
 
 timm_reference() {  # (c)'s own tree, so both read the same files; the product's default settings
   local tree model
+  if [ ! -s "$OUT/job.json" ]; then echo "== timm: needs the job step's tree, and job.json is missing" | tee -a "$LOG"; return; fi
   tree=$($PY -c "import json, pathlib; print(pathlib.Path(json.load(open('$OUT/job.json'))['job']['log']).parent)")
   model=$($PY -c "import json; print(json.load(open('$OUT/job.json'))['model_name'])")
   echo "== timm (at most 150s): $TIMM_TRAIN on $tree/opt_ml/input/data" | tee -a "$LOG"

@@ -109,12 +109,12 @@ PY
     -v "$SMOKE_DIR/data/val:/data:ro" "$IMAGE" python -c '
 import torch
 from pathlib import Path
-from efficientnet_train.data import eval_transform, load_image
+from efficientnet_train.data import ModelInput, eval_transform, load_image
 from efficientnet_train.model import load_trained_model, predict_log_probabilities
 model, checkpoint = load_trained_model(Path("/opt/ml/model/model_best.pth.tar"))
 image = load_image(sorted(Path("/data/1").glob("*.png"))[0])
 with torch.no_grad():
-    batch = eval_transform(checkpoint["data_config"])(image)[None]
+    batch = ModelInput(checkpoint["data_config"], torch.device("cpu"))(eval_transform(checkpoint["data_config"])(image)[None])
     probs = predict_log_probabilities(model, batch, checkpoint["eval_hflip"]).exp()[0]
 assert probs.shape == (3,) and abs(float(probs.sum()) - 1) < 1e-4, probs
 print("checkpoint loads in the image:", checkpoint["arch"], "probabilities", [round(float(p), 3) for p in probs])

@@ -135,3 +135,26 @@ def test_model_input_erases_training_batches_only_when_asked():
     erased = ModelInput(config, torch.device("cpu"), reprob=1.0, remode="pixel")(images)
     changed = (erased != plain).flatten(1).any(dim=1)
     assert changed.all()  # every image had a patch of noise put in
+
+
+def test_randaugment_fills_with_the_models_own_mean():
+    """The uint8 transforms leave normalising to ModelInput, but RandAugment still needs the model's mean: it
+    fills what rotating, shearing and translating uncover with it."""
+    from PIL import Image
+    from timm.data.auto_augment import RandAugment
+
+    from efficientnet_train.data import train_transform
+
+    config = {"train_input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5, 0.5, 0.5],
+              "std": [0.5, 0.5, 0.5]}
+    transform = train_transform(config, "rand-m9-mstd0.5", hflip=0.5)
+    augment = next(t for t in transform.transforms if isinstance(t, RandAugment))
+    assert {op.hparams["img_mean"] for op in augment.ops} == {(128, 128, 128)}
+    assert transform(Image.new("RGB", (40, 30))).dtype == torch.uint8
+
+
+def test_model_input_refuses_float_batches():
+    from efficientnet_train.data import ModelInput
+
+    with pytest.raises(TypeError, match="uint8"):
+        ModelInput({"mean": [0.5] * 3, "std": [0.25] * 3}, torch.device("cpu"))(torch.zeros(1, 3, 4, 4))
