@@ -447,11 +447,14 @@ def measure_job(o, weights: Path, work: Path, a_rate: float | None) -> dict:
     first_step_line = next((line for line in log.splitlines() if "First training step done" in line), "")
     # One epoch only: from its first step, so that the start-up (imports, model, workers starting) is left out.
     window_start = log_time(epochs[-2][0]) if len(epochs) > 1 else (log_time(first_step_line) or started)
-    window = [row for row in cpu if window_start <= row[0] <= (log_time(epochs[-1][0]) or wall + started)]
-    if len(window) > 1 and window[-1][0] > window[0][0]:
-        seconds = window[-1][0] - window[0][0]
+    window_end = log_time(epochs[-1][0]) or wall + started
+    # The samples (every 0.2 s) just outside the window, so that a short epoch still has two.
+    first = next((row for row in reversed(cpu) if row[0] <= window_start), cpu[0] if cpu else None)
+    last = next((row for row in cpu if row[0] >= window_end), cpu[-1] if cpu else None)
+    if first and last and last[0] > first[0]:
+        seconds = last[0] - first[0]
         result["last_epoch_cpu_cores"] = {
-            name: (window[-1][i] - window[0][i]) / seconds
+            name: (last[i] - first[i]) / seconds
             for i, name in enumerate(("main_thread", "main_process", "workers", "main_thread_waiting_for_a_core"), 1)}
     wait = re.search(r" training=(\d+)s data_wait=([\d.]+)s", epochs[-1][0])
     if wait:  # the job's own measure: how long its loop waited for the loader's next batch
