@@ -353,8 +353,9 @@ def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, sch
         if time.monotonic() - last_report >= PROGRESS_EVERY_S:
             last_report = time.monotonic()
             rate = (progress.step - first_step) * len(targets) / (last_report - started)
-            log.info("epoch %d: %d/%d batches, %.1f images/s, epoch's training done in ~%s", progress.epoch,
-                     progress.step, len(loader), rate,
+            log.info("epoch %d: %d/%d batches, %.1f images/s, waiting for data %.0f%% of the time, epoch's training "
+                     "done in ~%s", progress.epoch, progress.step, len(loader), rate,
+                     100 * data_wait / (last_report - started),
                      report.duration((len(loader) - progress.step) * len(targets) / max(rate, 1e-6)))
         if stop:  # before the next batch is loaded, so a resumed run draws the same random numbers
             progress.loss_sum = loss_sum.item()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -158,3 +159,39 @@ def test_model_input_refuses_float_batches():
 
     with pytest.raises(TypeError, match="uint8"):
         ModelInput({"mean": [0.5] * 3, "std": [0.25] * 3}, torch.device("cpu"))(torch.zeros(1, 3, 4, 4))
+
+
+def test_an_epoch_reports_its_wait_for_data_and_progress_lines_say_it(monkeypatch, caplog):
+    """A slow loader shows as data_wait, and the minute-by-minute line says its share while the epoch runs."""
+    import logging
+    import time
+
+    from timm.scheduler import create_scheduler_v2
+
+    from efficientnet_train import train
+    from efficientnet_train.checkpoints import Progress, StopRequest
+    from efficientnet_train.data import ModelInput, TrainBatches
+    from efficientnet_train.model import autocast_for
+
+    class SlowImages(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            time.sleep(0.02)  # 2 images a batch: 0.04 s of waiting per batch, in this process (workers=0)
+            return torch.full((3, 16, 16), index, dtype=torch.uint8), index % 2
+
+    device = torch.device("cpu")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="step", num_epochs=1, decay_epochs=1, updates_per_epoch=4)
+    loader = train.data_loader(SlowImages(), 0, device, 0, batch_sampler=TrainBatches(8, 2, seed=0))
+    monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0)
+    with caplog.at_level(logging.INFO, logger="efficientnet_train"):
+        loss, data_wait = train.train_one_epoch(
+            model, loader, ModelInput({"mean": [0.5] * 3, "std": [0.5] * 3}, device), torch.nn.CrossEntropyLoss(),
+            optimizer, scheduler, None, None, autocast_for(device)[0], Progress(), StopRequest())
+    assert loss > 0 and 0.1 <= data_wait < 1.0  # three batches after the first, 0.04 s each
+    lines = [r.getMessage() for r in caplog.records if "waiting for data" in r.getMessage()]
+    assert len(lines) == 4 and re.search(r"epoch 1: 4/4 batches, [\d.]+ images/s, waiting for data \d+% of the time",
+                                         lines[-1]), lines
