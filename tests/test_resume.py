@@ -94,11 +94,14 @@ def test_each_epoch_leaves_a_checkpoint_and_old_ones_are_pruned(uninterrupted):
 def test_sigterm_mid_epoch_stops_cleanly_and_a_restart_finishes_the_same_run(uninterrupted, tmp_path):
     base = copy_job(uninterrupted, tmp_path)
     job = start_train(base)
-    run_until(job, r"epoch 1/3 ")
+    log = run_until(job, r"epoch 1/3 ")
     epoch_2_started = base / "checkpoints" / "checkpoint-00002-0000000.pth.tar"  # the last thing epoch 1 does
     while not epoch_2_started.exists():
         time.sleep(0.02)
-    time.sleep(0.3)  # into epoch 2's 18 batches
+    # Into epoch 2's 18 batches, whatever this machine's speed: a quarter of epoch 1's training time (which had the
+    # warm-up too, so epoch 2 is no slower). A fixed 0.3 s overshot the whole epoch on an idle machine.
+    epoch_1_seconds = 36 / float(re.search(r"epoch 1/3 .* images/s=([\d.]+)", log)[1])
+    time.sleep(min(max(epoch_1_seconds / 4, 0.02), 0.3))
     started = time.monotonic()
     job.send_signal(signal.SIGTERM)
     log = "".join(job.stdout) + job.communicate(timeout=120)[0]
