@@ -141,6 +141,11 @@ def autocast_for(device: torch.device):
     return partial(torch.autocast, "cuda", dtype=dtype), dtype
 
 
+def memory_format_for(device: torch.device) -> torch.memory_format:
+    """channels_last on a GPU, where cuDNN's convolutions (and bf16 ones above all) run faster in it."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def predict_log_probabilities(model: torch.nn.Module, images: torch.Tensor, mirror: bool) -> torch.Tensor:
     """Log class probabilities of a batch: the one definition of a prediction, for validation and serving.
 

@@ -64,8 +64,8 @@ def predict(classifier: Classifier, paths: list[Path], top_k: int, batch_size: i
     """Yields (path, prediction) for each readable image and (path, error) for each other, in order."""
     from tqdm import tqdm
 
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, classifier.preprocess, classifier.decode_side), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, classifier.preprocess, classifier.decode_side),
+                                         batch_size=batch_size, num_workers=workers, collate_fn=_collate)
     with tqdm(total=len(paths), unit="image", disable=not progress, file=sys.stderr) as bar:
         for items in loader:
             readable = [(index, tensor) for index, tensor, _ in items if tensor is not None]

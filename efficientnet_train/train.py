@@ -23,8 +23,8 @@ from .data import (ModelInput, TrainBatches, dataset_of, decode_side, eval_trans
 from .errors import JobError
 from .failures import explained
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
-from .model import (autocast_for, checkpoint_of, create_model, predict_log_probabilities, read_model_channel,
-                    save_checkpoint)
+from .model import (autocast_for, checkpoint_of, create_model, memory_format_for, predict_log_probabilities,
+                    read_model_channel, save_checkpoint)
 from .sagemaker import SageMakerEnvironment
 
 log = logging.getLogger("efficientnet_train")
@@ -102,7 +102,7 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     autocast, amp_dtype = autocast_for(device)
     model = create_model(hp.model, classes, hp.pretrained_path, hp.drop, hp.drop_connect,
                          start=None if resumed else read_model_channel(env.channel_dir("model"))).to(device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format = memory_format_for(device)
     model = model.to(memory_format=memory_format)
     data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
     # Gradients averaged over all processes after each backward; parameters start as rank 0's.
@@ -124,21 +124,16 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     val_input = ModelInput(data_config, device, memory_format)
 
     from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3
 
     global_batch = hp.batch_size * rank.world_size
     lr = hp.lr * global_batch / hyperparameters.LR_REFERENCE_BATCH
-    optimizer = create_optimizer(model, hp, lr)
+    optimizer, ema, scaler = training_tools(model, hp, lr, amp_dtype)
     # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch;
     # timm's plateau schedule only steps on epochs.
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=hp.sched, num_epochs=hp.epochs, decay_epochs=hp.decay_epochs, decay_rate=hp.decay_rate,
         warmup_lr=hp.warmup_lr, warmup_epochs=hp.warmup_epochs, step_on_epochs=hp.sched == "plateau",
         updates_per_epoch=len(train_loader))
-    # Warmup makes the average follow the weights early on; without it, decay 0.9999 keeps the
-    # random classifier head for thousands of steps, far longer than a small data set trains.
-    ema = ModelEmaV3(model, decay=hp.model_ema_decay, use_warmup=True) if hp.model_ema else None
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     trainables = dict(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
     args = {**vars(hp),
@@ -284,6 +279,19 @@ def finish(env: SageMakerEnvironment, args: dict, summary: list[dict], best: dic
     if env.training_job_name is None:
         # SageMaker packs model/ itself; a plain `docker run` should still hand over the same artifact.
         log.info("Packed %s", outputs.pack_model(env.model_dir))
+
+
+def training_tools(model: torch.nn.Module, hp, lr: float, amp_dtype: torch.dtype | None):
+    """The optimizer, the weights' moving average (EMA, if asked for) and, for float16 only, the gradient
+    scaler: what the job trains with, and what scripts/benchmark_speed.py times."""
+    from timm.utils import ModelEmaV3
+
+    optimizer = create_optimizer(model, hp, lr)
+    # Warmup makes the average follow the weights early on; without it, decay 0.9999 keeps the
+    # random classifier head for thousands of steps, far longer than a small data set trains.
+    ema = ModelEmaV3(model, decay=hp.model_ema_decay, use_warmup=True) if hp.model_ema else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    return optimizer, ema, scaler
 
 
 def create_optimizer(model: torch.nn.Module, hp, lr: float) -> torch.optim.Optimizer:

@@ -42,9 +42,9 @@ import torch  # noqa: E402
 from efficientnet_train import hyperparameters  # noqa: E402
 from efficientnet_train.data import (ModelInput, TrainBatches, class_folders, dataset_of, decode_side,  # noqa: E402
                                      resolve_data_config, scan_channel, train_transform)
-from efficientnet_train.model import autocast_for, create_model  # noqa: E402
-from efficientnet_train.train import (create_optimizer, data_loader, data_loading_workers,  # noqa: E402
-                                      train_step)
+from efficientnet_train.model import autocast_for, create_model, memory_format_for  # noqa: E402
+from efficientnet_train.train import (data_loader, data_loading_workers, train_step,  # noqa: E402
+                                      training_tools)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "hymenoptera_data"
@@ -121,17 +121,14 @@ def training_setup(hp, weights: Path, classes: list[str], device: torch.device,
     """The model, optimizer, EMA and loss as train.py makes them, and `step(images, targets)`: train.train_step
     and the EMA update, as train_one_epoch runs them (less the loss sum and scheduler update, which cost next to
     nothing)."""
-    from timm.utils import ModelEmaV3
-
     autocast, amp_dtype = autocast_for(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark and device.type == "cuda"  # as train.py unless told
     model = create_model(hp.model, classes, str(weights), hp.drop, hp.drop_connect).to(device)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    memory_format = memory_format_for(device)
     model = model.to(memory_format=memory_format).train()
     data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
-    optimizer = create_optimizer(model, hp, hp.lr * hp.batch_size / hyperparameters.LR_REFERENCE_BATCH)
-    ema = ModelEmaV3(model, decay=hp.model_ema_decay, use_warmup=True) if hp.model_ema else None
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    optimizer, ema, scaler = training_tools(model, hp, hp.lr * hp.batch_size / hyperparameters.LR_REFERENCE_BATCH,
+                                            amp_dtype)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp.smoothing).to(device)
     updates = 0
 
