@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import time
 from pathlib import Path
 
 from .outputs import atomic_write, write_text
@@ -22,6 +23,25 @@ def duration(seconds: float) -> str:
         return f"{minutes}m{seconds:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+class StartUp:
+    """Where the time before the first training step went, said in one line when that step is done. On a
+    GPU machine the first step alone can take most of a minute (CUDA loading the kernels, cuDNN timing
+    them): a buyer should see that it is that, not slow data or a hang."""
+
+    def __init__(self, started: float):
+        self.started = self.last = started
+        self.phases: list[tuple[str, float]] = []
+
+    def done(self, phase: str) -> None:
+        now = time.time()
+        self.phases.append((phase, now - self.last))
+        self.last = now
+
+    def line(self) -> str:
+        return (f"First training step done {self.last - self.started:.1f} s after the job started: "
+                + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.phases))
 
 
 def per_class_table(classes: list[str], confusion: list[list[int]]) -> str:

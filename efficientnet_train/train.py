@@ -36,12 +36,15 @@ def main() -> int:
     # hub. Set before anything imports timm (and with it huggingface_hub, which reads this on import).
     os.environ["HF_HUB_OFFLINE"] = "1"
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    startup = report.StartUp(process_started_at())
+    startup.done("Python and imports")
     env = SageMakerEnvironment.from_environ()
     env.failure_file.unlink(missing_ok=True)  # a reason left by an earlier run would mislead
     try:
         cluster = distributed.Cluster.of(env)
         job = prepare(env, cluster.world_size)
-        job.started = process_started_at()
+        startup.done("checking the data")
+        job.startup = startup
         if cluster.world_size == 1:
             run(env, job)
         else:
@@ -92,6 +95,8 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     resumed = distributed.broadcast_object(job.resumed, rank)
     job.resumed = None  # not kept twice in memory
 
+    if rank.distributed:
+        job.startup.done(f"starting training process {rank.rank + 1} of {rank.world_size}")
     seed_everything(hp.seed + rank.rank)  # other dropout and augmentation in each process
     device = torch.device("cuda", rank.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu" and rank.is_main:
@@ -104,6 +109,7 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
                          start=None if resumed else read_model_channel(env.channel_dir("model"))).to(device)
     memory_format = memory_format_for(device)
     model = model.to(memory_format=memory_format)
+    job.startup.done(f"building the model on the {'GPU' if device.type == 'cuda' else 'CPU'}")
     data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
     # Gradients averaged over all processes after each backward; parameters start as rank 0's.
     trained = torch.nn.parallel.DistributedDataParallel(model) if rank.distributed else model
@@ -184,7 +190,7 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
             first_epoch_here = not epoch_seconds  # of this process: a resumed job reports its start-up again
             train_loss, data_wait = train_one_epoch(trained, train_loader, train_input, loss_fn, optimizer, scheduler,
                                                     ema, scaler, autocast, progress, stop,
-                                                    job.started if first_epoch_here else None)
+                                                    job.startup if first_epoch_here else None)
             training_seconds = time.monotonic() - epoch_started
             images_per_second = (progress.seen - seen_before) * rank.world_size / max(training_seconds, 1e-6)
             candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
@@ -330,12 +336,15 @@ def class_weights(channel) -> torch.Tensor:
 
 
 def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, scheduler, ema, scaler, autocast,
-                    progress: Progress, stop: StopRequest, job_started: float | None = None) -> tuple[float, float]:
+                    progress: Progress, stop: StopRequest, startup: report.StartUp | None = None
+                    ) -> tuple[float, float]:
     """Train the rest of `progress.epoch` (all of it unless resuming), counting batches in `progress`;
-    given when the job started, say how long it took to get to the first step. Returns the mean training
+    given the job's start-up so far, say where the time to the first step went. Returns the mean training
     loss and the seconds spent waiting for the loader's next batch (beyond the first; the longest wait of any
     process, as the others wait for the slowest at every step): more than a small share of the epoch means the
     GPU waits on JPEG decoding and augmentation."""
+    if startup is not None:
+        startup.done("setting up training")
     model.train()
     loader.batch_sampler.start_epoch(progress.epoch, skip_batches=progress.step)
     device = to_input.device
@@ -345,6 +354,8 @@ def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, sch
     for images, targets in loader:
         if asked is not None:
             data_wait += time.monotonic() - asked
+        elif startup is not None:
+            startup.done("first batch (the loader's workers starting)")
         images, targets = to_input(images), targets.to(device, non_blocking=True)
         loss = train_step(model, images, targets, loss_fn, optimizer, scaler, autocast)
         progress.step += 1
@@ -354,10 +365,12 @@ def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, sch
         scheduler.step_update(num_updates)
         loss_sum += loss.detach() * len(targets)
         progress.seen += len(targets)
-        if job_started is not None:
+        if startup is not None:
             loss.item()  # waits for the GPU, once
-            log.info("First training step done %.1f s after the job started", time.time() - job_started)
-            job_started = None
+            startup.done("first step (CUDA loading and cuDNN timing the kernels)" if device.type == "cuda"
+                         else "first step")
+            log.info(startup.line())
+            startup = None
         if time.monotonic() - last_report >= PROGRESS_EVERY_S:
             last_report = time.monotonic()
             rate = (progress.step - first_step) * len(targets) / (last_report - started)

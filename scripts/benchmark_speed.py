@@ -428,9 +428,11 @@ def measure_job(o, weights: Path, work: Path, a_rate: float | None) -> dict:
               "images_per_s": last_rate, "vs_model": last_rate / a_rate if a_rate else None,
               "peak_tree_rss_gib": peak[0] / 2**30, "peak_tree_pss_gib": peak[1] / 2**30,
               "peak_main_vmhwm_gib": peak[2] / 2**30, "log": str(log_path)}
-    first_step = re.search(r"First training step done ([\d.]+) s after the job started", log)
+    first_step = re.search(r"First training step done ([\d.]+) s after the job started: (.*)", log)
     if first_step:
         result["first_step_s"], result["first_step_source"] = float(first_step[1]), "log line"
+        result["first_step_phases_s"] = {phase: float(seconds) for phase, seconds in
+                                         re.findall(r"(?:^|, )([^,]+?) ([\d.]+) s", first_step[2])}
     else:  # the last line logged before the loop starts: a lower bound (no worker start, no first batch in it)
         settings = next((log_time(line) for line in log.splitlines() if "Resolved settings" in line), None)
         result["first_step_s"] = settings - started if settings else None
@@ -527,6 +529,8 @@ def report(r: dict) -> None:
               f"{', '.join(f'{x:.1f}' for x in c['epoch_images_per_s'])}); wall {c['wall_s']:.1f} s; "
               f"first step after {first} ({c['first_step_source']})" +
               (f"; first epoch's extra {c['first_epoch_extra_s']:.1f} s" if c.get("first_epoch_extra_s") else ""))
+        if c.get("first_step_phases_s"):
+            print("    start-up: " + ", ".join(f"{phase} {s:.1f} s" for phase, s in c["first_step_phases_s"].items()))
         print(f"    peak memory of the job and its workers: RSS sum {c['peak_tree_rss_gib']:.2f} GiB, PSS sum "
               f"{c['peak_tree_pss_gib']:.2f} GiB (shared pages once); main VmHWM {c['peak_main_vmhwm_gib']:.2f} GiB; "
               f"GPU: {c['peak_gpu_memory']}")

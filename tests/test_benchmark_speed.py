@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,6 +42,8 @@ def test_quick_benchmark_measures_every_part(tmp_path):
     assert speed["job"]["images_per_s"] > 0 and speed["job"]["vs_model"] > 0
     assert speed["job"]["peak_tree_rss_gib"] > 0.1  # torch alone takes more
     assert speed["job"]["first_step_source"] == "log line" and speed["job"]["first_step_s"] > 0
+    phases = speed["job"]["first_step_phases_s"]
+    assert "first step" in phases and sum(phases.values()) == pytest.approx(speed["job"]["first_step_s"], abs=0.35)
     assert speed["job"]["last_epoch_data_wait_s"] >= 0 and speed["job"]["last_epoch_training_s"] >= 0
     assert set(speed["job"]["last_epoch_cpu_cores"]) == {"main_thread", "main_process", "workers",
                                                          "main_thread_waiting_for_a_core"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -78,6 +79,8 @@ def test_two_processes_train_one_model(tmp_path, learning_hyperparameters):
     # Metric lines once, from rank 0: SageMaker would otherwise record every value twice.
     assert result.stdout.count("validation:acc_1=") == 2
     assert "[rank 1]" not in result.stdout
+    assert re.search(r"First training step done .*, starting training process 1 of 2 [\d.]+ s, building the model",
+                     result.stdout)
     check_outputs_agree_with_one_process(base, 2)
     checkpoint_args = sorted(p.name for p in (base / "checkpoints").iterdir())
     assert checkpoint_args == ["checkpoint-00002-0000000.pth.tar", "checkpoint-00003-0000000.pth.tar"]

@@ -204,6 +204,17 @@ def test_progress_line_says_speed_and_time_left(finished_job):
         [line for line in log.splitlines() if "Done" in line]
 
 
+def test_the_first_step_line_says_where_the_start_up_went(finished_job):
+    _, log = finished_job
+    lines = [line.split(" INFO ", 1)[1] for line in log.splitlines() if "First training step done" in line]
+    assert len(lines) == 1, lines
+    total, phases = re.fullmatch(r"First training step done ([\d.]+) s after the job started: (.*)", lines[0]).groups()
+    seconds = dict((phase, float(s)) for phase, s in re.findall(r"(?:^|, )([^,]+?) ([\d.]+) s", phases))
+    assert list(seconds) == ["Python and imports", "checking the data", "building the model on the CPU",
+                             "setting up training", "first batch (the loader's workers starting)", "first step"]
+    assert seconds["Python and imports"] > 0 and sum(seconds.values()) == pytest.approx(float(total), abs=0.35)
+
+
 def test_stops_once_the_learning_rate_is_spent(tmp_path, tiny_hyperparameters):
     """Early stopping ends the run; summary.csv and the best model are complete all the same."""
     base = make_job(tmp_path, {**tiny_hyperparameters, "epochs": "10", "warmup_epochs": "0",

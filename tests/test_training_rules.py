@@ -168,7 +168,7 @@ def test_an_epoch_reports_its_wait_for_data_and_progress_lines_say_it(monkeypatc
 
     from timm.scheduler import create_scheduler_v2
 
-    from efficientnet_train import train
+    from efficientnet_train import report, train
     from efficientnet_train.checkpoints import Progress, StopRequest
     from efficientnet_train.data import ModelInput, TrainBatches
     from efficientnet_train.model import autocast_for
@@ -187,11 +187,18 @@ def test_an_epoch_reports_its_wait_for_data_and_progress_lines_say_it(monkeypatc
     scheduler, _ = create_scheduler_v2(optimizer, sched="step", num_epochs=1, decay_epochs=1, updates_per_epoch=4)
     loader = train.data_loader(SlowImages(), 0, device, 0, batch_sampler=TrainBatches(8, 2, seed=0))
     monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0)
+    startup = report.StartUp(time.time() - 10)
     with caplog.at_level(logging.INFO, logger="efficientnet_train"):
         loss, data_wait = train.train_one_epoch(
             model, loader, ModelInput({"mean": [0.5] * 3, "std": [0.5] * 3}, device), torch.nn.CrossEntropyLoss(),
-            optimizer, scheduler, None, None, autocast_for(device)[0], Progress(), StopRequest())
+            optimizer, scheduler, None, None, autocast_for(device)[0], Progress(), StopRequest(),
+            startup=startup)
     assert loss > 0 and 0.1 <= data_wait < 1.0  # three batches after the first, 0.04 s each
+    first_step = [r.getMessage() for r in caplog.records if r.getMessage().startswith("First training step")]
+    assert first_step == [startup.line()] and re.fullmatch(
+        r"First training step done 10\.\d s after the job started: setting up training 10\.\d s, first batch \(the "
+        r"loader's workers starting\) 0\.\d s, first step 0\.\d s", first_step[0]), first_step
+    assert dict(startup.phases)["first batch (the loader's workers starting)"] >= 0.04  # two images, 0.02 s each
     lines = [r.getMessage() for r in caplog.records if "waiting for data" in r.getMessage()]
     assert len(lines) == 4 and re.search(r"epoch 1: 4/4 batches, [\d.]+ images/s, waiting for data \d+% of the time",
                                          lines[-1]), lines
