@@ -8,6 +8,8 @@
   scan: scan_channel over generated trees of 10k and 100k files
   (d) loop, only when asked (--parts loop): where the real loop loses against (a), variant by variant in one
       process: the step fed a batch on the device, a pinned uint8 batch, the job's loader, the loader unpinned
+  timm, only when asked (--parts timm --timm-train PATH): timm's reference train.py on (c)'s images with the
+      product's resolved settings, for (c) against it (on a CPU through a shim that only points it at the CPU)
 
     python scripts/benchmark_speed.py                                   # efficientnet_b3, its own size, batch 32
     python scripts/benchmark_speed.py --model tf_efficientnet_lite0 --img-size 224 --train-images 256 --epochs 1
@@ -15,6 +17,7 @@
     python scripts/benchmark_speed.py --parts model --compile reduce-overhead   # CUDA graphs: less launching
     python scripts/benchmark_speed.py --quick                           # tiny model, seconds (the test runs this)
     python scripts/benchmark_speed.py --parts model,loop --train-images 4096   # on a GPU: what the loop loses
+    python scripts/benchmark_speed.py --parts job,timm --timm-train pytorch-image-models/train.py
 """
 
 from __future__ import annotations
@@ -70,7 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--loader-seconds", type=float, help="(b): time each worker count at least this long (default 3)")
     p.add_argument("--max-workers", type=int, help="(b): largest worker count tried (default: the CPU count)")
     p.add_argument("--parts", default="model,loader,job,scan",
-                   help="which measurements, comma-separated, of model, loader, job, scan and loop")
+                   help="which measurements, comma-separated, of model, loader, job, scan, loop and timm")
+    p.add_argument("--timm-train", type=Path, help="timm's reference train.py (pytorch-image-models), for --parts "
+                                                   "timm: run on (c)'s images with the product's settings")
     p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
                    choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                    help="(a) with torch.compile too, in this mode (default: default): compile time and throughput; "
@@ -92,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(o, key, value)
     o.extras = dict(item.split("=", 1) for item in o.hp)
     o.parts = set(o.parts.split(","))
+    if "timm" in o.parts and not o.timm_train:
+        p.error("--parts timm needs --timm-train PATH (pytorch-image-models' train.py)")
     return o
 
 
@@ -463,6 +470,85 @@ def measure_job(o, weights: Path, work: Path, a_rate: float | None) -> dict:
     return result
 
 
+# timm's train.py (2aabaef and around) has no --device: it asserts CUDA, and its train_one_epoch and validate
+# default to device=cuda. On a CPU it runs unchanged through this: its parsed args say cpu, its defaults too.
+TIMM_TRAIN_ON_CPU = """
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("timm_train", sys.argv[1])
+train = importlib.util.module_from_spec(spec)
+sys.argv = sys.argv[1:]
+spec.loader.exec_module(train)
+parse_args = train._parse_args
+def parse_args_for_cpu():
+    args, text = parse_args()
+    args.device = "cpu"
+    return args, text
+train._parse_args = parse_args_for_cpu
+for function in (train.train_one_epoch, train.validate):
+    function.__defaults__ = tuple(torch.device("cpu") if d == torch.device("cuda") else d
+                                  for d in function.__defaults__)
+train.main()
+"""
+
+
+def timm_train_arguments(o, hp, data: Path, device: torch.device) -> list[str]:
+    """timm's train.py flags for the product's resolved settings, so the two train the same way."""
+    amp_dtype = autocast_for(device)[1]
+    workers = hp.workers if hp.workers >= 0 else data_loading_workers(1)
+    args = [str(data), "--train-split", "train", "--val-split", "val", "--model", hp.model,
+            "--num-classes", str(len(class_folders(data / "train"))), "-b", str(hp.batch_size),
+            "--epochs", str(o.epochs), "--opt", hp.opt, "--opt-eps", str(hp.opt_eps),
+            "--lr", str(hp.lr * hp.batch_size / hyperparameters.LR_REFERENCE_BATCH),  # scaled as the job does
+            "--weight-decay", str(hp.weight_decay), "--sched", hp.sched, "--decay-epochs", str(hp.decay_epochs),
+            "--decay-rate", str(hp.decay_rate), "--warmup-epochs", f"{hp.warmup_epochs:g}",  # an int to timm
+            "--warmup-lr", str(hp.warmup_lr), "--drop", str(hp.drop), "--drop-path", str(hp.drop_connect),
+            "--smoothing", str(hp.smoothing), "--aa", hp.aa, "--reprob", str(hp.reprob), "--remode", hp.remode,
+            "--hflip", str(hp.hflip), "-j", str(workers), "--log-interval", "1", "--seed", str(hp.seed)]
+    if hp.layer_decay < 1:
+        args += ["--layer-decay", str(hp.layer_decay)]
+    if hp.model_ema:
+        args += ["--model-ema", "--model-ema-decay", str(hp.model_ema_decay)]
+    if hp.img_size:
+        args += ["--img-size", str(hp.img_size)]
+    if amp_dtype is not None:
+        args += ["--amp", "--amp-dtype", str(amp_dtype).replace("torch.", "")]
+    if memory_format_for(device) == torch.channels_last:
+        args += ["--channels-last"]
+    args += ["--pin-mem"] if device.type == "cuda" else ["--no-prefetcher"]  # its prefetcher is CUDA only
+    return args
+
+
+def measure_timm(o, hp, weights: Path, work: Path, device: torch.device, c: dict | None) -> dict:
+    """timm's reference train.py on (c)'s images with the product's settings: its last epoch's images/s (its
+    own running average over the epoch, loading included, validation not) against (c)'s."""
+    data = work / "opt_ml" / "input" / "data"
+    if not data.exists():
+        build_job_tree(o, work / "opt_ml", weights)
+    args = timm_train_arguments(o, hp, data, device) + ["--output", str(work / "timm")]
+    command = ([sys.executable, str(o.timm_train)] if device.type == "cuda"
+               else [sys.executable, "-c", TIMM_TRAIN_ON_CPU, str(o.timm_train)])
+    log_path, lines, first_step_s = work / "timm_train.log", [], None
+    started = time.time()
+    with open(log_path, "w") as log_file:
+        timm = subprocess.Popen(command + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in timm.stdout:
+            log_file.write(line)
+            lines.append(line)
+            if first_step_s is None and re.match(r"Train: 0 \[ *0/", line):
+                first_step_s = time.time() - started
+    wall = time.time() - started
+    if timm.wait() != 0:
+        sys.exit(f"{''.join(lines[-40:])}\ntimm's train.py failed (exit {timm.returncode}); log in {log_path}")
+    shutil.rmtree(work / "timm", ignore_errors=True)  # its checkpoints: hundreds of MB nobody needs
+    last_epoch = [line for line in lines if line.startswith(f"Train: {o.epochs - 1} [")]
+    average = re.search(r"\(([\d.]+)s, +([\d.]+)/s\).*Data: [\d.]+ \(([\d.]+)\)", last_epoch[-1])
+    rate = float(average[2])
+    return {"command": " ".join(command[:1] + command[-1:] + args), "through_cpu_shim": device.type != "cuda",
+            "images_per_s": rate,
+            "data_wait_per_step_s": float(average[3]), "first_step_s": first_step_s, "wall_s": wall,
+            "job_vs_timm": c["images_per_s"] / rate if c else None, "log": str(log_path)}
+
+
 def measure_scan(o, hp, work: Path) -> list[dict]:
     """scan_channel over 10 class folders of hard links to a few real JPEGs (real files, one inode each)."""
     sources = sorted(p for label in class_folders(o.data / "train") for p in (o.data / "train" / label).iterdir())[:5]
@@ -549,6 +635,13 @@ def report(r: dict) -> None:
             if isinstance(row, dict):
                 print(f"    {name:<15} {row['images_per_s']:9.1f}  {row['data_wait_s']:15.2f}s  "
                       f"{row['main_thread_cpu']:16.2f}  {100 * row['main_thread_waiting_for_a_core']:17.0f}%")
+    if r.get("timm"):
+        t = r["timm"]
+        against = f"; (c) ran {t['job_vs_timm']:.2f} x as fast" if t["job_vs_timm"] else ""
+        print(f"timm's train.py, same images and settings: last epoch {t['images_per_s']:.1f} images/s{against}; "
+              f"its loop waited {t['data_wait_per_step_s']:.3f} s per step for data; first step logged after "
+              f"{t['first_step_s'] or 0:.1f} s\n    {t['command']}" +
+              ("\n    (through TIMM_TRAIN_ON_CPU, which only points it at the CPU)" if t["through_cpu_shim"] else ""))
     for row in r.get("scan", []):
         print(f"scan_channel {row['files']:>7} files: {row['seconds']:6.2f} s, {row['files_per_s']:8.0f} files/s")
     busiest = max(r["load_before"], e["load_average"][0])
@@ -569,7 +662,8 @@ def main(argv=None) -> int:
                     "loader": lambda: measure_loader(o, hp, device),
                     "job": lambda: measure_job(o, weights, work, result.get("model", {}).get("images_per_s")),
                     "scan": lambda: measure_scan(o, hp, work),
-                    "loop": lambda: measure_loop(o, hp, weights, class_folders(o.data / "train"), device)}
+                    "loop": lambda: measure_loop(o, hp, weights, class_folders(o.data / "train"), device),
+                    "timm": lambda: measure_timm(o, hp, weights, work, device, result.get("job"))}
     result["part_seconds"] = {}
     for part, measure in measurements.items():
         if part in o.parts:

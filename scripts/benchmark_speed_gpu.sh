@@ -6,7 +6,7 @@
 #   loop   (a) and (d): the step fed a device batch, a pinned batch, the job's loader, the loader unpinned:
 #          where the real loop loses against the ceiling, without a job's start-up (2.5 min)
 #   job    (c) the real job at the defaults: images/s, data_wait, first step, memory, CPU use (3.5 min)
-#   timm   timm's reference train.py on (c)'s tree with the same settings (needs job first, TIMM_TRAIN) (2 min)
+#   timm   timm's reference train.py (TIMM_TRAIN) on (c)'s images with the job's default settings (2.5 min)
 #   loader (b) per worker count (1 min)
 #   batch  (a) at batch_size 64 and 128: how much of the GPU batch 32 leaves unused; memory per image (3 min)
 #   cudnn  (a) with cuDNN's benchmark mode off, only when named: is timing kernels on the first steps (about a
@@ -35,23 +35,6 @@ run() {  # run NAME SECONDS ARGS...: one benchmark run, its output in the log, i
   timeout -k 5 "$limit" $B --json "$OUT/$name.json" "$@" 2>&1 | grep -v "^W[0-9]" | tee -a "$LOG"
 }
 
-timm_reference() {  # (c)'s own tree, so both read the same files; the product's default settings
-  local tree model
-  if [ ! -s "$OUT/job.json" ]; then echo "== timm: needs the job step's tree, and job.json is missing" | tee -a "$LOG"; return; fi
-  tree=$($PY -c "import json, pathlib; print(pathlib.Path(json.load(open('$OUT/job.json'))['job']['log']).parent)")
-  model=$($PY -c "import json; print(json.load(open('$OUT/job.json'))['model_name'])")
-  echo "== timm (at most 150s): $TIMM_TRAIN on $tree/opt_ml/input/data" | tee -a "$LOG"
-  # --lr: the product's lr 0.016 scaled to batch 32 as it does (x 32 / 256); -j: the product's default workers
-  timeout -k 5 150 $PY "$TIMM_TRAIN" "$tree/opt_ml/input/data" --train-split train --val-split val \
-    --model "$model" --num-classes 2 -b 32 --epochs 2 --opt rmsproptf --opt-eps 0.001 --lr 0.002 \
-    --weight-decay 1e-5 --layer-decay 0.85 --sched step --decay-epochs 2.4 --decay-rate 0.97 --warmup-epochs 1 \
-    --warmup-lr 1e-6 --drop 0.3 --drop-path 0.2 --smoothing 0.1 --aa rand-m9-mstd0.5 --reprob 0.2 \
-    --remode pixel --model-ema --model-ema-decay 0.9999 --amp --amp-dtype bfloat16 --channels-last --pin-mem \
-    -j $((cores - 1)) --log-interval 25 --output "$OUT/timm" ${TIMM_EXTRA:-} > "$OUT/timm.log" 2>&1
-  grep -E "Train: 1 |Test: \[ *[0-9]+/|Error|Traceback" "$OUT/timm.log" | tail -8 | tee -a "$LOG"
-  rm -rf "$OUT/timm"  # its checkpoints: hundreds of MB nobody needs
-}
-
 # The image's versions or nothing: timm 1.0.29's RMSpropTF launched 6x as many optimizer kernels per step as
 # 1.0.31's, and an (a) and a (c) measured under different versions made a ratio that meant nothing.
 pinned=$(grep -m1 "^timm==" "$(dirname "$0")/../constraints.txt" | cut -d= -f3)
@@ -70,7 +53,9 @@ for step in $STEPS; do
     loop) run loop 180 --parts model,loop --train-images "$N" --steps 50 ;;
     job) run job 210 --parts job --train-images "$N" --epochs 2
          cp "$($PY -c "import json; print(json.load(open('$OUT/job.json'))['job']['log'])")" "$OUT/job_train.log" ;;
-    timm) if [ -n "${TIMM_TRAIN:-}" ]; then timm_reference; else echo "== timm: set TIMM_TRAIN" | tee -a "$LOG"; fi ;;
+    timm) if [ -z "${TIMM_TRAIN:-}" ]; then echo "== timm: set TIMM_TRAIN" | tee -a "$LOG"; continue; fi
+          run timm 150 --parts timm --timm-train "$TIMM_TRAIN" --train-images "$N" --epochs 2
+          cp "$($PY -c "import json; print(json.load(open('$OUT/timm.json'))['timm']['log'])")" "$OUT/timm.log" ;;
     loader) run loader 60 --parts loader --train-images "$N" --loader-seconds 2 ;;
     batch) run model64 80 --parts model --batch-size 64 --steps 20
            run model128 80 --parts model --batch-size 128 --steps 20 ;;

@@ -54,3 +54,59 @@ def test_quick_benchmark_measures_every_part(tmp_path):
     assert speed["environment"]["cpu_count"] == os.cpu_count()
     for heading in ("(a) model step", "(b) loader", "(c) job", "scan_channel", "(d) the job's step"):
         assert heading in result.stdout
+
+
+# Stands in for pytorch-image-models' train.py (not shipped here): the same two device defaults and no
+# --device, so it only runs on a CPU if the benchmark's shim points it there; it logs timm's Train: lines.
+FAKE_TIMM_TRAIN = '''
+import argparse, json, sys, torch
+
+def _parse_args():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("data")
+    parser.add_argument("--epochs", type=int)
+    args, _ = parser.parse_known_args()
+    return args, ""
+
+def train_one_epoch(epoch, device=torch.device("cuda")):
+    return device
+
+def validate(device=torch.device("cuda")):
+    return device
+
+def main():
+    args, _ = _parse_args()
+    assert getattr(args, "device", "cuda") == "cpu" and train_one_epoch(0) == validate() == torch.device("cpu")
+    print("ARGV " + json.dumps(sys.argv[1:]))
+    for epoch in range(args.epochs):
+        for step in range(2):
+            print(f"Train: {epoch} [   {step}/2 ( {50 * step}%)]  Loss: 0.693 (0.693)  Time: 0.500s,   64.00/s  "
+                  f"({0.5 - 0.1 * epoch:.3f}s,   {64 + 16 * epoch:.2f}/s)  LR: 1.000e-03  Data: 0.010 (0.020)")
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_timms_train_script_runs_on_the_jobs_images_with_the_jobs_settings(tmp_path):
+    for split, count in (("train", 8), ("val", 4)):
+        for index, label in enumerate(("ants", "bees")):
+            write_jpegs(tmp_path / "data" / split / label, count, seed=index)
+    (tmp_path / "train.py").write_text(FAKE_TIMM_TRAIN)
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_speed.py"), "--quick", "--epochs", "2",
+                             "--data", str(tmp_path / "data"), "--json", str(tmp_path / "speed.json"),
+                             "--parts", "timm", "--timm-train", str(tmp_path / "train.py")],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    timm = json.loads((tmp_path / "speed.json").read_text())["timm"]
+    assert timm["images_per_s"] == 80.0 and timm["data_wait_per_step_s"] == 0.02  # the last epoch's averages
+    assert timm["first_step_s"] > 0 and timm["job_vs_timm"] is None  # no (c) in this run
+    argv = json.loads(next(line for line in Path(timm["log"]).read_text().splitlines() if line.startswith("ARGV "))[5:])
+    assert Path(argv[0]).parts[-3:] == ("opt_ml", "input", "data") and sorted(p.name for p in Path(argv[0]).iterdir()) \
+        == ["train", "val"]
+    flags = {flag: value for flag, value in zip(argv[1:], argv[2:] + [""]) if flag.startswith("-")}
+    # The product's defaults as the job resolves them: lr 0.016 per 256 images scaled to --quick's batch of 8.
+    assert flags["--model"] == "test_efficientnet" and flags["-b"] == "8" and flags["--lr"] == "0.0005"
+    assert flags["--opt"] == "rmsproptf" and flags["--layer-decay"] == "0.85" and flags["--aa"] == "rand-m9-mstd0.5"
+    assert "--no-prefetcher" in argv and "--amp" not in argv  # float32 on a CPU, as the job
+    assert "timm's train.py, same images and settings: last epoch 80.0 images/s" in result.stdout
