@@ -42,9 +42,7 @@ def main() -> int:
     env.failure_file.unlink(missing_ok=True)  # a reason left by an earlier run would mislead
     try:
         cluster = distributed.Cluster.of(env)
-        job = prepare(env, cluster.world_size)
-        startup.done("checking the data")
-        job.startup = startup
+        job = prepare(env, cluster.world_size, startup)
         if cluster.world_size == 1:
             run(env, job)
         else:
@@ -60,10 +58,11 @@ def main() -> int:
     return 1
 
 
-def prepare(env: SageMakerEnvironment, world_size: int) -> SimpleNamespace:
+def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp) -> SimpleNamespace:
     """Everything that can be checked without the model is, first, once per host: a broken tree fails in
     seconds, before any training process starts."""
     hp, ignored = hyperparameters.parse(env.read_hyperparameters())
+    startup.done("checking the hyperparameters (importing timm)")
     if ignored:
         log.info("Ignoring SageMaker's own hyperparameters: %s", ", ".join(ignored))
     train_channel = scan_channel("train", env.channel_dir("train"), max_unusable_fraction=hp.max_unusable_fraction)
@@ -80,8 +79,9 @@ def prepare(env: SageMakerEnvironment, world_size: int) -> SimpleNamespace:
     resumed = load_latest_state(env.checkpoint_dir)
     if resumed:
         check_resumable(*resumed, vars(hp), classes, len(train_channel.samples), world_size)
+    startup.done("checking the data and any checkpoint")
     return SimpleNamespace(hp=hp, ignored=ignored, train_channel=train_channel, val_channel=val_channel,
-                           resumed=resumed)
+                           resumed=resumed, startup=startup)
 
 
 def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank = distributed.SINGLE) -> None:
