@@ -298,6 +298,12 @@ COMMON_NAMES = {"learning_rate": "lr", "mini_batch_size": "batch_size", "num_epo
                 "checkpoint": "pretrained_path"}
 
 
+def scaled_lr(hp: SimpleNamespace, processes: int = 1) -> float:
+    """The learning rate the job trains with: `lr` is for a global batch of LR_REFERENCE_BATCH images and scales
+    linearly to batch_size x the training processes."""
+    return hp.lr * (hp.batch_size * processes) / LR_REFERENCE_BATCH
+
+
 def defaults() -> dict[str, Any]:
     return {hp.name: hp.default for hp in SCHEMA}
 

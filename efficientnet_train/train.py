@@ -114,7 +114,7 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     # Gradients averaged over all processes after each backward; parameters start as rank 0's.
     trained = torch.nn.parallel.DistributedDataParallel(model) if rank.distributed else model
 
-    workers = hp.workers if hp.workers >= 0 else data_loading_workers(rank.per_host)
+    workers = data_loading_workers_for(hp, rank.per_host)
     train_data = dataset_of(train_channel, train_transform(data_config, hp.aa, hp.hflip),
                             hp.max_unusable_fraction, workers, decode_side(data_config, training=True))
     val_data = dataset_of(val_channel, eval_transform(data_config), hp.max_unusable_fraction, workers,
@@ -132,7 +132,7 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     from timm.scheduler import create_scheduler_v2
 
     global_batch = hp.batch_size * rank.world_size
-    lr = hp.lr * global_batch / hyperparameters.LR_REFERENCE_BATCH
+    lr = hyperparameters.scaled_lr(hp, rank.world_size)
     optimizer, ema, scaler = training_tools(model, hp, lr, amp_dtype)
     # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch;
     # timm's plateau schedule only steps on epochs.
@@ -452,6 +452,11 @@ def data_loader(dataset, workers: int, device: torch.device, seed: int, **batchi
     return torch.utils.data.DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
                                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
                                        **batching)
+
+
+def data_loading_workers_for(hp, processes_on_this_host: int) -> int:
+    """`workers` as given, or for -1 (the default) as many as the cores allow."""
+    return hp.workers if hp.workers >= 0 else data_loading_workers(processes_on_this_host)
 
 
 def data_loading_workers(processes_on_this_host: int) -> int:

@@ -46,7 +46,7 @@ from efficientnet_train import hyperparameters  # noqa: E402
 from efficientnet_train.data import (ModelInput, TrainBatches, class_folders, dataset_of, decode_side,  # noqa: E402
                                      resolve_data_config, scan_channel, train_transform)
 from efficientnet_train.model import autocast_for, create_model, memory_format_for  # noqa: E402
-from efficientnet_train.train import (data_loader, data_loading_workers, train_step,  # noqa: E402
+from efficientnet_train.train import (data_loader, data_loading_workers_for, train_step,  # noqa: E402
                                       training_tools)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,8 +134,7 @@ def training_setup(hp, weights: Path, classes: list[str], device: torch.device,
     memory_format = memory_format_for(device)
     model = model.to(memory_format=memory_format).train()
     data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
-    optimizer, ema, scaler = training_tools(model, hp, hp.lr * hp.batch_size / hyperparameters.LR_REFERENCE_BATCH,
-                                            amp_dtype)
+    optimizer, ema, scaler = training_tools(model, hp, hyperparameters.scaled_lr(hp), amp_dtype)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp.smoothing).to(device)
     updates = 0
 
@@ -233,7 +232,7 @@ def measure_loop(o, hp, weights: Path, classes: list[str], device: torch.device)
     setup = training_setup(hp, weights, classes, device, o.cudnn_benchmark == "on")
     data_config = setup.data_config
     to_input = ModelInput(data_config, device, setup.memory_format, hp.reprob, hp.remode)
-    workers = hp.workers if hp.workers >= 0 else data_loading_workers(1)
+    workers = data_loading_workers_for(hp, 1)
     dataset = dataset_of(replicated_train_channel(o, hp), train_transform(data_config, hp.aa, hp.hflip),
                          hp.max_unusable_fraction, workers, decode_side(data_config, training=True))
     fixed = (torch.randint(0, 256, (hp.batch_size, *setup.size), dtype=torch.uint8),
@@ -301,7 +300,7 @@ def measure_loader(o, hp, device: torch.device) -> dict:
         n *= 2
     if o.max_workers not in counts:
         counts.append(o.max_workers)
-    default_workers = hp.workers if hp.workers >= 0 else data_loading_workers(1)  # as train.py resolves -1
+    default_workers = data_loading_workers_for(hp, 1)
     counts = sorted(set(counts) | {default_workers})
     rows = []
     for workers in counts:
@@ -341,8 +340,7 @@ def cpu_seconds(stat_path: str) -> float:
 
 def process_tree_sample(root: int, with_pss: bool = True) -> tuple[int, int, int, float, float, float, float]:
     """Sums of VmRSS and of Pss (0 unless `with_pss`) over `root` and its descendants, and root's VmHWM, in
-    bytes; then CPU seconds
-    so far of root's main thread (the one that launches the GPU's work), of root as a whole and of its
+    bytes; then CPU seconds so far of root's main thread (the one that launches the GPU's work), of root as a whole and of its
     descendants (the loader workers), and the seconds root's main thread was ready to run but waited for a core
     (schedstat; 0 where the kernel does not keep it); /proc, Linux only. Forked loader workers share the parent's pages: the
     RSS sum counts those once per process, PSS splits them."""
@@ -504,11 +502,11 @@ train.main()
 def timm_train_arguments(o, hp, data: Path, device: torch.device) -> list[str]:
     """timm's train.py flags for the product's resolved settings, so the two train the same way."""
     amp_dtype = autocast_for(device)[1]
-    workers = hp.workers if hp.workers >= 0 else data_loading_workers(1)
+    workers = data_loading_workers_for(hp, 1)
     args = [str(data), "--train-split", "train", "--val-split", "val", "--model", hp.model,
             "--num-classes", str(len(class_folders(data / "train"))), "-b", str(hp.batch_size),
             "--epochs", str(o.epochs), "--opt", hp.opt, "--opt-eps", str(hp.opt_eps),
-            "--lr", str(hp.lr * hp.batch_size / hyperparameters.LR_REFERENCE_BATCH),  # scaled as the job does
+            "--lr", str(hyperparameters.scaled_lr(hp)),
             "--weight-decay", str(hp.weight_decay), "--sched", hp.sched, "--decay-epochs", str(hp.decay_epochs),
             "--decay-rate", str(hp.decay_rate), "--warmup-epochs", f"{hp.warmup_epochs:g}",  # an int to timm
             "--warmup-lr", str(hp.warmup_lr), "--drop", str(hp.drop), "--drop-path", str(hp.drop_connect),
