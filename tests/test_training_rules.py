@@ -74,6 +74,58 @@ def test_layer_decay_gives_the_classifier_lr_and_the_stem_the_least():
     assert {lr_scale(flat, name) for name in params} == {1.0}
 
 
+def test_weight_average_is_timms_with_two_operations_a_step_and_survives_a_resume():
+    """The job's EMA must average exactly as timm's ModelEmaV3 does (BatchNorm statistics and batch counters
+    included), also after a checkpoint is loaded into the model and the average in place, and dispatch two
+    operations per update where timm's walks both state_dicts."""
+    import timm
+    from timm.utils import ModelEmaV3
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from efficientnet_train.train import model_ema
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    timms, ours = (make(model, decay=0.99, use_warmup=True) for make in (ModelEmaV3, model_ema))
+
+    def train(steps: range):
+        for step in steps:
+            model.train()
+            torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            timms.update(model, step=step)
+            ours.update(model, step=step)
+
+    def same(a: dict, b: dict) -> bool:
+        return a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+    train(range(1, 4))
+    saved = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in (("model", model), ("ema", ours))}
+    train(range(4, 6))
+    model.load_state_dict(saved["model"])  # a resumed job: both restored in place, the same tensors as before
+    ours.load_state_dict(saved["ema"])
+    timms.load_state_dict(saved["ema"])
+    train(range(4, 7))
+    assert same(ours.module.state_dict(), timms.module.state_dict())
+    assert not same(ours.module.state_dict(), model.state_dict())  # an average, not a copy
+    assert ours.module.bn1.num_batches_tracked.item() == model.bn1.num_batches_tracked.item() == 6
+
+    class Count(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count() as ours_count:
+        ours.update(model, step=7)
+    with Count() as timms_count:
+        timms.update(model, step=7)
+    assert ours_count.count == 2 and timms_count.count > 100
+
+
 def test_mirrored_prediction_averages_an_image_and_its_mirror():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5)).eval()
