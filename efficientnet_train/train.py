@@ -115,6 +115,7 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     trained = torch.nn.parallel.DistributedDataParallel(model) if rank.distributed else model
 
     workers = data_loading_workers_for(hp, rank.per_host)
+    slow_data = SlowDataWarning(workers, hp.workers, rank.per_host, device.type == "cuda", rank.is_main)
     train_data = dataset_of(train_channel, train_transform(data_config, hp.aa, hp.hflip),
                             hp.max_unusable_fraction, workers, decode_side(data_config, training=True))
     val_data = dataset_of(val_channel, eval_transform(data_config), hp.max_unusable_fraction, workers,
@@ -190,8 +191,9 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
             first_epoch_here = not epoch_seconds  # of this process: a resumed job reports its start-up again
             train_loss, data_wait = train_one_epoch(trained, train_loader, train_input, loss_fn, optimizer, scheduler,
                                                     ema, scaler, autocast, progress, stop,
-                                                    job.startup if first_epoch_here else None)
+                                                    job.startup if first_epoch_here else None, slow_data)
             training_seconds = time.monotonic() - epoch_started
+            slow_data.check(data_wait, training_seconds, f"epoch {epoch}'s training")
             images_per_second = (progress.seen - seen_before) * rank.world_size / max(training_seconds, 1e-6)
             candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
             for net in candidates.values():
@@ -358,8 +360,8 @@ def class_weights(channel) -> torch.Tensor:
 
 
 def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, scheduler, ema, scaler, autocast,
-                    progress: Progress, stop: StopRequest, startup: report.StartUp | None = None
-                    ) -> tuple[float, float]:
+                    progress: Progress, stop: StopRequest, startup: report.StartUp | None = None,
+                    slow_data: SlowDataWarning | None = None) -> tuple[float, float]:
     """Train the rest of `progress.epoch` (all of it unless resuming), counting batches in `progress`;
     given the job's start-up so far, say where the time to the first step went. Returns the mean training
     loss and the seconds spent waiting for the loader's next batch (beyond the first; the longest wait of any
@@ -400,6 +402,8 @@ def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, sch
                      "done in ~%s", progress.epoch, progress.step, len(loader), rate,
                      100 * data_wait / (last_report - started),
                      report.duration((len(loader) - progress.step) * len(targets) / max(rate, 1e-6)))
+            if slow_data is not None:
+                slow_data.check(data_wait, last_report - started, f"epoch {progress.epoch} so far")
         if stop:  # before the next batch is loaded, so a resumed run draws the same random numbers
             progress.loss_sum = loss_sum.item()
             raise Interrupted
@@ -483,8 +487,45 @@ def data_loading_workers_for(hp, processes_on_this_host: int) -> int:
 
 def data_loading_workers(processes_on_this_host: int) -> int:
     """Every CPU core this job may use, but one for each training process, shared among the processes."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(cores // processes_on_this_host - 1, 0)
+    return max(usable_cores() // processes_on_this_host - 1, 0)
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class SlowDataWarning:
+    """Says once, at the first progress line or epoch end that shows it, that training spends more than
+    `SHARE` of its time waiting for the loaders' next batch, and what to change: on a GPU that share of the
+    bill buys nothing. Within a minute of the first step, not after a long first epoch."""
+
+    SHARE, MIN_SECONDS = 0.1, 1.0
+
+    def __init__(self, workers: int, workers_asked: int, processes_on_this_host: int, gpu: bool, speaks: bool):
+        self.workers, self.workers_asked, self.processes, self.gpu = workers, workers_asked, processes_on_this_host, gpu
+        self.pending = speaks  # only rank 0 speaks: every rank's loaders are alike
+
+    def check(self, waited: float, seconds: float, what: str) -> None:
+        if self.pending and waited > max(self.SHARE * seconds, self.MIN_SECONDS):
+            self.pending = False
+            log.warning(self.advice(waited, seconds, what))
+
+    def advice(self, waited: float, seconds: float, what: str) -> str:
+        idle = "the GPU stood idle" if self.gpu else "training stood still"
+        loaders = (f"{self.workers} data-loading worker process{'es' if self.workers > 1 else ''}" if self.workers
+                   else "the training process itself (workers=0)")
+        said = (f"Training waited for data {waited:.0f} s of the {seconds:.0f} s of {what} ({waited / seconds:.0%}): "
+                f"{idle} while {loaders} decoded and augmented images. ")
+        possible, cores = data_loading_workers(self.processes), usable_cores()
+        host = f"{cores} core{'s' if cores != 1 else ''}, {self.processes} training process" + \
+            ("es" if self.processes != 1 else "")
+        if self.workers < possible:
+            return said + (f"workers={self.workers_asked} is set; set workers=-1 (the default) to use {possible} on "
+                           f"this host ({host}).")
+        return said + (f"Loading already has every core but one per training process ({host}): choose "
+                       f"an instance type with more vCPUs for each GPU, or make each image cheaper to load: aa=none "
+                       f"(no RandAugment), a smaller img_size, or images stored nearer the training size (large "
+                       f"PNGs are decoded in full; JPEGs already at a reduced scale).")
 
 
 def process_started_at() -> float:

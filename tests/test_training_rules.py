@@ -149,6 +149,46 @@ def test_data_loading_workers_use_every_core_but_one_per_gpu(monkeypatch):
     assert data_loading_workers(1) == 0  # one core: loading in the training process beats competing with it
 
 
+def test_slow_data_is_said_once_with_what_to_change(monkeypatch, caplog):
+    """More than a tenth of training spent waiting for batches: one warning, from rank 0 only, that says the
+    share and the fix: the default worker count where fewer were asked for, otherwise a bigger instance or
+    cheaper images."""
+    import logging
+
+    from efficientnet_train.train import SlowDataWarning
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))  # ml.p3.2xlarge: 8 vCPUs, 1 GPU
+
+    def warnings_of(warning: SlowDataWarning, *checks) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="efficientnet_train"):
+            for check in checks:
+                warning.check(*check)
+        return [record.getMessage() for record in caplog.records]
+
+    asked_for_one = SlowDataWarning(workers=1, workers_asked=1, processes_on_this_host=1, gpu=True, speaks=True)
+    assert warnings_of(asked_for_one, (5.0, 60.0, "epoch 1 so far"), (0.5, 4.0, "epoch 1's training")) == []
+    said = warnings_of(asked_for_one, (30.0, 62.0, "epoch 1 so far"), (40.0, 80.0, "epoch 1's training"))
+    assert said == ["Training waited for data 30 s of the 62 s of epoch 1 so far (48%): the GPU stood idle while 1 "
+                    "data-loading worker process decoded and augmented images. workers=1 is set; set workers=-1 (the "
+                    "default) to use 7 on this host (8 cores, 1 training process)."]
+    assert warnings_of(asked_for_one, (40.0, 80.0, "epoch 2's training")) == []  # once is enough
+
+    every_core = SlowDataWarning(workers=3, workers_asked=-1, processes_on_this_host=2, gpu=True, speaks=True)
+    said = warnings_of(every_core, (20.0, 100.0, "epoch 1's training"))
+    assert len(said) == 1 and "(20%): the GPU stood idle while 3 data-loading worker processes" in said[0]
+    assert "every core but one per training process (8 cores, 2 training processes): choose an instance type " \
+           "with more vCPUs for each GPU" in said[0] and "aa=none" in said[0] and "img_size" in said[0]
+
+    in_process = SlowDataWarning(workers=0, workers_asked=0, processes_on_this_host=1, gpu=False, speaks=True)
+    said = warnings_of(in_process, (10.0, 20.0, "epoch 3's training"))
+    assert "training stood still while the training process itself (workers=0) decoded" in said[0]
+    assert "set workers=-1 (the default) to use 7" in said[0]
+
+    other_rank = SlowDataWarning(workers=1, workers_asked=1, processes_on_this_host=1, gpu=True, speaks=False)
+    assert warnings_of(other_rank, (50.0, 60.0, "epoch 1 so far")) == []
+
+
 def test_batch_size_is_per_process_and_checked_against_each_process_share():
     from efficientnet_train.errors import JobError
     from efficientnet_train.train import check_batch_size
@@ -239,12 +279,13 @@ def test_an_epoch_reports_its_wait_for_data_and_progress_lines_say_it(monkeypatc
     scheduler, _ = create_scheduler_v2(optimizer, sched="step", num_epochs=1, decay_epochs=1, updates_per_epoch=4)
     loader = train.data_loader(SlowImages(), 0, device, 0, batch_sampler=TrainBatches(8, 2, seed=0))
     monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0)
+    monkeypatch.setattr(train.SlowDataWarning, "MIN_SECONDS", 0.0)
     startup = report.StartUp(time.time() - 10)
     with caplog.at_level(logging.INFO, logger="efficientnet_train"):
         loss, data_wait = train.train_one_epoch(
             model, loader, ModelInput({"mean": [0.5] * 3, "std": [0.5] * 3}, device), torch.nn.CrossEntropyLoss(),
             optimizer, scheduler, None, None, autocast_for(device)[0], Progress(), StopRequest(),
-            startup=startup)
+            startup=startup, slow_data=train.SlowDataWarning(0, 0, 1, gpu=False, speaks=True))
     assert loss > 0 and 0.1 <= data_wait < 1.0  # three batches after the first, 0.04 s each
     first_step = [r.getMessage() for r in caplog.records if r.getMessage().startswith("First training step")]
     assert first_step == [startup.line()] and re.fullmatch(
@@ -254,3 +295,7 @@ def test_an_epoch_reports_its_wait_for_data_and_progress_lines_say_it(monkeypatc
     lines = [r.getMessage() for r in caplog.records if "waiting for data" in r.getMessage()]
     assert len(lines) == 4 and re.search(r"epoch 1: 4/4 batches, [\d.]+ images/s, waiting for data \d+% of the time",
                                          lines[-1]), lines
+    # The first progress line that shows the wait says, once, what it costs and what to change.
+    slow = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(slow) == 1 and re.match(r"Training waited for data 0 s of the 0 s of epoch 1 so far \(\d+%\): training "
+                                       r"stood still while the training process itself \(workers=0\)", slow[0]), slow
