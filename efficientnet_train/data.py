@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import JobError
+from .model import MEMORY_FORMAT
 
 log = logging.getLogger("efficientnet_train")
 
@@ -658,18 +659,17 @@ def eval_transform(data_config: dict):
 
 class ModelInput:
     """A batch of uint8 images, as the transforms make them, to the model's input: on its device, in its
-    memory format, as float normalised with the model's mean and std; for training also randomly erased.
+    memory format (channels-last), as float normalised with the model's mean and std; for training also randomly erased.
 
     The loaders' workers hand over uint8, a quarter of float32's bytes, and leave the per-pixel arithmetic to
     the device, where it costs next to nothing: what timm's GPU prefetcher does. Applied in the training loop
     rather than ahead of it, so that random erasing draws its random numbers in step order and a resumed run
     repeats an uninterrupted one."""
 
-    def __init__(self, data_config: dict, device: torch.device, memory_format=torch.contiguous_format,
-                 reprob: float = 0.0, remode: str = "pixel"):
+    def __init__(self, data_config: dict, device: torch.device, reprob: float = 0.0, remode: str = "pixel"):
         from timm.data.random_erasing import RandomErasing
 
-        self.device, self.memory_format = device, memory_format
+        self.device = device
         self.mean = torch.tensor([255 * m for m in data_config["mean"]], device=device).view(1, -1, 1, 1)
         self.std = torch.tensor([255 * s for s in data_config["std"]], device=device).view(1, -1, 1, 1)
         self.erase = RandomErasing(probability=reprob, mode=remode, device=device) if reprob > 0 else None
@@ -677,6 +677,6 @@ class ModelInput:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8:  # a float batch would be normalised twice, in the caller's tensor
             raise TypeError(f"ModelInput takes uint8 images, as the transforms make them, not {images.dtype}")
-        images = images.to(self.device, non_blocking=True).to(memory_format=self.memory_format)
+        images = images.to(self.device, non_blocking=True).to(memory_format=MEMORY_FORMAT)
         images = images.float().sub_(self.mean).div_(self.std)
         return self.erase(images) if self.erase is not None else images

@@ -23,8 +23,8 @@ from .data import (ModelInput, TrainBatches, dataset_of, decode_side, eval_trans
 from .errors import JobError
 from .failures import explained
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
-from .model import (autocast_for, checkpoint_of, create_model, memory_format_for, predict_log_probabilities,
-                    read_model_channel, save_checkpoint)
+from .model import (autocast_for, checkpoint_of, create_model, predict_log_probabilities, read_model_channel,
+                    save_checkpoint)
 from .sagemaker import SageMakerEnvironment
 
 log = logging.getLogger("efficientnet_train")
@@ -107,8 +107,6 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     autocast, amp_dtype = autocast_for(device)
     model = create_model(hp.model, classes, hp.pretrained_path, hp.drop, hp.drop_connect,
                          start=None if resumed else read_model_channel(env.channel_dir("model"))).to(device)
-    memory_format = memory_format_for(device)
-    model = model.to(memory_format=memory_format)
     job.startup.done(f"building the model on the {'GPU' if device.type == 'cuda' else 'CPU'}")
     data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
     # Gradients averaged over all processes after each backward; parameters start as rank 0's.
@@ -127,8 +125,8 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     val_share = torch.utils.data.Subset(val_data, range(rank.rank, len(val_data), rank.world_size))
     val_loader = data_loader(val_share, workers, device, hp.seed + rank.rank, batch_size=hp.batch_size)
     eval_hflip = hp.eval_hflip and hp.hflip > 0  # a model never shown mirror images can't be asked about them
-    train_input = ModelInput(data_config, device, memory_format, hp.reprob, hp.remode)
-    val_input = ModelInput(data_config, device, memory_format)
+    train_input = ModelInput(data_config, device, hp.reprob, hp.remode)
+    val_input = ModelInput(data_config, device)
 
     from timm.scheduler import create_scheduler_v2
 

@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from efficientnet_train import hyperparameters  # noqa: E402
 from efficientnet_train.data import (ModelInput, TrainBatches, class_folders, dataset_of, decode_side,  # noqa: E402
                                      resolve_data_config, scan_channel, train_transform)
-from efficientnet_train.model import autocast_for, create_model, memory_format_for  # noqa: E402
+from efficientnet_train.model import MEMORY_FORMAT, autocast_for, create_model  # noqa: E402
 from efficientnet_train.train import (data_loader, data_loading_workers_for, train_step,  # noqa: E402
                                       training_tools)
 
@@ -130,9 +130,7 @@ def training_setup(hp, weights: Path, classes: list[str], device: torch.device,
     nothing)."""
     autocast, amp_dtype = autocast_for(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark and device.type == "cuda"  # as train.py unless told
-    model = create_model(hp.model, classes, str(weights), hp.drop, hp.drop_connect).to(device)
-    memory_format = memory_format_for(device)
-    model = model.to(memory_format=memory_format).train()
+    model = create_model(hp.model, classes, str(weights), hp.drop, hp.drop_connect).to(device).train()
     data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
     optimizer, ema, scaler = training_tools(model, hp, hyperparameters.scaled_lr(hp), amp_dtype)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp.smoothing).to(device)
@@ -145,7 +143,7 @@ def training_setup(hp, weights: Path, classes: list[str], device: torch.device,
         if ema is not None:
             ema.update(model, step=updates)
 
-    return SimpleNamespace(model=model, data_config=data_config, memory_format=memory_format, step=step,
+    return SimpleNamespace(model=model, data_config=data_config, step=step,
                            size=data_config["train_input_size"], amp_dtype=amp_dtype)
 
 
@@ -154,7 +152,7 @@ def measure_model(o, hp, weights: Path, classes: list[str], device: torch.device
     validation."""
     setup = training_setup(hp, weights, classes, device, o.cudnn_benchmark == "on")
     model, size, amp_dtype = setup.model, setup.size, setup.amp_dtype
-    images = torch.randn(hp.batch_size, *size, device=device).to(memory_format=setup.memory_format)
+    images = torch.randn(hp.batch_size, *size, device=device).to(memory_format=MEMORY_FORMAT)
     targets = torch.randint(len(classes), (hp.batch_size,), device=device)
 
     def run(net, steps: int) -> float:  # seconds for `steps` steps, the device drained before and after
@@ -231,7 +229,7 @@ def measure_loop(o, hp, weights: Path, classes: list[str], device: torch.device)
     main thread was and how long it waited for a free core."""
     setup = training_setup(hp, weights, classes, device, o.cudnn_benchmark == "on")
     data_config = setup.data_config
-    to_input = ModelInput(data_config, device, setup.memory_format, hp.reprob, hp.remode)
+    to_input = ModelInput(data_config, device, hp.reprob, hp.remode)
     workers = data_loading_workers_for(hp, 1)
     dataset = dataset_of(replicated_train_channel(o, hp), train_transform(data_config, hp.aa, hp.hflip),
                          hp.max_unusable_fraction, workers, decode_side(data_config, training=True))
@@ -520,8 +518,7 @@ def timm_train_arguments(o, hp, data: Path, device: torch.device) -> list[str]:
         args += ["--img-size", str(hp.img_size)]
     if amp_dtype is not None:
         args += ["--amp", "--amp-dtype", str(amp_dtype).replace("torch.", "")]
-    if memory_format_for(device) == torch.channels_last:
-        args += ["--channels-last"]
+    args += ["--channels-last"]  # as the job's model.MEMORY_FORMAT
     args += ["--pin-mem"] if device.type == "cuda" else ["--no-prefetcher"]  # its prefetcher is CUDA only
     return args
 

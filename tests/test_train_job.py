@@ -129,6 +129,7 @@ def test_saved_model_scores_what_the_summary_says(finished_job):
 
     base, _ = finished_job
     model, checkpoint = load_trained_model(base / "model" / "model_best.pth.tar")
+    assert model.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)  # as trained and validated
     val = scan_channel("val", base / "input" / "data" / "val", classes=checkpoint["labels"])
     dataset = ImageDataset(val.samples, eval_transform(checkpoint["data_config"]))
     images, targets = zip(*(dataset[i] for i in range(len(dataset))))

@@ -213,7 +213,7 @@ def test_model_input_normalises_uint8_batches_as_timms_float_transform_would():
     assert as_uint8.dtype == torch.uint8
     reference = create_transform(24, interpolation="bicubic", mean=config["mean"], std=config["std"], crop_pct=0.9)
     expected = reference(image).unsqueeze(0)
-    given = ModelInput(config, torch.device("cpu"), torch.channels_last)(as_uint8.unsqueeze(0))
+    given = ModelInput(config, torch.device("cpu"))(as_uint8.unsqueeze(0))
     assert given.dtype == torch.float32 and given.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(given, expected, rtol=0, atol=1e-5)
 
