@@ -307,17 +307,19 @@ def model_ema(model: torch.nn.Module, **settings):
     from timm.utils import ModelEmaV3
 
     class ModelEma(ModelEmaV3):
-        tensors = None  # (averaged, their source in the model) floating-point, then the batch counters
+        tensors = None
 
         def apply_update_(self, model, decay):
             if self.tensors is None:
                 pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
-                self.tensors = [[[pair[side] for pair in pairs if pair[0].is_floating_point() == floating]
-                                 for side in (0, 1)] for floating in (True, False)]
-            (averages, sources), (counters, counted) = self.tensors
+                averaged = [pair for pair in pairs if pair[0].is_floating_point()]
+                copied = [pair for pair in pairs if not pair[0].is_floating_point()]  # the batch counters
+                self.tensors = ([ours for ours, _ in averaged], [theirs for _, theirs in averaged],
+                                [ours for ours, _ in copied], [theirs for _, theirs in copied])
+            averages, sources, counters, counts = self.tensors
             self._foreach_lerp_(averages, sources, weight=1. - decay)
             if counters:
-                torch._foreach_copy_(counters, counted)
+                torch._foreach_copy_(counters, counts)
 
     return ModelEma(model, **settings)
 
