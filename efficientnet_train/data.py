@@ -659,7 +659,8 @@ def eval_transform(data_config: dict):
 
 class ModelInput:
     """A batch of uint8 images, as the transforms make them, to the model's input: on its device, in its
-    memory format (channels-last), as float normalised with the model's mean and std; for training also randomly erased.
+    memory format (channels-last), as float normalised with the model's mean and std; for training also
+    randomly erased.
 
     The loaders' workers hand over uint8, a quarter of float32's bytes, and leave the per-pixel arithmetic to
     the device, where it costs next to nothing: what timm's GPU prefetcher does. Applied in the training loop
