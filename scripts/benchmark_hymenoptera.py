@@ -17,6 +17,7 @@ import csv
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,8 @@ def main() -> int:
     parser.add_argument("--lite", type=int, default=0, choices=(0, 1, 2), help="EfficientNet-Lite variant")
     parser.add_argument("--epochs", default="5")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder holding train/ and val/")
-    parser.add_argument("--work", type=Path, help="where the mocked /opt/ml tree goes (default: a temp dir)")
+    parser.add_argument("--work", type=Path, help="where the mocked /opt/ml tree goes, kept whole (default: a temp dir "
+                        "that keeps only the log and the model's summary files)")
     parser.add_argument("--limit", action="append", default=[], metavar="CLASS=N",
                         help="train on only the first N images of CLASS (an imbalanced subset); repeatable")
     parser.add_argument("hyperparameters", nargs="*", help="more hyperparameters as key=value")
@@ -97,6 +99,11 @@ def main() -> int:
           f"{len(rows)} epochs; wall time {wall:.0f}s (with start-up); log in {work / 'train.log'}")
     if stop:
         print(stop[0])
+    if options.work is None:  # the resume checkpoints and weights take ~250 MB a run; --work keeps them
+        shutil.rmtree(work / "weights")
+        shutil.rmtree(base / "checkpoints", ignore_errors=True)
+        for model_file in ("model.tar.gz", "model_best.pth.tar"):
+            (base / "model" / model_file).unlink(missing_ok=True)
     return 0
 
 

@@ -687,7 +687,9 @@ def main(argv=None) -> int:
     report(result)
     if o.json:
         o.json.write_text(json.dumps(result, indent=2))
-    print(f"work folder (job log): {work}")
+    for heavy in (work / "weights", work / "opt_ml"):  # random weights and a model nobody needs: ~200 MB a run
+        shutil.rmtree(heavy, ignore_errors=True)
+    print(f"job logs: {work}")
     return 0
 
 

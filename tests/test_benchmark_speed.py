@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -54,12 +55,16 @@ def test_quick_benchmark_measures_every_part(tmp_path):
     assert speed["environment"]["cpu_count"] == os.cpu_count()
     for heading in ("(a) model step", "(b) loader", "(c) job", "scan_channel", "(d) the job's step"):
         assert heading in result.stdout
+    # Runs pile up in /tmp: only the logs stay, not ~200 MB of weights, checkpoints and model.
+    logs = Path(result.stdout.split("job logs: ")[1].split()[0])
+    assert sorted(path.name for path in logs.iterdir()) == ["train.log"]
+    shutil.rmtree(logs)
 
 
 # Stands in for pytorch-image-models' train.py (not shipped here): the same two device defaults and no
 # --device, so it only runs on a CPU if the benchmark's shim points it there; it logs timm's Train: lines.
 FAKE_TIMM_TRAIN = '''
-import argparse, json, sys, torch
+import argparse, json, os, sys, torch
 
 def _parse_args():
     parser = argparse.ArgumentParser()
@@ -78,6 +83,7 @@ def main():
     args, _ = _parse_args()
     assert getattr(args, "device", "cuda") == "cpu" and train_one_epoch(0) == validate() == torch.device("cpu")
     print("ARGV " + json.dumps(sys.argv[1:]))
+    print("SPLITS " + json.dumps(sorted(os.listdir(args.data))))
     for epoch in range(args.epochs):
         for step in range(2):
             print(f"Train: {epoch} [   {step}/2 ( {50 * step}%)]  Loss: 0.693 (0.693)  Time: 0.500s,   64.00/s  "
@@ -101,12 +107,14 @@ def test_timms_train_script_runs_on_the_jobs_images_with_the_jobs_settings(tmp_p
     timm = json.loads((tmp_path / "speed.json").read_text())["timm"]
     assert timm["images_per_s"] == 80.0 and timm["data_wait_per_step_s"] == 0.02  # the last epoch's averages
     assert timm["first_step_s"] > 0 and timm["job_vs_timm"] is None  # no (c) in this run
-    argv = json.loads(next(line for line in Path(timm["log"]).read_text().splitlines() if line.startswith("ARGV "))[5:])
-    assert Path(argv[0]).parts[-3:] == ("opt_ml", "input", "data") and sorted(p.name for p in Path(argv[0]).iterdir()) \
-        == ["train", "val"]
+    log = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in Path(timm["log"]).read_text().splitlines()
+           if line.startswith(("ARGV ", "SPLITS "))}
+    argv = log["ARGV"]
+    assert Path(argv[0]).parts[-3:] == ("opt_ml", "input", "data") and log["SPLITS"] == ["train", "val"]
     flags = {flag: value for flag, value in zip(argv[1:], argv[2:] + [""]) if flag.startswith("-")}
     # The product's defaults as the job resolves them: lr 0.016 per 256 images scaled to --quick's batch of 8.
     assert flags["--model"] == "test_efficientnet" and flags["-b"] == "8" and flags["--lr"] == "0.0005"
     assert flags["--opt"] == "rmsproptf" and flags["--layer-decay"] == "0.85" and flags["--aa"] == "rand-m9-mstd0.5"
     assert "--no-prefetcher" in argv and "--amp" not in argv  # float32 on a CPU, as the job
     assert "timm's train.py, same images and settings: last epoch 80.0 images/s" in result.stdout
+    shutil.rmtree(Path(timm["log"]).parent)
