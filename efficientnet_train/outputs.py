@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -68,9 +69,33 @@ def _disk_full(exc: BaseException | None) -> bool:
 def disk_full_reason(path: Path, exc: OSError) -> str:
     what = "over its disk quota" if exc.errno == errno.EDQUOT else "full"
     return (f"The disk is {what}: writing {path.name} to {path.parent} failed ({os.strerror(exc.errno)}); the "
-            f"files already there are kept. Give the training job a larger volume (VolumeSizeInGB in "
-            f"CreateTrainingJob's ResourceConfig, volume_size in the SageMaker Python SDK's Estimator), or free "
-            f"space in {path.parent}.")
+            f"files already there are kept. {LARGER_VOLUME}, or free space in {path.parent}.")
+
+
+LARGER_VOLUME = ("Give the training job a larger volume (VolumeSizeInGB in CreateTrainingJob's ResourceConfig, "
+                 "volume_size in the SageMaker Python SDK's Estimator)")
+
+
+def check_room(needs: dict[Path, tuple[int, str]]) -> None:
+    """Fail in seconds, not at the first checkpoint an epoch later, when a disk can't hold what the job will
+    write to these folders (bytes, and what they are). Folders on one file system share its free space: in
+    SageMaker's File mode the data set was copied onto the same volume as model/ and checkpoints/."""
+    by_disk: dict[int, list] = {}
+    for folder, (size, what) in needs.items():
+        existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+        disk = by_disk.setdefault(os.stat(existing).st_dev, [existing, 0, []])
+        disk[1] += size
+        disk[2].append(f"{what} in {folder}")
+    for existing, size, writes in by_disk.values():
+        free = shutil.disk_usage(existing).free
+        if free < size:
+            raise JobError(f"Not enough disk space: the disk holding {existing} has {megabytes(free)} free, and this "
+                           f"job will need about {megabytes(size)} there: {'; '.join(writes)}. {LARGER_VOLUME}, "
+                           f"or free space on that disk.")
+
+
+def megabytes(size: int) -> str:
+    return f"{size / 1e6:,.{1 if size < 10e6 else 0}f} MB"
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -17,14 +17,14 @@ import torch.nn.functional as F
 
 from . import __version__, distributed, hyperparameters, outputs, report
 from .checkpoints import (Interrupted, Progress, StopRequest, check_resumable, load_latest_state,
-                          restore_training_state, save_state, training_state)
+                          restore_training_state, room_for_checkpoints, save_state, training_state)
 from .data import (ModelInput, TrainBatches, dataset_of, decode_side, eval_transform, report_load_failures,
                    resolve_data_config, scan_channel, train_transform, warn_about_thin_classes)
 from .errors import JobError
 from .failures import explained
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
 from .model import (autocast_for, checkpoint_of, create_model, predict_log_probabilities, read_model_channel,
-                    save_checkpoint)
+                    save_checkpoint, weights_bytes)
 from .sagemaker import SageMakerEnvironment
 
 log = logging.getLogger("efficientnet_train")
@@ -79,7 +79,12 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
     resumed = load_latest_state(env.checkpoint_dir)
     if resumed:
         check_resumable(*resumed, vars(hp), classes, len(train_channel.samples), world_size)
-    startup.done("checking the data and any checkpoint")
+    if env.hosts.rank == 0:  # the host that writes model/ and the checkpoints
+        weights = weights_bytes(hp.model, len(classes))
+        outputs.check_room({
+            env.model_dir: (2 * weights, f"the best model ({outputs.megabytes(weights)}) and the copy replacing it"),
+            env.checkpoint_dir: room_for_checkpoints(env.checkpoint_dir, weights, hp.model_ema)})
+    startup.done("checking the data and the disk (checkpoints and free space)")
     return SimpleNamespace(hp=hp, ignored=ignored, train_channel=train_channel, val_channel=val_channel,
                            resumed=resumed, startup=startup)
 

@@ -107,8 +107,9 @@ def test_timms_train_script_runs_on_the_jobs_images_with_the_jobs_settings(tmp_p
     timm = json.loads((tmp_path / "speed.json").read_text())["timm"]
     assert timm["images_per_s"] == 80.0 and timm["data_wait_per_step_s"] == 0.02  # the last epoch's averages
     assert timm["first_step_s"] > 0 and timm["job_vs_timm"] is None  # no (c) in this run
-    log = {line.split(" ", 1)[0]: json.loads(line.split(" ", 1)[1]) for line in Path(timm["log"]).read_text().splitlines()
-           if line.startswith(("ARGV ", "SPLITS "))}
+    log = {key: json.loads(value) for key, value in (line.split(" ", 1) for line in
+                                                   Path(timm["log"]).read_text().splitlines()
+                                                   if line.startswith(("ARGV ", "SPLITS ")))}
     argv = log["ARGV"]
     assert Path(argv[0]).parts[-3:] == ("opt_ml", "input", "data") and log["SPLITS"] == ["train", "val"]
     flags = {flag: value for flag, value in zip(argv[1:], argv[2:] + [""]) if flag.startswith("-")}

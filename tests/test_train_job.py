@@ -212,7 +212,7 @@ def test_the_first_step_line_says_where_the_start_up_went(finished_job):
     total, phases = re.fullmatch(r"First training step done ([\d.]+) s after the job started: (.*)", lines[0]).groups()
     seconds = dict((phase, float(s)) for phase, s in re.findall(r"(?:^|, )([^,]+?) ([\d.]+) s", phases))
     assert list(seconds) == ["Python and imports", "checking the hyperparameters (importing timm)",
-                             "checking the data and any checkpoint", "building the model on the CPU",
+                             "checking the data and the disk (checkpoints and free space)", "building the model on the CPU",
                              "setting up training", "first batch (the loader's workers starting)", "first step"]
     assert seconds["Python and imports"] > 0 and sum(seconds.values()) == pytest.approx(float(total), abs=0.35)
 
