@@ -85,13 +85,11 @@ def save_state(folder: Path, state: dict) -> Path:
     return path
 
 
-def room_for_checkpoints(folder: Path, weights_bytes: int, ema: bool) -> tuple[int, str]:
+def room_for_checkpoints(folder: Path, checkpoint_bytes: int) -> tuple[int, str]:
     """What the checkpoint folder must have room for: KEEP checkpoints and the newest, written before the oldest
-    goes. Each holds the weights, their average (EMA), the best model so far and the optimizer's state, two
-    weight-sized buffers for RMSprop and Adam (one for SGD): 5.0x the weights for efficientnet_b3, measured."""
-    checkpoint = weights_bytes * (4 + ema)
+    goes, less those already there."""
     count = max(1, KEEP + 1 - len(checkpoint_files(folder)))
-    return count * checkpoint, f"{count} checkpoint{'s' * (count > 1)} of {megabytes(checkpoint)}"
+    return count * checkpoint_bytes, f"{count} checkpoint{'s' * (count > 1)} of {megabytes(checkpoint_bytes)}"
 
 
 def load_latest_state(folder: Path) -> tuple[Path, dict] | None:

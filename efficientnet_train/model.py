@@ -53,15 +53,6 @@ def create_model(name: str, labels: list[str], pretrained_path: str, drop: float
     return model.to(memory_format=MEMORY_FORMAT)
 
 
-def weights_bytes(name: str, num_classes: int) -> int:
-    """The size of the model's state_dict, from a model on the meta device: no memory, a fraction of a second."""
-    import timm
-
-    with torch.device("meta"):
-        model = timm.create_model(name, num_classes=num_classes)
-    return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
-
-
 def _zero_head(model: torch.nn.Module) -> None:
     torch.nn.init.zeros_(model.get_classifier().weight)
     torch.nn.init.zeros_(model.get_classifier().bias)

@@ -69,11 +69,14 @@ def _disk_full(exc: BaseException | None) -> bool:
 def disk_full_reason(path: Path, exc: OSError) -> str:
     what = "over its disk quota" if exc.errno == errno.EDQUOT else "full"
     return (f"The disk is {what}: writing {path.name} to {path.parent} failed ({os.strerror(exc.errno)}); the "
-            f"files already there are kept. {LARGER_VOLUME}, or free space in {path.parent}.")
+            f"files already there are kept. {MORE_ROOM}, or free space in {path.parent}.")
 
 
-LARGER_VOLUME = ("Give the training job a larger volume (VolumeSizeInGB in CreateTrainingJob's ResourceConfig, "
-                 "volume_size in the SageMaker Python SDK's Estimator)")
+# VolumeSizeInGB only sizes EBS volumes: the NVMe families' storage is fixed by the instance size.
+MORE_ROOM = ("Give the job more storage: a larger VolumeSizeInGB (volume_size in the SageMaker Python SDK's "
+             "Estimator) on instance types with EBS volumes (ml.p3, ml.c5, ml.m5); a larger instance size on those "
+             "with fixed NVMe storage (ml.g4dn, ml.g5, ml.p3dn, ml.p4d), where that setting is ignored; or FastFile "
+             "input mode, which streams the data from S3 instead of copying it there")
 
 
 def check_room(needs: dict[Path, tuple[int, str]]) -> None:
@@ -82,6 +85,9 @@ def check_room(needs: dict[Path, tuple[int, str]]) -> None:
     SageMaker's File mode the data set was copied onto the same volume as model/ and checkpoints/."""
     by_disk: dict[int, list] = {}
     for folder, (size, what) in needs.items():
+        if folder.is_symlink() and not folder.exists():
+            raise JobError(f"{folder} is a symbolic link to {os.readlink(folder)}, which does not exist. Create "
+                           f"that folder, or remove the link.")
         existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
         disk = by_disk.setdefault(os.stat(existing).st_dev, [existing, 0, []])
         disk[1] += size
@@ -90,8 +96,8 @@ def check_room(needs: dict[Path, tuple[int, str]]) -> None:
         free = shutil.disk_usage(existing).free
         if free < size:
             raise JobError(f"Not enough disk space: the disk holding {existing} has {megabytes(free)} free, and this "
-                           f"job will need about {megabytes(size)} there: {'; '.join(writes)}. {LARGER_VOLUME}, "
-                           f"or free space on that disk.")
+                           f"job will need about {megabytes(size)} there: {'; '.join(writes)}. {MORE_ROOM}, or "
+                           f"free space on that disk.")
 
 
 def megabytes(size: int) -> str:

@@ -42,7 +42,9 @@ def parse_args(argv):
     parser.add_argument("--instance-type", default=aws_kit.DEFAULT_TRAINING_INSTANCE)
     parser.add_argument("--instance-count", type=int, default=1,
                         help="instances: the job trains one model on every GPU of all of them (batch_size is per GPU)")
-    parser.add_argument("--volume-size", type=int, default=30, help="GB of disk for the data and checkpoints")
+    parser.add_argument("--volume-size", type=int, default=30,
+                        help="GB of disk for the data and checkpoints, on types with EBS volumes (ml.p3, ml.c5, "
+                             "ml.m5); ml.g4dn, ml.g5, ml.p3dn and ml.p4d have fixed NVMe storage and ignore it")
     parser.add_argument("--input-mode", default="File", choices=["File", "FastFile"],
                         help="File copies the data before training; FastFile streams it from S3")
     parser.add_argument("--max-run", type=int, default=24 * 3600, help="seconds of training at most")

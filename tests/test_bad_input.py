@@ -510,24 +510,35 @@ def test_a_full_disk_while_writing_the_model_keeps_the_previous_one(messy_job, t
     assert not (base / "model" / ".model_best.pth.tar.tmp").exists()
 
 
-def test_the_disk_space_estimate_covers_the_real_checkpoints_with_little_to_spare(messy_job):
+def test_the_disk_space_estimate_matches_the_real_checkpoints(messy_job):
     from efficientnet_train.checkpoints import KEEP, room_for_checkpoints
-    from efficientnet_train.model import weights_bytes
 
     base = messy_job[0]
-    weights = weights_bytes("test_efficientnet", 2)
-    # Within 10% for this tiny model, where each tensor's few hundred bytes of file format weigh more than
-    # they do in efficientnet_b3 (there the estimate was 0.05% short of a real checkpoint's 216 MB).
-    model_file = (base / "model" / "model_best.pth.tar").stat().st_size
-    assert weights == pytest.approx(model_file, rel=0.1)
-    checkpoint = max(path.stat().st_size for path in (base / "checkpoints").iterdir())
-    needed, what = room_for_checkpoints(base / "empty", weights, ema=True)
-    assert needed / (KEEP + 1) == pytest.approx(checkpoint, rel=0.1)
-    assert what == "3 checkpoints of 2.0 MB" and KEEP == 2
+    hp, _ = hyperparameters.parse({"model": "test_efficientnet"})  # the messy job's optimizer and EMA: defaults
+    model_bytes, checkpoint_bytes = train.output_sizes(hp, 2)
+    # Within 10% for this tiny model, where each tensor's few hundred bytes of file format weigh more than they
+    # do in efficientnet_b3 (there the estimate is 0.4% short of a real checkpoint's 216 MB).
+    assert model_bytes == pytest.approx((base / "model" / "model_best.pth.tar").stat().st_size, rel=0.1)
+    held = list((base / "checkpoints").iterdir())
+    assert checkpoint_bytes == pytest.approx(max(path.stat().st_size for path in held), rel=0.1)
+    assert KEEP == 2 and room_for_checkpoints(base / "empty", checkpoint_bytes) == (3 * checkpoint_bytes,
+                                                                                   "3 checkpoints of 2.0 MB")
     # A resumed job already holds some of its checkpoints: the disk needs room for the rest only.
-    held = len(list((base / "checkpoints").iterdir()))
-    assert held == 1 and room_for_checkpoints(base / "checkpoints", weights, ema=True)[0] == needed / 3 * (3 - held)
-    assert room_for_checkpoints(base / "empty", weights, ema=False)[0] == needed / 5 * 4
+    assert len(held) == 1 and room_for_checkpoints(base / "checkpoints", checkpoint_bytes)[0] == 2 * checkpoint_bytes
+
+
+@pytest.mark.parametrize("opt", hyperparameters.OPTIMIZERS)
+def test_each_optimizers_state_is_sized_by_a_real_step(opt):
+    hp, _ = hyperparameters.parse({"model": "test_efficientnet", "opt": opt})
+    model_bytes, checkpoint_bytes = train.output_sizes(hp, 2)
+    # The weights, their average and the best model; then 0 to 3 weight-sized buffers of the optimizer's own.
+    buffers = checkpoint_bytes / model_bytes - 3
+    assert -0.1 < buffers < 3.1
+    expected = {"sgd": 1, "momentum": 1, "rmsproptf": 2, "adamw": 2, "madgrad": 3}
+    if opt in expected:  # slightly less: BatchNorm's running statistics are weights without optimizer state
+        assert buffers == pytest.approx(expected[opt], abs=0.15)
+    no_ema, _ = hyperparameters.parse({"model": "test_efficientnet", "opt": opt, "model_ema": "false"})
+    assert train.output_sizes(no_ema, 2) == (model_bytes, checkpoint_bytes - model_bytes)
 
 
 def test_too_little_disk_space_fails_before_the_model_is_built_and_says_how_much_is_needed(
@@ -540,9 +551,11 @@ def test_too_little_disk_space_fails_before_the_model_is_built_and_says_how_much
     reason = failure_reason(base)
     # model/ and checkpoints/ do not exist yet: both are on base's disk, their needs added up.
     assert reason.startswith(f"Not enough disk space: the disk holding {base} has 0.1 MB free, and this job will "
-                             f"need about 7.0 MB there: the best model (0.4 MB) and the copy replacing it in "
-                             f"{base / 'model'}; 3 checkpoints of 2.1 MB in {base / 'checkpoints'}. Give the "
-                             f"training job a larger volume (VolumeSizeInGB")
+                             f"need about 6.9 MB there: the best model (0.4 MB) and the copy replacing it in "
+                             f"{base / 'model'}; 3 checkpoints of 2.0 MB in {base / 'checkpoints'}. Give the job "
+                             f"more storage: a larger VolumeSizeInGB")
+    assert "a larger instance size on those with fixed NVMe storage (ml.g4dn, ml.g5, ml.p3dn, ml.p4d)" in reason
+    assert "FastFile input mode" in reason and len(reason) < 900
     assert "volume_size" in reason
     assert not (base / "model").exists() and not (base / "checkpoints").exists()
     assert time.monotonic() - started < 20
@@ -564,6 +577,16 @@ def test_folders_on_different_disks_are_checked_each_against_its_own_free_space(
         check_room({roomy: (900 * 10**6, "a lot"), cramped / "new": (4 * 10**6, "four checkpoints")})
     assert str(info.value).startswith(f"Not enough disk space: the disk holding {cramped} has 3.0 MB free, and this "
                                       f"job will need about 4.0 MB there: four checkpoints in {cramped / 'new'}.")
+
+
+def test_a_model_folder_linked_to_nowhere_is_named_with_its_target(tmp_path):
+    from efficientnet_train.outputs import check_room
+
+    (tmp_path / "model").symlink_to(tmp_path / "volume" / "model")
+    with pytest.raises(JobError) as info:
+        check_room({tmp_path / "model": (1, "the best model")})
+    assert str(info.value) == (f"{tmp_path / 'model'} is a symbolic link to {tmp_path / 'volume' / 'model'}, which "
+                               f"does not exist. Create that folder, or remove the link.")
 
 
 @pytest.fixture
