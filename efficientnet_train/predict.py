@@ -94,6 +94,15 @@ def write_csv(rows, output, k: int) -> tuple[int, list[str]]:
     return written, failures
 
 
+def check_output(path: Path) -> None:
+    if path.is_dir():
+        raise JobError(f"--output {path} is a folder; give a file name, such as {path / 'predictions.csv'}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JobError(f"--output {path}: its folder cannot be made ({exc.strerror}: {exc.filename}).") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ["HF_HUB_OFFLINE"] = "1"
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(message)s")
@@ -119,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = find_images(options.inputs)
         if not paths:
             raise JobError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, options.inputs))}.")
+        if options.output != "-":  # before the model loads and the images are read, not after
+            check_output(Path(options.output))
         classifier = Classifier(options.model_dir)
     except JobError as exc:
         log.error("%s", exc)

@@ -339,13 +339,13 @@ def test_predict_writes_a_csv_that_matches_the_server(server, job, tmp_path):
     (val / "ants" / "broken.jpg").write_bytes(b"not really a jpeg")
     try:
         result = subprocess.run([PREDICT_COMMAND, str(val), "--model-dir", str(job / "model"), "--top-k", "2",
-                                 "--batch-size", "4", "--workers", "0", "--output", str(tmp_path / "out.csv")],
+                                 "--batch-size", "4", "--workers", "0", "--output", str(tmp_path / "new" / "out.csv")],
                                 capture_output=True, text=True, timeout=60)
     finally:
         (val / "ants" / "broken.jpg").unlink()
     assert result.returncode == 0, result.stderr
     assert "Skipped" in result.stderr and "broken.jpg" in result.stderr and "18 predictions" in result.stderr
-    with open(tmp_path / "out.csv", newline="") as f:
+    with open(tmp_path / "new" / "out.csv", newline="") as f:  # the folder made for it
         rows = list(csv.DictReader(f))
     assert len(rows) == 18 and list(rows[0]) == ["image", "label_1", "probability_1", "label_2", "probability_2"]
     for row in rows[::5]:
@@ -354,6 +354,14 @@ def test_predict_writes_a_csv_that_matches_the_server(server, job, tmp_path):
         assert [row["label_1"], row["label_2"]] == served["labels"]
         assert [float(row["probability_1"]), float(row["probability_2"])] == pytest.approx(
             served["probabilities"], rel=1e-5, abs=1e-7)
+
+
+def test_predict_into_a_folder_says_so_before_reading_any_image(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"never read")
+    result = subprocess.run([PREDICT_COMMAND, str(tmp_path / "a.jpg"), "--model-dir", str(tmp_path / "no-model"),
+                             "--output", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"--output {tmp_path} is a folder; give a file name, such as {tmp_path / 'predictions.csv'}." in result.stderr
 
 
 # --- the pieces -----------------------------------------------------------------------------------------
