@@ -33,10 +33,9 @@ class Hyperparameter:
     kind: type  # int, float, bool or str
     default: Any
     help: str
+    # Inclusive, as SageMaker's ranges are; the default is allowed outside them (img_size's 0 = the model's own).
     minimum: float | None = None
     maximum: float | None = None
-    exclusive_minimum: bool = False
-    exclusive_maximum: bool = False
     choices: tuple[str, ...] | None = None
     # An extra check for values whose rules live in timm: returns an error text or None.
     check: Callable[[Any], str | None] | None = None
@@ -55,24 +54,24 @@ class Hyperparameter:
         kind = "an integer" if self.kind is int else "a number"
         if self.minimum is None and self.maximum is None:
             return kind
-        if None not in (self.minimum, self.maximum) and not (self.exclusive_minimum or self.exclusive_maximum):
+        if None not in (self.minimum, self.maximum):
             return f"{kind} from {format_value(self.minimum)} to {format_value(self.maximum)}"
-        low = "" if self.minimum is None else f"{'>' if self.exclusive_minimum else '>='} {format_value(self.minimum)}"
-        high = "" if self.maximum is None else f"{'<' if self.exclusive_maximum else '<='} {format_value(self.maximum)}"
+        low = "" if self.minimum is None else f">= {format_value(self.minimum)}"
+        high = "" if self.maximum is None else f"<= {format_value(self.maximum)}"
         return f"{kind} {' and '.join(part for part in (low, high) if part)}"
 
     def parse(self, raw: Any) -> Any:
         """Turn one raw value (normally a string) into a checked value, or raise ValueError."""
         value = _convert(self.kind, _unwrap_json_string(raw))
-        if self.choices and value not in self.choices:
-            close = difflib.get_close_matches(str(value), self.choices, n=1, cutoff=0.6)
-            raise ValueError("not one of the choices" + (f"; did you mean {close[0]}?" if close else ""))
-        if self.kind in (int, float):
-            too_low = self.minimum is not None and (
-                value < self.minimum or (self.exclusive_minimum and value == self.minimum))
-            too_high = self.maximum is not None and (
-                value > self.maximum or (self.exclusive_maximum and value == self.maximum))
-            if too_low or too_high:
+        if self.choices:
+            # timm's names are lower-case; AdamW is adamw, not "did you mean adam?"
+            value = next((choice for choice in self.choices if choice.lower() == value.lower()), value)
+            if value not in self.choices:
+                close = difflib.get_close_matches(str(value), self.choices, n=1, cutoff=0.6)
+                raise ValueError("not one of the choices" + (f"; did you mean {close[0]}?" if close else ""))
+        if self.kind in (int, float) and value != self.default:
+            if (self.minimum is not None and value < self.minimum) or (
+                    self.maximum is not None and value > self.maximum):
                 raise ValueError("out of range")
         if self.check is not None:
             problem = self.check(value)
@@ -112,8 +111,8 @@ def _convert(kind: type, raw: Any) -> Any:
             return False
         raise ValueError("not true or false")
     if kind is int:
-        if isinstance(text, bool):
-            raise ValueError("not an integer")
+        if isinstance(text, bool) or (isinstance(text, float) and not text.is_integer()):
+            raise ValueError("not an integer")  # int(2.5) would be a silent 2
         try:
             return int(text)
         except (TypeError, ValueError):
@@ -178,12 +177,6 @@ def _check_auto_augment(policy: str) -> str | None:
     return None
 
 
-def _check_img_size(size: int) -> str | None:
-    if size == 0 or 32 <= size <= 1024:
-        return None
-    return "out of range"
-
-
 def _check_pretrained_path(path: str) -> str | None:
     if path and not path.lower().endswith((".pth", ".pt", ".bin", ".pth.tar", ".safetensors")):
         return "not a weights file name"
@@ -199,35 +192,34 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     # -- the listing's hyperparameters, with its names and defaults
     Hyperparameter("epochs", int, 250, "Number of epochs to train.", minimum=1, maximum=10000, tunable=True),
     Hyperparameter("batch_size", int, 32, "Images per training step on each device (GPU, or the CPU).",
-                   minimum=1, maximum=4096, tunable=True),
+                   minimum=2, maximum=4096, tunable=True),  # BatchNorm can't train on one image
     Hyperparameter("aa", str, "rand-m9-mstd0.5",
                    "Augmentation policy (timm's auto_augment): v0, original, a RandAugment string such as "
                    "rand-m9-mstd0.5, or none.",
                    # Not tunable: a tuning job can only search ranges and category lists, not free text.
                    check=_check_auto_augment, allowed_text="none, v0, original, or a timm RandAugment string"),
     Hyperparameter("decay_epochs", float, 2.4, "Epochs between learning-rate decays (step schedule).",
-                   minimum=0, exclusive_minimum=True, maximum=10000, tunable=True),
+                   minimum=0.01, maximum=10000, tunable=True),
     Hyperparameter("decay_rate", float, 0.1, "Factor the learning rate is multiplied by at each decay.",
-                   minimum=0, exclusive_minimum=True, maximum=1, tunable=True),
-    Hyperparameter("drop", float, 0.3, "Dropout rate before the classifier.",
-                   minimum=0, maximum=1, exclusive_maximum=True, tunable=True),
+                   minimum=0.001, maximum=1, tunable=True),
+    Hyperparameter("drop", float, 0.3, "Dropout rate before the classifier.", minimum=0, maximum=0.95,
+                   tunable=True),
     Hyperparameter("drop_connect", float, 0.2,
-                   "Drop-connect (stochastic depth) rate; timm's drop_path_rate.",
-                   minimum=0, maximum=1, exclusive_maximum=True, tunable=True),
+                   "Drop-connect (stochastic depth) rate; timm's drop_path_rate.", minimum=0, maximum=0.95,
+                   tunable=True),
     Hyperparameter("lr", float, 0.016,
                    f"Learning rate for a global batch of {LR_REFERENCE_BATCH} images, as in the recipe the "
                    f"defaults come from; the job scales it linearly to the real global batch "
                    f"(lr x batch_size x devices / {LR_REFERENCE_BATCH}).",
-                   minimum=0, exclusive_minimum=True, maximum=10, tunable=True),
+                   minimum=0.000001, maximum=10, tunable=True),
     Hyperparameter("model_ema", bool, True,
                    "Keep an exponential moving average (EMA) of the weights; the best of the EMA and the "
                    "raw weights is kept."),
     Hyperparameter("model_ema_decay", float, 0.9999,
                    "Decay of the weights' moving average; it warms up, so short runs still track.",
-                   minimum=0, maximum=1, exclusive_maximum=True, tunable=True),
+                   minimum=0, maximum=0.99999, tunable=True),
     Hyperparameter("opt", str, "rmsproptf", "Optimizer (timm's names).", choices=OPTIMIZERS, tunable=True),
-    Hyperparameter("opt_eps", float, 0.001, "Optimizer epsilon.",
-                   minimum=0, exclusive_minimum=True, maximum=1, tunable=True),
+    Hyperparameter("opt_eps", float, 0.001, "Optimizer epsilon.", minimum=0.0000000001, maximum=1, tunable=True),
     Hyperparameter("remode", str, "pixel", "Random-erasing fill mode.", choices=("const", "rand", "pixel"),
                    tunable=True),
     Hyperparameter("reprob", float, 0.2, "Random-erasing probability.", minimum=0, maximum=1, tunable=True),
@@ -247,14 +239,12 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    "Local ImageNet weights in timm format (.pth or .safetensors), as timm's "
                    "--pretrained-path; empty = the weights shipped in the image.",
                    check=_check_pretrained_path, allowed_text="empty, or the path of a .pth, .pt, .bin or .safetensors file"),
-    Hyperparameter("img_size", int, 0, "Training image size in pixels; 0 = the model's own.",
-                   minimum=0, maximum=1024, check=_check_img_size,
-                   allowed_text="0, or an integer from 32 to 1024", tunable=True),
+    Hyperparameter("img_size", int, 0, "Training image size in pixels; 0 or unset = the model's own.",
+                   minimum=32, maximum=1024, allowed_text="0, or an integer from 32 to 1024", tunable=True),
     Hyperparameter("eval_img_size", int, 0,
-                   "Validation and serving image size in pixels; 0 = the model's test size in timm if it has one "
-                   "and img_size is 0, otherwise 1.15 x the training size.",
-                   minimum=0, maximum=1024, check=_check_img_size, allowed_text="0, or an integer from 32 to 1024",
-                   tunable=True),
+                   "Validation and serving image size in pixels; 0 or unset = the model's test size in timm if it "
+                   "has one and img_size is 0, otherwise 1.15 x the training size.",
+                   minimum=32, maximum=1024, allowed_text="0, or an integer from 32 to 1024", tunable=True),
     Hyperparameter("warmup_epochs", float, 1.0,
                    "Epochs of linear learning-rate warmup from warmup_lr, updated every step.",
                    minimum=0, maximum=10000, tunable=True),
@@ -268,11 +258,11 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("layer_decay", float, 0.85,
                    "Layer-wise learning-rate decay (timm's layer_decay): the classifier gets lr, each block "
                    "below it layer_decay times the one above; 1 = the same lr everywhere.",
-                   minimum=0, maximum=1, exclusive_minimum=True, tunable=True),
+                   minimum=0.01, maximum=1, tunable=True),
     Hyperparameter("seed", int, 42, "Random seed.", minimum=0, maximum=2**31 - 1),
     Hyperparameter("smoothing", float, 0.1,
                    "Label smoothing of the training loss (timm's recipe, which the listing's defaults come "
-                   "from, uses 0.1).", minimum=0, maximum=1, exclusive_maximum=True, tunable=True),
+                   "from, uses 0.1).", minimum=0, maximum=0.9, tunable=True),
     Hyperparameter("early_stopping", bool, True,
                    "Stop when no better model has been found for early_stopping_patience epochs, or when "
                    "the learning rate has decayed below 1/1000 of its peak."),
@@ -360,6 +350,9 @@ def sagemaker_hyperparameter_specs() -> list[dict]:
             "IsRequired": False,
             "DefaultValue": format_value(hp.default),
         }
+        high = math.inf if hp.maximum is None else hp.maximum
+        if hp.minimum is not None and not hp.minimum <= hp.default <= high:
+            del spec["DefaultValue"]  # the range must hold it; the job uses it when SageMaker sends nothing
         if hp.kind is bool:
             spec["Type"] = "Categorical"
             spec["Range"] = {"CategoricalParameterRangeSpecification": {"Values": ["true", "false"]}}

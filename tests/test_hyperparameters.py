@@ -71,9 +71,12 @@ def test_sagemaker_keys_are_ignored_not_rejected():
                         "default 250"),
     ({"epochs": "2.5"}, "(not an integer)"),
     ({"epochs": "0"}, "(out of range); allowed: an integer from 1 to 10000"),
-    ({"lr": "-0.1"}, "'lr' = '-0.1' is invalid (out of range); allowed: a number > 0 and <= 10"),
+    ({"lr": "-0.1"}, "'lr' = '-0.1' is invalid (out of range); allowed: a number from 0.000001 to 10"),
+    ({"lr": "0"}, "(out of range)"),
     ({"lr": "nan"}, "(not a finite number)"),
-    ({"drop": "1"}, "a number >= 0 and < 1"),
+    ({"drop": "1"}, "a number from 0 to 0.95"),
+    ({"batch_size": "1"}, "an integer from 2 to 4096"),  # BatchNorm cannot train on one image
+    ({"epochs": 2.5}, "(not an integer)"),  # a JSON number, not truncated to 2
     ({"model_ema": "maybe"}, "'model_ema' = 'maybe' is invalid (not true or false)"),
     ({"opt": "adamm"}, "'opt' = 'adamm' is invalid (not one of the choices; did you mean adam?); allowed: one of sgd,"),
     ({"sched": "cosin"}, "one of step, cosine"),
@@ -103,4 +106,29 @@ def test_numbers_are_written_as_plain_decimals():
     assert hyperparameters.format_value(1e-6) == "0.000001" and hyperparameters.format_value(1e-5) == "0.00001"
     assert hyperparameters.format_value(0.016) == "0.016" and hyperparameters.format_value(True) == "true"
     for spec in hyperparameters.sagemaker_hyperparameter_specs():
-        assert not re.search(r"\de-?\d", spec["DefaultValue"]), spec
+        assert not re.search(r"\de-?\d", spec.get("DefaultValue", "")), spec
+
+
+def test_choices_ignore_case_as_people_write_optimizer_names():
+    resolved, _ = parse({"opt": "AdamW", "sched": "Cosine", "remode": "PIXEL"})
+    assert (resolved.opt, resolved.sched, resolved.remode) == ("adamw", "cosine", "pixel")
+
+
+def test_every_value_the_algorithm_spec_allows_the_job_accepts():
+    """SageMaker and the SDK check values against the spec only: a value inside it that the job refused would be
+    a launched, paid job (or tuning trial) failing at start-up."""
+    for spec in hyperparameters.sagemaker_hyperparameter_specs():
+        hp = hyperparameters.BY_NAME[spec["Name"]]
+        if spec["Type"] == "Categorical":
+            values = spec["Range"]["CategoricalParameterRangeSpecification"]["Values"]
+        elif spec["Type"] == "Integer":
+            allowed = spec["Range"]["IntegerParameterRangeSpecification"]
+            low, high = int(allowed["MinValue"]), int(allowed["MaxValue"])
+            values = [str(v) for v in (low, low + 1, (low + high) // 2, high - 1, high)]
+        elif spec["Type"] == "Continuous":
+            allowed = spec["Range"]["ContinuousParameterRangeSpecification"]
+            values = [allowed["MinValue"], allowed["MaxValue"]]
+        else:
+            continue
+        for value in values:
+            hp.parse(value)  # raises if refused
