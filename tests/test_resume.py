@@ -81,6 +81,21 @@ def copy_job(uninterrupted, tmp_path, **overrides):
     return make_job(tmp_path / "job", {**hyperparameters, **overrides})
 
 
+def test_sigterm_during_start_up_stops_at_once(tmp_path, tiny_hyperparameters):
+    """As PID 1 in the container, a signal without a handler is dropped: the handler is the command's first act.
+    Half a second in, the job is still importing torch."""
+    base = make_job(tmp_path, tiny_hyperparameters)
+    job = start_train(base)
+    time.sleep(0.5)
+    job.send_signal(signal.SIGTERM)
+    log, _ = job.communicate(timeout=60)
+    assert job.returncode == 0, log
+    assert "Stopped by SIGTERM during start-up, before training began: nothing to save." in log
+    assert "Traceback" not in log
+    assert not (base / "model").exists() and not (base / "checkpoints").exists()
+    assert not (base / "output" / "failure").exists()
+
+
 def test_each_epoch_leaves_a_checkpoint_and_old_ones_are_pruned(uninterrupted):
     base, _ = uninterrupted
     assert checkpoints(base / "checkpoints") == ["checkpoint-00003-0000000.pth.tar", "checkpoint-00004-0000000.pth.tar"]
