@@ -223,8 +223,10 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("remode", str, "pixel", "Random-erasing fill mode.", choices=("const", "rand", "pixel"),
                    tunable=True),
     Hyperparameter("reprob", float, 0.2, "Random-erasing probability.", minimum=0, maximum=1, tunable=True),
-    Hyperparameter("sched", str, "step", "Learning-rate schedule (timm's names).",
-                   choices=("step", "cosine", "tanh", "poly", "plateau"), tunable=True),
+    # Not timm's plateau: it only steps on epochs (a whole first epoch at warmup_lr), its patience outlasts early
+    # stopping's, and its state is not in timm's checkpoints.
+    Hyperparameter("sched", str, "step", "Learning-rate schedule (timm's names), stepped every update.",
+                   choices=("step", "cosine", "tanh", "poly"), tunable=True),
     Hyperparameter("workers", int, -1,
                    "Data-loading worker processes per GPU; -1 = every CPU core but one per GPU (the listing's 1 "
                    "starves a GPU); 0 loads in the training process.", minimum=-1, maximum=128),

@@ -140,11 +140,10 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     global_batch = hp.batch_size * rank.world_size
     lr = hyperparameters.scaled_lr(hp, rank.world_size)
     optimizer, ema, scaler = training_tools(model, hp, lr, amp_dtype)
-    # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch;
-    # timm's plateau schedule only steps on epochs.
+    # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch.
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=hp.sched, num_epochs=hp.epochs, decay_epochs=hp.decay_epochs, decay_rate=hp.decay_rate,
-        warmup_lr=hp.warmup_lr, warmup_epochs=hp.warmup_epochs, step_on_epochs=hp.sched == "plateau",
+        warmup_lr=hp.warmup_lr, warmup_epochs=hp.warmup_epochs, step_on_epochs=False,
         updates_per_epoch=len(train_loader))
     trainables = dict(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
@@ -208,7 +207,6 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
                                None if rank.distributed else stop)
             chosen = max(results, key=lambda name: (results[name].top1, -results[name].loss))
             result = results[chosen]
-            scheduler.step(epoch, result.top1)
             lr_now = max(group["lr"] for group in optimizer.param_groups)  # the classifier's
             epoch_seconds.append(time.monotonic() - epoch_started)
             log.info("epoch %d/%d %s lr=%.8f weights=%s%s images/s=%.1f training=%.0fs data_wait=%.1fs "
