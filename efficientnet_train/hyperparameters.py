@@ -183,6 +183,9 @@ def _check_pretrained_path(path: str) -> str | None:
     return None
 
 
+# SageMaker checks values against the spec's range, which cannot hold the 0 that hyperparameters.json may say.
+IMG_SIZE_ALLOWED = "an integer from 32 to 1024; unset (or 0, outside SageMaker) = automatic"
+
 # Common timm optimizers; CreateAlgorithm allows at most 30 categorical values.
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "rmsproptf", "adam", "adamw", "nadam", "nadamw",
               "radam", "adamp", "sgdp", "lamb", "lars", "adabelief", "adafactor", "lion", "madgrad",
@@ -242,11 +245,11 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    "--pretrained-path; empty = the weights shipped in the image.",
                    check=_check_pretrained_path, allowed_text="empty, or the path of a .pth, .pt, .bin or .safetensors file"),
     Hyperparameter("img_size", int, 0, "Training image size in pixels; 0 or unset = the model's own.",
-                   minimum=32, maximum=1024, allowed_text="0, or an integer from 32 to 1024", tunable=True),
+                   minimum=32, maximum=1024, allowed_text=IMG_SIZE_ALLOWED, tunable=True),
     Hyperparameter("eval_img_size", int, 0,
                    "Validation and serving image size in pixels; 0 or unset = the model's test size in timm if it "
                    "has one and img_size is 0, otherwise 1.15 x the training size.",
-                   minimum=32, maximum=1024, allowed_text="0, or an integer from 32 to 1024", tunable=True),
+                   minimum=32, maximum=1024, allowed_text=IMG_SIZE_ALLOWED, tunable=True),
     Hyperparameter("warmup_epochs", float, 1.0,
                    "Epochs of linear learning-rate warmup from warmup_lr, updated every step.",
                    minimum=0, maximum=10000, tunable=True),

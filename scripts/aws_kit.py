@@ -88,6 +88,7 @@ def parse_key_values(pairs: list[str], spec: dict | None = None) -> dict[str, st
         elif name not in specs:
             problems.append(f"unknown hyperparameter {name!r} (known: {', '.join(specs)})")
         else:
+            value = _canonical(specs[name], value)
             problem = _out_of_range(specs[name], value)
             if problem:
                 problems.append(f"{name}={value}: {problem}")
@@ -95,6 +96,12 @@ def parse_key_values(pairs: list[str], spec: dict | None = None) -> dict[str, st
     if problems:
         raise ValueError("; ".join(problems))
     return values
+
+
+def _canonical(spec: dict, value: str) -> str:
+    """SageMaker compares categories exactly, the job ignoring case: opt=AdamW goes out as the spec's adamw."""
+    allowed = spec.get("Range", {}).get("CategoricalParameterRangeSpecification", {}).get("Values", ())
+    return next((choice for choice in allowed if choice.lower() == value.lower()), value)
 
 
 def _out_of_range(spec: dict, value: str) -> str | None:

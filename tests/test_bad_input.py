@@ -405,12 +405,14 @@ def test_booleans_accept_the_usual_spellings(word, value):
 
 
 @pytest.mark.parametrize("name, raw, allowed", [
-    ("batch_size", "8.5", "an integer from 1 to 4096"), ("batch_size", "", "an integer from 1 to 4096"),
-    ("batch_size", None, "an integer"), ("batch_size", "0", "an integer from 1 to 4096"),
-    ("lr", "fast", "a number > 0"), ("lr", "inf", "a number > 0"), ("model_ema", "2", "true or false"),
+    ("batch_size", "8.5", "an integer from 2 to 4096"), ("batch_size", "", "an integer from 2 to 4096"),
+    ("batch_size", None, "an integer"), ("batch_size", "0", "an integer from 2 to 4096"),
+    ("lr", "fast", "a number from 0.000001 to 10"), ("lr", "inf", "a number from 0.000001 to 10"),
+    ("model_ema", "2", "true or false"),
     ("max_unusable_fraction", "1.5", "a number from 0 to 1"), ("max_unusable_fraction", "-0.1", "from 0 to 1"),
-    ("img_size", "2000", "0, or an integer from 32 to 1024"), ("img_size", "31", "from 32 to 1024"),
-    ("opt", ["sgd"], "one of sgd"), ("sched", "Cosine", "one of step, cosine"),
+    ("img_size", "2000", "an integer from 32 to 1024; unset (or 0, outside SageMaker) = automatic"),
+    ("img_size", "31", "from 32 to 1024"),
+    ("opt", ["sgd"], "one of sgd"), ("sched", "plateau", "one of step, cosine, tanh, poly;"),
 ])
 def test_wrong_types_and_ranges_name_the_key_the_value_and_what_is_allowed(name, raw, allowed):
     with pytest.raises(JobError) as info:

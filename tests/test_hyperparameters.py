@@ -85,7 +85,7 @@ def test_sagemaker_keys_are_ignored_not_rejected():
     ({"model": "resnet50"}, "not a timm EfficientNet model"),
     ({"aa": "rand-foo"}, "timm would ignore the part(s) foo of this policy"),
     ({"aa": "v1"}, "timm cannot parse this augmentation policy"),
-    ({"img_size": "16"}, "(out of range); allowed: 0, or an integer from 32 to 1024"),
+    ({"img_size": "16"}, "(out of range); allowed: an integer from 32 to 1024; unset (or 0, outside SageMaker)"),
     ({"pretrained_path": "/weights/b3.onnx"}, "the path of a .pth, .pt, .bin or .safetensors file"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, expected):

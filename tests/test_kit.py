@@ -212,7 +212,7 @@ def test_train_on_a_marketplace_subscription_uses_the_algorithm_and_its_defaults
         aws_train.main(["--algorithm-arn", ALGORITHM_ARN, *common_train_args(
             "--job-name", "j2", "--model", f"{OUTPUT}/j1/output/model.tar.gz", "--instance-type", "ml.p3.2xlarge",
             "--instance-count", "2"),
-            "epochs=30", "opt=adamw"], session=aws.session)
+            "epochs=30", "opt=AdamW"], session=aws.session)  # SageMaker compares categories exactly
     assert aws.request("DescribeAlgorithm") == {"AlgorithmName": ALGORITHM_ARN}
     job = aws.request("CreateTrainingJob")
     algorithm = job["AlgorithmSpecification"]
