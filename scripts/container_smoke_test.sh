@@ -132,6 +132,25 @@ grep -q epochs <<<"$reason" || fail "the failure reason does not name the hyperp
 [ ! -e "$SMOKE_DIR/bad/opt_ml/model/model.tar.gz" ] || fail "a failed job left a model.tar.gz"
 echo "exit status $status; output/failure: $reason"
 
+step "A stop during start-up ends the job at once (train is the container's PID 1, as in SageMaker)"
+# PID 1 never sees a signal it has no handler for: without the train command's first-act handler,
+# this stop would wait out the -t timeout and end in SIGKILL.
+cid=$("$ENGINE" run -d --network none "${PODMAN_FLAGS[@]}" -v "$SMOKE_DIR/job/opt_ml:/opt/ml" \
+    -v "$SMOKE_DIR/data/train:/opt/ml/input/data/train:ro" -v "$SMOKE_DIR/data/val:/opt/ml/input/data/val:ro" \
+    -v "$SMOKE_DIR/weights/tf_efficientnet_lite0.pth:/opt/ml/input/data/weights/tf_efficientnet_lite0.pth:ro" \
+    "$IMAGE" train)
+sleep 1
+stop_started=$(date +%s)
+"$ENGINE" stop -t 60 "$cid" >/dev/null
+stop_seconds=$(( $(date +%s) - stop_started ))
+stop_code=$("$ENGINE" inspect --format '{{.State.ExitCode}}' "$cid")
+stop_log=$("$ENGINE" logs "$cid" 2>&1)
+"$ENGINE" rm "$cid" >/dev/null
+[ "$stop_code" = 0 ] || fail "train exited $stop_code when stopped during start-up: $stop_log"
+grep -q "Stopped by SIGTERM during start-up" <<<"$stop_log" || fail "no start-up stop line: $stop_log"
+[ "$stop_seconds" -lt 15 ] || fail "the stop took $stop_seconds s"
+echo "stopped in ${stop_seconds}s, exit 0: $stop_log"
+
 step "serve in the container: /ping, /invocations, a bad request, SAGEMAKER_BIND_TO_PORT, SIGTERM"
 # SageMaker hosting runs `IMAGE serve` with model.tar.gz extracted to /opt/ml/model and sends
 # requests to port 8080 (or SAGEMAKER_BIND_TO_PORT); here the host reaches the container through a
