@@ -123,7 +123,9 @@ def _create_pretrained(name: str, num_classes: int, pretrained_path: str, drop: 
             # The same as timm's --pretrained-path: the file replaces the hub as the weights' source,
             # and timm drops the ImageNet classifier when num_classes differs.
             model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
-            file_keys = set(timm.models.load_state_dict(str(path)))
+            # The names only: on the meta device a .pth is not read a second time (safetensors can't load there).
+            file_keys = set(timm.models.load_state_dict(str(path), device="cpu" if path.suffix == ".safetensors"
+                                                        else "meta"))
         except (RuntimeError, KeyError, ValueError, OSError, EOFError) as exc:
             raise JobError(f"pretrained_path {path} does not hold timm weights for model '{name}': "
                            f"{type(exc).__name__}: {str(exc)[:300]}. Check that the file was saved from "
