@@ -150,10 +150,11 @@ def _check_the_file_covers(model: torch.nn.Module, file_keys: set[str], path: Pa
     head = tuple(f"{c}." for c in ((classifiers,) if isinstance(classifiers, str) else classifiers))
     # BatchNorm's batch counters are not weights, and many files leave them out.
     file_keys = {key for key in file_keys if not key.endswith("num_batches_tracked")}
-    wanted = {key for key in model.state_dict() if not key.startswith(head) and not key.endswith("num_batches_tracked")}
+    model_keys = {key for key in model.state_dict() if not key.endswith("num_batches_tracked")}
+    wanted = {key for key in model_keys if not key.startswith(head)}
     missing = sorted(wanted - file_keys)
     if missing:
-        unknown = sorted(file_keys - set(model.state_dict()))
+        unknown = sorted(file_keys - model_keys)
         raise JobError(f"pretrained_path {path} does not hold timm weights for model '{name}': {len(missing)} of its "
                        f"{len(wanted)} tensors are not in the file (e.g. {', '.join(missing[:3])})"
                        + (f", which has {len(unknown)} that the model lacks (e.g. {', '.join(unknown[:3])})"
