@@ -149,7 +149,8 @@ def restore_rng(state: dict) -> None:
 
 def training_state(*, progress: Progress, model, ema, optimizer, scheduler, scaler, summary: list[dict],
                    best: dict | None, best_model: dict | None, finished: str | None, hyperparameters: dict,
-                   classes: list[str], train_images: int, world_size: int = 1) -> dict:
+                   classes: list[str], train_images: int, world_size: int = 1,
+                   linear_probe: dict | None = None) -> dict:
     def cpu(state_dict):
         return {key: value.detach().cpu() for key, value in state_dict.items()}
 
@@ -158,7 +159,7 @@ def training_state(*, progress: Progress, model, ema, optimizer, scheduler, scal
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": capture_rng(), "summary": summary, "best": best, "best_model": best_model, "finished": finished,
             "hyperparameters": hyperparameters, "classes": classes, "train_images": train_images,
-            "world_size": world_size}
+            "world_size": world_size, "linear_probe": linear_probe}
 
 
 def restore_training_state(state: dict, *, model, ema, optimizer, scheduler, scaler) -> Progress:

@@ -297,9 +297,25 @@ def max_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Make batch-norm statistics those of rank 0: each process updated them on its own batches, and the model
     evaluated (and saved) must be one model."""
+    broadcast_tensors(module.buffers())
+
+
+def broadcast_tensors(tensors) -> None:
+    """Rank 0's values in these tensors on every process, in place."""
     if dist.is_available() and dist.is_initialized():
-        for buffer in module.buffers():
-            dist.broadcast(buffer, 0)
+        for tensor in tensors:
+            dist.broadcast(tensor, 0)
+
+
+def rows_of_all(rows: torch.Tensor, share: torch.utils.data.Dataset) -> torch.Tensor:
+    """Every process's rows for its share of `share.dataset` (one row per item, in share order), put in their
+    places among all the items and summed over the processes: each process gets all the rows. A dataset that
+    is no Subset is all of itself."""
+    if not isinstance(share, torch.utils.data.Subset):
+        return sum_over_ranks(rows)
+    whole = rows.new_zeros((len(share.dataset), *rows.shape[1:]))
+    whole[torch.as_tensor(list(share.indices), dtype=torch.long, device=rows.device)] = rows
+    return sum_over_ranks(whole)
 
 
 def broadcast_object(value, rank: Rank):

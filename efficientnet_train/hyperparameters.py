@@ -25,6 +25,10 @@ TRUE_WORDS = frozenset({"true", "t", "yes", "y", "on", "1"})
 FALSE_WORDS = frozenset({"false", "f", "no", "n", "off", "0"})
 LR_REFERENCE_BATCH = 256
 LR_EXHAUSTED = 1e-3  # early stopping ends a run whose learning rate fell below this share of its peak
+# For the schedule, warmup and early stopping, an epoch of a small set lasts at least this many updates
+# (train.schedule_epoch_updates says why).
+MIN_SCHEDULE_EPOCH_UPDATES = 50
+SMALL_SET_EPOCH = f"on small sets an epoch counts as at least {MIN_SCHEDULE_EPOCH_UPDATES} updates here"
 
 
 @dataclass(frozen=True)
@@ -201,7 +205,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    "rand-m9-mstd0.5, or none.",
                    # Not tunable: a tuning job can only search ranges and category lists, not free text.
                    check=_check_auto_augment, allowed_text="none, v0, original, or a timm RandAugment string"),
-    Hyperparameter("decay_epochs", float, 2.4, "Epochs between learning-rate decays (step schedule).",
+    Hyperparameter("decay_epochs", float, 2.4,
+                   f"Epochs between learning-rate decays (step schedule); {SMALL_SET_EPOCH}.",
                    minimum=0.01, maximum=10000, tunable=True),
     Hyperparameter("decay_rate", float, 0.1, "Factor the learning rate is multiplied by at each decay.",
                    minimum=0.001, maximum=1, tunable=True),
@@ -251,7 +256,7 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    "has one and img_size is 0, otherwise 1.15 x the training size.",
                    minimum=32, maximum=1024, allowed_text=IMG_SIZE_ALLOWED, tunable=True),
     Hyperparameter("warmup_epochs", float, 1.0,
-                   "Epochs of linear learning-rate warmup from warmup_lr, updated every step.",
+                   f"Epochs of linear learning-rate warmup from warmup_lr, updated every step; {SMALL_SET_EPOCH}.",
                    minimum=0, maximum=10000, tunable=True),
     Hyperparameter("hflip", float, 0.5,
                    "Probability of mirroring a training image left-right (timm's --hflip). Set 0 where left and "
@@ -271,7 +276,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("early_stopping", bool, True,
                    "Stop when no better model has been found for early_stopping_patience epochs, or when "
                    "the learning rate has decayed below 1/1000 of its peak."),
-    Hyperparameter("early_stopping_patience", int, 5, "Epochs without a better model before stopping.",
+    Hyperparameter("early_stopping_patience", int, 5,
+                   f"Epochs without a better model before stopping; {SMALL_SET_EPOCH}.",
                    minimum=1, maximum=1000),
     Hyperparameter("balance_classes", bool, False,
                    "Weight the training loss by inverse class frequency, so that every class counts as much "

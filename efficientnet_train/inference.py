@@ -32,6 +32,8 @@ class Classifier:
         self.to_input = ModelInput(checkpoint["data_config"], self.device)
         self.decode_side = decode_side(checkpoint["data_config"], training=False)  # pixels as validation decoded
         self.mirror = bool(checkpoint.get("eval_hflip", False))
+        # Fitted on the validation set after training; models saved before calibration existed have none.
+        self.temperature = float(checkpoint.get("temperature", 1.0))
         self.autocast, _ = autocast_for(self.device)  # validation's precision: a GPU serves what it validated
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -42,7 +44,7 @@ class Classifier:
         """Class probabilities, one row per preprocessed image, on the CPU."""
         images = self.to_input(images)
         with self.autocast():
-            log_probabilities = predict_log_probabilities(self.model, images, mirror=self.mirror)
+            log_probabilities = predict_log_probabilities(self.model, images, self.mirror, self.temperature)
         return log_probabilities.exp().cpu()
 
     def top_k(self, probabilities: torch.Tensor, k: int) -> list[dict]:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .calibration import calibrated
 from .errors import JobError
 from .outputs import BEST_MODEL_FILE, atomic_write
 
@@ -171,16 +172,18 @@ def autocast_for(device: torch.device):
     return partial(torch.autocast, "cuda", dtype=dtype), dtype
 
 
-def predict_log_probabilities(model: torch.nn.Module, images: torch.Tensor, mirror: bool) -> torch.Tensor:
+def predict_log_probabilities(model: torch.nn.Module, images: torch.Tensor, mirror: bool,
+                              temperature: float = 1.0) -> torch.Tensor:
     """Log class probabilities of a batch: the one definition of a prediction, for validation and serving.
 
     With `mirror`, each image's probabilities are averaged with its left-right mirror image's, which
     training's random flips taught the model to see as the same picture (hymenoptera, Lite2: 96.7 -> 97.4%).
+    The temperature (fitted after training, 1 during it) calibrates them without changing any argmax.
     """
     if not mirror:
-        return model(images).float().log_softmax(dim=1)
+        return calibrated(model(images).float().log_softmax(dim=1), temperature)
     probabilities = model(torch.cat([images, images.flip(3)])).float().softmax(dim=1)
-    return probabilities.view(2, len(images), -1).mean(dim=0).log()
+    return calibrated(probabilities.view(2, len(images), -1).mean(dim=0).log(), temperature)
 
 
 def checkpoint_of(model: torch.nn.Module, **metadata: Any) -> dict:

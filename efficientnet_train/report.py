@@ -44,17 +44,19 @@ class StartUp:
                 + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.phases))
 
 
-def per_class_table(classes: list[str], confusion: list[list[int]]) -> str:
-    """Images, right answers and accuracy per class, and what each class is mistaken for most."""
+def per_class_table(classes: list[str], confusion: list[list[int]], confidence: list[float]) -> str:
+    """Images, right answers, accuracy and mean (calibrated) top probability per class, and what each class is
+    mistaken for most: a class whose confidence is far from its accuracy is one whose probabilities mislead."""
     width = max(len("class"), *(len(name) for name in classes))
-    lines = [f"{'class':<{width}}  images  right  accuracy  most often mistaken for"]
+    lines = [f"{'class':<{width}}  images  right  accuracy  confidence  most often mistaken for"]
     for index, name in enumerate(classes):
         row = confusion[index]
         images, right = sum(row), row[index]
         wrong = max(((count, other) for other, count in enumerate(row) if other != index and count), default=None)
         accuracy = f"{100 * right / images:7.1f}%" if images else "      - "
+        sure = f"{100 * confidence[index]:9.1f}%" if images else "        - "
         mistaken = f"{classes[wrong[1]]} ({wrong[0]})" if wrong else "-"
-        lines.append(f"{name:<{width}}  {images:6d}  {right:5d}  {accuracy}  {mistaken}")
+        lines.append(f"{name:<{width}}  {images:6d}  {right:5d}  {accuracy}  {sure}  {mistaken}")
     return "\n".join(lines)
 
 

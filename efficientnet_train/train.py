@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import platform
 import random
@@ -16,12 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, distributed, hyperparameters, outputs, report
+from .calibration import calibrated, fit_temperature, top_label_ece
 from .checkpoints import (Interrupted, Progress, StopRequest, check_resumable, load_latest_state,
                           restore_training_state, room_for_checkpoints, save_state, training_state)
 from .data import (ModelInput, TrainBatches, dataset_of, decode_side, eval_transform, report_load_failures,
                    resolve_data_config, scan_channel, train_transform, warn_about_thin_classes)
 from .errors import JobError
 from .failures import explained
+from .linear_probe import fit_linear_probe, probe_sample
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
 from .model import (autocast_for, checkpoint_of, create_model, predict_log_probabilities, read_model_channel,
                     save_checkpoint)
@@ -112,8 +115,10 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed image sizes: cuDNN times its kernels once, keeps the fastest
     autocast, amp_dtype = autocast_for(device)
-    model = create_model(hp.model, classes, hp.pretrained_path, hp.drop, hp.drop_connect,
-                         start=None if resumed else read_model_channel(env.channel_dir("model"))).to(device)
+    start = None if resumed else read_model_channel(env.channel_dir("model"))
+    model = create_model(hp.model, classes, hp.pretrained_path, hp.drop, hp.drop_connect, start=start).to(device)
+    # A new head is fitted as a linear probe first (epoch 0); a previous job's head for the same labels is kept.
+    probe_first = not resumed and (start is None or start[1]["labels"] != classes)
     job.startup.done(f"building the model on the {'GPU' if device.type == 'cuda' else 'CPU'}")
     data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
     # Gradients averaged over all processes after each backward; parameters start as rank 0's.
@@ -134,6 +139,8 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     eval_hflip = hp.eval_hflip and hp.hflip > 0  # a model never shown mirror images can't be asked about them
     train_input = ModelInput(data_config, device, hp.reprob, hp.remode)
     val_input = ModelInput(data_config, device)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_channel) if hp.balance_classes else None,
+                                        label_smoothing=hp.smoothing).to(device)
 
     from timm.scheduler import create_scheduler_v2
 
@@ -141,16 +148,18 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     lr = hyperparameters.scaled_lr(hp, rank.world_size)
     optimizer, ema, scaler = training_tools(model, hp, lr, amp_dtype)
     # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch.
+    schedule_epoch = schedule_epoch_updates(hp, len(train_loader))
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=hp.sched, num_epochs=hp.epochs, decay_epochs=hp.decay_epochs, decay_rate=hp.decay_rate,
-        warmup_lr=hp.warmup_lr, warmup_epochs=hp.warmup_epochs, step_on_epochs=False,
-        updates_per_epoch=len(train_loader))
+        optimizer, sched=hp.sched, num_epochs=hp.epochs * len(train_loader) / schedule_epoch,
+        decay_epochs=hp.decay_epochs, decay_rate=hp.decay_rate, warmup_lr=hp.warmup_lr,
+        warmup_epochs=hp.warmup_epochs, step_on_epochs=False, updates_per_epoch=schedule_epoch)
     trainables = dict(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
     args = {**vars(hp),
             "ignored_hyperparameters": ignored, "classes": classes, "num_classes": len(classes),
             "data_config": data_config, "effective_eval_hflip": eval_hflip, "global_batch_size": global_batch,
-            "effective_lr": lr, "checkpoint_dir": str(env.checkpoint_dir),
+            "effective_lr": lr, "updates_per_epoch": len(train_loader), "schedule_epoch_updates": schedule_epoch,
+            "checkpoint_dir": str(env.checkpoint_dir),
             "processes": rank.world_size, "effective_workers": workers, "device": describe(device),
             "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
             "train_images": len(train_channel.samples), "val_images": len(val_channel.samples),
@@ -159,11 +168,13 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
             "skipped_files": {ch.name: ch.skipped_summary() for ch in (train_channel, val_channel)},
             "training_job_name": env.training_job_name, "versions": versions()}
 
-    progress, summary, best, best_model, stop_reason = Progress(), [], None, None, None
+    progress, summary, best, best_model, stop_reason = Progress(0 if probe_first else 1), [], None, None, None
     if resumed:
         path, state = resumed
         progress = restore_training_state(state, **trainables)
         summary, best, best_model, stop_reason = state["summary"], state["best"], state["best_model"], state["finished"]
+        if state.get("linear_probe"):
+            args["linear_probe"] = state["linear_probe"]
         if rank.rank:
             seed_everything(hp.seed + rank.rank + 1000 * progress.epoch)  # the saved RNG states are rank 0's
         args["resumed_from"] = f"{path} (epoch {progress.epoch}, after {progress.step} of {len(train_loader)} batches)"
@@ -183,23 +194,29 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
             return None
         return save_state(env.checkpoint_dir, training_state(
             progress=progress, **trainables, summary=summary, best=best, best_model=best_model,
-            finished=stop_reason, hyperparameters=vars(hp), classes=classes,
+            finished=stop_reason, linear_probe=args.get("linear_probe"), hyperparameters=vars(hp), classes=classes,
             train_images=len(train_channel.samples), world_size=rank.world_size))
 
-    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_channel) if hp.balance_classes else None,
-                                        label_smoothing=hp.smoothing).to(device)
-    started, epoch_seconds = time.monotonic(), []
+    started, epoch_seconds, startup = time.monotonic(), [], job.startup
     try:
         while stop_reason is None and progress.epoch <= hp.epochs:
             epoch, epoch_started, seen_before = progress.epoch, time.monotonic(), progress.seen
-            first_epoch_here = not epoch_seconds  # of this process: a resumed job reports its start-up again
-            train_loss, data_wait = train_one_epoch(trained, train_loader, train_input, loss_fn, optimizer, scheduler,
-                                                    ema, scaler, autocast, progress, stop,
-                                                    job.startup if first_epoch_here else None, slow_data)
+            if epoch == 0:
+                probe = linear_probe(model, train_channel, data_config, hp, workers, rank, val_input, autocast,
+                                     loss_fn)
+                if ema is not None:
+                    ema.set(model)
+                startup.done(f"fitting the linear probe on {probe.images} images")
+                train_loss, data_wait, images_done, candidates = probe.loss, 0.0, probe.images, {"probe": model}
+            else:
+                train_loss, data_wait = train_one_epoch(trained, train_loader, train_input, loss_fn, optimizer,
+                                                        scheduler, ema, scaler, autocast, progress, stop, startup,
+                                                        slow_data)
+                startup = None  # said once per process: a resumed job says its own start-up again
+                images_done = (progress.seen - seen_before) * rank.world_size
+                candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
             training_seconds = time.monotonic() - epoch_started
             slow_data.check(data_wait, training_seconds, f"epoch {epoch}'s training")
-            images_per_second = (progress.seen - seen_before) * rank.world_size / max(training_seconds, 1e-6)
-            candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
             for net in candidates.values():
                 distributed.broadcast_buffers(net)
             # Ranks may hold different val shares, so not interruptible by batch there: validation is short.
@@ -207,18 +224,29 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
                                None if rank.distributed else stop)
             chosen = max(results, key=lambda name: (results[name].top1, -results[name].loss))
             result = results[chosen]
-            lr_now = max(group["lr"] for group in optimizer.param_groups)  # the classifier's
-            epoch_seconds.append(time.monotonic() - epoch_started)
+            # The classifier's (the highest with layer_decay); nothing was trained at it in the probe's epoch 0.
+            lr_now = max(group["lr"] for group in optimizer.param_groups) if epoch else 0.0
+            seconds = time.monotonic() - epoch_started
+            if epoch:
+                epoch_seconds.append(seconds)
             log.info("epoch %d/%d %s lr=%.8f weights=%s%s images/s=%.1f training=%.0fs data_wait=%.1fs "
                      "validation=%.0fs elapsed=%.0fs left<=%s", epoch, hp.epochs,
                      metric_line({TRAIN_LOSS: train_loss, VAL_LOSS: result.loss, VAL_ACC_1: result.top1,
                                   VAL_ACC_5: result.top5}),
                      lr_now, chosen, "" if len(results) == 1 else
                      " (" + ", ".join(f"{name} acc_1={r.top1:.2f}" for name, r in results.items()) + ")",
-                     images_per_second, training_seconds, data_wait, epoch_seconds[-1] - training_seconds,
-                     time.monotonic() - started,
-                     report.duration((hp.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)))
-            if device.type == "cuda" and len(epoch_seconds) == 1:
+                     images_done / max(training_seconds, 1e-6), training_seconds, data_wait,
+                     seconds - training_seconds, time.monotonic() - started,
+                     report.duration((hp.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds))
+                     if epoch_seconds else "?")
+            if epoch == 0:
+                args["linear_probe"] = {"acc_1": result.top1, "loss": result.loss, "images": probe.images,
+                                        "seconds": round(training_seconds, 1)}
+                log.info("Linear probe (epoch 0): validation top-1 %.2f%%, loss %.4f; fitted on the frozen "
+                         "features (%d) of %d training images in %.1f s: features %.1f s, logistic regression "
+                         "%.1f s", result.top1, result.loss, probe.features, probe.images, training_seconds,
+                         probe.extract_seconds, probe.fit_seconds)
+            if device.type == "cuda" and epoch and len(epoch_seconds) == 1:
                 log.info("Peak GPU memory: %.1f GiB of %.1f GiB (batch_size=%d, img_size=%d)",
                          torch.cuda.max_memory_reserved(device) / 2**30,
                          torch.cuda.get_device_properties(device).total_memory / 2**30, hp.batch_size,
@@ -228,20 +256,25 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
                             "lr": f"{lr_now:.10f}"})
             args["failed_during_training"] = report_load_failures(epoch, [train_data, val_data])
             if best is None or (result.top1, -result.loss) > (best["top1"], -best["loss"]):
+                calibration = calibrate(result, len(classes))
                 best = {"epoch": epoch, "top1": result.top1, "loss": result.loss, "weights": chosen,
-                        "per_class": dict(zip(classes, result.per_class)), "confusion": result.confusion}
+                        "per_class": dict(zip(classes, result.per_class)), "confusion": result.confusion,
+                        "calibration": calibration}
                 best_model = checkpoint_of(candidates[chosen], arch=hp.model, epoch=epoch, metric=result.top1,
                                            metric_name=VAL_ACC_1, weights=chosen, labels=classes,
                                            num_classes=len(classes), data_config=data_config,
-                                           eval_hflip=eval_hflip, args=args)
+                                           eval_hflip=eval_hflip, temperature=calibration["temperature"], args=args)
                 if rank.is_main:
                     save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, best_model)
                 # Not "validation:acc_1=": SageMaker's regex would record the value a second time.
-                log.info("New best model: epoch %d, top-1 accuracy %.4f%% (%s weights)", epoch, result.top1, chosen)
+                log.info("New best model: epoch %d, top-1 accuracy %.4f%% (%s weights); temperature %.3f takes its "
+                         "calibration error (top-label ECE) from %.4f to %.4f", epoch, result.top1, chosen,
+                         calibration["temperature"], calibration["ece_before"], calibration["ece_after"])
             if rank.is_main:
                 write_epoch_outputs(env.model_dir, summary, best, classes, title)
             if hp.early_stopping:
-                stop_reason = early_stop_reason(epoch, best["epoch"], lr_now, lr, hp)
+                stop_reason = early_stop_reason(epoch, best["epoch"], lr_now, lr, hp,
+                                                schedule_epoch / len(train_loader))
             progress = Progress(epoch + 1)
             save_progress()
             if stop_reason:
@@ -272,24 +305,67 @@ def write_epoch_outputs(model_dir: Path, summary: list[dict], best: dict | None,
 
 def finish(env: SageMakerEnvironment, args: dict, summary: list[dict], best: dict | None, stop_reason: str,
            seconds: float) -> None:
-    args.update(epochs_completed=len(summary), stop_reason=stop_reason)
+    args.update(epochs_completed=sum(int(row["epoch"]) > 0 for row in summary), stop_reason=stop_reason)  # not 0
     if best is None:
         outputs.write_args(env.model_dir, args)
         log.info("No epoch finished, so there is no model yet; a restarted job resumes from the checkpoint.")
         return
     args.update(best_epoch=best["epoch"], best_acc_1=best["top1"], best_weights=best["weights"],
-                best_per_class_acc_1=best["per_class"])
+                best_per_class_acc_1=best["per_class"], calibration=best["calibration"])
     outputs.write_args(env.model_dir, args)
     classes = list(best["per_class"])
     log.info("Done in %s after %d epochs (%s). Best model: epoch %d, top-1 accuracy %.4f%% (%s weights), "
-             "saved to %s", report.duration(seconds), len(summary), stop_reason, best["epoch"], best["top1"],
+             "saved to %s", report.duration(seconds), args["epochs_completed"], stop_reason, best["epoch"], best["top1"],
              best["weights"], env.model_dir / outputs.BEST_MODEL_FILE)
-    log.info("Best model per class (validation):\n%s", report.per_class_table(classes, best["confusion"]))
+    calibration = best["calibration"]
+    log.info("Calibration: the best model's log probabilities are divided by a temperature of %.4f fitted on the "
+             "validation set (stored in the model, applied when serving): top-label ECE %.4f -> %.4f, "
+             "validation loss %.4f -> %.4f", calibration["temperature"], calibration["ece_before"],
+             calibration["ece_after"], best["loss"], calibration["loss_after"])
+    log.info("Best model per class (validation; confidence: mean calibrated probability of its answers):\n%s",
+             report.per_class_table(classes, best["confusion"], calibration["per_class_confidence"]))
     log.info("Best model's confusion matrix (also in %s and, as curves, %s):\n%s", outputs.CONFUSION_FILE,
              outputs.METRICS_PLOT_FILE, report.confusion_text(classes, best["confusion"]))
     if env.training_job_name is None:
         # SageMaker packs model/ itself; a plain `docker run` should still hand over the same artifact.
         log.info("Packed %s", outputs.pack_model(env.model_dir))
+
+
+def linear_probe(model, train_channel, data_config: dict, hp, workers: int, rank: distributed.Rank, to_input,
+                 autocast, loss_fn) -> SimpleNamespace:
+    """Fit the classifier on the frozen features of (a capped sample of) the training images, seen as validation
+    sees them, each process extracting a share."""
+    sample = probe_sample(train_channel.samples, len(train_channel.classes), hp.seed)
+    images = torch.utils.data.Subset(
+        dataset_of(train_channel, eval_transform(data_config), hp.max_unusable_fraction, workers,
+                   decode_side(data_config, training=False)), sample)
+    share = torch.utils.data.Subset(images, range(rank.rank, len(sample), rank.world_size))
+    loader = data_loader(share, workers, to_input.device, hp.seed + rank.rank, batch_size=hp.batch_size)
+    return fit_linear_probe(model, loader, to_input, autocast, len(train_channel.classes), loss_fn)
+
+
+def calibrate(result: SimpleNamespace, num_classes: int) -> dict:
+    """The temperature that calibrates a model's validation answers, and what it changes: plain numbers, for
+    args.yml and the checkpoint."""
+    temperature = fit_temperature(result.log_probabilities, result.targets)
+    scaled = calibrated(result.log_probabilities, temperature)
+    confidence = scaled.exp().max(dim=1).values
+    per_class = torch.bincount(result.targets, weights=confidence, minlength=num_classes) / \
+        torch.bincount(result.targets, minlength=num_classes).clamp(min=1)
+    return {"temperature": temperature, "ece_before": top_label_ece(result.log_probabilities, result.targets),
+            "ece_after": top_label_ece(scaled, result.targets),
+            "loss_after": float(F.nll_loss(scaled, result.targets)) if len(result.targets) else float("nan"),
+            "per_class_confidence": per_class.tolist()}
+
+
+def schedule_epoch_updates(hp, updates_per_epoch: int) -> int:
+    """The updates an epoch lasts for the learning-rate schedule, warmup and early stopping: a pass over the
+    training set, but at least MIN_SCHEDULE_EPOCH_UPDATES, as far as `epochs` leaves room for the warmup and
+    the first decay. On a set of a few hundred images a pass is ten updates: decays every 2.4 of them would
+    end the run after ~25 updates at a useful rate, before rmsproptf's step size has even grown."""
+    run = hp.epochs * updates_per_epoch
+    room = run / max(hp.warmup_epochs + hp.decay_epochs, 1.0)
+    return max(updates_per_epoch, min(hyperparameters.MIN_SCHEDULE_EPOCH_UPDATES, round(room)))
 
 
 def training_tools(model: torch.nn.Module, hp, lr: float, amp_dtype: torch.dtype | None):
@@ -380,10 +456,17 @@ def check_batch_size(batch_size: int, train_images: int, processes: int = 1) -> 
                        f"batch_size to {share} or less (the largest value that works), or add training images.")
 
 
-def early_stop_reason(epoch: int, best_epoch: int, lr_now: float, peak_lr: float, hp) -> str | None:
-    if epoch - best_epoch >= hp.early_stopping_patience:
-        return f"no better model for {hp.early_stopping_patience} epochs (early_stopping_patience)"
-    if epoch > hp.warmup_epochs and lr_now <= peak_lr * hyperparameters.LR_EXHAUSTED * (1 + 1e-6):
+def early_stop_reason(epoch: int, best_epoch: int, lr_now: float, peak_lr: float, hp,
+                      passes_per_schedule_epoch: float = 1.0) -> str | None:
+    """Why to stop after `epoch`, if it is time to; patience and warmup count epochs of the schedule, each
+    `passes_per_schedule_epoch` passes over the training set (more than one on a small set)."""
+    patience = math.ceil(hp.early_stopping_patience * passes_per_schedule_epoch - 1e-9)
+    if epoch - best_epoch >= patience:
+        return (f"no better model for {patience} epochs (early_stopping_patience={hp.early_stopping_patience}"
+                + (f", of {passes_per_schedule_epoch:.3g} passes each on this small training set)"
+                   if passes_per_schedule_epoch > 1 else ")"))
+    if epoch > hp.warmup_epochs * passes_per_schedule_epoch and \
+            lr_now <= peak_lr * hyperparameters.LR_EXHAUSTED * (1 + 1e-6):
         return (f"the learning rate has decayed to {lr_now:.3g}, 1/{1 / hyperparameters.LR_EXHAUSTED:.0f} "
                 f"of its peak {peak_lr:.3g} or less, so further epochs would change little")
     return None
@@ -474,8 +557,8 @@ def train_step(model, images, targets, loss_fn, optimizer, scaler, autocast) -> 
 @torch.no_grad()
 def evaluate(models: dict[str, torch.nn.Module], loader, to_input: ModelInput, autocast, num_classes: int,
              mirror: bool, stop: StopRequest | None = None) -> dict[str, SimpleNamespace]:
-    """Loss, top-1/top-5 accuracy and confusion matrix of each model on the whole val set (summed over all
-    processes). One pass over the images for all the models: decoding them is often the slow part."""
+    """Loss, top-1/top-5 accuracy, confusion matrix and log probabilities of each model on the whole val set (of
+    all processes). One pass over the images for all the models: decoding them is often the slow part."""
     from timm.utils import accuracy
 
     device = to_input.device
@@ -485,27 +568,35 @@ def evaluate(models: dict[str, torch.nn.Module], loader, to_input: ModelInput, a
     # Per model: loss, top-1 and top-k summed over images, and true x predicted counts; one sync at the end.
     sums = {name: torch.zeros(3, device=device) for name in models}
     confusion = {name: torch.zeros(num_classes * num_classes, dtype=torch.long, device=device) for name in models}
+    answers = {name: [torch.zeros(0, num_classes, device=device)] for name in models}  # for calibration
+    labels = [torch.zeros(0, dtype=torch.long, device=device)]
     for images, targets in loader:
         if stop:
             raise Interrupted
         images, targets = to_input(images), targets.to(device, non_blocking=True)
+        labels.append(targets)
         for name, model in models.items():
             with autocast():
                 log_probabilities = predict_log_probabilities(model, images, mirror)
+            answers[name].append(log_probabilities)
             top1, topk = accuracy(log_probabilities, targets, topk=(1, top_k))  # percentages of this batch
             sums[name] += torch.stack([F.nll_loss(log_probabilities, targets, reduction="sum"),
                                        top1 * len(targets), topk * len(targets)])
             confusion[name] += torch.bincount(targets * num_classes + log_probabilities.argmax(dim=1),
                                               minlength=num_classes * num_classes)
+    targets = distributed.rows_of_all(torch.cat(labels), loader.dataset).cpu()
     return {name: _evaluation(distributed.sum_over_ranks(sums[name]), distributed.sum_over_ranks(confusion[name]),
-                              num_classes) for name in models}
+                              num_classes, distributed.rows_of_all(torch.cat(answers[name]), loader.dataset).cpu(),
+                              targets) for name in models}
 
 
-def _evaluation(sums: torch.Tensor, confusion: torch.Tensor, num_classes: int) -> SimpleNamespace:
+def _evaluation(sums: torch.Tensor, confusion: torch.Tensor, num_classes: int, log_probabilities: torch.Tensor,
+                targets: torch.Tensor) -> SimpleNamespace:
     loss, top1, top5 = (sums / confusion.sum()).tolist()  # over every image of the val set, once
     confusion = confusion.view(num_classes, num_classes).tolist()
     per_class = [100 * row[index] / sum(row) if sum(row) else None for index, row in enumerate(confusion)]
-    return SimpleNamespace(loss=loss, top1=top1, top5=top5, per_class=per_class, confusion=confusion)
+    return SimpleNamespace(loss=loss, top1=top1, top5=top5, per_class=per_class, confusion=confusion,
+                           log_probabilities=log_probabilities, targets=targets)
 
 
 def data_loader(dataset, workers: int, device: torch.device, seed: int, **batching) -> torch.utils.data.DataLoader:

@@ -62,7 +62,7 @@ def check_outputs_agree_with_one_process(base: Path, processes: int) -> None:
     assert args["processes"] == processes
     assert args["global_batch_size"] == processes * args["batch_size"]
     rows = read_summary(model_dir)
-    best = rows[args["best_epoch"] - 1]
+    best = rows[args["best_epoch"]]  # row 0: the linear probe
     alone = evaluate_alone(model_dir, base / "input" / "data" / "val")
     # The distributed figure is over the whole val set, each image once: the same as one process's.
     assert float(best["eval_top1"]) == pytest.approx(alone.top1, abs=1e-4)
@@ -77,7 +77,7 @@ def test_two_processes_train_one_model(tmp_path, learning_hyperparameters):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Distributed training: 2 processes (1 hosts x 2 per host)" in result.stdout
     # Metric lines once, from rank 0: SageMaker would otherwise record every value twice.
-    assert result.stdout.count("validation:acc_1=") == 2
+    assert result.stdout.count("validation:acc_1=") == 3  # epochs 0 (the linear probe), 1 and 2
     assert "[rank 1]" not in result.stdout
     assert re.search(r"First training step done .*, starting training process 1 of 2 [\d.]+ s, building the model",
                      result.stdout)
@@ -135,7 +135,7 @@ def test_sigterm_stops_all_ranks_at_the_same_batch_and_the_run_resumes(tmp_path,
     result = run_train(base, TRAIN_PROCESSES_PER_HOST="2", MASTER_PORT=port)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "Resuming from checkpoint" in result.stdout
-    assert [row["epoch"] for row in read_summary(base / "model")] == ["1", "2"]
+    assert [row["epoch"] for row in read_summary(base / "model")] == ["0", "1", "2"]
     # Another number of processes would change every step: refused, with the reason.
     result = run_train(base, TRAIN_PROCESSES_PER_HOST="3", MASTER_PORT=port)
     assert result.returncode == 1

@@ -101,7 +101,7 @@ def test_each_epoch_leaves_a_checkpoint_and_old_ones_are_pruned(uninterrupted):
     assert checkpoints(base / "checkpoints") == ["checkpoint-00003-0000000.pth.tar", "checkpoint-00004-0000000.pth.tar"]
     state = final_state(base)
     assert state["progress"]["epoch"] == 4 and state["best"]["epoch"] == int(state["best_model"]["epoch"])
-    assert [row["epoch"] for row in state["summary"]] == [1, 2, 3]
+    assert [row["epoch"] for row in state["summary"]] == [0, 1, 2, 3]  # 0: the linear probe
     assert {"optimizer", "scheduler", "rng", "ema"} <= set(state)
     assert not list((base / "checkpoints").glob(".*"))  # no temporary files left behind
 
@@ -128,7 +128,7 @@ def test_sigterm_mid_epoch_stops_cleanly_and_a_restart_finishes_the_same_run(uni
     # model/ holds the best model so far, and says why it stopped; the checkpoint carries that same model
     best = torch.load(base / "model" / "model_best.pth.tar", weights_only=True)
     carried = torch.load(stopped[2], weights_only=True)["best_model"]
-    assert best["epoch"] == carried["epoch"] == 1
+    assert best["epoch"] == carried["epoch"] in (0, 1)  # 0: the linear probe
     assert all(torch.equal(carried["state_dict"][key], value) for key, value in best["state_dict"].items())
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
     assert args["stop_reason"] == "stopped by SIGTERM" and args["epochs_completed"] == 1
@@ -136,6 +136,23 @@ def test_sigterm_mid_epoch_stops_cleanly_and_a_restart_finishes_the_same_run(uni
     resumed_log = resume_and_compare(base, uninterrupted[0])
     assert f"Resuming from checkpoint {stopped[2]}: epoch 2, after {stopped[1]} of its 18 batches; " \
            f"best so far top-1" in resumed_log
+    assert "Linear probe" not in resumed_log
+
+
+def test_a_job_killed_after_its_probe_resumes_without_fitting_it_again(uninterrupted, tmp_path):
+    base = copy_job(uninterrupted, tmp_path)
+    job = start_train(base)
+    run_until(job, r"Linear probe \(epoch 0\)")
+    probe_done = base / "checkpoints" / "checkpoint-00001-0000000.pth.tar"
+    while not probe_done.exists():
+        time.sleep(0.02)
+    job.kill()
+    job.wait(timeout=30)
+    log = resume_and_compare(base, uninterrupted[0])
+    assert "Resuming from checkpoint" in log and "Linear probe" not in log and "epoch 0/3" not in log
+    args = yaml.safe_load((base / "model" / "args.yml").read_text())
+    reference = yaml.safe_load((uninterrupted[0] / "model" / "args.yml").read_text())
+    assert args["linear_probe"] == reference["linear_probe"]
 
 
 def test_sigkill_at_any_moment_loses_at_most_the_epoch_in_progress(uninterrupted, tmp_path):
@@ -200,7 +217,7 @@ def test_checkpointconfig_local_path_is_where_checkpoints_go(tiny_hyperparameter
         json.dumps({"LocalPath": str(tmp_path / "synced"), "S3Uri": "s3://bucket/checkpoints"}))
     result = run_train(base)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert checkpoints(tmp_path / "synced") == ["checkpoint-00002-0000000.pth.tar"]
+    assert checkpoints(tmp_path / "synced") == ["checkpoint-00001-0000000.pth.tar", "checkpoint-00002-0000000.pth.tar"]
     assert not (base / "checkpoints").exists()
 
 
@@ -231,6 +248,7 @@ def test_model_channel_continues_training_a_previous_model(uninterrupted, tmp_pa
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"Starting from the model in \S+model.tar.gz \(epoch \d, top-1 [\d.]+%\), same labels",
                      result.stdout)
+    assert "Linear probe" not in result.stdout and "epoch 0/1" not in result.stdout  # its trained head is kept
 
 
 def test_model_channel_with_new_labels_gets_a_new_head(uninterrupted, tmp_path):
@@ -238,6 +256,7 @@ def test_model_channel_with_new_labels_gets_a_new_head(uninterrupted, tmp_path):
     result = run_train(base)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "with a new classifier head: the labels changed from [ants, bees, wasps] to [ants, bees]" in result.stdout
+    assert "Linear probe (epoch 0)" in result.stdout
 
 
 def test_model_channel_of_another_architecture_is_refused(uninterrupted, tmp_path):

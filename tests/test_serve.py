@@ -142,7 +142,8 @@ def validation_probabilities(job: Path, path: Path) -> list[float]:
     image = eval_transform(checkpoint["data_config"])(load_image(str(path))).unsqueeze(0)
     image = ModelInput(checkpoint["data_config"], torch.device("cpu"))(image)
     with torch.no_grad():
-        return predict_log_probabilities(model, image, mirror=checkpoint["eval_hflip"]).exp()[0].tolist()
+        return predict_log_probabilities(model, image, checkpoint["eval_hflip"],
+                                         checkpoint["temperature"]).exp()[0].tolist()
 
 
 def predictions(response) -> list[dict]:

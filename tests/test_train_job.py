@@ -73,13 +73,13 @@ def test_args_hold_resolved_hyperparameters_and_derived_values(finished_job):
     assert args["skipped_files"]["val"]["count"] == 0 and args["failed_during_training"] == {}
     assert set(args["ignored_hyperparameters"]) == {"_tuning_objective_metric", "sagemaker_program"}
     assert {"torch", "timm", "torchvision", "python"} <= set(args["versions"])
-    assert args["best_epoch"] in range(1, EPOCHS + 1) and args["epochs_completed"] == EPOCHS
+    assert args["best_epoch"] in range(0, EPOCHS + 1) and args["epochs_completed"] == EPOCHS  # 0: the probe
 
 
 def test_summary_has_one_row_per_epoch(finished_job):
     base, _ = finished_job
     rows = read_summary(base / "model")
-    assert [int(row["epoch"]) for row in rows] == list(range(1, EPOCHS + 1))
+    assert [int(row["epoch"]) for row in rows] == list(range(0, EPOCHS + 1))  # 0: the linear probe
     assert list(rows[0]) == ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
     for row in rows:
         assert float(row["eval_top5"]) == 100.0  # 3 classes: top-5 is over all of them
@@ -137,7 +137,7 @@ def test_saved_model_scores_what_the_summary_says(finished_job):
         inputs = ModelInput(checkpoint["data_config"], torch.device("cpu"))(torch.stack(images))
         predictions = predict_log_probabilities(model, inputs, checkpoint["eval_hflip"]).argmax(dim=1)
     accuracy = 100.0 * (predictions == torch.tensor(targets)).float().mean().item()
-    best_row = read_summary(base / "model")[checkpoint["epoch"] - 1]
+    best_row = read_summary(base / "model")[checkpoint["epoch"]]  # row 0: the linear probe
     assert accuracy == pytest.approx(float(best_row["eval_top1"]), abs=1e-3)
     assert float(best_row["eval_top1"]) == max(float(r["eval_top1"]) for r in read_summary(base / "model"))
 
@@ -172,10 +172,13 @@ def test_per_class_accuracy_of_the_best_model(finished_job):
     per_class = args["best_per_class_acc_1"]
     assert list(per_class) == sorted(COLOURS)
     assert sum(per_class.values()) / 3 == pytest.approx(args["best_acc_1"])  # 6 val images per class
-    table = log.split("Best model per class (validation):\n", 1)[1].splitlines()
-    assert table[0].split() == ["class", "images", "right", "accuracy", "most", "often", "mistaken", "for"]
+    table = log.split("Best model per class (validation; confidence: mean calibrated probability of its answers):\n",
+                      1)[1].splitlines()
+    assert table[0].split() == ["class", "images", "right", "accuracy", "confidence", "most", "often", "mistaken", "for"]
     assert [line.split()[:2] for line in table[1:4]] == [["ants", "6"], ["bees", "6"], ["wasps", "6"]]
     assert float(table[1].split()[3].rstrip("%")) == pytest.approx(per_class["ants"], abs=0.05)
+    confidence = args["calibration"]["per_class_confidence"][0]
+    assert float(table[1].split()[4].rstrip("%")) == pytest.approx(100 * confidence, abs=0.05)
 
 
 def test_confusion_matrix_and_metrics_plot_beside_the_model(finished_job):
@@ -197,7 +200,7 @@ def test_confusion_matrix_and_metrics_plot_beside_the_model(finished_job):
 def test_progress_line_says_speed_and_time_left(finished_job):
     _, log = finished_job
     lines = [line for line in log.splitlines() if re.search(r"epoch \d/3 train:loss", line)]
-    assert len(lines) == EPOCHS
+    assert len(lines) == EPOCHS + 1  # and the linear probe's epoch 0
     pattern = r" images/s=\d+\.\d training=\d+s data_wait=\d+\.\ds validation=\d+s elapsed=\d+s left<=\S+$"
     assert all(re.search(pattern, line) for line in lines), lines
     assert lines[-1].endswith("left<=0s")
@@ -213,20 +216,23 @@ def test_the_first_step_line_says_where_the_start_up_went(finished_job):
     seconds = dict((phase, float(s)) for phase, s in re.findall(r"(?:^|, )([^,]+?) ([\d.]+) s", phases))
     assert list(seconds) == ["Python and imports", "checking the hyperparameters (importing timm)",
                              "checking the data and the disk (checkpoints and free space)", "building the model on the CPU",
-                             "setting up training", "first batch (the loader's workers starting)", "first step"]
+                             "fitting the linear probe on 38 images", "setting up training", "first batch (the loader's workers starting)", "first step"]
     assert seconds["Python and imports"] > 0 and sum(seconds.values()) == pytest.approx(float(total), abs=0.35)
 
 
 def test_stops_once_the_learning_rate_is_spent(tmp_path, tiny_hyperparameters):
     """Early stopping ends the run; summary.csv and the best model are complete all the same."""
-    base = make_job(tmp_path, {**tiny_hyperparameters, "epochs": "10", "warmup_epochs": "0",
+    # 36 images in batches of 2: 18 updates a pass, so an epoch of the schedule is 50 updates (the floor), and
+    # the one decay, to 1/1000, comes in the 3rd pass.
+    base = make_job(tmp_path, {**tiny_hyperparameters, "epochs": "10", "batch_size": "2", "warmup_epochs": "0",
                                "decay_epochs": "1", "decay_rate": "0.001", "balance_classes": "true"})
     result = run_train(base)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Stopping after epoch 1 of 10: the learning rate has decayed" in result.stdout
-    assert [row["epoch"] for row in read_summary(base / "model")] == ["1"]
+    assert "Stopping after epoch 3 of 10: the learning rate has decayed" in result.stdout
+    assert [row["epoch"] for row in read_summary(base / "model")] == ["0", "1", "2", "3"]
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
-    assert args["epochs_completed"] == 1 and args["stop_reason"].startswith("the learning rate has decayed")
-    assert torch.load(base / "model" / "model_best.pth.tar", weights_only=True)["epoch"] == 1
+    assert args["epochs_completed"] == 3 and args["stop_reason"].startswith("the learning rate has decayed")
+    assert args["updates_per_epoch"] == 18 and args["schedule_epoch_updates"] == 50
+    assert torch.load(base / "model" / "model_best.pth.tar", weights_only=True)["epoch"] in range(4)
     with tarfile.open(base / "model" / "model.tar.gz") as tar:
         assert sorted(tar.getnames()) == sorted(MODEL_FILES)

@@ -1,0 +1,57 @@
+"""Probabilities a buyer can threshold on: temperature scaling and its measure, top-label ECE.
+
+A fine-tuned network's softmax is rarely calibrated: label smoothing makes it under-confident, a
+long fine-tune over-confident. Temperature scaling (Guo et al., ICML 2017) divides the log
+probabilities by one number fitted on the validation set; it is monotone within each image's row,
+so no prediction changes, only how sure it says it is.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ECE_BINS = 10
+# A fitted temperature outside these says the validation set is degenerate (every answer right, or one
+# image), not that the model needs it.
+TEMPERATURE_RANGE = (0.01, 100.0)
+
+
+def calibrated(log_probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log probabilities at a temperature: each row's log probabilities divided by it, normalised again.
+    For a plain softmax that is softmax(logits / T); for a mirror-averaged prediction it scales the average,
+    so the argmax stays the average's."""
+    if temperature == 1.0:
+        return log_probabilities
+    return (log_probabilities.float() / temperature).log_softmax(dim=1)
+
+
+def fit_temperature(log_probabilities: torch.Tensor, targets: torch.Tensor) -> float:
+    """The temperature that minimises the negative log likelihood of `targets`, by LBFGS on its logarithm."""
+    log_probabilities, targets = log_probabilities.detach().float().cpu(), targets.detach().cpu()
+    if len(targets) == 0:
+        return 1.0
+    log_t = torch.zeros(1, requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
+
+    def nll() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.nll_loss((log_probabilities / log_t.exp()).log_softmax(dim=1), targets)
+        loss.backward()
+        return loss
+
+    optimizer.step(nll)
+    low, high = TEMPERATURE_RANGE
+    temperature = float(log_t.detach().exp().clamp(low, high))
+    return temperature if torch.isfinite(torch.tensor(temperature)) else 1.0
+
+
+def top_label_ece(log_probabilities: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the top label: over `bins` equal-width bins of the top probability, the
+    share of images in each bin times the gap between their accuracy and their mean top probability."""
+    confidence, predicted = log_probabilities.detach().float().cpu().exp().max(dim=1)
+    right = (predicted == targets.cpu()).float()
+    which = (confidence * bins).long().clamp(max=bins - 1)
+    count = torch.bincount(which, minlength=bins).float()
+    gap = torch.bincount(which, weights=right - confidence, minlength=bins)
+    return float(gap.abs().sum() / count.sum().clamp(min=1))

@@ -1,0 +1,149 @@
+"""The linear-probe start (LP-FT) and calibrated probabilities: the model a buyer keeps is never worse
+than a logistic regression on its own frozen features, and its probabilities mean what they say."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import COLOURS, TINY_MODEL, make_job, read_summary, run_train
+from efficientnet_train.calibration import calibrated, fit_temperature, top_label_ece
+from efficientnet_train.linear_probe import PROBE_IMAGES_PER_CLASS, PROBE_MAX_IMAGES, fit_head, probe_sample
+from efficientnet_train.model import predict_log_probabilities
+
+
+def blobs(classes: int, per_class: int, width: int, seed: int, spread: float = 1.0):
+    """Gaussian clusters, one a class, that a linear classifier separates well but not perfectly."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, width, generator=torch.Generator().manual_seed(0)) * 1.5
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    return centres[labels] + spread * torch.randn(len(labels), width, generator=generator), labels
+
+
+def test_probe_head_separates_what_a_logistic_regression_separates():
+    from sklearn.linear_model import LogisticRegression
+
+    features, labels = blobs(4, 40, 32, seed=1)
+    held_out, held_out_labels = blobs(4, 100, 32, seed=2)
+    head = fit_head(features, labels, 4, torch.nn.CrossEntropyLoss())
+    ours = ((held_out @ head.weight.T + head.bias).argmax(1) == held_out_labels).float().mean().item()
+    reference = LogisticRegression(max_iter=2000).fit(features.numpy(), labels.numpy())
+    theirs = (reference.predict(held_out.numpy()) == held_out_labels.numpy()).mean()
+    assert ours >= theirs - 0.01 and ours > 0.9, (ours, theirs)
+    # A zero head would answer every class with 1/4; the fitted one is sure of most training points.
+    assert (features @ head.weight.T + head.bias).softmax(1).max(1).values.median() > 0.8
+    assert head.loss < math.log(4) / 4
+
+
+def test_probe_sample_caps_each_class_and_the_total_and_is_the_same_every_time():
+    samples = [(f"{label}/{i}.jpg", label) for label in range(3) for i in range(PROBE_IMAGES_PER_CLASS + 50)]
+    samples += [("rare/0.jpg", 3)]
+    chosen = probe_sample(samples, 4, seed=7)
+    labels = [samples[i][1] for i in chosen]
+    assert [labels.count(label) for label in range(4)] == [PROBE_IMAGES_PER_CLASS] * 3 + [1]
+    assert chosen == probe_sample(samples, 4, seed=7) != probe_sample(samples, 4, seed=8)
+    many_classes = [(f"{label}/{i}.jpg", label) for label in range(2000) for i in range(10)]
+    assert len(probe_sample(many_classes, 2000, seed=0)) == 2000 * max(1, PROBE_MAX_IMAGES // 2000)
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_temperature_changes_no_prediction(mirror):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    images = torch.randn(64, 3, 8, 8) * 3
+    plain = predict_log_probabilities(model, images, mirror)
+    for temperature in (0.01, 0.3, 1.0, 2.5, 100.0):
+        scaled = predict_log_probabilities(model, images, mirror, temperature)
+        assert torch.equal(scaled.argmax(1), plain.argmax(1))
+        assert torch.allclose(scaled.exp().sum(1), torch.ones(64), atol=1e-5)
+    sharper = predict_log_probabilities(model, images, mirror, 0.5).exp().max(1).values
+    assert (sharper >= plain.exp().max(1).values - 1e-6).all()
+
+
+def test_fitted_temperature_recovers_the_one_labels_were_drawn_at():
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(20_000, 6, generator=generator) * 3
+    labels = torch.multinomial((logits / 2.0).softmax(1), 1, generator=generator).squeeze(1)
+    log_probabilities = logits.log_softmax(1)
+    temperature = fit_temperature(log_probabilities, labels)
+    assert temperature == pytest.approx(2.0, rel=0.05)
+    before = top_label_ece(log_probabilities, labels)
+    after = top_label_ece(calibrated(log_probabilities, temperature), labels)
+    assert before > 0.1 and after < 0.02
+
+
+def test_ece_is_zero_when_confidence_matches_accuracy_and_the_gap_otherwise():
+    # Ten answers at 0.8 of which eight right: calibrated. The same at 0.9: 0.1 over-confident.
+    right, wrong = [0.8, 0.2], [0.2, 0.8]
+    log_probabilities = torch.tensor([right] * 8 + [wrong] * 2).log()
+    assert top_label_ece(log_probabilities, torch.zeros(10, dtype=torch.long)) == pytest.approx(0.0, abs=1e-6)
+    sure = torch.tensor([[0.9, 0.1]] * 8 + [[0.1, 0.9]] * 2).log()
+    assert top_label_ece(sure, torch.zeros(10, dtype=torch.long)) == pytest.approx(0.1, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def pretrained_tiny_weights(tmp_path_factory) -> Path:
+    """The tiny model's random weights with BatchNorm statistics of real inputs, as pretrained weights have:
+    with the initial ones (mean 0, variance 1) its pooled features hardly vary, and no head could separate
+    anything with them."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(TINY_MODEL, num_classes=1000)
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.momentum = None  # a plain average over the batches below
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.rand(32, 3, 32, 32) * 4 - 2)
+    path = tmp_path_factory.mktemp("weights") / "tiny-calibrated.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def probed_job(tmp_path_factory, pretrained_tiny_weights):
+    """The tiny three-colour set, trained for 2 epochs from the tiny model's 'pretrained' weights."""
+    base = make_job(tmp_path_factory.mktemp("probed"), {
+        "epochs": "2", "batch_size": "8", "model": TINY_MODEL, "pretrained_path": str(pretrained_tiny_weights),
+        "img_size": "32", "workers": "0"})
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return base, result.stdout
+
+
+def test_the_probe_is_epoch_0_logged_in_one_line_and_kept_in_args(probed_job):
+    base, log = probed_job
+    rows = read_summary(base / "model")
+    assert [row["epoch"] for row in rows] == ["0", "1", "2"] and float(rows[0]["lr"]) == 0
+    assert "epoch 0/2 train:loss=" in log and "weights=probe" in log
+    probe_lines = [line for line in log.splitlines() if "Linear probe (epoch 0)" in line]
+    assert len(probe_lines) == 1 and "of 36 training images" in probe_lines[0]
+    args = yaml.safe_load((base / "model" / "args.yml").read_text())
+    assert args["linear_probe"]["acc_1"] == pytest.approx(float(rows[0]["eval_top1"]))
+    assert args["linear_probe"]["images"] == 36 and args["epochs_completed"] == 2
+    assert args["best_acc_1"] >= args["linear_probe"]["acc_1"]  # never worse than its own probe
+
+
+def test_a_trained_model_answers_with_calibrated_confidence_not_uniform(probed_job):
+    from efficientnet_train.inference import Classifier
+    from efficientnet_train.data import load_image
+
+    base, log = probed_job
+    classifier = Classifier(base / "model")
+    images = sorted((base / "input" / "data" / "train").glob("*/img00[0-5].*"))
+    batch = torch.stack([classifier.preprocess(load_image(str(path))) for path in images])
+    probabilities = classifier.probabilities(batch)
+    answers = [classifier.labels[i] for i in probabilities.argmax(1).tolist()]
+    assert answers == [path.parent.name for path in images]
+    assert probabilities.max(1).values.min() > 0.6  # 1/3 is what a zero head answers
+    args = yaml.safe_load((base / "model" / "args.yml").read_text())
+    calibration = args["calibration"]
+    assert classifier.temperature == calibration["temperature"] != 1.0
+    assert 0 <= calibration["ece_after"] <= calibration["ece_before"] + 1e-9
+    assert "Calibration: the best model's log probabilities are divided by a temperature" in log
+    assert "confidence" in log and len(calibration["per_class_confidence"]) == len(COLOURS)
