@@ -1,0 +1,100 @@
+"""Run the `train` command as SageMaker would, on a mocked /opt/ml tree, and read what it left behind: what
+the benchmark scripts share.
+
+    from local_job import lite_weights, mock_opt_ml, run_train, remove_big_files
+    run = run_train(work, mock_opt_ml(work / "opt_ml", data), {"model": ..., "pretrained_path": ...})
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from lite_weights import convert
+
+REPO = Path(__file__).resolve().parent.parent
+HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera_data"  # the listing's example data set
+BIG_MODEL_FILES = ("model.tar.gz", "model_best.pth.tar")
+
+
+def lite_weights(folder: Path, variant: int = 0) -> Path:
+    """Real ImageNet weights of tf_efficientnet_lite{variant} as a timm file in `folder`, converted once."""
+    weights = folder / f"tf_efficientnet_lite{variant}.pth"
+    return weights if weights.exists() else convert(variant, weights)
+
+
+def mock_opt_ml(base: Path, data: Path, limits: dict[str, int] | None = None) -> Path:
+    """`base` as SageMaker's /opt/ml with `data`'s train/ and val/ as channels: class folders linked, nothing
+    copied; a class in `limits` gets only its first N training images (linked one by one)."""
+    limits = limits or {}
+    (base / "input" / "config").mkdir(parents=True, exist_ok=True)
+    (base / "input" / "data").mkdir(parents=True, exist_ok=True)
+    for split in ("train", "val"):
+        for class_dir in sorted((data / split).resolve().iterdir()):
+            link = base / "input" / "data" / split / class_dir.name
+            if link.exists():
+                continue
+            if split == "train" and class_dir.name in limits:
+                link.mkdir(parents=True)
+                for image in sorted(class_dir.iterdir())[:limits[class_dir.name]]:
+                    (link / image.name).symlink_to(image)
+            else:
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(class_dir, target_is_directory=True)
+    return base
+
+
+@dataclass
+class JobRun:
+    returncode: int
+    wall: float  # seconds, with start-up
+    log_path: Path
+    rows: list[dict]  # model/summary.csv; epoch 0 is the linear probe where the job fits one
+    args: dict  # model/args.yml
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def best_row(self) -> dict | None:
+        """The summary row of the epoch whose model the job kept."""
+        best = self.args.get("best_epoch")
+        return next((row for row in self.rows if int(row["epoch"]) == best), None)
+
+    def epochs(self) -> int:
+        return self.args.get("epochs_completed", sum(int(row["epoch"]) > 0 for row in self.rows))
+
+
+def run_train(work: Path, base: Path, hyperparameters: dict) -> JobRun:
+    """Run `train` on the mocked tree `base` with these hyperparameters, its log in `work/train.log`."""
+    (base / "input" / "config" / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+    train = Path(sys.executable).with_name("train")
+    log_path = work / "train.log"
+    started = time.monotonic()
+    with open(log_path, "w") as log_file:  # written as it goes, to follow with tail -f
+        job = subprocess.run([str(train)], env={**os.environ, "SAGEMAKER_BASE_DIR": str(base)},
+                             stdout=log_file, stderr=subprocess.STDOUT)
+    wall = time.monotonic() - started
+    rows, args = [], {}
+    if (base / "model" / "summary.csv").exists():
+        with open(base / "model" / "summary.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    if (base / "model" / "args.yml").exists():
+        args = yaml.safe_load((base / "model" / "args.yml").read_text()) or {}
+    return JobRun(job.returncode, wall, log_path, rows, args)
+
+
+def remove_big_files(base: Path) -> None:
+    """The resume checkpoints and the model (~250 MB a run); the log and the summary files stay."""
+    shutil.rmtree(base / "checkpoints", ignore_errors=True)
+    for model_file in BIG_MODEL_FILES:
+        (base / "model" / model_file).unlink(missing_ok=True)
