@@ -43,7 +43,23 @@ def fit_temperature(log_probabilities: torch.Tensor, targets: torch.Tensor) -> f
     optimizer.step(nll)
     low, high = TEMPERATURE_RANGE
     temperature = float(log_t.detach().exp().clamp(low, high))
-    return temperature if torch.isfinite(torch.tensor(temperature)) else 1.0
+    if not torch.isfinite(torch.tensor(temperature)):
+        return 1.0
+    # With every validation answer right the likelihood wants certainty (T -> 0); claim no more than Laplace's
+    # rule of succession allows for k right of n, (k + 1) / (n + 2), as the mean confidence.
+    right = int((log_probabilities.argmax(dim=1) == targets).sum())
+    most = (right + 1) / (len(targets) + 2)
+
+    def mean_confidence(t: float) -> float:
+        return float((log_probabilities / t).softmax(dim=1).max(dim=1).values.mean())
+
+    if mean_confidence(temperature) > most:
+        sharper, softer = temperature, high  # mean confidence falls as the temperature rises
+        for _ in range(40):
+            middle = (sharper * softer) ** 0.5
+            sharper, softer = (middle, softer) if mean_confidence(middle) > most else (sharper, middle)
+        temperature = softer
+    return temperature
 
 
 def top_label_ece(log_probabilities: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> float:

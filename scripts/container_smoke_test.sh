@@ -97,10 +97,10 @@ with tarfile.open(base / "model" / "model.tar.gz") as tar:
 assert json.loads((base / "model" / "labels.json").read_text()) == {"0": "0", "1": "1", "2": "2"}
 assert not (base / "output" / "failure").exists(), (base / "output" / "failure").read_text()
 rows = (base / "model" / "summary.csv").read_text().splitlines()
-assert len(rows) == 3, rows  # header and one row per epoch
+assert len(rows) == 4, rows  # header, the linear probe's epoch 0 and one row per epoch
 for metric in spec["TrainingSpecification"]["MetricDefinitions"]:
     values = re.findall(metric["Regex"], log)
-    assert len(values) == 2 and all(float(v) >= 0 for v in values), (metric, values)
+    assert len(values) == 3 and all(float(v) >= 0 for v in values), (metric, values)  # epochs 0, 1, 2
     print(f"{metric['Name']}: {values}")
 print("model/ holds the four files and model.tar.gz; the metric lines match the spec's regexes")
 PY
@@ -115,8 +115,9 @@ model, checkpoint = load_trained_model(Path("/opt/ml/model/model_best.pth.tar"))
 image = load_image(sorted(Path("/data/1").glob("*.png"))[0])
 with torch.no_grad():
     batch = ModelInput(checkpoint["data_config"], torch.device("cpu"))(eval_transform(checkpoint["data_config"])(image)[None])
-    probs = predict_log_probabilities(model, batch, checkpoint["eval_hflip"]).exp()[0]
+    probs = predict_log_probabilities(model, batch, checkpoint["eval_hflip"], checkpoint["temperature"]).exp()[0]
 assert probs.shape == (3,) and abs(float(probs.sum()) - 1) < 1e-4, probs
+assert float(probs.max()) > 0.5, probs  # a zero head answered [0.333, 0.333, 0.333]
 print("checkpoint loads in the image:", checkpoint["arch"], "probabilities", [round(float(p), 3) for p in probs])
 ' || fail "the saved checkpoint does not load in the image"
 

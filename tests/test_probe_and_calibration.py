@@ -76,6 +76,14 @@ def test_fitted_temperature_recovers_the_one_labels_were_drawn_at():
     assert before > 0.1 and after < 0.02
 
 
+def test_a_validation_set_answered_all_right_does_not_make_the_model_certain():
+    logits = torch.tensor([[4.0, 0.0, 0.0]] * 12 + [[0.0, 5.0, 0.0]] * 12)
+    labels = torch.tensor([0] * 12 + [1] * 12)
+    temperature = fit_temperature(logits.log_softmax(1), labels)
+    confidence = calibrated(logits.log_softmax(1), temperature).exp().max(1).values.mean()
+    assert confidence == pytest.approx(25 / 26, abs=1e-3)  # Laplace: 24 of 24 right claims at most 25/26
+
+
 def test_ece_is_zero_when_confidence_matches_accuracy_and_the_gap_otherwise():
     # Ten answers at 0.8 of which eight right: calibrated. The same at 0.9: 0.1 over-confident.
     right, wrong = [0.8, 0.2], [0.2, 0.8]
