@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import signal
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import torch
 
 from .errors import JobError
 from .outputs import atomic_write, megabytes
+from .untrusted import shown
 
 log = logging.getLogger("efficientnet_train")
 
@@ -93,24 +95,61 @@ def room_for_checkpoints(folder: Path, checkpoint_bytes: int) -> tuple[int, str]
 
 
 def load_latest_state(folder: Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads; unreadable ones (cut short by a kill, a failed sync) are removed."""
+    """The newest checkpoint that loads. One that is clearly damaged (cut short by a kill or a failed sync) is set
+    aside under a new name, kept for the buyer, and the one before it is tried. Anything else that stops a
+    checkpoint from loading (no memory, an I/O error, contents this version cannot read) fails the job and
+    touches nothing: a spot restart must never lose its progress to a passing problem."""
     for path in checkpoint_files(folder):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            missing = REQUIRED_KEYS - set(state) if isinstance(state, dict) else {"everything"}
+            damage = _damage(path)
+            if damage is None:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the file is left as it is
+            if not _is_damaged_zip(exc):
+                raise JobError(f"The checkpoint {path} could not be loaded ({type(exc).__name__}: "
+                               f"{shown(exc, 300)}); nothing was changed. If memory ran out, choose an "
+                               f"instance type with more memory; if its contents are from another program or "
+                               f"version, move it out of the checkpoint folder (checkpoint_s3_uri).") from exc
+            damage = f"{type(exc).__name__}: {shown(exc, 200)}"
+        if damage is None:
+            missing = REQUIRED_KEYS - set(state) if isinstance(state, dict) else REQUIRED_KEYS
             if missing:
-                raise ValueError(f"it lacks {', '.join(sorted(missing))}")
-        except Exception as exc:  # noqa: BLE001 - truncated zip, bad pickle, wrong type: all mean unusable
-            log.warning("Checkpoint %s is unreadable (%s: %s); removing it and trying the one before it",
-                        path, type(exc).__name__, str(exc)[:200])
-            path.unlink(missing_ok=True)
-            continue
-        if state["version"] > STATE_VERSION:
-            raise JobError(f"The checkpoint {path} was written by a newer version of this algorithm "
-                           f"(state version {state['version']}). Resume with that version, or use a new "
-                           f"checkpoint_s3_uri to start afresh.")
-        return path, state
+                raise JobError(f"The checkpoint {path} is not a training state of this algorithm (it lacks "
+                               f"{', '.join(sorted(missing))}); nothing was changed. Move it out of the checkpoint "
+                               f"folder (checkpoint_s3_uri), or use a new checkpoint_s3_uri.")
+            if state["version"] > STATE_VERSION:
+                raise JobError(f"The checkpoint {path} was written by a newer version of this algorithm "
+                               f"(state version {state['version']}). Resume with that version, or use a new "
+                               f"checkpoint_s3_uri to start afresh.")
+            return path, state
+        kept = _set_aside(path)
+        log.warning("Checkpoint %s is unreadable (%s); kept as %s, trying the one before it", path, damage, kept.name)
     return None
+
+
+def _damage(path: Path) -> str | None:
+    """Why the file clearly cannot be a checkpoint this job wrote (always a zip archive), or None."""
+    if path.stat().st_size == 0:
+        return "it is empty"
+    if not zipfile.is_zipfile(path):
+        return "it is not a complete zip archive, as every checkpoint is: cut short, or not a checkpoint"
+    return None
+
+
+def _is_damaged_zip(exc: Exception) -> bool:
+    """torch's reader failing inside the archive (a bad CRC, a missing record): damaged bytes, not a foreign type,
+    memory or I/O."""
+    return isinstance(exc, RuntimeError) and "PytorchStreamReader" in str(exc)
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename out of the checkpoints' pattern, so that it is neither loaded nor rotated away; never overwrite."""
+    for number in range(1000):
+        kept = path.with_name(f"{path.name}.unreadable{f'-{number}' if number else ''}")
+        if not kept.exists():
+            path.rename(kept)
+            return kept
+    raise JobError(f"The checkpoint folder {path.parent} holds 1,000 set-aside unreadable checkpoints; empty it.")
 
 
 def check_resumable(path: Path, state: dict, hyperparameters: dict, classes: list[str], train_images: int,

@@ -15,6 +15,7 @@ import torch
 from .calibration import calibrated
 from .errors import JobError
 from .outputs import BEST_MODEL_FILE, atomic_write
+from .untrusted import shown
 
 log = logging.getLogger("efficientnet_train")
 
@@ -64,8 +65,8 @@ def _create_from_previous_job(name: str, labels: list[str], drop: float, drop_co
     import timm
 
     if checkpoint["arch"] != name:
-        raise JobError(f"The 'model' channel holds a '{checkpoint['arch']}' model ({path}), but this job's model "
-                       f"is '{name}'. Set model={checkpoint['arch']} to continue training it, or remove the "
+        raise JobError(f"The 'model' channel holds a '{shown(checkpoint['arch'], 80)}' model ({path}), but this job's "
+                       f"model is '{name}'. Set model={shown(checkpoint['arch'], 80)} to continue training it, or remove the "
                        f"'model' channel to start from ImageNet weights.")
     model = timm.create_model(name, num_classes=len(labels), drop_rate=drop, drop_path_rate=drop_connect)
     state_dict = checkpoint["state_dict"]
@@ -78,8 +79,11 @@ def _create_from_previous_job(name: str, labels: list[str], drop: float, drop_co
     model.load_state_dict({k: v for k, v in state_dict.items() if k not in head}, strict=False)
     _zero_head(model)
     log.info("Starting from the model in %s with a new classifier head: the labels changed from [%s] to [%s]",
-             path, ", ".join(checkpoint["labels"]), ", ".join(labels))
+             path, shown(", ".join(checkpoint["labels"]), 500), shown(", ".join(labels), 500))
     return model
+
+
+MODEL_CHANNEL_MAX_BYTES = 4 * 2**30  # an EfficientNet-B8 checkpoint is ~350 MB; more is not a model of this algorithm
 
 
 def read_model_channel(folder: Path) -> tuple[Path, dict] | None:
@@ -91,23 +95,45 @@ def read_model_channel(folder: Path) -> tuple[Path, dict] | None:
     archive = next((p for p in files if p.name.endswith((".tar.gz", ".tgz", ".tar"))), None)
     if not files:
         return None
+    source = checkpoint_file or archive
+    if source is None:
+        raise JobError(f"The 'model' channel ({folder}) holds neither {BEST_MODEL_FILE} nor a model.tar.gz "
+                       f"(found {', '.join(shown(p.name, 80) for p in files[:5])}). Give it the model.tar.gz of a "
+                       f"previous training job, or remove the channel.")
     try:
         if checkpoint_file is not None:
-            return checkpoint_file, load_checkpoint(checkpoint_file)
-        if archive is not None:
-            with tarfile.open(archive) as tar:
-                member = next((m for m in tar.getmembers() if Path(m.name).name == BEST_MODEL_FILE), None)
-                if member is None:
-                    raise JobError(f"{archive} in the 'model' channel holds no {BEST_MODEL_FILE}. Give it the "
-                                   f"model.tar.gz of a previous training job of this algorithm.")
-                return archive, torch.load(io.BytesIO(tar.extractfile(member).read()), map_location="cpu",
-                                           weights_only=True)
-    except (tarfile.TarError, RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise JobError(f"The 'model' channel's {checkpoint_file or archive} cannot be read ({type(exc).__name__}: "
-                       f"{str(exc)[:200]}). Give it an intact model.tar.gz of a previous job.") from exc
-    raise JobError(f"The 'model' channel ({folder}) holds neither {BEST_MODEL_FILE} nor a model.tar.gz "
-                   f"(found {', '.join(p.name for p in files[:5])}). Give it the model.tar.gz of a previous "
-                   f"training job, or remove the channel.")
+            _check_size(checkpoint_file, checkpoint_file.stat().st_size)
+            return checkpoint_file, _model_checkpoint(checkpoint_file, load_checkpoint(checkpoint_file))
+        with tarfile.open(archive) as tar:
+            member = next((m for m in tar.getmembers() if Path(m.name).name == BEST_MODEL_FILE), None)
+            if member is None or not member.isfile():
+                raise JobError(f"{archive} in the 'model' channel holds no {BEST_MODEL_FILE} file. Give it the "
+                               f"model.tar.gz of a previous training job of this algorithm.")
+            _check_size(archive, member.size)
+            loaded = torch.load(io.BytesIO(tar.extractfile(member).read()), map_location="cpu", weights_only=True)
+            return archive, _model_checkpoint(archive, loaded)
+    except JobError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a damaged archive, a foreign pickle, an I/O error: all the same fix
+        raise JobError(f"The 'model' channel's {source} cannot be read as a model of this algorithm "
+                       f"({type(exc).__name__}: {shown(exc, 200)}). Give it an intact model.tar.gz of a previous "
+                       f"training job, or remove the channel.") from exc
+
+
+def _check_size(path: Path, size: int) -> None:
+    if size > MODEL_CHANNEL_MAX_BYTES:
+        raise JobError(f"The 'model' channel's {path} holds {size / 2**30:.1f} GiB, more than any model of this "
+                       f"algorithm. Give it the model.tar.gz of a previous training job.")
+
+
+def _model_checkpoint(path: Path, checkpoint) -> dict:
+    """`checkpoint` if it has what a job starts from, else a reason."""
+    if (isinstance(checkpoint, dict) and isinstance(checkpoint.get("arch"), str)
+            and isinstance(checkpoint.get("state_dict"), dict) and isinstance(checkpoint.get("labels"), list)
+            and all(isinstance(label, str) for label in checkpoint["labels"])):
+        return checkpoint
+    raise JobError(f"The 'model' channel's {path} is not a model saved by this algorithm (it lacks its model "
+                   f"name, weights or labels). Give it the model.tar.gz of a previous training job.")
 
 
 def _create_pretrained(name: str, num_classes: int, pretrained_path: str, drop: float, drop_connect: float):

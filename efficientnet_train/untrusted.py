@@ -1,0 +1,51 @@
+"""Text from outside (file and class names, hyperparameter values, HTTP input) as logs and failure reasons show it.
+
+SageMaker reads the job's metrics by matching regular expressions (`validation:acc_1=([0-9.]+)`, ...) against
+every log line, so a class folder named `x\\nvalidation:acc_1=99.9` would forge the tuner's objective and the
+buyer's chart, and a right-to-left override would make a log line read differently from what it says. What
+the log shows of such text is therefore one line, escaped, bounded, and never a metric: control, format
+(bidi) and separator characters become `\\n`, `\\x1b`, `\\u202e`; the `=` after a metric's name becomes `\\x3d`;
+bytes that are not UTF-8 become `\\xNN`. Files (labels.json, answers, args.yml) keep the real text.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+# Every metric the algorithm declares: SageMaker's patterns are `<name>=([0-9.]+)`.
+METRIC_NAMES = ("train:loss", "validation:loss", "validation:acc_1", "validation:acc_5")
+_METRIC = re.compile("(" + "|".join(re.escape(name) for name in METRIC_NAMES) + ")=", re.IGNORECASE)
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+
+
+def is_unsafe(character: str) -> bool:
+    """Control, format (bidi overrides, zero-width), line/paragraph separators, surrogates (undecodable bytes),
+    private-use and unassigned characters."""
+    return unicodedata.category(character) in UNSAFE_CATEGORIES
+
+
+def _escaped(character: str) -> str:
+    if character in _ESCAPES:
+        return _ESCAPES[character]
+    code = ord(character)
+    if 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8, kept by surrogateescape
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def shown(value: object, limit: int = 200) -> str:
+    """`value` as one safe line of at most about `limit` characters (the cut says how long it was)."""
+    text = value if isinstance(value, str) else str(value)
+    cut = len(text) > limit
+    head = text[:limit]
+    head = "".join(_escaped(c) if is_unsafe(c) else c for c in head)
+    head = _METRIC.sub(lambda match: match.group(1) + "\\x3d", head)
+    return f"{head}... ({len(text):,} characters in all)" if cut else head
+
+
+def shown_lines(text: str) -> str:
+    """Text the program laid out in lines (a YAML dump, a table) that holds outside text: each line made safe,
+    the program's own line breaks kept."""
+    return "\n".join(shown(line, limit=len(line)) for line in text.split("\n"))
