@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
-
-
-class StoppedDuringStartUp(BaseException):
-    """Not an Exception: train.main's catch-all must not report a requested stop as a failure."""
+import sys
 
 
 def train() -> int:
@@ -14,15 +12,21 @@ def train() -> int:
     # StopTrainingJob (or spot interruption) during the imports or the data scan, minutes for a large data set,
     # went unheard until training began, or until SIGKILL 120 s later. Nothing is written before training starts,
     # so stopping then is immediate; training installs its own handler, which saves a checkpoint first.
-    signal.signal(signal.SIGTERM, _stop)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop_during_start_up)
+    from .train import main
+
+    return main()
+
+
+def _stop_during_start_up(signum: int, _frame) -> None:
+    """Exit here and now. Not by raising: the handler runs wherever the main thread is, which may be Python called
+    back from a C++ extension being imported, where an exception becomes std::terminate and SIGABRT."""
     try:
-        from .train import main
-
-        return main()
-    except StoppedDuringStartUp as stop:
-        print(f"Stopped by {stop} during start-up, before training began: nothing to save.", flush=True)
-        return 0
-
-
-def _stop(signum: int, _frame) -> None:
-    raise StoppedDuringStartUp(signal.Signals(signum).name)
+        sys.stdout.flush()  # the log lines so far; may be refused if the signal landed inside a write
+    except BaseException:  # noqa: BLE001 - a reentrant write: those lines are lost, the message below is not
+        pass
+    name = signal.Signals(signum).name
+    os.write(sys.stdout.fileno(), f"Stopped by {name} during start-up, before training began: nothing to "
+                                  f"save.\n".encode())
+    os._exit(0)

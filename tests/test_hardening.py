@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import subprocess
+import sys
 import tarfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -126,3 +129,21 @@ def test_a_model_channel_file_that_is_a_folder_a_link_or_a_pickle_gets_a_reason(
     for name, (channel, reason) in cases.items():
         with pytest.raises(JobError, match=reason):
             read_model_channel(channel)
+
+
+# ---- a stop during start-up -----------------------------------------------------------------------------
+
+def test_a_stop_landing_in_python_called_back_from_native_code_still_stops_the_process():
+    """Where the start-up handler raised, an exception inside a native callback is swallowed (ctypes) or becomes
+    std::terminate (pybind11, as torch imports its extensions): the stop was lost, or the process aborted."""
+    program = textwrap.dedent("""
+        import ctypes, signal
+        from efficientnet_train import commands
+        signal.signal(signal.SIGTERM, commands._stop_during_start_up)
+        ctypes.CFUNCTYPE(None)(lambda: signal.raise_signal(signal.SIGTERM))()
+        print("still starting up")
+    """)
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result
+    assert result.stdout == "Stopped by SIGTERM during start-up, before training began: nothing to save.\n"
+    assert "Exception ignored" not in result.stderr
