@@ -25,6 +25,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import JobError
 from .model import MEMORY_FORMAT
+from .untrusted import LABEL_RULE, is_label, shown
 
 log = logging.getLogger("efficientnet_train")
 
@@ -72,7 +73,7 @@ class Skip:
 
 @dataclass(frozen=True)
 class SkippedFile:
-    path: str  # relative to the channel's root, printable
+    path: str  # relative to the channel's root, as the log shows it (untrusted.shown)
     label: str | None  # its class folder; None in the channel's root
     reason: str
     detail: str = ""
@@ -132,11 +133,6 @@ class Channel:
         return "\n".join(lines)
 
 
-def printable(text: str) -> str:
-    """A file name for the log and args.yml: names that are not UTF-8 (old archives) keep a readable form."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
 def _ignored(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_FILES
 
@@ -181,12 +177,12 @@ def _files_under(folder: Path) -> tuple[list[str], list[str]]:
             status = os.stat(current)
             if (status.st_dev, status.st_ino) in walked:
                 log.warning("Not scanning %s again: it is a link to a folder already scanned (a link loop?)",
-                            printable(current))
+                            shown(current))
                 continue
             walked.add((status.st_dev, status.st_ino))
             folders, names, hidden = _listing(Path(current))
         except OSError as exc:
-            log.warning("Cannot list the folder %s (%s); its files are left out", printable(current), exc.strerror)
+            log.warning("Cannot list the folder %s (%s); its files are left out", shown(current), exc.strerror)
             continue
         files += [os.path.join(current, name) for name in names]
         ignored += [os.path.relpath(os.path.join(current, name), folder) for name in hidden]
@@ -202,26 +198,26 @@ def scan_channel(name: str, root: Path, classes: list[str] | None = None,
     folders, loose, ignored = _channel_layout(name, root)
     _refuse_nesting_one_level_too_deep(name, root, folders, loose, classes)
     classes = _classes_of(name, folders, classes)
-    channel = Channel(name, root, list(classes), ignored=[printable(n) for n in ignored])
-    channel.skipped += [SkippedFile(printable(file), None, Skip.OUTSIDE_CLASSES if _is_image_name(file)
+    channel = Channel(name, root, list(classes), ignored=[shown(n) for n in ignored])
+    channel.skipped += [SkippedFile(shown(file), None, Skip.OUTSIDE_CLASSES if _is_image_name(file)
                                     else Skip.NOT_AN_IMAGE) for file in loose]
     candidates = []
     label_index = {label: index for index, label in enumerate(classes)}
     for label in folders:
         files, hidden = _files_under(root / label)
-        channel.ignored += [printable(os.path.join(label, n)) for n in hidden]
+        channel.ignored += [shown(os.path.join(label, n)) for n in hidden]
         for path in files:
             if _is_image_name(path):
                 candidates.append((path, label))
             else:
                 reason = Skip.UNSUPPORTED if path.lower().endswith(UNSUPPORTED_IMAGE_EXTENSIONS) else Skip.NOT_AN_IMAGE
-                channel.skipped.append(SkippedFile(printable(os.path.relpath(path, root)), label, reason,
+                channel.skipped.append(SkippedFile(shown(os.path.relpath(path, root)), label, reason,
                                                    "convert it to JPEG or PNG" if reason == Skip.UNSUPPORTED else ""))
     for (path, label), problem in zip(candidates, probe_images([path for path, _ in candidates])):
         if problem is None:
             channel.samples.append((path, label_index[label]))
         else:
-            channel.skipped.append(SkippedFile(printable(os.path.relpath(path, root)), label, *problem))
+            channel.skipped.append(SkippedFile(shown(os.path.relpath(path, root)), label, *problem))
     # Files meant as images first: the examples in the log and args.yml should show what needs fixing.
     channel.skipped.sort(key=lambda skipped: (skipped.reason == Skip.NOT_AN_IMAGE, skipped.path))
     check_unusable_share(channel, max_unusable_fraction)
@@ -237,7 +233,7 @@ def _channel_layout(name: str, root: Path) -> tuple[list[str], list[str], list[s
                        f"({name}/<label>/<image>.jpg).")
     folders, loose, ignored = _listing(root)
     if not folders:
-        where = f"it holds only files ({', '.join(printable(f) for f in loose[:3])}...)" if loose else "it is empty"
+        where = f"it holds only files ({', '.join(shown(f) for f in loose[:3])}...)" if loose else "it is empty"
         raise JobError(f"The '{name}' channel at {root} has no class folders: {where}. Put each image in a "
                        f"folder named after its label: {name}/<label>/<image>.jpg.")
     return folders, loose, ignored
@@ -254,19 +250,19 @@ def _refuse_nesting_one_level_too_deep(name: str, root: Path, folders: list[str]
         return
     if classes is not None and (folders[0] in classes or not set(inner_folders) & set(classes)):
         return  # a validation channel that holds one class, in sub-folders
-    shown = ", ".join(printable(f) for f in inner_folders[:5]) + (", ..." if len(inner_folders) > 5 else "")
-    raise JobError(f"The '{name}' channel is nested one level too deep: its only folder, {printable(str(only))}, "
-                   f"holds the folders {shown} instead of images. Move the class folders up one level, so that "
-                   f"they sit directly in the channel ({name}/{printable(inner_folders[0])}/<image>.jpg, not "
-                   f"{name}/{printable(folders[0])}/{printable(inner_folders[0])}/<image>.jpg); a classifier "
+    inner = ", ".join(shown(f) for f in inner_folders[:5]) + (", ..." if len(inner_folders) > 5 else "")
+    raise JobError(f"The '{name}' channel is nested one level too deep: its only folder, {shown(str(only))}, "
+                   f"holds the folders {inner} instead of images. Move the class folders up one level, so that "
+                   f"they sit directly in the channel ({name}/{shown(inner_folders[0])}/<image>.jpg, not "
+                   f"{name}/{shown(folders[0])}/{shown(inner_folders[0])}/<image>.jpg); a classifier "
                    f"needs at least two class folders there.")
 
 
 def _classes_of(name: str, folders: list[str], classes: list[str] | None) -> list[str]:
-    undecodable = [printable(folder) for folder in folders if printable(folder) != folder]
-    if undecodable:
-        raise JobError(f"The '{name}' channel has class folder names that are not valid UTF-8: "
-                       f"{', '.join(undecodable)}. Class names become the model's labels: rename those folders.")
+    refused = [shown(folder) for folder in folders if not is_label(folder)]
+    if refused:
+        raise JobError(f"The '{name}' channel has class folder names that cannot be labels: {', '.join(refused[:5])}"
+                       f"{', ...' if len(refused) > 5 else ''}. {LABEL_RULE} Rename those folders.")
     if classes is None:
         return folders
     unknown = [folder for folder in folders if folder not in classes]
@@ -289,8 +285,8 @@ def check_unusable_share(channel: Channel, max_fraction: float | None) -> None:
 
 
 def _examples(items, count: int = 4, width: int = 120) -> str:
-    shown = [str(item) if len(str(item)) <= width else str(item)[:width - 3] + "..." for item in items[:count]]
-    return "; ".join(shown) + ("; ..." if len(items) > count else "")
+    examples = [str(item) if len(str(item)) <= width else str(item)[:width - 3] + "..." for item in items[:count]]
+    return "; ".join(examples) + ("; ..." if len(items) > count else "")
 
 
 def _refuse_classes_without_images(channel: Channel, folders: list[str]) -> None:
@@ -301,7 +297,7 @@ def _refuse_classes_without_images(channel: Channel, folders: list[str]) -> None
     for label in empty:
         skipped = [s for s in channel.skipped if s.label == label]
         why = f": {len(skipped)} files skipped, e.g. {_examples(skipped, 2, 100)}" if skipped else ""
-        described.append(f"{printable(str(channel.root / label))}{why}")
+        described.append(f"{shown(str(channel.root / label))}{why}")
     if len(empty) == 1:
         head = f"The class folder {described[0]} in the '{channel.name}' channel holds no images"
     else:
@@ -514,7 +510,7 @@ class ImageDataset(torch.utils.data.Dataset):
             if image is not None:
                 return image, label
         raise UnusableData(f"Every image of class {self._class_name(label)} in the '{self.channel}' channel failed "
-                           f"to load during training (e.g. {printable(self.samples[index][0])}; the log lists "
+                           f"to load during training (e.g. {shown(self.samples[index][0])}; the log lists "
                            f"them). Replace those files with readable JPEG or PNG images.")
 
     def _same_class(self, index: int, label: int) -> Iterator[int]:
@@ -539,7 +535,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def _record_failure(self, index: int, exc: Exception) -> None:
         self.failed[index] = 1
         failures = int(self.failed.sum())
-        path = printable(self.samples[index][0])
+        path = shown(self.samples[index][0])
         why = str(exc.__cause__) if isinstance(exc, UnreadableImage) and exc.__cause__ else \
             f"{type(exc).__name__}: {exc}"
         if failures <= LOGGED_DECODE_FAILURES:
@@ -557,11 +553,11 @@ class ImageDataset(torch.utils.data.Dataset):
         return repr(self.classes[label]) if self.classes else str(label)
 
     def failed_files(self) -> list[str]:
-        return [printable(self.samples[i][0]) for i in torch.nonzero(self.failed).flatten().tolist()]
+        return [shown(self.samples[i][0]) for i in torch.nonzero(self.failed).flatten().tolist()]
 
     def being_read(self, pids: list[int]) -> list[str]:
         """The files the data-loading workers with these process ids (any, if none given) were reading."""
-        return [printable(self.samples[index][0]) for pid, index in self.reading.tolist()
+        return [shown(self.samples[index][0]) for pid, index in self.reading.tolist()
                 if index >= 0 and (not pids or pid in pids)]
 
 

@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Mapping
 
 from .errors import JobError
+from .untrusted import shown
 
 # SageMaker's tuner adds `_tuning_objective_metric`; the SDK's estimators add `sagemaker_*`.
 IGNORED_PREFIXES = ("_", "sagemaker_")
@@ -28,6 +29,7 @@ LR_EXHAUSTED = 1e-3  # early stopping ends a run whose learning rate fell below 
 # For the schedule, warmup and early stopping, an epoch of a small set lasts at least this many updates
 # (train.schedule_epoch_updates says why).
 MIN_SCHEDULE_EPOCH_UPDATES = 50
+MAX_ECHOED = 60  # characters of a bad name or value that an error repeats
 SMALL_SET_EPOCH = f"on small sets an epoch counts as at least {MIN_SCHEDULE_EPOCH_UPDATES} updates here"
 
 
@@ -305,6 +307,12 @@ def scaled_lr(hp: SimpleNamespace, processes: int = 1) -> float:
     return hp.lr * (hp.batch_size * processes) / LR_REFERENCE_BATCH
 
 
+def echoed(raw: Any) -> str:
+    """A value from hyperparameters.json as an error shows it: quoted, one line, at most about MAX_ECHOED
+    characters, so that a huge value cannot push the fix out of the 1,024-character failure reason."""
+    return f"'{shown(raw, MAX_ECHOED)}'" if isinstance(raw, str) else shown(repr(raw), MAX_ECHOED)
+
+
 def defaults() -> dict[str, Any]:
     return {hp.name: hp.default for hp in SCHEMA}
 
@@ -325,15 +333,15 @@ def parse(raw: Mapping[str, Any]) -> tuple[SimpleNamespace, list[str]]:
         spec = BY_NAME.get(name)
         if spec is None:
             close = [COMMON_NAMES[name]] if name in COMMON_NAMES else \
-                difflib.get_close_matches(name, BY_NAME, n=1, cutoff=0.6)
+                difflib.get_close_matches(name[:MAX_ECHOED], BY_NAME, n=1, cutoff=0.6)
             hint = f"did you mean '{close[0]}'?" if close else f"valid names are: {', '.join(BY_NAME)}."
-            problems.append(f"unknown hyperparameter '{name}' = {raw_value!r}: {hint}")
+            problems.append(f"unknown hyperparameter '{shown(name, MAX_ECHOED)}' = {echoed(raw_value)}: {hint}")
             continue
         try:
             values[name] = spec.parse(raw_value)
         except ValueError as exc:
-            problems.append(f"hyperparameter '{name}' = {raw_value!r} is invalid ({exc}); allowed: "
-                            f"{spec.allowed}; default {format_value(spec.default) or '(empty)'}")
+            problems.append(f"hyperparameter '{name}' = {echoed(raw_value)} is invalid ({shown(exc, 100)}); "
+                            f"allowed: {spec.allowed}; default {format_value(spec.default) or '(empty)'}")
     if problems:
         raise JobError("Bad hyperparameters, fix them and start the job again: " + " | ".join(problems))
     return SimpleNamespace(**values), ignored

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .errors import JobError
+from .untrusted import shown
 
 DEFAULT_BASE_DIR = "/opt/ml"
 # SageMaker shows the first 1,024 characters of output/failure as the job's FailureReason.
@@ -33,6 +34,9 @@ class Hosts:
     @property
     def rank(self) -> int:
         return self.names.index(self.current)
+
+
+HYPERPARAMETERS_MAX_BYTES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -121,10 +125,14 @@ class SageMakerEnvironment:
         path = self.hyperparameters_file
         if not path.exists():
             return {}
+        if path.stat().st_size > HYPERPARAMETERS_MAX_BYTES:
+            raise JobError(f"{path} holds {path.stat().st_size:,} bytes, more than the {HYPERPARAMETERS_MAX_BYTES:,} "
+                           f"any set of this algorithm's hyperparameters needs (SageMaker itself allows 2,500 "
+                           f"characters a value). Remove the oversized values.")
         try:
             raw = json.loads(path.read_text(encoding="utf-8") or "{}")
         except (ValueError, UnicodeDecodeError) as exc:
-            raise JobError(f"{path} is not valid JSON ({exc}). It must be one flat JSON object "
+            raise JobError(f"{path} is not valid JSON ({shown(exc, 200)}). It must be one flat JSON object "
                            'of hyperparameter names to values, e.g. {"epochs": "10"}.') from exc
         if not isinstance(raw, dict):
             raise JobError(f"{path} must hold one JSON object of hyperparameter names to values, "
@@ -194,6 +202,6 @@ def _positive_int(environ: Mapping[str, str], name: str, default: int, zero_mean
     if value == 0 and zero_means_default:
         return default
     if value < 1:
-        raise JobError(f"The environment variable {name}={raw!r} must be a whole number of at least 1 "
+        raise JobError(f"The environment variable {name}='{shown(raw, 60)}' must be a whole number of at least 1 "
                        f"(or unset, for {default}).")
     return value

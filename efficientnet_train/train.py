@@ -29,6 +29,7 @@ from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
 from .model import (autocast_for, checkpoint_of, create_model, predict_log_probabilities, read_model_channel,
                     save_checkpoint)
 from .sagemaker import SageMakerEnvironment
+from .untrusted import shown, shown_lines
 
 log = logging.getLogger("efficientnet_train")
 PROGRESS_EVERY_S = 60  # a line within long epochs too, so a buyer sees the job is alive and how fast it goes
@@ -184,7 +185,8 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     title = f"{hp.model} on {len(classes)} classes, {env.training_job_name or 'local run'}"
     if rank.is_main:
         outputs.write_labels(env.model_dir, classes)
-        log.info("Resolved settings (also in %s):\n%s", outputs.ARGS_FILE, outputs.write_args(env.model_dir, args))
+        log.info("Resolved settings (also in %s):\n%s", outputs.ARGS_FILE,
+                 shown_lines(outputs.write_args(env.model_dir, args)))
         if best_model is not None:  # a restarted spot job's model/ starts empty
             save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, best_model)
         write_epoch_outputs(env.model_dir, summary, best, classes, title)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
-# Every metric the algorithm declares: SageMaker's patterns are `<name>=([0-9.]+)`.
-METRIC_NAMES = ("train:loss", "validation:loss", "validation:acc_1", "validation:acc_5")
+from .metrics import METRIC_NAMES  # SageMaker's patterns are `<name>=([0-9.]+)`
+
 _METRIC = re.compile("(" + "|".join(re.escape(name) for name in METRIC_NAMES) + ")=", re.IGNORECASE)
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
@@ -24,6 +24,19 @@ def is_unsafe(character: str) -> bool:
     """Control, format (bidi overrides, zero-width), line/paragraph separators, surrogates (undecodable bytes),
     private-use and unassigned characters."""
     return unicodedata.category(character) in UNSAFE_CATEGORIES
+
+
+LABEL_RULE = ("A class name (its folder's name) may hold any printable Unicode text (letters of any script, digits, "
+              "spaces, punctuation, emoji), but no control, format (bidi, zero-width) or line-separator characters, "
+              "no bytes that are not UTF-8, and none of the metric names (" + ", ".join(METRIC_NAMES) + "), which "
+              "SageMaker reads from the log.")
+
+
+def is_label(name: str) -> bool:
+    """Whether a class folder's name may become a label (LABEL_RULE): labels go into answers, labels.json and log
+    lines as they are."""
+    return (bool(name) and not any(is_unsafe(c) for c in name)
+            and not any(metric in name.lower() for metric in METRIC_NAMES))
 
 
 def _escaped(character: str) -> str:

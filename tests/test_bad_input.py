@@ -11,6 +11,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -28,6 +29,7 @@ from efficientnet_train import data, failures, hyperparameters, train
 from efficientnet_train.data import (ImageDataset, Skip, UnusableData, dataset_of, decode_image, probe_image,
                                      report_load_failures, scan_channel, warn_about_thin_classes)
 from efficientnet_train.errors import JobError
+from efficientnet_train.metrics import metric_definitions
 
 RED, BLUE = (220, 30, 30), (30, 30, 220)
 
@@ -156,6 +158,11 @@ def test_a_bomb_is_refused_from_its_header_and_never_decoded(tmp_path, monkeypat
 
 
 # ---- scanning a channel: what is used, skipped and ignored ----------------------------------------------
+
+# A file name that, printed as it is, would add an epoch line with a forged objective, in colour, read backwards.
+FORGED_NAME = ("forged\n2026-11-28 09:00:00,000 INFO epoch 9 train:loss=0.000001 validation:acc_1=99.999999 "
+               "\u202ecod\x1b[0m.jpg")
+
 
 def messy_channel(root: Path) -> Path:
     """Two classes with non-ASCII, space-containing names, every usable kind of image, unusable files,
@@ -446,6 +453,7 @@ def messy_job(tmp_path_factory, tiny_weights):
     write_files(train_root / "fourmis rouges", USABLE)
     write_files(train_root / "fourmis rouges", {name: UNUSABLE[name] for name in ("cut.jpg", "empty.jpg")})
     write_files(train_root / "fourmis rouges", {**NOT_IMAGES, **SYSTEM_JUNK})
+    write_files(train_root / "fourmis rouges", {FORGED_NAME: UNUSABLE["cut.jpg"]})
     write_images(train_root / "abeilles à miel", BLUE, 18, seed=1)  # 2 unusable of 36 image files: 5.6%
     write_images(base / "input" / "data" / "val" / "fourmis rouges", RED, 3, seed=2)
     write_images(base / "input" / "data" / "val" / "abeilles à miel", BLUE, 3, seed=3)
@@ -457,16 +465,27 @@ def messy_job(tmp_path_factory, tiny_weights):
 def test_a_messy_channel_trains_and_logs_what_it_skipped(messy_job):
     base, log = messy_job
     assert "channel 'train'" in log and "34 images in 2 classes" in log
-    assert "skipped 4 files (" in log and "fourmis rouges/cut.jpg (truncated or corrupt" in log
+    assert "skipped 5 files (" in log and "fourmis rouges/cut.jpg (truncated or corrupt" in log
     assert "ignored 3 hidden or system files and folders (fourmis rouges/.DS_Store, fourmis rouges/Thumbs.db" in log
     assert "No GPU found" in log and "training on the CPU" in log
     args = yaml.safe_load((base / "model" / "args.yml").read_text(encoding="utf-8"))
     skipped = args["skipped_files"]["train"]
-    assert skipped["count"] == 4 and skipped["unusable"] == 2
-    assert skipped["by_reason"] == {Skip.CORRUPT: 1, Skip.EMPTY: 1, Skip.NOT_AN_IMAGE: 2}
-    assert skipped["per_class"] == {"fourmis rouges": 4}
+    assert skipped["count"] == 5 and skipped["unusable"] == 3
+    assert skipped["by_reason"] == {Skip.CORRUPT: 2, Skip.EMPTY: 1, Skip.NOT_AN_IMAGE: 2}
+    assert skipped["per_class"] == {"fourmis rouges": 5}
     labels = json.loads((base / "model" / "labels.json").read_text(encoding="utf-8"))
     assert labels == {"0": "abeilles à miel", "1": "fourmis rouges"}
+
+
+def test_a_file_name_cannot_forge_a_metric_or_a_log_line(messy_job):
+    """SageMaker reads metrics with `validation:acc_1=([0-9]+\\.[0-9]+)` from every log line."""
+    _, log = messy_job
+    metric_lines = [line for line in log.splitlines()
+                    if any(re.search(d["Regex"], line) for d in metric_definitions())]
+    assert metric_lines and all(re.match(r"\S+ \S+ INFO epoch \d+/\d+ train:loss=", line) for line in metric_lines)
+    assert "forged\\n2026-11-28 09:00:00,000 INFO epoch 9 train:loss\\x3d0.000001 validation:acc_1\\x3d99.999999" \
+           " \\u202ecod\\x1b[0m.jpg" in log
+    assert "\u202e" not in log and "\x1b" not in log
 
 
 def test_a_broken_tree_fails_in_seconds_and_destroys_nothing(messy_job, tmp_path):
@@ -481,7 +500,7 @@ def test_a_broken_tree_fails_in_seconds_and_destroys_nothing(messy_job, tmp_path
     elapsed = time.monotonic() - started
     assert result.returncode != 0
     reason = failure_reason(base)
-    assert "7 of the 41 image files in the 'train' channel (17%) cannot be used" in reason
+    assert "8 of the 42 image files in the 'train' channel (19%) cannot be used" in reason
     assert "fourmis rouges/" in reason and "max_unusable_fraction" in reason and len(reason) <= 1025
     assert "Traceback" in result.stdout + result.stderr  # the full story is in the log
     assert file_digests(base) == before

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -13,10 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from efficientnet_train import checkpoints
+from conftest import write_images
+from efficientnet_train import checkpoints, hyperparameters, untrusted
 from efficientnet_train.checkpoints import REQUIRED_KEYS, load_latest_state
+from efficientnet_train.data import scan_channel
 from efficientnet_train.errors import JobError
+from efficientnet_train.metrics import metric_definitions
 from efficientnet_train.model import read_model_channel
+from efficientnet_train.sagemaker import SageMakerEnvironment
+from efficientnet_train.untrusted import LABEL_RULE, shown, shown_lines
 
 
 class Foreign:
@@ -147,3 +155,49 @@ def test_a_stop_landing_in_python_called_back_from_native_code_still_stops_the_p
     assert result.returncode == 0, result
     assert result.stdout == "Stopped by SIGTERM during start-up, before training began: nothing to save.\n"
     assert "Exception ignored" not in result.stderr
+
+
+# ---- names and values from outside: one escaped, bounded line in the log, never a metric -----------------
+
+@pytest.mark.parametrize("name", ["ants\nvalidation:acc_1=99.999999", "bees\u202eseeb", "wasps\x1b[31m", "zero\u200bwidth",
+                                  "validation:acc_1", "Train:Loss", "line\u2028separator"])
+def test_class_names_that_could_forge_a_log_line_or_a_metric_are_refused_naming_them_escaped(tmp_path, name):
+    write_images(tmp_path / "train" / "ordinary", (200, 0, 0), 2, seed=0)
+    write_images(tmp_path / "train" / name, (0, 0, 200), 2, seed=1)
+    with pytest.raises(JobError) as refused:
+        scan_channel("train", tmp_path / "train")
+    message = str(refused.value)
+    assert "cannot be labels" in message and LABEL_RULE in message and shown(name) in message
+    assert not any(untrusted.is_unsafe(c) for c in message)
+    assert not any(re.search(d["Regex"], message) for d in metric_definitions())
+
+
+def test_class_names_in_any_script_with_spaces_punctuation_and_emoji_are_labels(tmp_path):
+    names = ["abeilles à miel", "猫", "🐝 bees", "size=large", "a:b", "C++ (v2)"]
+    for index, name in enumerate(names):
+        write_images(tmp_path / "train" / name, (index * 40, 0, 0), 1, seed=index)
+    assert scan_channel("train", tmp_path / "train").classes == sorted(names)
+
+
+def test_shown_escapes_controls_bidi_and_bad_bytes_and_says_how_long_a_cut_value_was():
+    assert shown("a\nb\tc\x1b\u202e\u2028") == "a\\nb\\tc\\x1b\\u202e\\u2028"
+    assert shown(os.fsdecode(b"caf\xe9.jpg")) == "caf\\xe9.jpg"
+    assert shown("validation:acc_1=99.9 train:loss=1.0") == "validation:acc_1\\x3d99.9 train:loss\\x3d1.0"
+    assert shown("x" * 10_000, 50) == "x" * 50 + "... (10,000 characters in all)"
+    assert shown_lines("- 'a\n\n  validation:acc_5=99.0'\n- b\u202ec") == "- 'a\n\n  validation:acc_5\\x3d99.0'\n- b\\u202ec"
+
+
+def test_a_huge_hyperparameter_value_or_name_is_echoed_short_and_the_fix_survives():
+    for raw in ({"aa": "rand-m9" + "x" * 500_000, "y" * 100_000: "1"}, {"epochs": "9" * 5000, "lr": "1" * 9000}):
+        with pytest.raises(JobError) as refused:
+            hyperparameters.parse(raw)
+        message = str(refused.value)
+        assert len(message) < 1000, len(message)  # SageMaker's failure reason keeps 1,024 characters
+        assert "characters in all" in message and "allowed:" in message and "default" in message
+
+
+def test_an_oversized_hyperparameters_file_is_refused_before_it_is_parsed(tmp_path):
+    (tmp_path / "input" / "config").mkdir(parents=True)
+    (tmp_path / "input" / "config" / "hyperparameters.json").write_text(json.dumps({"aa": "x" * 2_000_000}))
+    with pytest.raises(JobError, match="more than the 1,000,000"):
+        SageMakerEnvironment(tmp_path).read_hyperparameters()
