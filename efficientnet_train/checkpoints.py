@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import signal
 import zipfile
 from dataclasses import asdict, dataclass
@@ -71,6 +72,9 @@ class StopRequest:
 
 class Interrupted(Exception):
     """Raised at a safe point (between batches) once a stop was requested."""
+
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-\d{5}-\d{7}\.pth\.tar")
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

@@ -11,6 +11,7 @@ import io
 import logging
 import math
 import os
+import stat
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -166,20 +167,27 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _files_under(folder: Path) -> tuple[list[str], list[str]]:
+def _files_under(folder: Path, label: str, walked: dict[tuple[int, int], str]) -> tuple[list[str], list[str]]:
     """Every file below `folder` in sorted depth-first order, and the ignored names (relative to `folder`).
 
-    Links are followed, but each real folder is walked once, so a link loop cannot hang the scan."""
-    files, ignored, walked, stack = [], [], set(), [str(folder)]
+    Links are followed, but each real folder is walked once per channel (`walked`: the class each was found
+    under), so a link loop cannot hang the scan, and a folder reached from two classes, whose images would get
+    two labels, is refused."""
+    files, ignored, stack = [], [], [str(folder)]
     while stack:
         current = stack.pop()
         try:
             status = os.stat(current)
-            if (status.st_dev, status.st_ino) in walked:
+            seen_under = walked.get((status.st_dev, status.st_ino))
+            if seen_under is not None and seen_under != label:
+                raise JobError(f"The class folders '{shown(seen_under)}' and '{shown(label)}' both lead to the "
+                               f"folder {shown(os.path.realpath(current))} (through a link): its images would get "
+                               f"two labels. Give each image one class folder; remove the link.")
+            if seen_under is not None:
                 log.warning("Not scanning %s again: it is a link to a folder already scanned (a link loop?)",
                             shown(current))
                 continue
-            walked.add((status.st_dev, status.st_ino))
+            walked[(status.st_dev, status.st_ino)] = label
             folders, names, hidden = _listing(Path(current))
         except OSError as exc:
             log.warning("Cannot list the folder %s (%s); its files are left out", shown(current), exc.strerror)
@@ -203,8 +211,9 @@ def scan_channel(name: str, root: Path, classes: list[str] | None = None,
                                     else Skip.NOT_AN_IMAGE) for file in loose]
     candidates = []
     label_index = {label: index for index, label in enumerate(classes)}
+    walked: dict[tuple[int, int], str] = {}
     for label in folders:
-        files, hidden = _files_under(root / label)
+        files, hidden = _files_under(root / label, label, walked)
         channel.ignored += [shown(os.path.join(label, n)) for n in hidden]
         for path in files:
             if _is_image_name(path):
@@ -296,7 +305,10 @@ def _refuse_classes_without_images(channel: Channel, folders: list[str]) -> None
     described = []
     for label in empty:
         skipped = [s for s in channel.skipped if s.label == label]
-        why = f": {len(skipped)} files skipped, e.g. {_examples(skipped, 2, 100)}" if skipped else ""
+        # Only files named as images are named: a folder linked elsewhere by mistake must not list its contents.
+        meant = [s for s in skipped if s.reason != Skip.NOT_AN_IMAGE]
+        why = (f": {len(skipped)} files skipped" + (f", e.g. {_examples(meant, 2, 100)}" if meant else
+                                                    ", none of them named as an image")) if skipped else ""
         described.append(f"{shown(str(channel.root / label))}{why}")
     if len(empty) == 1:
         head = f"The class folder {described[0]} in the '{channel.name}' channel holds no images"
@@ -337,6 +349,8 @@ def probe_image(path: str) -> tuple[str, str] | None:
     """Why a file can't be used as a training image, or None: from its header and last bytes alone; only a
     file whose end looks cut short is decoded, to tell a truncated file from one with bytes after its end."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # opening a named pipe would wait for a writer forever
+            return Skip.UNREADABLE, "not a regular file (a named pipe, socket or device)"
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size == 0:

@@ -7,6 +7,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -42,6 +43,24 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
             raise JobError(disk_full_reason(path, full)) from exc
         raise
     _fsync_dir(path.parent)  # the rename itself must reach the disk before we count on it
+
+
+def remove_leftover_temporaries(folder: Path, names: re.Pattern) -> list[str]:
+    """Delete the half-written `.<name>.tmp` files that a killed atomic_write of this job left in `folder`, for
+    the names `names` matches: SageMaker would sync or pack them, and the disk check would not count them.
+    Only regular files of exactly that form: a link or anything else a user put there is left alone."""
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        if (path.name.startswith(".") and path.name.endswith(".tmp") and names.fullmatch(path.name[1:-4])
+                and path.is_file() and not path.is_symlink()):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return sorted(removed)
+
+
+MODEL_OUTPUT_NAMES = re.compile("|".join(re.escape(name) for name in (*MODEL_FILES, ARCHIVE_FILE)))
 
 
 class _WriteErrorMemo:

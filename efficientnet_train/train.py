@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from . import __version__, distributed, hyperparameters, outputs, report
 from .calibration import calibrated, fit_temperature, top_label_ece
-from .checkpoints import (Interrupted, Progress, StopRequest, check_resumable, load_latest_state,
+from .checkpoints import (CHECKPOINT_NAME, Interrupted, Progress, StopRequest, check_resumable, load_latest_state,
                           restore_training_state, room_for_checkpoints, save_state, training_state)
 from .data import (ModelInput, TrainBatches, dataset_of, decode_side, eval_transform, report_load_failures,
                    resolve_data_config, scan_channel, train_transform, warn_about_thin_classes)
@@ -80,6 +80,11 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
                        f"Add a folder of images for each other label to {train_channel.root}.")
     check_batch_size(hp.batch_size, len(train_channel.samples), world_size)
     warn_about_thin_classes(train_channel, val_channel)
+    for folder, names in ((env.model_dir, outputs.MODEL_OUTPUT_NAMES), (env.checkpoint_dir, CHECKPOINT_NAME)):
+        removed = outputs.remove_leftover_temporaries(folder, names)
+        if removed:
+            log.info("Removed %d half-written file(s) a killed save left in %s: %s", len(removed), folder,
+                     ", ".join(removed))
     resumed = load_latest_state(env.checkpoint_dir)
     if resumed:
         check_resumable(*resumed, vars(hp), classes, len(train_channel.samples), world_size)

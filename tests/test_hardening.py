@@ -11,15 +11,16 @@ import subprocess
 import sys
 import tarfile
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import write_images
-from efficientnet_train import checkpoints, hyperparameters, untrusted
+from efficientnet_train import checkpoints, hyperparameters, outputs, untrusted
 from efficientnet_train.checkpoints import REQUIRED_KEYS, load_latest_state
-from efficientnet_train.data import scan_channel
+from efficientnet_train.data import Skip, scan_channel
 from efficientnet_train.errors import JobError
 from efficientnet_train.metrics import metric_definitions
 from efficientnet_train.model import read_model_channel
@@ -29,6 +30,12 @@ from efficientnet_train.untrusted import LABEL_RULE, shown, shown_lines
 
 class Foreign:
     """A type a weights-only load refuses: what a checkpoint of another program or version may hold."""
+
+
+def write_files(folder: Path, files: dict[str, bytes]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
 
 
 def digests(folder: Path) -> dict[str, str]:
@@ -201,3 +208,57 @@ def test_an_oversized_hyperparameters_file_is_refused_before_it_is_parsed(tmp_pa
     (tmp_path / "input" / "config" / "hyperparameters.json").write_text(json.dumps({"aa": "x" * 2_000_000}))
     with pytest.raises(JobError, match="more than the 1,000,000"):
         SageMakerEnvironment(tmp_path).read_hyperparameters()
+
+
+# ---- odd channel contents ----------------------------------------------------------------------------------
+
+def test_a_named_pipe_called_like_an_image_is_skipped_not_waited_on(tmp_path):
+    write_images(tmp_path / "train" / "ants", (200, 0, 0), 2, seed=0)
+    write_images(tmp_path / "train" / "bees", (0, 0, 200), 2, seed=1)
+    os.mkfifo(tmp_path / "train" / "ants" / "pipe.png")
+    finished = {}
+    scan = threading.Thread(target=lambda: finished.update(channel=scan_channel("train", tmp_path / "train")),
+                            daemon=True)
+    scan.start()
+    scan.join(timeout=30)
+    assert "channel" in finished, "the scan waited on the pipe"
+    skipped = {s.path: s for s in finished["channel"].skipped}
+    assert skipped["ants/pipe.png"].reason == Skip.UNREADABLE and "named pipe" in skipped["ants/pipe.png"].detail
+
+
+def test_a_class_folder_linked_to_another_class_is_refused_naming_both(tmp_path):
+    write_images(tmp_path / "train" / "ants", (200, 0, 0), 2, seed=0)
+    write_images(tmp_path / "train" / "bees", (0, 0, 200), 2, seed=1)
+    os.symlink(tmp_path / "train" / "ants", tmp_path / "train" / "wasps")
+    with pytest.raises(JobError, match="class folders 'ants' and 'wasps' both lead to the folder .*two labels"):
+        scan_channel("train", tmp_path / "train")
+
+
+def test_a_class_folder_linked_to_a_system_folder_does_not_list_its_files_in_the_reason(tmp_path):
+    write_images(tmp_path / "train" / "ants", (200, 0, 0), 2, seed=0)
+    system = tmp_path / "etc"
+    write_files(system, {"passwd": b"root:x:0:0", "shadow": b"secret", "hosts": b"127.0.0.1"})
+    os.symlink(system, tmp_path / "train" / "bees")
+    with pytest.raises(JobError) as refused:
+        scan_channel("train", tmp_path / "train")
+    reason = str(refused.value)
+    assert "bees: 3 files skipped, none of them named as an image" in reason
+    assert not any(name in reason for name in ("passwd", "shadow", "hosts"))
+
+
+def test_half_written_files_of_a_killed_save_are_removed_at_start_and_nothing_else(tmp_path, monkeypatch):
+    model, checkpoints_dir = tmp_path / "model", tmp_path / "checkpoints"
+    leftovers = [model / ".model_best.pth.tar.tmp", model / ".args.yml.tmp", model / ".model.tar.gz.tmp",
+                 checkpoints_dir / ".checkpoint-00003-0000012.pth.tar.tmp"]
+    users = [model / ".notes.tmp", model / "model_best.pth.tar.tmp", checkpoints_dir / ".checkpoint-old.tmp",
+             checkpoints_dir / "keep.txt"]
+    for path in leftovers + users:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x" * 1000)
+    os.symlink("/dev/full", checkpoints_dir / ".checkpoint-00004-0000000.pth.tar.tmp")
+    assert outputs.remove_leftover_temporaries(model, outputs.MODEL_OUTPUT_NAMES) == sorted(
+        p.name for p in leftovers if p.parent == model)
+    assert outputs.remove_leftover_temporaries(checkpoints_dir, checkpoints.CHECKPOINT_NAME) == [
+        ".checkpoint-00003-0000012.pth.tar.tmp"]
+    assert not any(p.exists() for p in leftovers) and all(p.exists() for p in users)
+    assert (checkpoints_dir / ".checkpoint-00004-0000000.pth.tar.tmp").is_symlink()
