@@ -426,32 +426,39 @@ def load_image(path: str, min_side: int = DECODE_MIN_SIDE) -> Image.Image:
             raise UnreadableImage(f"{path}: {exc}") from exc
 
 
-def decode_image(source: bytes | BinaryIO, min_side: int = DECODE_MIN_SIDE) -> Image.Image:
+def decode_image(source: bytes | BinaryIO, min_side: int = DECODE_MIN_SIDE,
+                 max_pixels: int | None = None) -> Image.Image:
     """An RGB image from encoded bytes or a binary file, upright as its EXIF says, fully decoded; a JPEG
     twice `min_side` or more on its short side at the reduced scale that keeps it at least that large
     (JPEG decodes at 1/2, 1/4 or 1/8 scale several times faster).
 
     Transparent pixels are shown on white, as a viewer shows them; 16-bit images are scaled to 8 bits;
-    animations give their first frame. Refuses what would cost far more memory than its size suggests
-    (decompression bombs) and files cut short, instead of returning half an image.
+    animations give their first frame. Only the formats training reads (IMAGE_FORMATS). Refuses what would
+    cost far more memory than its size suggests (decompression bombs; more than `max_pixels` decoded, the
+    endpoint's far lower bound) and files cut short, instead of returning half an image.
     """
     if isinstance(source, (bytes, bytearray)):
         source = io.BytesIO(source)
     try:
-        with Image.open(source) as image:
+        with Image.open(source, formats=IMAGE_FORMATS) as image:
             # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse there too.
             if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
                 raise Image.DecompressionBombError(f"Image size ({image.width * image.height} pixels) exceeds "
                                                    f"limit of {Image.MAX_IMAGE_PIXELS} pixels")
             if image.format in ("JPEG", "MPO") and min(image.size) >= 2 * min_side:
                 image.draft("RGB", (min_side, min_side))
+            if max_pixels and image.width * image.height > max_pixels:  # after draft: what decoding would make
+                raise Image.DecompressionBombError(
+                    f"it is {image.width}x{image.height} pixels{' decoded' if image.format == 'JPEG' else ''}, "
+                    f"more than the {max_pixels:,} accepted here; the model sees a few hundred pixels a side, so "
+                    f"send it resized (or as a JPEG, which decodes at a reduced scale)")
             image.load()  # decodes every pixel: a truncated file fails here, not later
             return _to_rgb(_upright(image))
     except Image.DecompressionBombError as exc:
         raise UnreadableImage(f"the image is too large to decode safely: {exc}") from exc
     except UnidentifiedImageError as exc:
-        raise UnreadableImage("the data is not an image in a format Pillow reads "
-                              "(JPEG, PNG, GIF, BMP, WebP, TIFF, ...)") from exc
+        raise UnreadableImage("the data is not an image in a format this model takes "
+                              "(JPEG, PNG, GIF, BMP, WebP or TIFF)") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Pillow reports a cut-short or corrupt file as OSError ("image file is truncated"), SyntaxError
         # or EOFError depending on the format.
@@ -476,14 +483,17 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _eight_bit(image: Image.Image) -> Image.Image:
-    """Grey levels of a 16-bit or 32-bit image on 0..255; convert("RGB") would clip them to white."""
-    pixels = np.asarray(image, dtype=np.float64)
+    """Grey levels of a 16-bit or 32-bit image on 0..255; convert("RGB") would clip them to white. In float32:
+    float64 copies of a large 16-bit image cost 8 bytes a pixel twice over."""
+    pixels = np.asarray(image).astype(np.float32)
     peak = pixels.max() if pixels.size else 0
     if image.mode == "F" and peak <= 1.0:
-        pixels = pixels * 255  # floats from 0 to 1
+        pixels *= 255  # floats from 0 to 1
     elif image.mode.startswith("I;16") or peak > 255:
-        pixels = pixels / 257  # 16 bits: 65535 -> 255
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+        pixels /= 257  # 16 bits: 65535 -> 255
+    np.rint(pixels, out=pixels)
+    np.clip(pixels, 0, 255, out=pixels)
+    return Image.fromarray(pixels.astype(np.uint8))
 
 
 class UnusableData(JobError):

@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
+import functools
 import json
 import logging
 import os
 import queue
+import socket
 import sys
 import threading
+import time
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from urllib.parse import parse_qs
 
 import torch
@@ -30,6 +35,7 @@ from .data import UnreadableImage, decode_image
 from .errors import JobError
 from .inference import Classifier, check_model_dir
 from .sagemaker import ServingEnvironment
+from .untrusted import shown
 
 log = logging.getLogger("efficientnet_train.serve")
 
@@ -40,6 +46,22 @@ IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image", "image/*")
 CUSTOM_ATTRIBUTES = "HTTP_X_AMZN_SAGEMAKER_CUSTOM_ATTRIBUTES"  # InvokeEndpoint's CustomAttributes
 # 6 MB of tiny GIFs would be tens of thousands of images, each a full-size tensor once preprocessed.
 MAX_IMAGES_PER_REQUEST = 64
+# The model sees a few hundred pixels a side. A 172 KB all-zero 16-bit PNG of 9400x9400 decodes to gigabytes:
+# an endpoint decodes at most this many pixels an image (JPEGs count at the reduced scale they decode at),
+# and at most as many images at once per worker process as it has cores.
+MAX_DECODED_PIXELS = 4096 * 4096
+# Slow or stalled clients: the headers must arrive within HEADERS_TIMEOUT_S of the first byte, the body within
+# BODY_TIMEOUT_S more (6 MB at 200 KB/s); a connection that sends nothing waits on the poller, holding no thread.
+HEADERS_TIMEOUT_S, BODY_TIMEOUT_S, SEND_TIMEOUT_S = 5.0, 30.0, 30.0
+# What is left of a body the app did not read (a request refused before it) is waited for this long, then
+# the connection is closed instead of kept alive.
+UNREAD_BODY_WAIT_S = 0.2
+# Threads of each worker kept for /ping and quick answers: beyond threads - this many, /invocations are
+# answered 503 at once rather than queued behind the others.
+RESERVED_THREADS = 2
+# A batch running longer than this means a hung model: /ping turns 503 so that SageMaker replaces the instance,
+# and the requests waiting for it get 503.
+MODEL_STALL_S = 120.0
 
 
 class HttpError(Exception):
@@ -55,20 +77,32 @@ class MicroBatcher:
         self.classifier = classifier
         self.max_batch_size = max_batch_size
         self._waiting: queue.SimpleQueue[tuple[torch.Tensor, Future]] = queue.SimpleQueue()
+        self.batch_started: float | None = None  # monotonic time the running batch began, None when idle
         self._thread = threading.Thread(target=self._run, name="micro-batcher", daemon=True)
         self._thread.start()
 
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
+    def problem(self, stall_s: float = MODEL_STALL_S) -> str | None:
+        """Why the model cannot answer, or None."""
+        if not self._thread.is_alive():
+            return "the model's thread has stopped"
+        started = self.batch_started
+        if started is not None and time.monotonic() - started > stall_s:
+            return f"the model has been running one batch for {time.monotonic() - started:.0f} s (hung?)"
+        return None
 
-    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, images: torch.Tensor, timeout_s: float = MODEL_STALL_S) -> torch.Tensor:
         done: Future = Future()
         self._waiting.put((images, done))
-        return done.result()
+        try:
+            return done.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise HttpError("503 Service Unavailable", f"The model did not answer within {timeout_s:.0f} s; "
+                                                       f"try again.") from None
 
     def _run(self) -> None:
         while True:
             requests = [self._waiting.get()]
+            self.batch_started = time.monotonic()
             count = len(requests[0][0])
             while count < self.max_batch_size:
                 try:
@@ -81,9 +115,11 @@ class MicroBatcher:
                 results = torch.cat([self.classifier.probabilities(chunk)
                                      for chunk in batch.split(self.max_batch_size)])
             except Exception as exc:  # noqa: BLE001 - the requests answer 500; the thread must live on
+                self.batch_started = None
                 for _, done in requests:
                     done.set_exception(exc)
                 continue
+            self.batch_started = None
             for (_, done), result in zip(requests, results.split([len(images) for images, _ in requests])):
                 done.set_result(result)
 
@@ -96,6 +132,9 @@ class InferenceApp:
         self.classifier = classifier
         self.batcher = MicroBatcher(classifier, settings.max_batch_size)
         self.payload_limit = settings.payload_limit_mb * 1024 * 1024
+        # Never blocks: a request beyond capacity is answered 503 at once, so threads stay free for /ping.
+        self.admitted = threading.BoundedSemaphore(max(1, settings.threads - RESERVED_THREADS))
+        self.decoding = threading.BoundedSemaphore(max(1, torch.get_num_threads()))
 
     def __call__(self, environ, start_response):
         route = (environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""))
@@ -104,26 +143,27 @@ class InferenceApp:
         headers = []
         try:
             if route[1] not in routes:
-                raise HttpError("404 Not Found", f"No route {route[1]}; this server answers "
+                raise HttpError("404 Not Found", f"No route {shown(route[1], 100)}; this server answers "
                                                  f"GET /ping, POST /invocations and GET /execution-parameters.")
             method, handler = routes[route[1]]
             if route[0] != method:
                 headers.append(("Allow", method))
-                raise HttpError("405 Method Not Allowed", f"{route[1]} takes {method}, not {route[0]}.")
+                raise HttpError("405 Method Not Allowed", f"{route[1]} takes {method}, not {shown(route[0], 20)}.")
             status, content_type, body = handler(environ)
         except HttpError as exc:
             status, content_type, body = exc.status, JSON, _json_body({"error": str(exc)})
         except Exception:  # noqa: BLE001 - the caller gets a message, the log gets the traceback
-            log.exception("Failed to answer %s %s", *route)
+            log.exception("Failed to answer %s %s", shown(route[0], 20), shown(route[1], 100))
             status, content_type, body = "500 Internal Server Error", JSON, _json_body(
                 {"error": "The model failed on this request; the endpoint's log has the details."})
         start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body))), *headers])
         return [body]
 
     def ping(self, environ):
-        # The app exists only once the model has loaded, so reaching it means ready.
-        if not self.batcher.is_alive():
-            return "503 Service Unavailable", JSON, _json_body({"status": "the model's thread has stopped"})
+        # The app exists only once the model has loaded, so reaching it means ready, unless the model hangs.
+        problem = self.batcher.problem()
+        if problem:
+            return "503 Service Unavailable", JSON, _json_body({"status": problem})
         return "200 OK", JSON, _json_body({"status": "ok"})
 
     def execution_parameters(self, environ):
@@ -136,11 +176,20 @@ class InferenceApp:
                                            "MaxPayloadInMB": self.settings.payload_limit_mb})
 
     def invocations(self, environ):
+        if not self.admitted.acquire(blocking=False):
+            raise HttpError("503 Service Unavailable", "The server is busy with as many requests as it takes at "
+                                                       "once; try again in a moment.")
+        try:
+            return self._invocations(environ)
+        finally:
+            self.admitted.release()
+
+    def _invocations(self, environ):
         content_type = _media_type(environ.get("CONTENT_TYPE", ""))
         response_type = self._response_type(environ.get("HTTP_ACCEPT", ""))
         if content_type not in ("", JSON, "application/x-image") and not content_type.startswith("image/"):
             raise HttpError("415 Unsupported Media Type",
-                            f"Content-Type {content_type} is not supported. Send one image as "
+                            f"Content-Type {shown(content_type, 100)} is not supported. Send one image as "
                             f"{', '.join(IMAGE_TYPES)}, or several as {JSON}: "
                             '{"images": ["<base64 image>", ...]}.')
         k = self._top_k(environ)
@@ -149,10 +198,13 @@ class InferenceApp:
         images = []
         for index, data in enumerate(encoded):
             try:
-                images.append(self.classifier.preprocess(decode_image(data, self.classifier.decode_side)))
+                with self.decoding:
+                    images.append(self.classifier.preprocess(
+                        decode_image(data, self.classifier.decode_side, max_pixels=MAX_DECODED_PIXELS)))
             except UnreadableImage as exc:
                 where = f"Image {index}" if content_type == JSON else "The request body"
                 raise HttpError("400 Bad Request", f"{where} cannot be read: {exc}.") from exc
+        del encoded, body
         predictions = self.classifier.top_k(self.batcher.probabilities(torch.stack(images)), k)
         if response_type == JSON_LINES:
             return "200 OK", JSON_LINES, b"".join(_json_body(prediction) for prediction in predictions)
@@ -168,7 +220,7 @@ class InferenceApp:
                 return media_type
             if media_type in ("*/*", "application/*"):
                 return default
-        raise HttpError("406 Not Acceptable", f"Cannot answer in {accept}: responses are "
+        raise HttpError("406 Not Acceptable", f"Cannot answer in {shown(accept, 100)}: responses are "
                                               f"{' or '.join(RESPONSE_TYPES)}.")
 
     def _top_k(self, environ) -> int:
@@ -180,9 +232,12 @@ class InferenceApp:
             raw = attributes.get("top_k")
         if raw is None:
             return self.settings.top_k
-        if not raw.strip().isdigit() or int(raw) < 1:
-            raise HttpError("400 Bad Request", f"top_k must be a whole number of at least 1, not {raw!r}.")
-        return int(raw)
+        digits = raw.strip()
+        # isdigit() alone takes "²" and "٣", which int() refuses; and int() of 5,000 digits raises.
+        if not (digits.isascii() and digits.isdigit() and len(digits) <= 9) or int(digits) < 1:
+            raise HttpError("400 Bad Request", f"top_k must be a whole number from 1 to 999999999, not "
+                                               f"'{shown(raw, 40)}'.")
+        return int(digits)
 
     def _read_body(self, environ) -> bytes:
         limit_message = (f"The request body is larger than {self.settings.payload_limit_mb} MB, the most "
@@ -193,8 +248,15 @@ class InferenceApp:
             raise HttpError("400 Bad Request", "Content-Length is not a number.") from None
         if length > self.payload_limit:
             raise HttpError("413 Content Too Large", limit_message)
+        connection = environ.get("gunicorn.socket")
+        if isinstance(connection, DeadlineSocket):
+            connection.allow(BODY_TIMEOUT_S)
         # Without a length (chunked upload) read one byte past the limit to see whether it is over.
-        body = environ["wsgi.input"].read(length if length >= 0 else self.payload_limit + 1)
+        try:
+            body = environ["wsgi.input"].read(length if length >= 0 else self.payload_limit + 1)
+        except RequestTimeout:
+            raise HttpError("408 Request Timeout", f"The request body did not arrive within {BODY_TIMEOUT_S:.0f} "
+                                                   f"s.") from None
         if len(body) > self.payload_limit:
             raise HttpError("413 Content Too Large", limit_message)
         if not body:
@@ -207,7 +269,7 @@ def _json_images(body: bytes) -> list[bytes]:
     try:
         request = json.loads(body)
     except (ValueError, RecursionError) as exc:  # RecursionError: nesting too deep to parse
-        raise HttpError("400 Bad Request", f"The body is not valid JSON ({exc}). {usage}") from None
+        raise HttpError("400 Bad Request", f"The body is not valid JSON ({shown(exc, 200)}). {usage}") from None
     images = request.get("images") if isinstance(request, dict) else None
     if not isinstance(images, list) or not images or not all(isinstance(image, str) for image in images):
         raise HttpError("400 Bad Request", f"The JSON must have a non-empty list of base64 strings "
@@ -235,6 +297,138 @@ def _json_body(value) -> bytes:
     return (json.dumps(value, ensure_ascii=False) + "\n").encode("utf-8")
 
 
+class RequestTimeout(Exception):
+    """A client too slow to send its request. Not an OSError, which gunicorn would log with a traceback."""
+
+
+class DeadlineSocket(socket.socket):
+    """A client connection whose reads share one deadline per request: a per-read timeout alone would let a
+    client that sends a byte a second hold a thread forever. gunicorn makes the socket blocking when a thread
+    starts on a request: the headers then have HEADERS_TIMEOUT_S; the app allows the body more (`allow`)."""
+
+    deadline: float | None = None
+
+    @classmethod
+    def adopt(cls, connection: socket.socket) -> "DeadlineSocket":
+        return cls(connection.family, connection.type, connection.proto, fileno=connection.detach())
+
+    def setblocking(self, flag: bool) -> None:
+        super().setblocking(flag)
+        self.deadline = time.monotonic() + HEADERS_TIMEOUT_S if flag else None
+
+    def allow(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def _arm(self) -> None:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise RequestTimeout("the client did not send its request in time")
+            current = self.gettimeout()  # gunicorn's own, shorter one (closing a connection) stands
+            self.settimeout(left if current is None else min(current, left))
+
+    def recv(self, *args, **kwargs):
+        self._arm()
+        try:
+            return super().recv(*args, **kwargs)
+        except TimeoutError:
+            if self.deadline is None:  # gunicorn's own timeout (draining an unread body): its to handle
+                raise
+            raise RequestTimeout("the client did not send its request in time") from None
+
+    def recv_into(self, *args, **kwargs):
+        self._arm()
+        try:
+            return super().recv_into(*args, **kwargs)
+        except TimeoutError:
+            if self.deadline is None:
+                raise
+            raise RequestTimeout("the client did not send its request in time") from None
+
+    def sendall(self, *args, **kwargs):
+        if self.deadline is not None:
+            self.settimeout(SEND_TIMEOUT_S)  # a client that does not read its answer is dropped too
+        return super().sendall(*args, **kwargs)
+
+
+def json_error(client: socket.socket, status: int, reason: str, message: str) -> None:
+    """gunicorn's own answers (a malformed request line, headers too large, a slow client) as JSON, like every
+    other answer of this server, instead of gunicorn's HTML page."""
+    body = _json_body({"error": f"{reason}: {message}" if message else reason})
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: {JSON}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
+    from gunicorn import util
+
+    util.write_nonblock(client, head + body)
+
+
+@functools.lru_cache(maxsize=None)
+def thread_worker_class():
+    """gunicorn's threaded worker, made safe against slow and idle clients: a new connection waits on the
+    poller until it sends something (gunicorn's own worker holds a thread for up to 5 s first, so 100 idle
+    connections stalled /ping for ~25 s), each request's reads share one deadline (DeadlineSocket), and the
+    errors gunicorn answers itself are JSON."""
+    import selectors
+    from functools import partial
+
+    from gunicorn import util
+    from gunicorn.workers.gthread import TConn, ThreadWorker
+
+    util.write_error = json_error  # the base worker calls util.write_error(...) at answer time
+
+    class Connection(TConn):
+        def close(self, graceful=False):
+            # gunicorn's graceful close waits up to 2 s, on the worker's one event-loop thread, for the client to
+            # close its side: 14 clients refused while still "sending" stalled every connection for 28 s. Taking
+            # what has already arrived, without waiting, keeps the kernel from resetting the answer just sent.
+            if graceful:
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                    self.sock.setblocking(False)
+                    while self.sock.recv(65536):
+                        pass
+                except OSError:  # nothing more buffered (BlockingIOError), or the client is gone
+                    pass
+            util.close(self.sock)
+
+    class BoundedThreadWorker(ThreadWorker):
+        def accept(self, listener):
+            try:
+                client, address = listener.accept()
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                    raise
+                return
+            self.nr_conns += 1
+            connection = Connection(self.cfg, DeadlineSocket.adopt(client), address, listener.getsockname())
+            connection.timeout = time.monotonic() + self.cfg.keepalive  # idle for longer: closed
+            self.pending_conns.append(connection)
+            self.poller.register(connection.sock, selectors.EVENT_READ,
+                                 partial(self.on_pending_socket_readable, connection))
+
+        def _keepalive_after(self, conn, keepalive):
+            # gunicorn drains a body the app did not read (a request refused before reading it) for up to 5 s
+            # before reusing the connection: a client that never sends it held the thread that long each time.
+            if not keepalive:
+                return False
+            if isinstance(conn.sock, DeadlineSocket):
+                conn.sock.deadline = None  # the drain's own short timeout applies
+            return bool(conn.parser.finish_body(deadline=time.monotonic() + UNREAD_BODY_WAIT_S))
+
+        def handle_error(self, req, client, addr, exc):
+            if isinstance(exc, RequestTimeout):
+                self.log.warning("A client at %s was too slow to send its request; closed.", (addr or ("",))[0])
+                try:
+                    json_error(client, 408, "Request Timeout",
+                               f"the request did not arrive within {HEADERS_TIMEOUT_S:.0f} s")
+                except Exception:  # noqa: BLE001 - the client may be gone
+                    pass
+                return
+            super().handle_error(req, client, addr, exc)
+
+    return BoundedThreadWorker
+
+
 def create_app(settings: ServingEnvironment) -> InferenceApp:
     # Processes share the cores; each one's PyTorch would otherwise start a thread per core.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings.workers))
@@ -248,7 +442,7 @@ def gunicorn_options(settings: ServingEnvironment) -> dict:
     return {
         "bind": f"0.0.0.0:{settings.port}",
         "workers": settings.workers,
-        "worker_class": "gthread",
+        "worker_class": "efficientnet_train.serve.BoundedThreadWorker",
         "threads": settings.threads,
         # A worker that does not check in for this long is restarted; loading a large model counts.
         "timeout": 120,
@@ -290,6 +484,14 @@ def main() -> int:
              ", batch transform (JSON Lines)" if settings.batch else "")
     Server().run()
     return 0
+
+
+def __getattr__(name: str):
+    # gunicorn imports its worker class by name in the worker process; built on first use, so that importing
+    # this module (the tests, `predict`) does not import gunicorn or patch it.
+    if name == "BoundedThreadWorker":
+        return thread_worker_class()
+    raise AttributeError(name)
 
 
 if __name__ == "__main__":

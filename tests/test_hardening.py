@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -12,19 +13,22 @@ import sys
 import tarfile
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import write_images
 from efficientnet_train import checkpoints, hyperparameters, outputs, untrusted
 from efficientnet_train.checkpoints import REQUIRED_KEYS, load_latest_state
-from efficientnet_train.data import Skip, scan_channel
+from efficientnet_train.data import Skip, UnreadableImage, decode_image, scan_channel
 from efficientnet_train.errors import JobError
 from efficientnet_train.metrics import metric_definitions
 from efficientnet_train.model import read_model_channel
 from efficientnet_train.sagemaker import SageMakerEnvironment
+from efficientnet_train.serve import HttpError, MicroBatcher
 from efficientnet_train.untrusted import LABEL_RULE, shown, shown_lines
 
 
@@ -262,3 +266,70 @@ def test_half_written_files_of_a_killed_save_are_removed_at_start_and_nothing_el
         ".checkpoint-00003-0000012.pth.tar.tmp"]
     assert not any(p.exists() for p in leftovers) and all(p.exists() for p in users)
     assert (checkpoints_dir / ".checkpoint-00004-0000000.pth.tar.tmp").is_symlink()
+
+
+# ---- serving: what a small upload may cost ---------------------------------------------------------------
+
+PEAK_RSS = textwrap.dedent("""
+    import io, resource, sys
+    from PIL import Image
+    from efficientnet_train.data import UnreadableImage, decode_image
+    from efficientnet_train.serve import MAX_DECODED_PIXELS
+    side = int(sys.argv[1])
+    encoded = io.BytesIO()
+    Image.new("I;16", (side, side)).save(encoded, "PNG")  # all zeros: a few hundred KB at most
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        decode_image(encoded.getvalue(), 320, max_pixels=MAX_DECODED_PIXELS)
+        outcome = "decoded"
+    except UnreadableImage as exc:
+        outcome = "refused: " + str(exc)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, outcome)
+""")
+
+
+def peak_decode_mb(side: int) -> tuple[int, str]:
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(side)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    megabytes, outcome = result.stdout.strip().split(" ", 1)
+    return int(megabytes), outcome
+
+
+def test_a_small_upload_of_a_huge_16_bit_png_is_refused_without_decoding_it():
+    """172 KB, 9400x9400 pixels: it took a worker from 577 MB to 5.3 GB."""
+    megabytes, outcome = peak_decode_mb(9400)
+    assert outcome.startswith("refused") and "9400x9400 pixels" in outcome and "resized" in outcome
+    assert megabytes < 50, megabytes
+
+
+def test_a_16_bit_png_at_the_serving_limit_decodes_without_float64_copies():
+    megabytes, outcome = peak_decode_mb(4096)  # 16.8 MP: 416 MB of peak memory with float64, 127 MB now
+    assert outcome == "decoded" and megabytes < 250, megabytes
+
+
+def test_only_the_formats_training_reads_are_decoded():
+    icns = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(icns, "ICNS")  # Pillow would decode a 1 KB ICNS to 1024x1024
+    with pytest.raises(UnreadableImage, match="not an image in a format this model takes"):
+        decode_image(icns.getvalue(), 320)
+
+
+def test_a_hung_model_turns_ping_red_and_its_callers_get_503():
+    release = threading.Event()
+
+    class HungClassifier:
+        def probabilities(self, images):
+            release.wait(30)
+            return torch.zeros(len(images), 2)
+
+    batcher = MicroBatcher(HungClassifier(), max_batch_size=4)
+    assert batcher.problem() is None
+    with pytest.raises(HttpError) as waited:
+        batcher.probabilities(torch.zeros(1, 3, 8, 8), timeout_s=0.3)
+    assert waited.value.status.startswith("503")
+    assert batcher.problem(stall_s=0.01).startswith("the model has been running one batch for")
+    release.set()
+    deadline = time.monotonic() + 30
+    while batcher.problem(stall_s=0.01) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert batcher.problem(stall_s=0.01) is None

@@ -409,3 +409,122 @@ def test_image_declares_the_serving_port():
     dockerfile = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()
     assert "com.amazonaws.sagemaker.capabilities.accept-bind-to-port=true" in dockerfile
     assert "\nEXPOSE 8080\n" in dockerfile
+
+
+# --- hostile and careless clients -------------------------------------------------------------------------
+
+def ping_seconds(server: Server, times: int = 5) -> list[float]:
+    """How long /ping takes, over several instants."""
+    seconds = []
+    for _ in range(times):
+        started = time.monotonic()
+        status, _, _ = server.request("GET", "/ping", timeout=10)
+        assert status == 200
+        seconds.append(time.monotonic() - started)
+        time.sleep(0.1)
+    return seconds
+
+
+def raw_connection(server: Server, first_bytes: bytes = b"") -> socket.socket:
+    connection = socket.create_connection(("127.0.0.1", server.port), timeout=60)
+    if first_bytes:
+        connection.sendall(first_bytes)
+    return connection
+
+
+def raw_answer(connection: socket.socket) -> tuple[int, dict, dict]:
+    """Status, headers and JSON body of the answer on a raw connection (waits until the server closes it)."""
+    data = b""
+    while chunk := connection.recv(65536):
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+@pytest.fixture
+def fresh_server(job, tmp_path):
+    running = Server(job, tmp_path).wait_until_ready()
+    yield running
+    running.stop()
+
+
+def test_ping_answers_within_two_seconds_while_slow_and_idle_clients_hold_connections(fresh_server):
+    """16 clients that sent their headers and 2 of 5,000 body bytes kept /ping timing out for 157 s; 100 idle
+    connections took it down for ~25 s."""
+    slow = [raw_connection(fresh_server, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                                         b"Content-Length: 5000\r\n\r\n\x89P") for _ in range(16)]
+    idle = [raw_connection(fresh_server) for _ in range(100)]
+    try:
+        seconds = ping_seconds(fresh_server, times=8)
+        assert max(seconds) < 2, seconds
+        # Those beyond what the server reads at once were told to come back, at once.
+        busy = 0
+        for connection in slow:
+            connection.settimeout(0.5)
+            try:
+                status, headers, body = raw_answer(connection)
+            except TimeoutError:
+                continue  # being read, until its body deadline
+            assert status == 503 and "busy" in body["error"], body
+            busy += 1
+        assert busy >= 16 - 2  # the test server runs 4 threads, 2 of them kept for /ping
+    finally:
+        for connection in slow + idle:
+            connection.close()
+    assert max(ping_seconds(fresh_server)) < 2
+
+
+def test_a_client_that_stalls_in_its_headers_gets_a_json_408_and_frees_its_thread(fresh_server):
+    stalled = [raw_connection(fresh_server, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Le") for _ in range(2)]
+    try:
+        assert max(ping_seconds(fresh_server, times=3)) < 2
+        for connection in stalled:
+            started = time.monotonic()
+            status, headers, body = raw_answer(connection)
+            assert status == 408 and headers["content-type"] == "application/json", body
+            assert "did not arrive within" in body["error"] and time.monotonic() - started < 30
+    finally:
+        for connection in stalled:
+            connection.close()
+    assert "Traceback" not in fresh_server.log.read_text()
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /ping HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
+    (b"GET /" + b"a" * 10000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+])
+def test_the_servers_own_errors_are_json_too(server, request_bytes, status):
+    connection = raw_connection(server, request_bytes)
+    try:
+        answer_status, headers, body = raw_answer(connection)
+    finally:
+        connection.close()
+    assert answer_status == status and headers["content-type"] == "application/json" and body["error"]
+
+
+@pytest.mark.parametrize("query, attribute", [("%C2%B2", None), ("%D9%A3", None), ("-1", None), ("1.5", None),
+                                               (None, "9" * 5000), (None, "\u00b2")])
+def test_a_top_k_that_is_no_plain_number_is_a_400_not_a_500(server, query, attribute):
+    """A 5,000-digit top_k does not fit in a URL (414): InvokeEndpoint's CustomAttributes header carries it."""
+    headers = {} if attribute is None else {"X-Amzn-SageMaker-Custom-Attributes": f"top_k={attribute}"}
+    path = "/invocations" if query is None else f"/invocations?top_k={query}"
+    status, _, body = server.invoke(encoded(COLOURS["ants"]), path=path, **headers)
+    assert status == 400 and "top_k must be a whole number" in json.loads(body)["error"]
+    assert len(json.loads(body)["error"]) < 200
+
+
+def test_a_huge_16_bit_png_is_refused_and_the_worker_stays_small(server):
+    image = io.BytesIO()
+    Image.new("I;16", (9400, 9400)).save(image, "PNG")
+    assert len(image.getvalue()) < 200_000
+    status, _, body = server.invoke(image.getvalue())
+    assert status == 400 and "more than the 16,777,216 accepted here" in json.loads(body)["error"]
+    workers = [int(pid) for pid in Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+               .read_text().split()]
+    for pid in workers:
+        resident_kb = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                               if line.startswith("VmHWM:")))  # the worker's peak, ever
+        assert resident_kb < 1_500_000, resident_kb
