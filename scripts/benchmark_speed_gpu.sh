@@ -52,10 +52,10 @@ for step in $STEPS; do
   case $step in
     loop) run loop 180 --parts model,loop --train-images "$N" --steps 50 ;;
     job) run job 210 --parts job --train-images "$N" --epochs 2
-         cp "$($PY -c "import json; print(json.load(open('$OUT/job.json'))['job']['log'])")" "$OUT/job_train.log" ;;
+         cp "$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["job"]["log"])' "$OUT/job.json")" "$OUT/job_train.log" ;;
     timm) if [ -z "${TIMM_TRAIN:-}" ]; then echo "== timm: set TIMM_TRAIN" | tee -a "$LOG"; continue; fi
           run timm 150 --parts timm --timm-train "$TIMM_TRAIN" --train-images "$N" --epochs 2
-          cp "$($PY -c "import json; print(json.load(open('$OUT/timm.json'))['timm']['log'])")" "$OUT/timm.log" ;;
+          cp "$($PY -c 'import json, sys; print(json.load(open(sys.argv[1]))["timm"]["log"])' "$OUT/timm.json")" "$OUT/timm.log" ;;
     loader) run loader 60 --parts loader --train-images "$N" --loader-seconds 2 ;;
     batch) run model64 80 --parts model --batch-size 64 --steps 20
            run model128 80 --parts model --batch-size 128 --steps 20 ;;

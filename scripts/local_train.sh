@@ -30,11 +30,9 @@ done
 # shellcheck source=container_engine.sh
 source "$REPO/scripts/container_engine.sh"
 
-if [ -e "$WORK" ] && [ -n "$(ls -A "$WORK")" ] && [ ! -f "$WORK/input/config/hyperparameters.json" ]; then
-    echo "WORK=$WORK holds something other than an earlier run's /opt/ml tree: not emptying it" >&2
-    exit 2
-fi
-rm -rf "$WORK"
+# shellcheck source=run_dir.sh
+source "$REPO/scripts/run_dir.sh"
+fresh_run_dir "$WORK" || { echo "(WORK=$WORK)" >&2; exit 2; }
 mkdir -p "$WORK/input/config" "$WORK/input/data" "$WORK/model" "$WORK/output"
 mounts=(-v "$WORK:/opt/ml" -v "$DATA/train:/opt/ml/input/data/train:ro" -v "$DATA/val:/opt/ml/input/data/val:ro")
 pairs=()

@@ -32,6 +32,9 @@ from efficientnet_train.serve import HttpError, MicroBatcher
 from efficientnet_train.untrusted import LABEL_RULE, shown, shown_lines
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
 class Foreign:
     """A type a weights-only load refuses: what a checkpoint of another program or version may hold."""
 
@@ -333,3 +336,37 @@ def test_a_hung_model_turns_ping_red_and_its_callers_get_503():
     while batcher.problem(stall_s=0.01) is not None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert batcher.problem(stall_s=0.01) is None
+
+
+# ---- scripts: nothing a user wrote is deleted -------------------------------------------------------------
+
+def fresh_run_dir(path: Path, home: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", 'source scripts/run_dir.sh && fresh_run_dir "$1"', "-", str(path)],
+                          cwd=REPO, env={**os.environ, "HOME": str(home)}, capture_output=True, text=True)
+
+
+def test_scripts_empty_only_folders_they_made(tmp_path):
+    home = tmp_path / "home"
+    users = tmp_path / "my photos"
+    write_files(users, {"holiday.jpg": b"precious"})
+    for path in (users, home, Path("/"), tmp_path / "link"):
+        if path.name == "link":
+            path.symlink_to(users)
+        result = fresh_run_dir(path, home)
+        assert result.returncode == 2 and "Refusing to empty" in result.stderr, (path, result)
+    assert (users / "holiday.jpg").read_bytes() == b"precious"
+    run = tmp_path / "run"
+    assert fresh_run_dir(run, home).returncode == 0  # missing: made, and marked as the script's
+    (run / "model").mkdir()
+    assert fresh_run_dir(run, home).returncode == 0 and list(run.iterdir()) == [run / ".efficientnet-train-run"]
+    earlier = tmp_path / "earlier" / "opt_ml"  # an /opt/ml tree from before the mark existed
+    write_files(earlier / "input" / "config", {"hyperparameters.json": b"{}"})
+    assert fresh_run_dir(earlier, home).returncode == 0
+
+
+def test_no_script_puts_a_shell_variable_into_python_source_or_unescaped_json():
+    for script in sorted((REPO / "scripts").glob("*.sh")):
+        text = script.read_text()
+        for snippet in re.findall(r"""-c\s+"([^"]*)\"""", text):
+            assert "$" not in snippet, (script.name, snippet)  # pass values as sys.argv instead
+        assert not re.search(r'<<\s*JSON', text), script.name
