@@ -170,7 +170,7 @@ class InferenceApp:
         # An image file is one record (it can't be split), so one per request. Concurrency: on a GPU,
         # as many as make a full batch; on a CPU, about one per core, beyond which requests only queue.
         wanted = self.settings.max_batch_size if self.classifier.device.type == "cuda" else os.cpu_count() or 1
-        capacity = self.settings.workers * self.settings.threads
+        capacity = self.settings.workers * max(1, self.settings.threads - RESERVED_THREADS)  # beyond: 503
         return "200 OK", JSON, _json_body({"MaxConcurrentTransforms": max(1, min(wanted, capacity)),
                                            "BatchStrategy": "SINGLE_RECORD",
                                            "MaxPayloadInMB": self.settings.payload_limit_mb})
