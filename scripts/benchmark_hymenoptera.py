@@ -20,20 +20,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-from local_job import HYMENOPTERA, lite_weights, mock_opt_ml, remove_big_files, run_train
+from local_job import HYMENOPTERA, HYMENOPTERA_HOW, lite_weights, mock_opt_ml, remove_big_files, run_train
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lite", type=int, default=0, choices=(0, 1, 2), help="EfficientNet-Lite variant")
     parser.add_argument("--epochs", default="5")
-    parser.add_argument("--data", type=Path, default=HYMENOPTERA, help="folder holding train/ and val/")
+    parser.add_argument("--data", type=Path, default=HYMENOPTERA,
+                        help="folder holding train/ and val/ (default $HYMENOPTERA_DATA, else data/hymenoptera_data)")
     parser.add_argument("--work", type=Path, help="where the mocked /opt/ml tree goes, kept whole (default: a temp dir "
                         "that keeps only the log and the model's summary files)")
     parser.add_argument("--limit", action="append", default=[], metavar="CLASS=N",
                         help="train on only the first N images of CLASS (an imbalanced subset); repeatable")
     parser.add_argument("hyperparameters", nargs="*", help="more hyperparameters as key=value")
     options = parser.parse_args()
+    if not (options.data / "train").is_dir():
+        parser.error(f"no train/ in {options.data}: {HYMENOPTERA_HOW}")
 
     work = options.work or Path(tempfile.mkdtemp(prefix="hymenoptera-"))
     weights = lite_weights(work / "weights", options.lite)

@@ -50,7 +50,8 @@ from efficientnet_train.train import (data_loader, data_loading_workers_for, tra
                                       training_tools)
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO.parent / "shared" / "datasets" / "hymenoptera_data"
+# The listing's example set: https://download.pytorch.org/tutorial/hymenoptera_data.zip, unzipped into data/.
+DEFAULT_DATA = Path(os.environ.get("HYMENOPTERA_DATA", REPO / "data" / "hymenoptera_data"))
 # --quick: timm's own tiny EfficientNet (as the test suite uses), small everything; a smoke test, not a measurement.
 QUICK = dict(model="test_efficientnet", img_size=64, batch_size=8, steps=3, warmup=1, train_images=32, epochs=1,
              scan_sizes="1000", loader_seconds=0.5, max_workers=1)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the training image from the repository's Dockerfile, with `docker` when a Docker engine
-# answers, else with `podman` (GUIDE.md §5: runc and explicit ulimits; scripts/install_podman.sh).
+# answers, else with `podman` (runc and explicit ulimits: scripts/install_podman.sh, docs/container.md).
 #
 #   bash scripts/build_image.sh [TAG] [extra build options ...]
 #

@@ -1,6 +1,6 @@
 # Sourced by the image scripts: sets ENGINE (unless set) to `docker` when a Docker engine answers,
-# else `podman`, and PODMAN_FLAGS to what podman needs on these machines (GUIDE.md §5; harmless
-# elsewhere). Podman's Docker-compatible socket (for the SageMaker SDK's local mode) answers
+# else `podman`, and PODMAN_FLAGS to what podman needs without a Docker engine (docs/container.md;
+# harmless elsewhere). Podman's Docker-compatible socket (for the SageMaker SDK's local mode) answers
 # `docker info` too: podman's own CLI is used then, since it can mount the local wheels in builds.
 if [ -z "${ENGINE:-}" ]; then
     ENGINE=podman

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what building and running the image takes on a Debian bookworm machine without a
-# Docker engine (GUIDE.md §5): podman with runc (crun fails on hybrid cgroups), debootstrap for
+# Docker engine (docs/container.md): podman with runc (crun fails on hybrid cgroups), debootstrap for
 # a locally made base image, and the classic docker-compose client the SageMaker SDK's local
 # mode drives, and CNI's dnsname plugin, without which podman's networks have no DNS: local mode
 # with instance_count > 1 starts algo-1-xxxx and algo-2-xxxx on one compose network, and they only

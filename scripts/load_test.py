@@ -24,7 +24,9 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_IMAGE = REPO.parent / "shared" / "datasets" / "hymenoptera_data" / "val" / "bees" / "1032546534_06907fe3b3.jpg"
+# A bee of the listing's example set (https://download.pytorch.org/tutorial/hymenoptera_data.zip, unzipped into data/).
+DEFAULT_IMAGE = (Path(os.environ.get("HYMENOPTERA_DATA", REPO / "data" / "hymenoptera_data"))
+                 / "val" / "bees" / "1032546534_06907fe3b3.jpg")
 
 
 class Results:

@@ -22,7 +22,10 @@ import yaml
 from lite_weights import convert
 
 REPO = Path(__file__).resolve().parent.parent
-HYMENOPTERA = REPO.parent / "shared" / "datasets" / "hymenoptera_data"  # the listing's example data set
+# The listing's example data set (ants and bees photos, from PyTorch's transfer-learning tutorial).
+HYMENOPTERA = Path(os.environ.get("HYMENOPTERA_DATA", REPO / "data" / "hymenoptera_data"))
+HYMENOPTERA_HOW = ("curl -LO https://download.pytorch.org/tutorial/hymenoptera_data.zip && unzip -d data "
+                   "hymenoptera_data.zip (or set HYMENOPTERA_DATA to the folder holding its train/ and val/)")
 BIG_MODEL_FILES = ("model.tar.gz", "model_best.pth.tar")
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes a Debian bookworm base image from Debian's own packages, for machines that reach the
-# Debian mirrors but no image registry (GUIDE.md §5). It holds python3 and python3-venv, which
+# Debian mirrors but no image registry (docs/container.md). It holds python3 and python3-venv, which
 # is all the Dockerfile's stages need: build with BASE_IMAGE=<this image>. Does nothing when the
 # image already exists (pass --force to remake it). Needs root, debootstrap and podman
 # (scripts/install_podman.sh).

@@ -21,7 +21,7 @@ The sets and where their images come from:
   naturally imbalanced. Transparency on white, short side at most 256 px; 75/25 per class, at least 3
   validation images a class.
 - `hymenoptera` (not built here): the listing's own example set, ants and bees photos, read where it lies
-  (../shared/datasets/hymenoptera_data from the repository root).
+  (local_job.hymenoptera_data(): $HYMENOPTERA_DATA, else data/hymenoptera_data in the repository).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from digits_folders import load_digits, save_digits, write_digits
-from local_job import HYMENOPTERA
+from local_job import HYMENOPTERA, HYMENOPTERA_HOW
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 # Folders of Tux Paint's tree with 11 or more stamps, each a class with its sub-folders: a folder's cartoon/
@@ -126,7 +126,7 @@ def locate(name: str, out_dir: Path) -> Path:
     """The folder of the set `name` (holding train/ and val/), built in `out_dir` if it is not there yet."""
     if name == "hymenoptera":
         if not (HYMENOPTERA / "train").is_dir():
-            sys.exit(f"hymenoptera is not at {HYMENOPTERA} (train/ and val/ expected there)")
+            sys.exit(f"hymenoptera is not at {HYMENOPTERA} (train/ and val/ expected there): {HYMENOPTERA_HOW}")
         return HYMENOPTERA
     if name not in BUILDERS:
         sys.exit(f"unknown set {name!r}; the panel: {', '.join(PANEL)}")

@@ -29,7 +29,7 @@ without training. The endpoint is deleted (its container stopped) afterwards.
 Needs the SageMaker SDK v2 (v3 dropped sagemaker.estimator and sagemaker.local), in its own venv:
     python3 -m venv .venv-sagemaker && .venv-sagemaker/bin/pip install 'sagemaker==2.257.7'
     .venv-sagemaker/bin/python scripts/sagemaker_local.py --data ...
-and a Docker engine with `docker compose` or `docker-compose`. Without Docker (GUIDE.md §5):
+and a Docker engine with `docker compose` or `docker-compose`. Without Docker (docs/container.md):
     bash scripts/install_podman.sh      # podman, runc, docker-compose 1.29, containers.conf
     bash scripts/start_podman_socket.sh # podman's Docker API on /var/run/docker.sock
 """

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Serves Podman's Docker-compatible API on the Docker socket, so that Docker clients (the
 # SageMaker SDK's local mode, docker-compose 1.29, the docker Python package) work on a machine
-# without a Docker engine (GUIDE.md §5). Idempotent: does nothing when the socket already answers.
+# without a Docker engine (docs/container.md). Idempotent: does nothing when the socket already answers.
 # Run as root (the socket is /var/run/docker.sock); podman and docker-compose come from
 # scripts/install_podman.sh.
 #

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 from efficientnet_train import hyperparameters, metrics, spec
@@ -168,3 +169,59 @@ def test_free_text_hyperparameters_are_not_tunable():
     """A tuning job searches numeric ranges and category lists; CreateAlgorithm must not offer free text."""
     free_text = [h for h in hyperparameters.sagemaker_hyperparameter_specs() if h["Type"] == "FreeText"]
     assert free_text and not [h["Name"] for h in free_text if h["IsTunable"]]
+
+
+# ---- the documents stand alone ------------------------------------------------------------------------------
+
+def tracked_files() -> list[Path]:
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout
+    return [REPO / name for name in listed.split("\0") if name and (REPO / name).is_file()]
+
+
+def markdown_anchors(text: str) -> set[str]:
+    """GitHub's anchors of a Markdown file's headings (outside code blocks)."""
+    anchors, in_code = set(), False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and re.match(r"#{1,6} ", line):
+            heading = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", heading).replace(" ", "-"))
+    return anchors
+
+
+def test_no_file_points_outside_the_repository():
+    outside = re.compile(r"GUIDE\.md|\.\./shared|shared/(datasets|reference)|On these machines")
+    offenders = []
+    for path in tracked_files():
+        if path.suffix in (".png", ".jpg", ".gz", ".pth") or path.name == "test_docs_and_spec.py":
+            continue
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if outside.search(line):
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()[:100]}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_every_relative_link_in_the_markdown_resolves():
+    broken = []
+    for path in [p for p in tracked_files() if p.suffix == ".md"]:
+        text = path.read_text()
+        prose = re.sub(r"```.*?```", "", text, flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+            if re.match(r"[a-z]+:", target):
+                continue  # https:, mailto:
+            file_part, _, anchor = target.partition("#")
+            linked = (path.parent / file_part).resolve() if file_part else path
+            if not linked.exists():
+                broken.append(f"{path.relative_to(REPO)}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in markdown_anchors(linked.read_text()):
+                broken.append(f"{path.relative_to(REPO)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_readme_is_short_and_every_doc_says_who_it_is_for():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 250
+    for doc in sorted((REPO / "docs").glob("*.md")):
+        first_paragraph = doc.read_text().split("\n\n")[1]
+        assert first_paragraph.startswith("For "), doc.name

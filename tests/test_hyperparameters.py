@@ -10,7 +10,7 @@ from efficientnet_train import hyperparameters
 from efficientnet_train.errors import JobError
 from efficientnet_train.hyperparameters import SCHEMA, parse
 
-LISTING_DEFAULTS = {  # ../shared/reference/efficientnet-listing.md, names and defaults as published
+LISTING_DEFAULTS = {  # the Marketplace listing's names and defaults, as published
     "epochs": 250, "batch_size": 32, "aa": "rand-m9-mstd0.5", "decay_epochs": 2.4, "decay_rate": 0.1,
     "drop": 0.3, "drop_connect": 0.2, "lr": 0.016, "model_ema": True, "model_ema_decay": 0.9999,
     "opt": "rmsproptf", "opt_eps": 0.001, "remode": "pixel", "reprob": 0.2, "sched": "step",
