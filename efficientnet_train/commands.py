@@ -1,4 +1,5 @@
-"""The `train` command's first lines: what has to happen before torch and the rest are imported."""
+"""The commands' first lines: what has to happen before torch and the rest are imported (the stop
+signal's handler, `--help`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,24 @@ import signal
 import sys
 
 
+def _usage(text: str) -> int | None:
+    """`-h`/`--help`: the usage, exit 0, nothing started; any other argument: the usage, exit 2. None: run."""
+    arguments = sys.argv[1:]
+    if not arguments:
+        return None
+    if arguments[0] in ("-h", "--help"):
+        print(text)
+        return 0
+    print(f"{text}\n\nerror: unexpected arguments: {' '.join(arguments)[:200]}", file=sys.stderr)
+    return 2
+
+
 def train() -> int:
+    from .sagemaker import TRAIN_USAGE  # no torch: help is instant
+
+    asked = _usage(TRAIN_USAGE)
+    if asked is not None:
+        return asked
     # SageMaker runs the image's `train` as PID 1, for which the kernel drops any signal without a handler: a
     # StopTrainingJob (or spot interruption) during the imports or the data scan, minutes for a large data set,
     # went unheard until training began, or until SIGKILL 120 s later. Nothing is written before training starts,
@@ -15,6 +33,17 @@ def train() -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, _stop_during_start_up)
     from .train import main
+
+    return main()
+
+
+def serve() -> int:
+    from .sagemaker import SERVE_USAGE
+
+    asked = _usage(SERVE_USAGE)
+    if asked is not None:
+        return asked
+    from .serve import main
 
     return main()
 

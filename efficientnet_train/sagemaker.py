@@ -37,6 +37,49 @@ class Hosts:
 
 
 HYPERPARAMETERS_MAX_BYTES = 1_000_000
+DEBUG_VARIABLE = "EFFICIENTNET_DEBUG"  # set to 1: a buyer's error also prints its traceback
+
+TRAIN_USAGE = f"""usage: train [-h]
+
+Fine-tune an EfficientNet image classifier as a SageMaker training job: SageMaker runs `IMAGE train` with no
+arguments; it reads and writes SageMaker's {DEFAULT_BASE_DIR} tree (or $SAGEMAKER_BASE_DIR).
+
+reads:
+  input/config/hyperparameters.json    the hyperparameters, all optional (README.md lists them)
+  input/data/train/<label>/<image>     training images, one folder per label ($SM_CHANNEL_TRAIN instead)
+  input/data/val/<label>/<image>       validation images ($SM_CHANNEL_VAL)
+  input/data/model/                    optional: a previous job's model.tar.gz, to continue ($SM_CHANNEL_MODEL)
+  input/config/checkpointconfig.json   where checkpoints go (else checkpoints/); a restart resumes from them
+  input/config/resourceconfig.json     the instances of a multi-instance job
+
+writes:
+  model/          model_best.pth.tar, labels.json, args.yml, summary.csv, metrics.png, confusion_matrix.csv
+                  (and model.tar.gz when $TRAINING_JOB_NAME is unset: outside SageMaker)
+  checkpoints/    the resumable state, after every epoch
+  output/failure  why the job failed, with the fix (SageMaker's FailureReason)
+  stdout          the log: one metric line an epoch (train:loss=... validation:acc_1=...)
+
+environment: SAGEMAKER_BASE_DIR, SM_CHANNEL_<NAME>, TRAINING_JOB_NAME, MASTER_PORT (29500),
+  TRAIN_PEER_TIMEOUT_S (600), {DEBUG_VARIABLE}=1 (print the traceback of a user error too)
+
+exit status: 0 trained, or stopped by SIGTERM (a checkpoint is saved: run again to resume); 1 failed."""
+
+SERVE_USAGE = f"""usage: serve [-h]
+
+Serve a model trained by `train` over HTTP, as a SageMaker endpoint or batch transform: SageMaker runs
+`IMAGE serve` with no arguments.
+
+reads:   model/model_best.pth.tar and model/labels.json under {DEFAULT_BASE_DIR} (or $SAGEMAKER_BASE_DIR), where
+         SageMaker extracts model.tar.gz
+listens: 0.0.0.0:8080 ($SAGEMAKER_BIND_TO_PORT): GET /ping, POST /invocations, GET /execution-parameters
+answers: JSON (application/json, application/jsonlines); errors as {{"error": "..."}}
+log:     stdout
+
+environment: SAGEMAKER_BASE_DIR, SAGEMAKER_BIND_TO_PORT (8080), SAGEMAKER_BATCH (true: JSON Lines by default),
+  SAGEMAKER_MAX_PAYLOAD_IN_MB (6), SAGEMAKER_MODEL_SERVER_WORKERS (1), SERVE_THREADS (16), SERVE_TOP_K (5),
+  SERVE_MAX_BATCH_SIZE (32)
+
+exit status: 0 after SIGTERM (requests in flight are finished); 1 when the model cannot be loaded."""
 
 
 @dataclass(frozen=True)

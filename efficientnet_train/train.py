@@ -28,7 +28,7 @@ from .linear_probe import fit_linear_probe, probe_sample
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
 from .model import (autocast_for, checkpoint_of, create_model, predict_log_probabilities, read_model_channel,
                     save_checkpoint)
-from .sagemaker import SageMakerEnvironment
+from .sagemaker import DEBUG_VARIABLE, SageMakerEnvironment
 from .untrusted import shown, shown_lines
 
 log = logging.getLogger("efficientnet_train")
@@ -52,8 +52,8 @@ def main() -> int:
         else:
             distributed.launch(cluster, run, env, job)
         return 0
-    except JobError as exc:
-        log.error("Training failed: %s", exc, exc_info=True)
+    except JobError as exc:  # the buyer's to fix: the reason says how, a traceback would only bury it
+        log.error("Training failed: %s", exc, exc_info=bool(os.environ.get(DEBUG_VARIABLE, "").strip("0 ")))
         env.write_failure(str(exc))
     except Exception as exc:  # noqa: BLE001 - whatever it is, the buyer must see a reason
         log.exception("Training failed with an unexpected error")

@@ -370,3 +370,30 @@ def test_no_script_puts_a_shell_variable_into_python_source_or_unescaped_json():
         for snippet in re.findall(r"""-c\s+"([^"]*)\"""", text):
             assert "$" not in snippet, (script.name, snippet)  # pass values as sys.argv instead
         assert not re.search(r'<<\s*JSON', text), script.name
+
+
+# ---- command-line manners -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("command", ["train", "serve"])
+def test_help_prints_usage_and_starts_nothing(command, tmp_path):
+    executable = Path(sys.executable).with_name(command)
+    result = subprocess.run([str(executable), "--help"], env={**os.environ, "SAGEMAKER_BASE_DIR": str(tmp_path)},
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: {command} [-h]"), result
+    assert "SAGEMAKER_BASE_DIR" in result.stdout and "exit status" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing read, nothing written
+    wrong = subprocess.run([str(executable), "--epochs", "3"], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "unexpected arguments: --epochs 3" in wrong.stderr
+
+
+def test_a_user_error_prints_its_reason_alone_unless_debugging(tmp_path):
+    train = Path(sys.executable).with_name("train")
+    (tmp_path / "input" / "config").mkdir(parents=True)
+    (tmp_path / "input" / "config" / "hyperparameters.json").write_text('{"epochs": "zero"}')
+    for debug, traceback in (("", False), ("1", True)):
+        result = subprocess.run([str(train)], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, "SAGEMAKER_BASE_DIR": str(tmp_path), "EFFICIENTNET_DEBUG": debug})
+        console = result.stdout + result.stderr
+        assert result.returncode == 1 and "Training failed: Bad hyperparameters" in console
+        assert ("Traceback" in console) == traceback, console
+        assert "hyperparameter 'epochs'" in (tmp_path / "output" / "failure").read_text()
