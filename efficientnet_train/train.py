@@ -68,7 +68,7 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
     hp, ignored = hyperparameters.parse(env.read_hyperparameters())
     startup.done("checking the hyperparameters (importing timm)")
     if ignored:
-        log.info("Ignoring SageMaker's own hyperparameters: %s", ", ".join(ignored))
+        log.info("Ignoring SageMaker's own hyperparameters: %s", shown(", ".join(ignored), 300))
     train_channel = scan_channel("train", env.channel_dir("train"), max_unusable_fraction=hp.max_unusable_fraction)
     log.info(train_channel.inventory())
     val_channel = scan_channel("val", env.channel_dir("val"), classes=train_channel.classes,
@@ -102,186 +102,50 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
 
 def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank = distributed.SINGLE) -> None:
     """Train in this process: the only one, or one of `rank.world_size` (then only rank 0 writes)."""
-    hp, ignored, train_channel, val_channel = job.hp, job.ignored, job.train_channel, job.val_channel
-    classes = train_channel.classes
     stop = StopRequest().install()
     if rank.distributed:
         stop = distributed.AgreedStop(stop)
-    # Rank 0's checkpoint for all: another host's checkpoint folder may be empty or behind.
-    resumed = distributed.broadcast_object(job.resumed, rank)
-    job.resumed = None  # not kept twice in memory
-
-    if rank.distributed:
-        job.startup.done(f"starting training process {rank.rank + 1} of {rank.world_size}")
-    seed_everything(hp.seed + rank.rank)  # other dropout and augmentation in each process
-    device = torch.device("cuda", rank.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cpu" and rank.is_main:
-        log.warning("No GPU found (torch.cuda.is_available() is False): training on the CPU, many times slower. "
-                    "Choose a GPU instance type (ml.g5, ml.g6, ml.p3, ...) for more than a small test.")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed image sizes: cuDNN times its kernels once, keeps the fastest
-    autocast, amp_dtype = autocast_for(device)
-    start = None if resumed else read_model_channel(env.channel_dir("model"))
-    model = create_model(hp.model, classes, hp.pretrained_path, hp.drop, hp.drop_connect, start=start).to(device)
-    # A new head is fitted as a linear probe first (epoch 0); a previous job's head for the same labels is kept.
-    probe_first = not resumed and (start is None or start[1]["labels"] != classes)
-    job.startup.done(f"building the model on the {'GPU' if device.type == 'cuda' else 'CPU'}")
-    data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
-    # Gradients averaged over all processes after each backward; parameters start as rank 0's.
-    trained = torch.nn.parallel.DistributedDataParallel(model) if rank.distributed else model
-
-    workers = data_loading_workers_for(hp, rank.per_host)
-    slow_data = SlowDataWarning(workers, hp.workers, rank.per_host, device.type == "cuda", rank.is_main)
-    train_data = dataset_of(train_channel, train_transform(data_config, hp.aa, hp.hflip),
-                            hp.max_unusable_fraction, workers, decode_side(data_config, training=True))
-    val_data = dataset_of(val_channel, eval_transform(data_config), hp.max_unusable_fraction, workers,
-                          decode_side(data_config, training=False))
-    train_loader = data_loader(train_data, workers, device, hp.seed + rank.rank,
-                               batch_sampler=TrainBatches(len(train_data), hp.batch_size, hp.seed, rank.world_size,
-                                                          rank.rank))
-    # Every rank a different share, each image exactly once (no padding): the summed counts are the val set's.
-    val_share = torch.utils.data.Subset(val_data, range(rank.rank, len(val_data), rank.world_size))
-    val_loader = data_loader(val_share, workers, device, hp.seed + rank.rank, batch_size=hp.batch_size)
-    eval_hflip = hp.eval_hflip and hp.hflip > 0  # a model never shown mirror images can't be asked about them
-    train_input = ModelInput(data_config, device, hp.reprob, hp.remode)
-    val_input = ModelInput(data_config, device)
-    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_channel) if hp.balance_classes else None,
-                                        label_smoothing=hp.smoothing).to(device)
-
-    from timm.scheduler import create_scheduler_v2
-
-    global_batch = hp.batch_size * rank.world_size
-    lr = hyperparameters.scaled_lr(hp, rank.world_size)
-    optimizer, ema, scaler = training_tools(model, hp, lr, amp_dtype)
-    # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch.
-    schedule_epoch = schedule_epoch_updates(hp, len(train_loader))
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=hp.sched, num_epochs=hp.epochs * len(train_loader) / schedule_epoch,
-        decay_epochs=hp.decay_epochs, decay_rate=hp.decay_rate, warmup_lr=hp.warmup_lr,
-        warmup_epochs=hp.warmup_epochs, step_on_epochs=False, updates_per_epoch=schedule_epoch)
-    trainables = dict(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-
-    args = {**vars(hp),
-            "ignored_hyperparameters": ignored, "classes": classes, "num_classes": len(classes),
-            "data_config": data_config, "effective_eval_hflip": eval_hflip, "global_batch_size": global_batch,
-            "effective_lr": lr, "updates_per_epoch": len(train_loader), "schedule_epoch_updates": schedule_epoch,
-            "checkpoint_dir": str(env.checkpoint_dir),
-            "processes": rank.world_size, "effective_workers": workers, "device": describe(device),
-            "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
-            "train_images": len(train_channel.samples), "val_images": len(val_channel.samples),
-            "train_images_per_class": train_channel.images_per_class(),
-            "val_images_per_class": val_channel.images_per_class(),
-            "skipped_files": {ch.name: ch.skipped_summary() for ch in (train_channel, val_channel)},
-            "training_job_name": env.training_job_name, "versions": versions()}
-
-    progress, summary, best, best_model, stop_reason = Progress(0 if probe_first else 1), [], None, None, None
-    if resumed:
-        path, state = resumed
-        progress = restore_training_state(state, **trainables)
-        summary, best, best_model, stop_reason = state["summary"], state["best"], state["best_model"], state["finished"]
-        if state.get("linear_probe"):
-            args["linear_probe"] = state["linear_probe"]
-        if rank.rank:
-            seed_everything(hp.seed + rank.rank + 1000 * progress.epoch)  # the saved RNG states are rank 0's
-        args["resumed_from"] = f"{path} (epoch {progress.epoch}, after {progress.step} of {len(train_loader)} batches)"
-        log.info("Resuming from checkpoint %s: epoch %d, after %d of its %d batches; %s", path, progress.epoch,
-                 progress.step, len(train_loader), "no best model yet" if best is None else
-                 f"best so far top-1 {best['top1']:.4f}% at epoch {best['epoch']}")
-    title = f"{hp.model} on {len(classes)} classes, {env.training_job_name or 'local run'}"
+    t = set_up(env, job, rank)
+    hp, args = t.hp, t.args
+    progress, summary, best, stop_reason = resume(t, job, rank)
     if rank.is_main:
-        outputs.write_labels(env.model_dir, classes)
+        outputs.write_labels(env.model_dir, t.classes)
         log.info("Resolved settings (also in %s):\n%s", outputs.ARGS_FILE,
                  shown_lines(outputs.write_args(env.model_dir, args)))
-        if best_model is not None:  # a restarted spot job's model/ starts empty
-            save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, best_model)
-        write_epoch_outputs(env.model_dir, summary, best, classes, title)
+        if best.checkpoint is not None:  # a restarted spot job's model/ starts empty
+            save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, best.checkpoint)
+        write_epoch_outputs(env.model_dir, summary, best.record, t.classes, t.title)
 
     def save_progress() -> Path | None:
         if not rank.is_main:
             return None
         return save_state(env.checkpoint_dir, training_state(
-            progress=progress, **trainables, summary=summary, best=best, best_model=best_model,
-            finished=stop_reason, linear_probe=args.get("linear_probe"), hyperparameters=vars(hp), classes=classes,
-            train_images=len(train_channel.samples), world_size=rank.world_size))
+            progress=progress, **t.trainables, summary=summary, best=best.record, best_model=best.checkpoint,
+            finished=stop_reason, linear_probe=args.get("linear_probe"), hyperparameters=vars(hp),
+            classes=t.classes, train_images=len(job.train_channel.samples), world_size=rank.world_size))
 
     started, epoch_seconds, startup = time.monotonic(), [], job.startup
     try:
         while stop_reason is None and progress.epoch <= hp.epochs:
-            epoch, epoch_started, seen_before = progress.epoch, time.monotonic(), progress.seen
-            if epoch == 0:
-                probe = linear_probe(model, train_channel, data_config, hp, workers, rank, val_input, autocast,
-                                     loss_fn)
-                if ema is not None:
-                    ema.set(model)
-                startup.done(f"fitting the linear probe on {probe.images} images")
-                train_loss, data_wait, images_done, candidates = probe.loss, 0.0, probe.images, {"probe": model}
-            else:
-                train_loss, data_wait = train_one_epoch(trained, train_loader, train_input, loss_fn, optimizer,
-                                                        scheduler, ema, scaler, autocast, progress, stop, startup,
-                                                        slow_data)
-                startup = None  # said once per process: a resumed job says its own start-up again
-                images_done = (progress.seen - seen_before) * rank.world_size
-                candidates = {"raw": model, **({"ema": ema.module} if ema else {})}
-            training_seconds = time.monotonic() - epoch_started
-            slow_data.check(data_wait, training_seconds, f"epoch {epoch}'s training")
-            for net in candidates.values():
-                distributed.broadcast_buffers(net)
-            # Ranks may hold different val shares, so not interruptible by batch there: validation is short.
-            results = evaluate(candidates, val_loader, val_input, autocast, len(classes), eval_hflip,
-                               None if rank.distributed else stop)
+            epoch, epoch_started = progress.epoch, time.monotonic()
+            trained = probe_epoch(t, rank, startup) if epoch == 0 else train_epoch(t, progress, stop, startup, rank)
+            startup = None if epoch else startup  # said once per process: a resumed job says its own start-up again
+            results = validate(t, trained.candidates, stop, rank)
             chosen = max(results, key=lambda name: (results[name].top1, -results[name].loss))
-            result = results[chosen]
+            result, seconds = results[chosen], time.monotonic() - epoch_started
+            epoch_seconds += [seconds] if epoch else []
             # The classifier's (the highest with layer_decay); nothing was trained at it in the probe's epoch 0.
-            lr_now = max(group["lr"] for group in optimizer.param_groups) if epoch else 0.0
-            seconds = time.monotonic() - epoch_started
-            if epoch:
-                epoch_seconds.append(seconds)
-            log.info("epoch %d/%d %s lr=%.8f weights=%s%s images/s=%.1f training=%.0fs data_wait=%.1fs "
-                     "validation=%.0fs elapsed=%.0fs left<=%s", epoch, hp.epochs,
-                     metric_line({TRAIN_LOSS: train_loss, VAL_LOSS: result.loss, VAL_ACC_1: result.top1,
-                                  VAL_ACC_5: result.top5}),
-                     lr_now, chosen, "" if len(results) == 1 else
-                     " (" + ", ".join(f"{name} acc_1={r.top1:.2f}" for name, r in results.items()) + ")",
-                     images_done / max(training_seconds, 1e-6), training_seconds, data_wait,
-                     seconds - training_seconds, time.monotonic() - started,
-                     report.duration((hp.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds))
-                     if epoch_seconds else "?")
-            if epoch == 0:
-                args["linear_probe"] = {"acc_1": result.top1, "loss": result.loss, "images": probe.images,
-                                        "seconds": round(training_seconds, 1)}
-                log.info("Linear probe (epoch 0): validation top-1 %.2f%%, loss %.4f; fitted on the frozen "
-                         "features (%d) of %d training images in %.1f s: features %.1f s, logistic regression "
-                         "%.1f s", result.top1, result.loss, probe.features, probe.images, training_seconds,
-                         probe.extract_seconds, probe.fit_seconds)
-            if device.type == "cuda" and epoch and len(epoch_seconds) == 1:
-                log.info("Peak GPU memory: %.1f GiB of %.1f GiB (batch_size=%d, img_size=%d)",
-                         torch.cuda.max_memory_reserved(device) / 2**30,
-                         torch.cuda.get_device_properties(device).total_memory / 2**30, hp.batch_size,
-                         data_config["train_input_size"][-1])
-            summary.append({"epoch": epoch, "train_loss": f"{train_loss:.6f}", "eval_loss": f"{result.loss:.6f}",
-                            "eval_top1": f"{result.top1:.6f}", "eval_top5": f"{result.top5:.6f}",
-                            "lr": f"{lr_now:.10f}"})
-            args["failed_during_training"] = report_load_failures(epoch, [train_data, val_data])
-            if best is None or (result.top1, -result.loss) > (best["top1"], -best["loss"]):
-                calibration = calibrate(result, len(classes))
-                best = {"epoch": epoch, "top1": result.top1, "loss": result.loss, "weights": chosen,
-                        "per_class": dict(zip(classes, result.per_class)), "confusion": result.confusion,
-                        "calibration": calibration}
-                best_model = checkpoint_of(candidates[chosen], arch=hp.model, epoch=epoch, metric=result.top1,
-                                           metric_name=VAL_ACC_1, weights=chosen, labels=classes,
-                                           num_classes=len(classes), data_config=data_config,
-                                           eval_hflip=eval_hflip, temperature=calibration["temperature"], args=args)
-                if rank.is_main:
-                    save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, best_model)
-                # Not "validation:acc_1=": SageMaker's regex would record the value a second time.
-                log.info("New best model: epoch %d, top-1 accuracy %.4f%% (%s weights); temperature %.3f takes its "
-                         "calibration error (top-label ECE) from %.4f to %.4f", epoch, result.top1, chosen,
-                         calibration["temperature"], calibration["ece_before"], calibration["ece_after"])
+            lr_now = max(group["lr"] for group in t.optimizer.param_groups) if epoch else 0.0
+            log_epoch(t, epoch, results, chosen, lr_now, trained, seconds, time.monotonic() - started, epoch_seconds)
+            summary.append(summary_row(epoch, trained.loss, result, lr_now))
+            args["failed_during_training"] = report_load_failures(epoch, [t.train_data, t.val_data])
+            if best.beaten_by(result):
+                best.take(epoch, result, chosen, trained.candidates[chosen], t, env.model_dir, rank.is_main)
             if rank.is_main:
-                write_epoch_outputs(env.model_dir, summary, best, classes, title)
+                write_epoch_outputs(env.model_dir, summary, best.record, t.classes, t.title)
             if hp.early_stopping:
-                stop_reason = early_stop_reason(epoch, best["epoch"], lr_now, lr, hp,
-                                                schedule_epoch / len(train_loader))
+                stop_reason = early_stop_reason(epoch, best.record["epoch"], lr_now, t.lr, hp,
+                                                t.schedule_epoch / len(t.train_loader))
             progress = Progress(epoch + 1)
             save_progress()
             if stop_reason:
@@ -294,11 +158,200 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
         path = save_progress()  # before stop_reason is set: a restarted job must carry on, not finish
         stop_reason = f"stopped by {stop.signal_name}"
         log.info("Stopped by %s in epoch %d after %d of %d batches; saved %s, which a restarted job resumes from.",
-                 stop.signal_name, progress.epoch, progress.step, len(train_loader), path)
+                 stop.signal_name, progress.epoch, progress.step, len(t.train_loader), path)
     except Exception as exc:  # out of memory, a data-loading worker killed: the reason says what to change
-        raise explained(exc, hp.batch_size, workers, (train_data, val_data))
+        raise explained(exc, hp.batch_size, t.workers, (t.train_data, t.val_data))
     if rank.is_main:
-        finish(env, args, summary, best, stop_reason or "epochs done", time.monotonic() - started)
+        finish(env, args, summary, best.record, stop_reason or "epochs done", time.monotonic() - started)
+
+
+def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank) -> SimpleNamespace:
+    """Everything an epoch needs, made once: the device, the model, the data, the optimizer and its schedule,
+    and the settings args.yml records."""
+    hp, train_channel, val_channel = job.hp, job.train_channel, job.val_channel
+    classes = train_channel.classes
+    if rank.distributed:
+        job.startup.done(f"starting training process {rank.rank + 1} of {rank.world_size}")
+    seed_everything(hp.seed + rank.rank)  # other dropout and augmentation in each process
+    device = torch.device("cuda", rank.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu" and rank.is_main:
+        log.warning("No GPU found (torch.cuda.is_available() is False): training on the CPU, many times slower. "
+                    "Choose a GPU instance type (ml.g5, ml.g6, ml.p3, ...) for more than a small test.")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed image sizes: cuDNN times its kernels once, keeps the fastest
+    autocast, amp_dtype = autocast_for(device)
+    # Rank 0's checkpoint for all: another host's checkpoint folder may be empty or behind.
+    job.resumed = distributed.broadcast_object(job.resumed, rank)
+    start = None if job.resumed else read_model_channel(env.channel_dir("model"))
+    model = create_model(hp.model, classes, hp.pretrained_path, hp.drop, hp.drop_connect, start=start).to(device)
+    job.startup.done(f"building the model on the {'GPU' if device.type == 'cuda' else 'CPU'}")
+    data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
+
+    workers = data_loading_workers_for(hp, rank.per_host)
+    train_data = dataset_of(train_channel, train_transform(data_config, hp.aa, hp.hflip),
+                            hp.max_unusable_fraction, workers, decode_side(data_config, training=True))
+    val_data = dataset_of(val_channel, eval_transform(data_config), hp.max_unusable_fraction, workers,
+                          decode_side(data_config, training=False))
+    train_loader = data_loader(train_data, workers, device, hp.seed + rank.rank,
+                               batch_sampler=TrainBatches(len(train_data), hp.batch_size, hp.seed, rank.world_size,
+                                                          rank.rank))
+    # Every rank a different share, each image exactly once (no padding): the summed counts are the val set's.
+    val_share = torch.utils.data.Subset(val_data, range(rank.rank, len(val_data), rank.world_size))
+    val_loader = data_loader(val_share, workers, device, hp.seed + rank.rank, batch_size=hp.batch_size)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_channel) if hp.balance_classes else None,
+                                        label_smoothing=hp.smoothing).to(device)
+
+    from timm.scheduler import create_scheduler_v2
+
+    lr = hyperparameters.scaled_lr(hp, rank.world_size)
+    optimizer, ema, scaler = training_tools(model, hp, lr, amp_dtype)
+    # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch.
+    schedule_epoch = schedule_epoch_updates(hp, len(train_loader))
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=hp.sched, num_epochs=hp.epochs * len(train_loader) / schedule_epoch,
+        decay_epochs=hp.decay_epochs, decay_rate=hp.decay_rate, warmup_lr=hp.warmup_lr,
+        warmup_epochs=hp.warmup_epochs, step_on_epochs=False, updates_per_epoch=schedule_epoch)
+    eval_hflip = hp.eval_hflip and hp.hflip > 0  # a model never shown mirror images can't be asked about them
+    args = {**vars(hp),
+            "ignored_hyperparameters": job.ignored, "classes": classes, "num_classes": len(classes),
+            "data_config": data_config, "effective_eval_hflip": eval_hflip,
+            "global_batch_size": hp.batch_size * rank.world_size,
+            "effective_lr": lr, "updates_per_epoch": len(train_loader), "schedule_epoch_updates": schedule_epoch,
+            "checkpoint_dir": str(env.checkpoint_dir),
+            "processes": rank.world_size, "effective_workers": workers, "device": describe(device),
+            "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
+            "train_images": len(train_channel.samples), "val_images": len(val_channel.samples),
+            "train_images_per_class": train_channel.images_per_class(),
+            "val_images_per_class": val_channel.images_per_class(),
+            "skipped_files": {ch.name: ch.skipped_summary() for ch in (train_channel, val_channel)},
+            "training_job_name": env.training_job_name, "versions": versions()}
+    return SimpleNamespace(
+        hp=hp, classes=classes, train_channel=train_channel, device=device, autocast=autocast, model=model,
+        # Gradients averaged over all processes after each backward; parameters start as rank 0's.
+        trained=torch.nn.parallel.DistributedDataParallel(model) if rank.distributed else model,
+        # A new head is fitted as a linear probe first (epoch 0); a previous job's head for the same labels is kept.
+        probe_first=not job.resumed and (start is None or start[1]["labels"] != classes),
+        data_config=data_config, workers=workers, train_data=train_data, val_data=val_data,
+        train_loader=train_loader, val_loader=val_loader, eval_hflip=eval_hflip,
+        train_input=ModelInput(data_config, device, hp.reprob, hp.remode), val_input=ModelInput(data_config, device),
+        loss_fn=loss_fn, lr=lr, optimizer=optimizer, ema=ema, scheduler=scheduler, schedule_epoch=schedule_epoch,
+        trainables=dict(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler),
+        slow_data=SlowDataWarning(workers, hp.workers, rank.per_host, device.type == "cuda", rank.is_main),
+        args=args, title=f"{hp.model} on {len(classes)} classes, {env.training_job_name or 'local run'}")
+
+
+def resume(t: SimpleNamespace, job: SimpleNamespace, rank: distributed.Rank):
+    """Where training starts: the checkpoint's place and records when resuming, else epoch 0 (the linear probe)
+    or 1. Returns the progress, the summary rows, the best model and why training had finished, if it had."""
+    if not job.resumed:
+        return Progress(0 if t.probe_first else 1), [], BestModel(), None
+    (path, state), job.resumed = job.resumed, None  # not kept twice in memory
+    progress = restore_training_state(state, **t.trainables)
+    if state.get("linear_probe"):
+        t.args["linear_probe"] = state["linear_probe"]
+    if rank.rank:
+        seed_everything(t.hp.seed + rank.rank + 1000 * progress.epoch)  # the saved RNG states are rank 0's
+    t.args["resumed_from"] = (f"{path} (epoch {progress.epoch}, after {progress.step} of {len(t.train_loader)} "
+                              f"batches)")
+    best = BestModel(state["best"], state["best_model"])
+    log.info("Resuming from checkpoint %s: epoch %d, after %d of its %d batches; %s", path, progress.epoch,
+             progress.step, len(t.train_loader), "no best model yet" if best.record is None else
+             f"best so far top-1 {best.record['top1']:.4f}% at epoch {best.record['epoch']}")
+    return progress, state["summary"], best, state["finished"]
+
+
+def probe_epoch(t: SimpleNamespace, rank: distributed.Rank, startup: report.StartUp) -> SimpleNamespace:
+    """Epoch 0: the new classifier fitted as a linear probe on the frozen features."""
+    started = time.monotonic()
+    probe = linear_probe(t.model, t.train_channel, t.data_config, t.hp, t.workers, rank, t.val_input, t.autocast,
+                         t.loss_fn)
+    if t.ema is not None:
+        t.ema.set(t.model)
+    startup.done(f"fitting the linear probe on {probe.images} images")
+    return SimpleNamespace(loss=probe.loss, data_wait=0.0, images=probe.images, candidates={"probe": t.model},
+                           seconds=time.monotonic() - started, probe=probe)
+
+
+def train_epoch(t: SimpleNamespace, progress: Progress, stop: StopRequest, startup: report.StartUp | None,
+                rank: distributed.Rank) -> SimpleNamespace:
+    """The rest of `progress.epoch`'s training; its candidates for the best model: the raw weights and the EMA."""
+    started, seen_before = time.monotonic(), progress.seen
+    loss, data_wait = train_one_epoch(t.trained, t.train_loader, t.train_input, t.loss_fn, t.optimizer, t.scheduler,
+                                      t.ema, t.trainables["scaler"], t.autocast, progress, stop, startup, t.slow_data)
+    t.slow_data.check(data_wait, time.monotonic() - started, f"epoch {progress.epoch}'s training")
+    return SimpleNamespace(loss=loss, data_wait=data_wait, images=(progress.seen - seen_before) * rank.world_size,
+                           candidates={"raw": t.model, **({"ema": t.ema.module} if t.ema else {})},
+                           seconds=time.monotonic() - started, probe=None)
+
+
+def validate(t: SimpleNamespace, candidates: dict, stop: StopRequest, rank: distributed.Rank) -> dict:
+    """Every candidate's validation results, the same on every process."""
+    for net in candidates.values():
+        distributed.broadcast_buffers(net)
+    # Ranks may hold different val shares, so not interruptible by batch there: validation is short.
+    return evaluate(candidates, t.val_loader, t.val_input, t.autocast, len(t.classes), t.eval_hflip,
+                    None if rank.distributed else stop)
+
+
+def log_epoch(t: SimpleNamespace, epoch: int, results: dict, chosen: str, lr_now: float, trained: SimpleNamespace,
+              seconds: float, elapsed: float, epoch_seconds: list[float]) -> None:
+    """The epoch's line, which SageMaker's metric regexes read; the probe's own line after epoch 0."""
+    hp, result = t.hp, results[chosen]
+    log.info("epoch %d/%d %s lr=%.8f weights=%s%s images/s=%.1f training=%.0fs data_wait=%.1fs "
+             "validation=%.0fs elapsed=%.0fs left<=%s", epoch, hp.epochs,
+             metric_line({TRAIN_LOSS: trained.loss, VAL_LOSS: result.loss, VAL_ACC_1: result.top1,
+                          VAL_ACC_5: result.top5}),
+             lr_now, chosen, "" if len(results) == 1 else
+             " (" + ", ".join(f"{name} acc_1={r.top1:.2f}" for name, r in results.items()) + ")",
+             trained.images / max(trained.seconds, 1e-6), trained.seconds, trained.data_wait,
+             seconds - trained.seconds, elapsed,
+             report.duration((hp.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)) if epoch_seconds else "?")
+    if trained.probe is not None:
+        probe = trained.probe
+        t.args["linear_probe"] = {"acc_1": result.top1, "loss": result.loss, "images": probe.images,
+                                  "seconds": round(trained.seconds, 1)}
+        log.info("Linear probe (epoch 0): validation top-1 %.2f%%, loss %.4f; fitted on the frozen features (%d) of "
+                 "%d training images in %.1f s: features %.1f s, logistic regression %.1f s", result.top1,
+                 result.loss, probe.features, probe.images, trained.seconds, probe.extract_seconds, probe.fit_seconds)
+    if t.device.type == "cuda" and epoch and len(epoch_seconds) == 1:
+        log.info("Peak GPU memory: %.1f GiB of %.1f GiB (batch_size=%d, img_size=%d)",
+                 torch.cuda.max_memory_reserved(t.device) / 2**30,
+                 torch.cuda.get_device_properties(t.device).total_memory / 2**30, hp.batch_size,
+                 t.data_config["train_input_size"][-1])
+
+
+def summary_row(epoch: int, train_loss: float, result: SimpleNamespace, lr_now: float) -> dict:
+    return {"epoch": epoch, "train_loss": f"{train_loss:.6f}", "eval_loss": f"{result.loss:.6f}",
+            "eval_top1": f"{result.top1:.6f}", "eval_top5": f"{result.top5:.6f}", "lr": f"{lr_now:.10f}"}
+
+
+class BestModel:
+    """The best model so far: its `record` (epoch, accuracy, per class, confusion, calibration) and its
+    `checkpoint`, which rank 0 writes to model/ as soon as it is found. Better: a higher top-1, or the same with
+    a lower validation loss."""
+
+    def __init__(self, record: dict | None = None, checkpoint: dict | None = None):
+        self.record, self.checkpoint = record, checkpoint
+
+    def beaten_by(self, result: SimpleNamespace) -> bool:
+        return self.record is None or (result.top1, -result.loss) > (self.record["top1"], -self.record["loss"])
+
+    def take(self, epoch: int, result: SimpleNamespace, weights: str, net: torch.nn.Module, t: SimpleNamespace,
+             model_dir: Path, write: bool) -> None:
+        calibration = calibrate(result, len(t.classes))
+        self.record = {"epoch": epoch, "top1": result.top1, "loss": result.loss, "weights": weights,
+                       "per_class": dict(zip(t.classes, result.per_class)), "confusion": result.confusion,
+                       "calibration": calibration}
+        self.checkpoint = checkpoint_of(net, arch=t.hp.model, epoch=epoch, metric=result.top1, metric_name=VAL_ACC_1,
+                                        weights=weights, labels=t.classes, num_classes=len(t.classes),
+                                        data_config=t.data_config, eval_hflip=t.eval_hflip,
+                                        temperature=calibration["temperature"], args=t.args)
+        if write:
+            save_checkpoint(model_dir / outputs.BEST_MODEL_FILE, self.checkpoint)
+        # Not "validation:acc_1=": SageMaker's regex would record the value a second time.
+        log.info("New best model: epoch %d, top-1 accuracy %.4f%% (%s weights); temperature %.3f takes its "
+                 "calibration error (top-label ECE) from %.4f to %.4f", epoch, result.top1, weights,
+                 calibration["temperature"], calibration["ece_before"], calibration["ece_after"])
 
 
 def write_epoch_outputs(model_dir: Path, summary: list[dict], best: dict | None, classes: list[str],
