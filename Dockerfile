@@ -36,7 +36,8 @@ COPY pyproject.toml constraints.txt ./
 RUN for var in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_CERT; do \
         [ -n "${!var}" ] || unset "$var"; \
     done; \
-    python -c 'import sys, tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+    python -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+        print("\n".join(p["dependencies"] + p["optional-dependencies"]["export"]))' \
         > /tmp/requirements.txt; \
     pip install -c constraints.txt -r /tmp/requirements.txt
 

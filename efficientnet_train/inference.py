@@ -54,6 +54,13 @@ class Classifier:
                 for row_values, row_indices in zip(values.tolist(), indices.tolist())]
 
 
+    def verbose(self, probabilities: torch.Tensor) -> list[dict]:
+        """Every label with its probability, in the labels' order, and the likeliest: SageMaker JumpStart's image
+        classifiers' answer ({"labels", "probabilities", "predicted_label"})."""
+        return [{"labels": self.labels, "probabilities": row, "predicted_label": self.labels[index]}
+                for row, index in zip(probabilities.tolist(), probabilities.argmax(dim=1).tolist())]
+
+
 def check_model_dir(model_dir: Path) -> None:
     missing = [name for name in (BEST_MODEL_FILE, LABELS_FILE) if not (model_dir / name).is_file()]
     if missing:

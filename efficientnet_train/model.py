@@ -209,7 +209,8 @@ def predict_log_probabilities(model: torch.nn.Module, images: torch.Tensor, mirr
     if not mirror:
         return calibrated(model(images).float().log_softmax(dim=1), temperature)
     probabilities = model(torch.cat([images, images.flip(3)])).float().softmax(dim=1)
-    return calibrated(probabilities.view(2, len(images), -1).mean(dim=0).log(), temperature)
+    # -1 for the batch, not len(images): an exported graph (ONNX) then keeps its batch size free.
+    return calibrated(probabilities.view(2, -1, probabilities.shape[1]).mean(dim=0).log(), temperature)
 
 
 def checkpoint_of(model: torch.nn.Module, **metadata: Any) -> dict:

@@ -186,7 +186,7 @@ class InferenceApp:
 
     def _invocations(self, environ):
         content_type = _media_type(environ.get("CONTENT_TYPE", ""))
-        response_type = self._response_type(environ.get("HTTP_ACCEPT", ""))
+        response_type, verbose = self._response_type(environ.get("HTTP_ACCEPT", ""))
         if content_type not in ("", JSON, "application/x-image") and not content_type.startswith("image/"):
             raise HttpError("415 Unsupported Media Type",
                             f"Content-Type {shown(content_type, 100)} is not supported. Send one image as "
@@ -205,23 +205,30 @@ class InferenceApp:
                 where = f"Image {index}" if content_type == JSON else "The request body"
                 raise HttpError("400 Bad Request", f"{where} cannot be read: {exc}.") from exc
         del encoded, body
-        predictions = self.classifier.top_k(self.batcher.probabilities(torch.stack(images)), k)
+        probabilities = self.batcher.probabilities(torch.stack(images))
+        predictions = self.classifier.verbose(probabilities) if verbose else self.classifier.top_k(probabilities, k)
         if response_type == JSON_LINES:
             return "200 OK", JSON_LINES, b"".join(_json_body(prediction) for prediction in predictions)
+        if verbose and content_type != JSON:  # one image, answered as JumpStart answers it: the object itself
+            return "200 OK", JSON, _json_body(predictions[0])
         return "200 OK", JSON, _json_body({"predictions": predictions})
 
-    def _response_type(self, accept: str) -> str:
+    def _response_type(self, accept: str) -> tuple[str, bool]:
+        """The media type to answer in, and whether verbosely (`application/json;verbose`: every label with its
+        probability and the predicted label, as SageMaker JumpStart's image classifiers answer)."""
         default = JSON_LINES if self.settings.batch else JSON
-        offered = [_media_type(item) for item in accept.split(",") if item.strip()]
+        offered = [item for item in accept.split(",") if item.strip()]
         if not offered:
-            return default
-        for media_type in offered:
+            return default, False
+        for item in offered:
+            media_type = _media_type(item)
+            verbose = "verbose" in (part.strip().lower() for part in item.split(";")[1:])
             if media_type in RESPONSE_TYPES:
-                return media_type
+                return media_type, verbose
             if media_type in ("*/*", "application/*"):
-                return default
+                return default, verbose
         raise HttpError("406 Not Acceptable", f"Cannot answer in {shown(accept, 100)}: responses are "
-                                              f"{' or '.join(RESPONSE_TYPES)}.")
+                                              f"{' or '.join(RESPONSE_TYPES)}, each optionally ;verbose.")
 
     def _top_k(self, environ) -> int:
         """k from ?top_k=, else CustomAttributes "top_k=3" (what InvokeEndpoint can pass), else SERVE_TOP_K."""

@@ -100,7 +100,7 @@ def validation_specification() -> dict:
 # `serve` answers any image/* body; these are the ones Pillow decodes that buyers send. JSON carries several.
 INFERENCE_CONTENT_TYPES = ["image/jpeg", "image/png", "application/x-image", "image/webp", "image/bmp", "image/gif",
                            "image/tiff", "application/json"]
-INFERENCE_RESPONSE_TYPES = ["application/json", "application/jsonlines"]
+INFERENCE_RESPONSE_TYPES = ["application/json", "application/jsonlines", "application/json;verbose"]
 # An EfficientNet answers one image in tens of milliseconds on a CPU: CPU instances suffice for real-time;
 # GPUs pay off for batch transform, where the server batches concurrent requests.
 REALTIME_INSTANCE_TYPES = ["ml.m5.large", "ml.m5.xlarge", "ml.m5.2xlarge", "ml.c5.xlarge", "ml.c5.2xlarge",

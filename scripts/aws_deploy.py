@@ -42,6 +42,9 @@ def parse_args(argv):
     parser.add_argument("--image", action="append", default=[], type=Path, dest="images",
                         help="an image file to classify (repeat for more)")
     parser.add_argument("--top-k", type=int, default=3, help="labels to print per image")
+    parser.add_argument("--verbose", action="store_true",
+                        help="ask for every label's probability and the predicted label (Accept: application/json;"
+                             "verbose, the answer SageMaker JumpStart's image classifiers give)")
     parser.add_argument("--delete", action="store_true", help="delete the endpoint and its model at the end")
     parser.add_argument("--region", help="AWS region (default: your AWS configuration's)")
     args = parser.parse_args(argv)
@@ -97,8 +100,14 @@ def predictor(endpoint_name: str, session):
                      serializer=IdentitySerializer("image/jpeg"), deserializer=JSONDeserializer())
 
 
-def classify(pred, image: Path, top_k: int) -> dict:
+def classify(pred, image: Path, top_k: int, verbose: bool = False) -> dict:
     content_type = mimetypes.guess_type(image.name)[0] or "application/x-image"
+    if verbose:
+        answer = pred.predict(image.read_bytes(), initial_args={"ContentType": content_type,
+                                                                "Accept": "application/json;verbose"})
+        ranked = sorted(zip(answer["labels"], answer["probabilities"]), key=lambda pair: -pair[1])[:top_k]
+        print(f"{image}: {answer['predicted_label']} (" + ", ".join(f"{label} {p:.3f}" for label, p in ranked) + ")")
+        return answer
     answer = pred.predict(image.read_bytes(), initial_args={"ContentType": content_type, "Accept": "application/json"},
                           custom_attributes=f"top_k={top_k}")
     best = answer["predictions"][0]
@@ -118,7 +127,7 @@ def main(argv=None, session=None) -> int:
         print(f"Endpoint {endpoint_name} is in service")
     pred = predictor(endpoint_name, session)
     for image in args.images:
-        classify(pred, image, args.top_k)
+        classify(pred, image, args.top_k, args.verbose)
     if args.delete:
         pred.delete_model()
         pred.delete_endpoint(delete_endpoint_config=True)

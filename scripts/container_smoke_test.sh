@@ -122,6 +122,27 @@ assert float(probs.max()) > 0.5, probs  # a zero head answered [0.333, 0.333, 0.
 print("checkpoint loads in the image:", checkpoint["arch"], "probabilities", [round(float(p), 3) for p in probs])
 ' || fail "the saved checkpoint does not load in the image"
 
+step "export-onnx in the image: onnxruntime answers what predict answers"
+mkdir -p "$SMOKE_DIR/onnx"
+"$ENGINE" run --rm --network none "${PODMAN_FLAGS[@]}" -v "$SMOKE_DIR/job/opt_ml/model:/opt/ml/model:ro" \
+    -v "$SMOKE_DIR/data/val:/data:ro" -v "$SMOKE_DIR/onnx:/out" "$IMAGE" bash -c '
+set -e
+export-onnx /opt/ml/model/model.tar.gz --output /out/model.onnx
+python -c "
+import numpy as np, onnxruntime, torch
+from pathlib import Path
+from efficientnet_train.data import load_image
+from efficientnet_train.inference import Classifier
+classifier = Classifier(Path(\"/opt/ml/model\"), torch.device(\"cpu\"))
+session = onnxruntime.InferenceSession(\"/out/model.onnx\", providers=[\"CPUExecutionProvider\"])
+paths = sorted(Path(\"/data\").rglob(\"*.png\"))
+for batch in (1, 7):
+    images = torch.stack([classifier.preprocess(load_image(str(p))) for p in paths[:batch]])
+    expected, exported = classifier.probabilities(images).numpy(), session.run(None, {\"images\": images.numpy()})[0]
+    assert np.abs(expected - exported).max() < 1e-4 and (expected.argmax(1) == exported.argmax(1)).all()
+    print(f\"batch {batch}: largest difference {np.abs(expected - exported).max():.1e}, same top-1 on every image\")
+"' || fail "export-onnx in the image"
+
 step "A bad hyperparameter fails with a reason in output/failure"
 set +e
 WORK="$SMOKE_DIR/bad/opt_ml" bash scripts/local_train.sh "$SMOKE_DIR/data" epochs=zero model=tf_efficientnet_lite0 \

@@ -392,3 +392,18 @@ def test_deploy_a_marketplace_job_goes_through_a_model_package(tmp_path):
     assert model["Containers"] == [{"ModelPackageName": aws.request("CreateModelPackage")["ModelPackageName"]}]
     assert model["EnableNetworkIsolation"] is True
     assert aws.request("InvokeEndpoint")["ContentType"] == "image/png"
+
+
+def test_deploy_can_ask_for_jumpstarts_verbose_answer(tmp_path, capsys):
+    image = tmp_path / "bee.jpg"
+    image.write_bytes(b"\xff\xd8\xff\xe0 a jpeg")
+    with FakeAWS() as aws:
+        body = json.dumps({"labels": ["ants", "bees", "wasps"], "probabilities": [0.1, 0.85, 0.05],
+                           "predicted_label": "bees"}).encode()
+        aws.answer("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(body), len(body)),
+                                       "ContentType": "application/json"}, runtime=True)
+        aws_deploy.main(["--endpoint-name", "ep3", "--image", str(image), "--verbose", "--top-k", "2"],
+                        session=aws.session)
+    invoke = aws.request("InvokeEndpoint")
+    assert invoke["Accept"] == "application/json;verbose" and "CustomAttributes" not in invoke
+    assert "bee.jpg: bees (bees 0.850, ants 0.100)" in capsys.readouterr().out

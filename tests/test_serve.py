@@ -528,3 +528,31 @@ def test_a_huge_16_bit_png_is_refused_and_the_worker_stays_small(server):
         resident_kb = int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
                                if line.startswith("VmHWM:")))  # the worker's peak, ever
         assert resident_kb < 1_500_000, resident_kb
+
+
+# --- answers JumpStart's clients parse ----------------------------------------------------------------------
+
+def test_verbose_json_answers_every_label_and_the_predicted_one_as_jumpstart_does(server):
+    image = encoded(COLOURS["bees"])
+    status, headers, body = server.invoke(image, "application/x-image", Accept="application/json;verbose")
+    assert status == 200 and headers["content-type"] == "application/json"
+    answer = json.loads(body)
+    assert set(answer) == {"labels", "probabilities", "predicted_label"}  # the object itself, not wrapped
+    assert answer["labels"] == CLASSES  # every label, in the model's order
+    assert abs(sum(answer["probabilities"]) - 1) < 1e-5
+    assert answer["predicted_label"] == CLASSES[answer["probabilities"].index(max(answer["probabilities"]))]
+    [plain] = predictions(server.invoke(image, "application/x-image", Accept="application/json"))
+    assert plain["labels"][0] == answer["predicted_label"]  # application/json is as it was
+    assert abs(plain["probabilities"][0] - max(answer["probabilities"])) < 1e-6
+
+
+def test_verbose_json_of_several_images_and_verbose_json_lines(server):
+    images = [base64.b64encode(encoded(COLOURS[name])).decode() for name in ("ants", "wasps")]
+    status, _, body = server.invoke(json.dumps({"images": images}).encode(), "application/json",
+                                    Accept="application/json; verbose")
+    answers = json.loads(body)["predictions"]
+    assert status == 200 and len(answers) == 2 and all(a["labels"] == CLASSES for a in answers)
+    status, headers, body = server.invoke(encoded(COLOURS["ants"]), "image/png", Accept="application/jsonlines;verbose")
+    [line] = body.decode().splitlines()
+    assert status == 200 and headers["content-type"] == "application/jsonlines"
+    assert json.loads(line)["labels"] == CLASSES and "predicted_label" in json.loads(line)
