@@ -400,7 +400,8 @@ def test_spec_declares_inference():
     inference = spec.algorithm_spec()["InferenceSpecification"]
     assert {"image/jpeg", "image/png", "application/x-image", "application/json"} <= \
         set(inference["SupportedContentTypes"])
-    assert inference["SupportedResponseMIMETypes"] == ["application/json", "application/jsonlines"]
+    assert inference["SupportedResponseMIMETypes"] == ["application/json", "application/jsonlines",
+                                                      "application/json;verbose"]
     assert inference["Containers"] == [{"Image": spec.INFERENCE_IMAGE_PLACEHOLDER}]
     assert inference["SupportedRealtimeInferenceInstanceTypes"] and inference["SupportedTransformInstanceTypes"]
 
