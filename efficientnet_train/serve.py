@@ -53,12 +53,13 @@ MAX_DECODED_PIXELS = 4096 * 4096
 # Slow or stalled clients: the headers must arrive within HEADERS_TIMEOUT_S of the first byte, the body within
 # BODY_TIMEOUT_S more (6 MB at 200 KB/s); a connection that sends nothing waits on the poller, holding no thread.
 HEADERS_TIMEOUT_S, BODY_TIMEOUT_S, SEND_TIMEOUT_S = 5.0, 30.0, 30.0
-# What is left of a body the app did not read (a request refused before it) is waited for this long, then
-# the connection is closed instead of kept alive.
+# A body the app read to its end is drained (nothing left) within this, and the connection kept alive; a request
+# answered without reading its body (refused first) closes its connection instead of waiting for the body.
 UNREAD_BODY_WAIT_S = 0.2
 # Threads of each worker kept for /ping and quick answers: beyond threads - this many, /invocations are
 # answered 503 at once rather than queued behind the others.
 RESERVED_THREADS = 2
+BODY_READ = "efficientnet_train.body_read"  # in a request's environ once its body was read to the end
 # A batch running longer than this means a hung model: /ping turns 503 so that SageMaker replaces the instance,
 # and the requests waiting for it get 503.
 MODEL_STALL_S = 120.0
@@ -156,6 +157,9 @@ class InferenceApp:
             log.exception("Failed to answer %s %s", shown(route[0], 20), shown(route[1], 100))
             status, content_type, body = "500 Internal Server Error", JSON, _json_body(
                 {"error": "The model failed on this request; the endpoint's log has the details."})
+        connection = environ.get("gunicorn.socket")
+        if isinstance(connection, DeadlineSocket) and route[0] == "POST" and not environ.get(BODY_READ):
+            connection.close_after_answer = True  # the body may still be on its way: not worth a thread's wait
         start_response(status, [("Content-Type", content_type), ("Content-Length", str(len(body))), *headers])
         return [body]
 
@@ -266,6 +270,7 @@ class InferenceApp:
                                                    f"s.") from None
         if len(body) > self.payload_limit:
             raise HttpError("413 Content Too Large", limit_message)
+        environ[BODY_READ] = True
         if not body:
             raise HttpError("400 Bad Request", "The request body is empty: send an image.")
         return body
@@ -314,6 +319,7 @@ class DeadlineSocket(socket.socket):
     starts on a request: the headers then have HEADERS_TIMEOUT_S; the app allows the body more (`allow`)."""
 
     deadline: float | None = None
+    close_after_answer = False  # set by the app for a request answered without reading its body
 
     @classmethod
     def adopt(cls, connection: socket.socket) -> "DeadlineSocket":
@@ -416,7 +422,7 @@ def thread_worker_class():
         def _keepalive_after(self, conn, keepalive):
             # gunicorn drains a body the app did not read (a request refused before reading it) for up to 5 s
             # before reusing the connection: a client that never sends it held the thread that long each time.
-            if not keepalive:
+            if not keepalive or getattr(conn.sock, "close_after_answer", False):
                 return False
             if isinstance(conn.sock, DeadlineSocket):
                 conn.sock.deadline = None  # the drain's own short timeout applies

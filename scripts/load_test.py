@@ -6,6 +6,10 @@ run; a separate thread asks /ping four times a second, to show it stays fast und
     python scripts/load_test.py --base /tmp/serve-bench/opt_ml            # starts serve on that model
     python scripts/load_test.py --url http://127.0.0.1:8080 --duration 10 # a server already running
     SERVE_MAX_BATCH_SIZE=1 python scripts/load_test.py --base ...         # the server's settings pass through
+    python scripts/load_test.py --base ... --concurrency 0 --slow-clients 16 --idle-clients 100 --duration 10
+
+--slow-clients holds that many connections that sent a request's headers and 2 of its 5,000 body bytes,
+--idle-clients that many that sent nothing, for each level: /ping must stay fast all the same.
 """
 
 from __future__ import annotations
@@ -84,8 +88,22 @@ def pinger(host: str, port: int, deadline: float, results: Results) -> None:
     connection.close()
 
 
-def run(host: str, port: int, body: bytes, concurrency: int, duration: float) -> dict:
+def hostile_connections(host: str, port: int, slow: int, idle: int) -> list[socket.socket]:
+    """Connections a careless or hostile client leaves open: a body that never finishes, or nothing at all."""
+    connections = []
+    for count, first_bytes in ((slow, b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                                      b"Content-Length: 5000\r\n\r\n\x89P"), (idle, b"")):
+        for _ in range(count):
+            connection = socket.create_connection((host, port), timeout=10)
+            if first_bytes:
+                connection.sendall(first_bytes)
+            connections.append(connection)
+    return connections
+
+
+def run(host: str, port: int, body: bytes, concurrency: int, duration: float, slow: int = 0, idle: int = 0) -> dict:
     results, pings = Results(), Results()
+    hostile = hostile_connections(host, port, slow, idle)
     deadline = time.monotonic() + duration
     threads = [threading.Thread(target=client, args=(host, port, body, deadline, results)) for _ in range(concurrency)]
     threads.append(threading.Thread(target=pinger, args=(host, port, deadline, pings)))
@@ -95,8 +113,10 @@ def run(host: str, port: int, body: bytes, concurrency: int, duration: float) ->
     for thread in threads:
         thread.join()
     elapsed = time.monotonic() - start
+    for connection in hostile:
+        connection.close()
     return {"concurrency": concurrency, "requests": len(results.latencies), "errors": len(results.errors),
-            "rps": len(results.latencies) / elapsed, "p50_ms": 1000 * percentile(results.latencies, 0.50),
+            "rps": len(results.latencies) / elapsed, "ping_p50_ms": 1000 * percentile(pings.latencies or [0], 0.50), "p50_ms": 1000 * percentile(results.latencies, 0.50),
             "p99_ms": 1000 * percentile(results.latencies, 0.99), "ping_max_ms": 1000 * max(pings.latencies or [0]),
             "ping_errors": len(pings.errors), "first_error": (results.errors + pings.errors or [""])[0]}
 
@@ -131,6 +151,8 @@ def main() -> int:
     parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
     parser.add_argument("--duration", type=float, default=60, help="seconds per concurrency level")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--slow-clients", type=int, default=0, help="connections stalled in their body, per level")
+    parser.add_argument("--idle-clients", type=int, default=0, help="connections that send nothing, per level")
     options = parser.parse_args()
 
     body = options.image.read_bytes()
@@ -142,14 +164,17 @@ def main() -> int:
         parts = urlsplit(options.url)
         host, port = parts.hostname, parts.port or 80
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; image {options.image.name} ({len(body)} bytes); "
-          f"{options.duration:g} s per level; SERVE_MAX_BATCH_SIZE={os.environ.get('SERVE_MAX_BATCH_SIZE', 'default')}")
-    print(f"{'concurrency':>11} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'ping max ms':>11}")
+          f"{options.duration:g} s per level; SERVE_MAX_BATCH_SIZE={os.environ.get('SERVE_MAX_BATCH_SIZE', 'default')}; "
+          f"{options.slow_clients} slow and {options.idle_clients} idle connections held")
+    print(f"{'concurrency':>11} {'requests':>8} {'errors':>6} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+          f"{'ping p50 ms':>11} {'ping max ms':>11}")
     failed = False
     try:
         for concurrency in options.concurrency:
-            r = run(host, port, body, concurrency, options.duration)
+            r = run(host, port, body, concurrency, options.duration, options.slow_clients, options.idle_clients)
             print(f"{r['concurrency']:>11} {r['requests']:>8} {r['errors'] + r['ping_errors']:>6} {r['rps']:>7.2f} "
-                  f"{r['p50_ms']:>7.0f} {r['p99_ms']:>7.0f} {r['ping_max_ms']:>11.0f}", flush=True)
+                  f"{r['p50_ms']:>7.0f} {r['p99_ms']:>7.0f} {r['ping_p50_ms']:>11.1f} {r['ping_max_ms']:>11.0f}",
+                  flush=True)
             if r["first_error"]:
                 print(f"  first error: {r['first_error']}")
                 failed = True
