@@ -53,6 +53,9 @@ MAX_DECODED_PIXELS = 4096 * 4096
 # Slow or stalled clients: the headers must arrive within HEADERS_TIMEOUT_S of the first byte, the body within
 # BODY_TIMEOUT_S more (6 MB at 200 KB/s); a connection that sends nothing waits on the poller, holding no thread.
 HEADERS_TIMEOUT_S, BODY_TIMEOUT_S, SEND_TIMEOUT_S = 5.0, 30.0, 30.0
+# A new connection that sends nothing is closed after this: a client sends its request as soon as it connects,
+# and gunicorn stops accepting at 1,000 open connections. (Kept-alive ones between requests keep gunicorn's 75 s.)
+NEW_CONNECTION_IDLE_S = 15.0
 # A body the app read to its end is drained (nothing left) within this, and the connection kept alive; a request
 # answered without reading its body (refused first) closes its connection instead of waiting for the body.
 UNREAD_BODY_WAIT_S = 0.2
@@ -345,7 +348,7 @@ class DeadlineSocket(socket.socket):
         try:
             return super().recv(*args, **kwargs)
         except TimeoutError:
-            if self.deadline is None:  # gunicorn's own timeout (draining an unread body): its to handle
+            if self.deadline is None:  # gunicorn's own timeout (draining a body): gunicorn handles it
                 raise
             raise RequestTimeout("the client did not send its request in time") from None
 
@@ -414,7 +417,7 @@ def thread_worker_class():
                 return
             self.nr_conns += 1
             connection = Connection(self.cfg, DeadlineSocket.adopt(client), address, listener.getsockname())
-            connection.timeout = time.monotonic() + self.cfg.keepalive  # idle for longer: closed
+            connection.timeout = time.monotonic() + NEW_CONNECTION_IDLE_S  # silent for longer: closed
             self.pending_conns.append(connection)
             self.poller.register(connection.sock, selectors.EVENT_READ,
                                  partial(self.on_pending_socket_readable, connection))

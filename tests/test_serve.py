@@ -557,3 +557,15 @@ def test_verbose_json_of_several_images_and_verbose_json_lines(server):
     [line] = body.decode().splitlines()
     assert status == 200 and headers["content-type"] == "application/jsonlines"
     assert json.loads(line)["labels"] == CLASSES and "predicted_label" in json.loads(line)
+
+
+def test_a_connection_that_never_sends_anything_is_closed_by_the_server(server):
+    """gunicorn stops accepting at 1,000 open connections: silent ones must not hold them for long."""
+    silent = raw_connection(server)
+    started = time.monotonic()
+    try:
+        assert silent.recv(1) == b""  # closed by the server (recv would raise TimeoutError after 60 s)
+    finally:
+        silent.close()
+    assert time.monotonic() - started < 45
+    assert server.request("GET", "/ping")[0] == 200
