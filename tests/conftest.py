@@ -30,6 +30,13 @@ def write_images(folder: Path, colour: tuple[int, int, int], count: int, seed: i
         Image.fromarray(pixels).save(folder / f"img{i:03d}.{FORMATS[i % len(FORMATS)]}")
 
 
+def write_files(folder: Path, files: dict) -> None:
+    """Each name's bytes (or the bytes of a (bytes, ...) tuple) as a file in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (folder / name).write_bytes(content[0] if isinstance(content, tuple) else content)
+
+
 def make_channels(data_dir: Path, classes=tuple(COLOURS), n_train: int = 12, n_val: int = 6) -> Path:
     for split, count, seed in (("train", n_train, 0), ("val", n_val, 1)):
         for index, name in enumerate(classes):

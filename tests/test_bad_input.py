@@ -24,7 +24,7 @@ import torch
 import yaml
 from PIL import Image, ImageFile
 
-from conftest import COLOURS, failure_reason, make_job, run_train, write_images
+from conftest import failure_reason, make_job, run_train, write_files, write_images
 from efficientnet_train import data, failures, hyperparameters, train
 from efficientnet_train.data import (ImageDataset, Skip, UnusableData, dataset_of, decode_image, probe_image,
                                      report_load_failures, scan_channel, warn_about_thin_classes)
@@ -113,12 +113,6 @@ UNUSABLE = {
 }
 NOT_IMAGES = {"notes.txt": b"a note", "labels.csv": b"file,label\n"}
 SYSTEM_JUNK = {".DS_Store": b"\0\0\0\1Bud1", "Thumbs.db": b"\xd0\xcf\x11\xe0", "desktop.ini": b"[.ShellClassInfo]"}
-
-
-def write_files(folder: Path, files: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        (folder / name).write_bytes(content[0] if isinstance(content, tuple) else content)
 
 
 # ---- decoding: each kind of image, used correctly -----------------------------------------------------

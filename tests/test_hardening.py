@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import write_images
+from conftest import write_files, write_images
 from efficientnet_train import checkpoints, hyperparameters, outputs, untrusted
 from efficientnet_train.checkpoints import REQUIRED_KEYS, load_latest_state
 from efficientnet_train.data import Skip, UnreadableImage, decode_image, scan_channel
@@ -37,12 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 class Foreign:
     """A type a weights-only load refuses: what a checkpoint of another program or version may hold."""
-
-
-def write_files(folder: Path, files: dict[str, bytes]) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        (folder / name).write_bytes(content)
 
 
 def digests(folder: Path) -> dict[str, str]:
