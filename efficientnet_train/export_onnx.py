@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from .errors import JobError
+from .data import ModelInput
 from .inference import check_model_dir, read_labels
-from .model import MODEL_CHANNEL_MAX_BYTES, load_trained_model, predict_log_probabilities
+from .model import archive_member, load_trained_model, predict_log_probabilities
 from .outputs import BEST_MODEL_FILE, LABELS_FILE, atomic_write
 from .untrusted import shown
 
@@ -39,17 +40,16 @@ TOLERANCE = 1e-4  # largest difference in any probability between onnxruntime an
 
 
 class CalibratedClassifier(torch.nn.Module):
-    """uint8 images (the evaluation transform's output) to calibrated probabilities: validation's prediction."""
+    """uint8 images (the evaluation transform's output) to calibrated probabilities: validation's input
+    (ModelInput) and prediction (predict_log_probabilities), traced into the graph."""
 
     def __init__(self, model: torch.nn.Module, data_config: dict, mirror: bool, temperature: float):
         super().__init__()
         self.model, self.mirror, self.temperature = model.eval(), mirror, temperature
-        self.register_buffer("mean", torch.tensor([255 * m for m in data_config["mean"]]).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor([255 * s for s in data_config["std"]]).view(1, -1, 1, 1))
+        self.to_input = ModelInput(data_config, torch.device("cpu"))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        normalised = (images.float() - self.mean) / self.std  # what ModelInput does
-        return predict_log_probabilities(self.model, normalised, self.mirror, self.temperature).exp()
+        return predict_log_probabilities(self.model, self.to_input(images), self.mirror, self.temperature).exp()
 
 
 def export(source: Path, output: Path) -> dict:
@@ -60,7 +60,7 @@ def export(source: Path, output: Path) -> dict:
         model, checkpoint = load_trained_model(model_dir / BEST_MODEL_FILE)
         labels = read_labels(model_dir, expected=len(checkpoint["labels"]))
     config = checkpoint["data_config"]
-    wrapper = CalibratedClassifier(model.float().to(memory_format=torch.contiguous_format), config,
+    wrapper = CalibratedClassifier(model.float(), config,
                                    bool(checkpoint.get("eval_hflip", False)),
                                    float(checkpoint.get("temperature", 1.0))).eval()
     size = tuple(config["input_size"])
@@ -100,7 +100,8 @@ def _check(data: bytes, wrapper: torch.nn.Module) -> float:
     session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
     generator, worst = torch.Generator().manual_seed(1), 0.0
     for batch in (1, 3):
-        images = torch.randint(0, 256, (batch, *wrapper_size(session)), dtype=torch.uint8, generator=generator)
+        size = session.get_inputs()[0].shape[1:]
+        images = torch.randint(0, 256, (batch, *size), dtype=torch.uint8, generator=generator)
         exported = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
         with torch.no_grad():
             expected = wrapper(images)
@@ -109,10 +110,6 @@ def _check(data: bytes, wrapper: torch.nn.Module) -> float:
             raise JobError(f"The exported model answers differently from the PyTorch model (largest difference "
                            f"{worst:.2e} in a probability): not written. Please report it with the model's args.yml.")
     return worst
-
-
-def wrapper_size(session) -> tuple[int, ...]:
-    return tuple(session.get_inputs()[0].shape[1:])
 
 
 def _model_dir(source: Path, scratch: Path) -> Path:
@@ -124,12 +121,8 @@ def _model_dir(source: Path, scratch: Path) -> Path:
         raise JobError(f"{source} does not exist: give a model folder (model_best.pth.tar, labels.json) or the "
                        f"model.tar.gz a training job wrote.")
     try:
-        with tarfile.open(source) as archive:
-            for name in (BEST_MODEL_FILE, LABELS_FILE):
-                member = next((m for m in archive.getmembers() if Path(m.name).name == name and m.isfile()), None)
-                if member is None or member.size > MODEL_CHANNEL_MAX_BYTES:
-                    raise JobError(f"{source} holds no {name} file: give the model.tar.gz a training job wrote.")
-                (scratch / name).write_bytes(archive.extractfile(member).read())
+        for name in (BEST_MODEL_FILE, LABELS_FILE):
+            (scratch / name).write_bytes(archive_member(source, name))
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise JobError(f"{source} cannot be read as a model.tar.gz ({type(exc).__name__}: {shown(exc, 200)}).") \
             from exc

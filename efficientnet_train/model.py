@@ -65,9 +65,10 @@ def _create_from_previous_job(name: str, labels: list[str], drop: float, drop_co
     import timm
 
     if checkpoint["arch"] != name:
-        raise JobError(f"The 'model' channel holds a '{shown(checkpoint['arch'], 80)}' model ({path}), but this job's "
-                       f"model is '{name}'. Set model={shown(checkpoint['arch'], 80)} to continue training it, or remove the "
-                       f"'model' channel to start from ImageNet weights.")
+        arch = shown(checkpoint["arch"], 80)
+        raise JobError(f"The 'model' channel holds a '{arch}' model ({path}), but this job's model is '{name}'. "
+                       f"Set model={arch} to continue training it, or remove the 'model' channel to start from "
+                       f"ImageNet weights.")
     model = timm.create_model(name, num_classes=len(labels), drop_rate=drop, drop_path_rate=drop_connect)
     state_dict = checkpoint["state_dict"]
     if checkpoint["labels"] == labels:
@@ -104,14 +105,9 @@ def read_model_channel(folder: Path) -> tuple[Path, dict] | None:
         if checkpoint_file is not None:
             _check_size(checkpoint_file, checkpoint_file.stat().st_size)
             return checkpoint_file, _model_checkpoint(checkpoint_file, load_checkpoint(checkpoint_file))
-        with tarfile.open(archive) as tar:
-            member = next((m for m in tar.getmembers() if Path(m.name).name == BEST_MODEL_FILE), None)
-            if member is None or not member.isfile():
-                raise JobError(f"{archive} in the 'model' channel holds no {BEST_MODEL_FILE} file. Give it the "
-                               f"model.tar.gz of a previous training job of this algorithm.")
-            _check_size(archive, member.size)
-            loaded = torch.load(io.BytesIO(tar.extractfile(member).read()), map_location="cpu", weights_only=True)
-            return archive, _model_checkpoint(archive, loaded)
+        loaded = torch.load(io.BytesIO(archive_member(archive, BEST_MODEL_FILE)), map_location="cpu",
+                            weights_only=True)
+        return archive, _model_checkpoint(archive, loaded)
     except JobError:
         raise
     except Exception as exc:  # noqa: BLE001 - a damaged archive, a foreign pickle, an I/O error: all the same fix
@@ -120,10 +116,22 @@ def read_model_channel(folder: Path) -> tuple[Path, dict] | None:
                        f"training job, or remove the channel.") from exc
 
 
+def archive_member(archive: Path, name: str) -> bytes:
+    """The file called `name` (wherever it sits) in a job's model.tar.gz, read by name, never extracted to disk
+    by the archive's own paths; refused when missing or larger than any model."""
+    with tarfile.open(archive) as tar:
+        member = next((m for m in tar.getmembers() if Path(m.name).name == name and m.isfile()), None)
+        if member is None:
+            raise JobError(f"{archive} holds no {name} file. Give the model.tar.gz of a previous training job of "
+                           f"this algorithm.")
+        _check_size(archive, member.size)
+        return tar.extractfile(member).read()
+
+
 def _check_size(path: Path, size: int) -> None:
     if size > MODEL_CHANNEL_MAX_BYTES:
-        raise JobError(f"The 'model' channel's {path} holds {size / 2**30:.1f} GiB, more than any model of this "
-                       f"algorithm. Give it the model.tar.gz of a previous training job.")
+        raise JobError(f"{path} holds {size / 2**30:.1f} GiB, more than any model of this algorithm. Give the "
+                       f"model.tar.gz of a previous training job.")
 
 
 def _model_checkpoint(path: Path, checkpoint) -> dict:
