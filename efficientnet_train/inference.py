@@ -53,7 +53,6 @@ class Classifier:
         return [{"labels": [self.labels[i] for i in row_indices], "probabilities": row_values}
                 for row_values, row_indices in zip(values.tolist(), indices.tolist())]
 
-
     def verbose(self, probabilities: torch.Tensor) -> list[dict]:
         """Every label with its probability, in the labels' order, and the likeliest: SageMaker JumpStart's image
         classifiers' answer ({"labels", "probabilities", "predicted_label"})."""

@@ -72,7 +72,8 @@ Serve a model trained by `train` over HTTP, as a SageMaker endpoint or batch tra
 reads:   model/model_best.pth.tar and model/labels.json under {DEFAULT_BASE_DIR} (or $SAGEMAKER_BASE_DIR), where
          SageMaker extracts model.tar.gz
 listens: 0.0.0.0:8080 ($SAGEMAKER_BIND_TO_PORT): GET /ping, POST /invocations, GET /execution-parameters
-answers: JSON (application/json, application/jsonlines); errors as {{"error": "..."}}
+answers: application/json, application/jsonlines, each optionally ;verbose (JumpStart's form); errors as
+         {{"error": "..."}}
 log:     stdout
 
 environment: SAGEMAKER_BASE_DIR, SAGEMAKER_BIND_TO_PORT (8080), SAGEMAKER_BATCH (true: JSON Lines by default),

@@ -119,11 +119,11 @@ class MicroBatcher:
                 results = torch.cat([self.classifier.probabilities(chunk)
                                      for chunk in batch.split(self.max_batch_size)])
             except Exception as exc:  # noqa: BLE001 - the requests answer 500; the thread must live on
-                self.batch_started = None
                 for _, done in requests:
                     done.set_exception(exc)
                 continue
-            self.batch_started = None
+            finally:
+                self.batch_started = None
             for (_, done), result in zip(requests, results.split([len(images) for images, _ in requests])):
                 done.set_result(result)
 

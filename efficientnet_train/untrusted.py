@@ -58,7 +58,8 @@ def shown(value: object, limit: int = 200) -> str:
     return f"{head}... ({len(text):,} characters in all)" if cut else head
 
 
-def shown_lines(text: str) -> str:
-    """Text the program laid out in lines (a YAML dump, a table) that holds outside text: each line made safe,
-    the program's own line breaks kept."""
-    return "\n".join(shown(line, limit=len(line)) for line in text.split("\n"))
+def shown_lines(text: str, line_limit: int = 1000) -> str:
+    """Text the program laid out in lines (a YAML dump, a table) that holds outside text: each line made safe and
+    cut at `line_limit` characters (a 1 MB hyperparameter name would otherwise be one log line), the program's own
+    line breaks kept."""
+    return "\n".join(shown(line, line_limit) for line in text.split("\n"))

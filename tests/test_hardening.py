@@ -193,6 +193,7 @@ def test_shown_escapes_controls_bidi_and_bad_bytes_and_says_how_long_a_cut_value
     assert shown("validation:acc_1=99.9 train:loss=1.0") == "validation:acc_1\\x3d99.9 train:loss\\x3d1.0"
     assert shown("x" * 10_000, 50) == "x" * 50 + "... (10,000 characters in all)"
     assert shown_lines("- 'a\n\n  validation:acc_5=99.0'\n- b\u202ec") == "- 'a\n\n  validation:acc_5\\x3d99.0'\n- b\\u202ec"
+    assert shown_lines("short\n" + "y" * 5000, 100) == "short\n" + "y" * 100 + "... (5,000 characters in all)"
 
 
 def test_a_huge_hyperparameter_value_or_name_is_echoed_short_and_the_fix_survives():
