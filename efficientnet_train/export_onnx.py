@@ -37,6 +37,7 @@ from .untrusted import shown
 
 OPSET = 18
 TOLERANCE = 1e-4  # largest difference in any probability between onnxruntime and PyTorch
+LABELS_MAX_BYTES = 16 * 2**20  # labels.json of 1,000 classes with 255-byte names is 0.3 MB
 
 
 class CalibratedClassifier(torch.nn.Module):
@@ -121,8 +122,8 @@ def _model_dir(source: Path, scratch: Path) -> Path:
         raise JobError(f"{source} does not exist: give a model folder (model_best.pth.tar, labels.json) or the "
                        f"model.tar.gz a training job wrote.")
     try:
-        for name in (BEST_MODEL_FILE, LABELS_FILE):
-            (scratch / name).write_bytes(archive_member(source, name))
+        (scratch / BEST_MODEL_FILE).write_bytes(archive_member(source, BEST_MODEL_FILE))
+        (scratch / LABELS_FILE).write_bytes(archive_member(source, LABELS_FILE, LABELS_MAX_BYTES))
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise JobError(f"{source} cannot be read as a model.tar.gz ({type(exc).__name__}: {shown(exc, 200)}).") \
             from exc

@@ -116,22 +116,27 @@ def read_model_channel(folder: Path) -> tuple[Path, dict] | None:
                        f"training job, or remove the channel.") from exc
 
 
-def archive_member(archive: Path, name: str) -> bytes:
+ARCHIVE_MEMBERS_LOOKED_AT = 1000  # a job's model.tar.gz holds six files
+
+
+def archive_member(archive: Path, name: str, max_bytes: int = MODEL_CHANNEL_MAX_BYTES) -> bytes:
     """The file called `name` (wherever it sits) in a job's model.tar.gz, read by name, never extracted to disk
-    by the archive's own paths; refused when missing or larger than any model."""
+    by the archive's own paths; refused when missing, not among the first ARCHIVE_MEMBERS_LOOKED_AT members
+    (an archive of millions would take that long to list), or over `max_bytes`."""
     with tarfile.open(archive) as tar:
-        member = next((m for m in tar.getmembers() if Path(m.name).name == name and m.isfile()), None)
+        member = next((m for _, m in zip(range(ARCHIVE_MEMBERS_LOOKED_AT), tar)
+                       if Path(m.name).name == name and m.isfile()), None)
         if member is None:
             raise JobError(f"{archive} holds no {name} file. Give the model.tar.gz of a previous training job of "
                            f"this algorithm.")
-        _check_size(archive, member.size)
+        _check_size(archive, member.size, max_bytes)
         return tar.extractfile(member).read()
 
 
-def _check_size(path: Path, size: int) -> None:
-    if size > MODEL_CHANNEL_MAX_BYTES:
-        raise JobError(f"{path} holds {size / 2**30:.1f} GiB, more than any model of this algorithm. Give the "
-                       f"model.tar.gz of a previous training job.")
+def _check_size(path: Path, size: int, max_bytes: int = MODEL_CHANNEL_MAX_BYTES) -> None:
+    if size > max_bytes:
+        raise JobError(f"{path} holds a file of {size:,} bytes, more than any model of this algorithm has "
+                       f"({max_bytes:,} at most). Give the model.tar.gz of a previous training job.")
 
 
 def _model_checkpoint(path: Path, checkpoint) -> dict:

@@ -26,7 +26,7 @@ from efficientnet_train.checkpoints import REQUIRED_KEYS, load_latest_state
 from efficientnet_train.data import Skip, UnreadableImage, decode_image, scan_channel
 from efficientnet_train.errors import JobError
 from efficientnet_train.metrics import metric_definitions
-from efficientnet_train.model import read_model_channel
+from efficientnet_train.model import archive_member, read_model_channel
 from efficientnet_train.sagemaker import SageMakerEnvironment
 from efficientnet_train.serve import HttpError, MicroBatcher
 from efficientnet_train.untrusted import LABEL_RULE, shown, shown_lines
@@ -392,3 +392,21 @@ def test_a_user_error_prints_its_reason_alone_unless_debugging(tmp_path):
         assert result.returncode == 1 and "Training failed: Bad hyperparameters" in console
         assert ("Traceback" in console) == traceback, console
         assert "hyperparameter 'epochs'" in (tmp_path / "output" / "failure").read_text()
+
+
+def test_a_model_archive_is_read_by_name_within_bounds(tmp_path):
+    def archive(path: Path, members: list[tuple[str, bytes]]) -> Path:
+        with tarfile.open(path, "w:gz") as tar:
+            for name, content in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(content)
+                tar.addfile(info, io.BytesIO(content))
+        return path
+
+    good = archive(tmp_path / "good.tar.gz", [("model/labels.json", b'{"0": "a"}')])
+    assert archive_member(good, "labels.json") == b'{"0": "a"}'
+    with pytest.raises(JobError, match="a file of 10 bytes, more than any model of this algorithm has"):
+        archive_member(good, "labels.json", max_bytes=5)
+    padded = archive(tmp_path / "padded.tar.gz", [(f"junk{i}", b"") for i in range(1000)] + [("labels.json", b"{}")])
+    with pytest.raises(JobError, match="holds no labels.json file"):  # not among the first 1,000 members
+        archive_member(padded, "labels.json")
