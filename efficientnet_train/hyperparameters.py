@@ -228,7 +228,10 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("model_ema_decay", float, 0.9999,
                    "Decay of the weights' moving average; it warms up, so short runs still track.",
                    minimum=0, maximum=0.99999, tunable=True),
-    Hyperparameter("opt", str, "rmsproptf", "Optimizer (timm's names).", choices=OPTIMIZERS, tunable=True),
+    Hyperparameter("opt", str, "auto",
+                   "Optimizer (timm's names); auto = the listing's rmsproptf, or sgd (Nesterov momentum) with "
+                   "freeze_batchnorm=true, where rmsproptf's steps wreck the network.",
+                   choices=("auto",) + OPTIMIZERS, tunable=True),
     Hyperparameter("opt_eps", float, 0.001, "Optimizer epsilon.", minimum=0.0000000001, maximum=1, tunable=True),
     Hyperparameter("remode", str, "pixel", "Random-erasing fill mode.", choices=("const", "rand", "pixel"),
                    tunable=True),
@@ -254,8 +257,9 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("img_size", int, 0, "Training image size in pixels; 0 or unset = the model's own.",
                    minimum=32, maximum=1024, allowed_text=IMG_SIZE_ALLOWED, tunable=True),
     Hyperparameter("eval_img_size", int, 0,
-                   "Validation and serving image size in pixels; 0 or unset = the model's test size in timm if it "
-                   "has one and img_size is 0, otherwise 1.15 x the training size.",
+                   "Validation and serving image size in pixels; 0 or unset = the training size with "
+                   "freeze_batchnorm=true, else the model's test size in timm if it has one and img_size is 0, "
+                   "otherwise 1.15 x the training size.",
                    minimum=32, maximum=1024, allowed_text=IMG_SIZE_ALLOWED, tunable=True),
     Hyperparameter("warmup_epochs", float, 1.0,
                    f"Epochs of linear learning-rate warmup from warmup_lr, updated every step; {SMALL_SET_EPOCH}.",
@@ -281,6 +285,11 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("early_stopping_patience", int, 5,
                    f"Epochs without a better model before stopping; {SMALL_SET_EPOCH}.",
                    minimum=1, maximum=1000),
+    Hyperparameter("freeze_batchnorm", bool, False,
+                   "Keep BatchNorm's pretrained (ImageNet) statistics while fine-tuning instead of normalising by "
+                   "each batch's own (its scales and shifts still train); then opt=auto trains with sgd and the "
+                   "evaluation size defaults to the training size. For images far from photos (scans, digits, "
+                   "drawings): the job says so after its linear probe."),
     Hyperparameter("balance_classes", bool, False,
                    "Weight the training loss by inverse class frequency, so that every class counts as much "
                    "as the others however many images it has."),

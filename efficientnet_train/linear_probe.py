@@ -89,8 +89,8 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, los
 
 def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_classes: int,
                      loss_fn) -> SimpleNamespace:
-    """Put a linear probe in `model`'s classifier, the same on every process; returns its training loss, the
-    images it saw and the time it took."""
+    """Put a linear probe in `model`'s classifier, the same on every process; returns its training loss, its
+    top-1 (%) on the images it was fitted on, how many they were and the time it took."""
     started = time.monotonic()
     features, labels = features_of(model, loader, to_input, autocast)
     extracted = time.monotonic()
@@ -100,5 +100,41 @@ def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_cla
         classifier.weight.copy_(head.weight)
         classifier.bias.copy_(head.bias)
     distributed.broadcast_tensors([classifier.weight, classifier.bias])  # LBFGS may round apart on other GPUs
-    return SimpleNamespace(loss=head.loss, images=len(labels), features=features.shape[1],
+    fitted_top1 = 100 * float((classifier(features).argmax(dim=1) == labels).float().mean())
+    return SimpleNamespace(loss=head.loss, top1=fitted_top1, images=len(labels), features=features.shape[1],
                            extract_seconds=extracted - started, fit_seconds=time.monotonic() - extracted)
+
+
+@torch.no_grad()
+def top1_on_batch_statistics(model: torch.nn.Module, loader, to_input, autocast) -> float | None:
+    """Top-1 (%) of `model` on `loader`'s images (over every process) with BatchNorm normalising each batch by its
+    own statistics, as a training step does, and no dropout; BatchNorm's running averages are left as they were.
+    None if no batch had the two images BatchNorm needs."""
+    saved = [buffer.clone() for buffer in model.buffers()]
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.train()
+    device = next(model.parameters()).device
+    counts = torch.zeros(2, device=device)
+    for images, targets in loader:
+        if len(targets) > 1:
+            with autocast():
+                logits = model(to_input(images))
+            counts[0] += (logits.argmax(dim=1) == targets.to(device)).sum()
+            counts[1] += len(targets)
+    for buffer, value in zip(model.buffers(), saved):
+        buffer.copy_(value)
+    model.eval()
+    right, seen = distributed.sum_over_ranks(counts).tolist()
+    return 100 * right / seen if seen else None
+
+
+def batchnorm_far_from_pretrained(fitted_top1: float, batch_statistics_top1: float | None, num_classes: int) -> bool:
+    """Whether BatchNorm on batch statistics loses most of what the probe reads from the features: its top-1 on its
+    own training images falls below halfway from chance to what it scores on them with the pretrained statistics.
+    Then the images' statistics are far from ImageNet's (digit scans, drawings) and each training step's batch
+    statistics hand the network's later layers features they were never trained on."""
+    if batch_statistics_top1 is None:
+        return False
+    return batch_statistics_top1 < (100 / num_classes + fitted_top1) / 2

@@ -24,7 +24,7 @@ from .data import (ModelInput, TrainBatches, dataset_of, decode_side, eval_trans
                    resolve_data_config, scan_channel, train_transform, warn_about_thin_classes)
 from .errors import JobError
 from .failures import explained
-from .linear_probe import fit_linear_probe, probe_sample
+from .linear_probe import batchnorm_far_from_pretrained, fit_linear_probe, probe_sample, top1_on_batch_statistics
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
 from .model import (autocast_for, checkpoint_of, create_model, predict_log_probabilities, read_model_channel,
                     save_checkpoint)
@@ -33,6 +33,11 @@ from .untrusted import shown, shown_lines
 
 log = logging.getLogger("efficientnet_train")
 PROGRESS_EVERY_S = 60  # a line within long epochs too, so a buyer sees the job is alive and how fast it goes
+FAR_FROM_PRETRAINED = (
+    ": these images' statistics are far from ImageNet's, and fine-tuning that normalises by batch statistics starts "
+    "from features the probe never saw; it often ends below the probe, which is then the model kept. For such images "
+    "(scans, digits, drawings) try freeze_batchnorm=true aa=none reprob=0; what it did on such sets is in "
+    "docs/quality.md")
 
 
 def main() -> int:
@@ -185,7 +190,7 @@ def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Ra
     start = None if job.resumed else read_model_channel(env.channel_dir("model"))
     model = create_model(hp.model, classes, hp.pretrained_path, hp.drop, hp.drop_connect, start=start).to(device)
     job.startup.done(f"building the model on the {'GPU' if device.type == 'cuda' else 'CPU'}")
-    data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
+    data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size, same_size=hp.freeze_batchnorm)
 
     workers = data_loading_workers_for(hp, rank.per_host)
     train_data = dataset_of(train_channel, train_transform(data_config, hp.aa, hp.hflip),
@@ -216,7 +221,8 @@ def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Ra
             "ignored_hyperparameters": job.ignored, "classes": classes, "num_classes": len(classes),
             "data_config": data_config, "effective_eval_hflip": eval_hflip,
             "global_batch_size": hp.batch_size * rank.world_size,
-            "effective_lr": lr, "updates_per_epoch": len(train_loader), "schedule_epoch_updates": schedule_epoch,
+            "effective_lr": lr, "effective_opt": optimizer_name(hp),
+            "updates_per_epoch": len(train_loader), "schedule_epoch_updates": schedule_epoch,
             "checkpoint_dir": str(env.checkpoint_dir),
             "processes": rank.world_size, "effective_workers": workers, "device": describe(device),
             "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
@@ -237,6 +243,7 @@ def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Ra
         loss_fn=loss_fn, lr=lr, optimizer=optimizer, ema=ema, scheduler=scheduler, schedule_epoch=schedule_epoch,
         trainables=dict(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler),
         slow_data=SlowDataWarning(workers, hp.workers, rank.per_host, device.type == "cuda", rank.is_main),
+        speaks=rank.is_main,
         args=args, title=f"{hp.model} on {len(classes)} classes, {env.training_job_name or 'local run'}")
 
 
@@ -277,7 +284,8 @@ def train_epoch(t: SimpleNamespace, progress: Progress, stop: StopRequest, start
     """The rest of `progress.epoch`'s training; its candidates for the best model: the raw weights and the EMA."""
     started, seen_before = time.monotonic(), progress.seen
     loss, data_wait = train_one_epoch(t.trained, t.train_loader, t.train_input, t.loss_fn, t.optimizer, t.scheduler,
-                                      t.ema, t.trainables["scaler"], t.autocast, progress, stop, startup, t.slow_data)
+                                      t.ema, t.trainables["scaler"], t.autocast, progress, stop, startup, t.slow_data,
+                                      t.hp.freeze_batchnorm)
     t.slow_data.check(data_wait, time.monotonic() - started, f"epoch {progress.epoch}'s training")
     return SimpleNamespace(loss=loss, data_wait=data_wait, images=(progress.seen - seen_before) * rank.world_size,
                            candidates={"raw": t.model, **({"ema": t.ema.module} if t.ema else {})},
@@ -308,11 +316,20 @@ def log_epoch(t: SimpleNamespace, epoch: int, results: dict, chosen: str, lr_now
              report.duration((hp.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)) if epoch_seconds else "?")
     if trained.probe is not None:
         probe = trained.probe
+        far = batchnorm_far_from_pretrained(probe.top1, probe.batch_statistics_top1, len(t.classes))
         t.args["linear_probe"] = {"acc_1": result.top1, "loss": result.loss, "images": probe.images,
-                                  "seconds": round(trained.seconds, 1)}
+                                  "seconds": round(trained.seconds, 1), "training_images_acc_1": probe.top1,
+                                  "batch_statistics_acc_1": probe.batch_statistics_top1,
+                                  "far_from_pretrained_statistics": far}
         log.info("Linear probe (epoch 0): validation top-1 %.2f%%, loss %.4f; fitted on the frozen features (%d) of "
                  "%d training images in %.1f s: features %.1f s, logistic regression %.1f s", result.top1,
                  result.loss, probe.features, probe.images, trained.seconds, probe.extract_seconds, probe.fit_seconds)
+        if probe.batch_statistics_top1 is not None:
+            # A warning, which the other processes would repeat (they log warnings), from the first one only.
+            (log.warning if far and t.speaks else log.info)(
+                "BatchNorm: the probe answers %.1f%% of its training images right with the pretrained statistics and "
+                "%.1f%% with each batch's own, as training steps normalise (chance: %.1f%%)%s", probe.top1,
+                probe.batch_statistics_top1, 100 / len(t.classes), FAR_FROM_PRETRAINED if far else "")
     if t.device.type == "cuda" and epoch and len(epoch_seconds) == 1:
         log.info("Peak GPU memory: %.1f GiB of %.1f GiB (batch_size=%d, img_size=%d)",
                  torch.cuda.max_memory_reserved(t.device) / 2**30,
@@ -401,7 +418,13 @@ def linear_probe(model, train_channel, data_config: dict, hp, workers: int, rank
                    decode_side(data_config, training=False)), sample)
     share = torch.utils.data.Subset(images, range(rank.rank, len(sample), rank.world_size))
     loader = data_loader(share, workers, to_input.device, hp.seed + rank.rank, batch_size=hp.batch_size)
-    return fit_linear_probe(model, loader, to_input, autocast, len(train_channel.classes), loss_fn)
+    probe = fit_linear_probe(model, loader, to_input, autocast, len(train_channel.classes), loss_fn)
+    probe.batch_statistics_top1 = None
+    if not hp.freeze_batchnorm:  # shuffled: a batch of one class would have statistics no training batch has
+        shuffled = data_loader(share, workers, to_input.device, hp.seed + rank.rank, batch_size=hp.batch_size,
+                               shuffle=True)
+        probe.batch_statistics_top1 = top1_on_batch_statistics(model, shuffled, to_input, autocast)
+    return probe
 
 
 def calibrate(result: SimpleNamespace, num_classes: int) -> dict:
@@ -426,6 +449,16 @@ def schedule_epoch_updates(hp, updates_per_epoch: int) -> int:
     run = hp.epochs * updates_per_epoch
     room = run / max(hp.warmup_epochs + hp.decay_epochs, 1.0)
     return max(updates_per_epoch, min(hyperparameters.MIN_SCHEDULE_EPOCH_UPDATES, round(room)))
+
+
+def optimizer_name(hp) -> str:
+    """`opt`, or for auto the listing's rmsproptf while BatchNorm normalises by batch statistics and sgd when it is
+    frozen: rmsproptf moves every weight by about lr a step whatever its gradient, which BatchNorm on batch
+    statistics absorbs (a convolution followed by it ignores its weights' scale) and frozen BatchNorm does not
+    (on the digits it took the network towards chance within six epochs: docs/quality.md)."""
+    if hp.opt != "auto":
+        return hp.opt
+    return "sgd" if hp.freeze_batchnorm else "rmsproptf"
 
 
 def training_tools(model: torch.nn.Module, hp, lr: float, amp_dtype: torch.dtype | None):
@@ -478,9 +511,10 @@ def output_sizes(hp, num_classes: int) -> tuple[int, int]:
 
 
 def optimizer_state_per_weight(hp) -> float:
-    """Bytes of optimizer state per byte of weights: 2 for RMSprop and Adam, 1 for SGD, 3 for MADGRAD, ... Measured
-    by one step of the real optimizer on a tiny stand-in model, as the state only exists after a step, and some
-    optimizers' steps cannot run on the meta device; a step of efficientnet_l2 itself would take 8 GB."""
+    """Bytes of optimizer state per byte of weights: 2 for RMSprop (the larger of auto's two) and Adam, 1 for SGD,
+    3 for MADGRAD, ... Measured by one step of the real optimizer on a tiny stand-in model, as the state only exists
+    after a step, and some optimizers' steps cannot run on the meta device; a step of efficientnet_l2 itself would
+    take 8 GB."""
     import timm
 
     stand_in = timm.create_model("test_efficientnet", num_classes=2)
@@ -501,8 +535,8 @@ def create_optimizer(model: torch.nn.Module, hp, lr: float) -> torch.optim.Optim
     so the new head learns at full speed while the pretrained features only adapt."""
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(model, opt=hp.opt, lr=lr, weight_decay=hp.weight_decay, eps=hp.opt_eps,
-                               layer_decay=hp.layer_decay if hp.layer_decay < 1 else None)
+    return create_optimizer_v2(model, opt=optimizer_name(hp), lr=lr, weight_decay=hp.weight_decay,
+                               eps=hp.opt_eps, layer_decay=hp.layer_decay if hp.layer_decay < 1 else None)
 
 
 def check_batch_size(batch_size: int, train_images: int, processes: int = 1) -> None:
@@ -540,7 +574,7 @@ def class_weights(channel) -> torch.Tensor:
 
 def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, scheduler, ema, scaler, autocast,
                     progress: Progress, stop: StopRequest, startup: report.StartUp | None = None,
-                    slow_data: SlowDataWarning | None = None) -> tuple[float, float]:
+                    slow_data: SlowDataWarning | None = None, frozen_batchnorm: bool = False) -> tuple[float, float]:
     """Train the rest of `progress.epoch` (all of it unless resuming), counting batches in `progress`;
     given the job's start-up so far, say where the time to the first step went. Returns the mean training
     loss and the seconds spent waiting for the loader's next batch (beyond the first; the longest wait of any
@@ -549,6 +583,10 @@ def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, sch
     if startup is not None:
         startup.done("setting up training")
     model.train()
+    if frozen_batchnorm:  # normalised as the pretrained network was (BatchNorm's scales and shifts still train)
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()
     loader.batch_sampler.start_epoch(progress.epoch, skip_batches=progress.step)
     device = to_input.device
     loss_sum = torch.tensor(progress.loss_sum, device=device)  # no .item() per step: a sync would stall the GPU

@@ -46,8 +46,8 @@ from efficientnet_train import hyperparameters  # noqa: E402
 from efficientnet_train.data import (ModelInput, TrainBatches, class_folders, dataset_of, decode_side,  # noqa: E402
                                      resolve_data_config, scan_channel, train_transform)
 from efficientnet_train.model import MEMORY_FORMAT, autocast_for, create_model  # noqa: E402
-from efficientnet_train.train import (data_loader, data_loading_workers_for, train_step,  # noqa: E402
-                                      training_tools)
+from efficientnet_train.train import (data_loader, data_loading_workers_for, optimizer_name,  # noqa: E402
+                                      train_step, training_tools)
 
 REPO = Path(__file__).resolve().parent.parent
 # The listing's example set: https://download.pytorch.org/tutorial/hymenoptera_data.zip, unzipped into data/.
@@ -132,7 +132,7 @@ def training_setup(hp, weights: Path, classes: list[str], device: torch.device,
     autocast, amp_dtype = autocast_for(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark and device.type == "cuda"  # as train.py unless told
     model = create_model(hp.model, classes, str(weights), hp.drop, hp.drop_connect).to(device).train()
-    data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
+    data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size, hp.freeze_batchnorm)
     optimizer, ema, scaler = training_tools(model, hp, hyperparameters.scaled_lr(hp), amp_dtype)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp.smoothing).to(device)
     updates = 0
@@ -291,7 +291,8 @@ def measure_loader(o, hp, device: torch.device) -> dict:
 
     channel = replicated_train_channel(o, hp)
     # Only the model's pretrained_cfg matters here (sizes, interpolation, normalisation): no weights needed.
-    data_config = resolve_data_config(timm.create_model(hp.model, num_classes=2), hp.img_size, hp.eval_img_size)
+    data_config = resolve_data_config(timm.create_model(hp.model, num_classes=2), hp.img_size, hp.eval_img_size,
+                                      hp.freeze_batchnorm)
     transform = train_transform(data_config, hp.aa, hp.hflip)
     counts, n = [0], 1
     while n <= o.max_workers:
@@ -504,7 +505,7 @@ def timm_train_arguments(o, hp, data: Path, device: torch.device) -> list[str]:
     workers = data_loading_workers_for(hp, 1)
     args = [str(data), "--train-split", "train", "--val-split", "val", "--model", hp.model,
             "--num-classes", str(len(class_folders(data / "train"))), "-b", str(hp.batch_size),
-            "--epochs", str(o.epochs), "--opt", hp.opt, "--opt-eps", str(hp.opt_eps),
+            "--epochs", str(o.epochs), "--opt", optimizer_name(hp), "--opt-eps", str(hp.opt_eps),
             "--lr", str(hyperparameters.scaled_lr(hp)),
             "--weight-decay", str(hp.weight_decay), "--sched", hp.sched, "--decay-epochs", str(hp.decay_epochs),
             "--decay-rate", str(hp.decay_rate), "--warmup-epochs", f"{hp.warmup_epochs:g}",  # an int to timm

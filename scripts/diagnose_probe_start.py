@@ -55,7 +55,7 @@ def main() -> int:
     val = scan_channel("validation", val_folder, train.classes)
     weights = lite_weights(options.weights_dir, 0)
     model = create_model(MODEL, train.classes, str(weights), hp.drop, hp.drop_connect)
-    config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
+    config = resolve_data_config(model, hp.img_size, hp.eval_img_size, hp.freeze_batchnorm)
     cpu = torch.device("cpu")
     clean, val_images = dataset_of(train, eval_transform(config)), dataset_of(val, eval_transform(config))
     crops = dataset_of(train, train_transform(config, "none", hp.hflip))

@@ -413,7 +413,7 @@ def test_booleans_accept_the_usual_spellings(word, value):
     ("max_unusable_fraction", "1.5", "a number from 0 to 1"), ("max_unusable_fraction", "-0.1", "from 0 to 1"),
     ("img_size", "2000", "an integer from 32 to 1024; unset (or 0, outside SageMaker) = automatic"),
     ("img_size", "31", "from 32 to 1024"),
-    ("opt", ["sgd"], "one of sgd"), ("sched", "plateau", "one of step, cosine, tanh, poly;"),
+    ("opt", ["sgd"], "one of auto, sgd"), ("sched", "plateau", "one of step, cosine, tanh, poly;"),
 ])
 def test_wrong_types_and_ranges_name_the_key_the_value_and_what_is_allowed(name, raw, allowed):
     with pytest.raises(JobError) as info:

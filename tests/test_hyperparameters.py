@@ -16,6 +16,7 @@ LISTING_DEFAULTS = {  # the Marketplace listing's names and defaults, as publish
     "opt": "rmsproptf", "opt_eps": 0.001, "remode": "pixel", "reprob": 0.2, "sched": "step",
     "warmup_lr": 1e-6, "weight_decay": 1e-5}
 # Not kept: the listing's workers=1 starves a GPU; -1 takes them from the CPU count (workers=1 still works).
+# opt=auto is the listing's rmsproptf unless BatchNorm is frozen (train.optimizer_name).
 
 
 def error_of(raw: dict) -> str:
@@ -26,7 +27,7 @@ def error_of(raw: dict) -> str:
 
 def test_listing_hyperparameters_keep_their_names_and_defaults():
     resolved, ignored = parse({})
-    assert {name: getattr(resolved, name) for name in LISTING_DEFAULTS} == LISTING_DEFAULTS
+    assert {name: getattr(resolved, name) for name in LISTING_DEFAULTS} == {**LISTING_DEFAULTS, "opt": "auto"}
     assert resolved.model == "efficientnet_b3" and resolved.pretrained_path == "" and resolved.img_size == 0
     assert resolved.workers == -1 and parse({"workers": "1"})[0].workers == 1
     assert ignored == []
@@ -78,7 +79,7 @@ def test_sagemaker_keys_are_ignored_not_rejected():
     ({"batch_size": "1"}, "an integer from 2 to 4096"),  # BatchNorm cannot train on one image
     ({"epochs": 2.5}, "(not an integer)"),  # a JSON number, not truncated to 2
     ({"model_ema": "maybe"}, "'model_ema' = 'maybe' is invalid (not true or false)"),
-    ({"opt": "adamm"}, "'opt' = 'adamm' is invalid (not one of the choices; did you mean adam?); allowed: one of sgd,"),
+    ({"opt": "adamm"}, "'opt' = 'adamm' is invalid (not one of the choices; did you mean adam?); allowed: one of auto, sgd,"),
     ({"sched": "cosin"}, "one of step, cosine"),
     ({"remode": "zero"}, "one of const, rand, pixel"),
     ({"model": "efficientnet_b33"}, "(not a timm EfficientNet model; did you mean efficientnet_b3"),

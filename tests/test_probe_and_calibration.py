@@ -3,6 +3,7 @@ than a logistic regression on its own frozen features, and its probabilities mea
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -135,6 +136,13 @@ def test_the_probe_is_epoch_0_logged_in_one_line_and_kept_in_args(probed_job):
     assert args["linear_probe"]["acc_1"] == pytest.approx(float(rows[0]["eval_top1"]))
     assert args["linear_probe"]["images"] == 36 and args["epochs_completed"] == 2
     assert args["best_acc_1"] >= args["linear_probe"]["acc_1"]  # never worse than its own probe
+    # The tiny model's statistics come from other inputs than these plain colours: batch statistics lose the
+    # probe's answers, and the log says so, with the fix, once.
+    probe = args["linear_probe"]
+    assert probe["training_images_acc_1"] == 100 and probe["batch_statistics_acc_1"] < 50
+    assert probe["far_from_pretrained_statistics"] is True and args["effective_opt"] == "rmsproptf"
+    warnings = [line for line in log.splitlines() if "BatchNorm: the probe answers" in line]
+    assert len(warnings) == 1 and " WARNING " in warnings[0] and "try freeze_batchnorm=true" in warnings[0]
 
 
 def test_a_trained_model_answers_with_calibrated_confidence_not_uniform(probed_job):
@@ -155,3 +163,88 @@ def test_a_trained_model_answers_with_calibrated_confidence_not_uniform(probed_j
     assert 0 <= calibration["ece_after"] <= calibration["ece_before"] + 1e-9
     assert "Calibration: the best model's log probabilities are divided by a temperature" in log
     assert "confidence" in log and len(calibration["per_class_confidence"]) == len(COLOURS)
+
+
+def shifted_pairs(low: float, high: float, pairs: int = 16):
+    """One number an image, `high` for class 1 and `low` for class 0, as a loader yields them in mixed batches."""
+    images = torch.tensor([[high], [low]] * pairs)
+    return torch.utils.data.DataLoader(list(zip(images, torch.tensor([1, 0] * pairs))), batch_size=8)
+
+
+def threshold_model(threshold: float) -> torch.nn.Module:
+    """BatchNorm with the 'pretrained' statistics mean 0, variance 1, then a head answering 1 above `threshold`."""
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(1), torch.nn.Linear(1, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[-1.0], [1.0]]) / 2)
+        model[1].bias.copy_(torch.tensor([threshold, -threshold]) / 2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("low, high, batch_top1, far", [(3.0, 5.0, 50.0, True), (-1.0, 1.0, 100.0, False)])
+def test_batch_statistics_top1_sees_features_that_each_batch_renormalises(low, high, batch_top1, far):
+    from efficientnet_train.linear_probe import batchnorm_far_from_pretrained, top1_on_batch_statistics
+
+    # Classes 3 and 5 apart from the pretrained statistics (mean 0): normalised by their own batch they become -1
+    # and +1, below the head's threshold of 4 both, so half the answers go. Classes -1 and 1 keep theirs.
+    model = threshold_model((low + high) / 2)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    loader = shifted_pairs(low, high)
+    assert (model(next(iter(loader))[0]).argmax(1) == next(iter(loader))[1]).all()  # right with the pretrained ones
+    top1 = top1_on_batch_statistics(model, loader, lambda images: images, contextlib.nullcontext)
+    assert top1 == pytest.approx(batch_top1)
+    assert batchnorm_far_from_pretrained(100.0, top1, num_classes=2) is far
+    assert not model.training and all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+def test_the_batchnorm_rule_is_halfway_from_chance_and_needs_a_measurement():
+    from efficientnet_train.linear_probe import batchnorm_far_from_pretrained
+
+    # Measured on Lite0's probes: digits 12.8% of 100, drawings 42.6% of 100 (25 classes), photos 89.7% (2 classes).
+    assert batchnorm_far_from_pretrained(100.0, 12.8, 10) and batchnorm_far_from_pretrained(100.0, 42.6, 25)
+    assert batchnorm_far_from_pretrained(100.0, 36.1, 3)  # the tiny model on plain colours (probed_job)
+    assert not batchnorm_far_from_pretrained(100.0, 89.7, 2)
+    assert not batchnorm_far_from_pretrained(100.0, None, 10)  # no batch of two images: nothing measured
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_frozen_batchnorm_keeps_its_statistics_while_everything_else_trains(frozen):
+    from timm.scheduler import create_scheduler_v2
+
+    from efficientnet_train import train
+    from efficientnet_train.checkpoints import Progress, StopRequest
+    from efficientnet_train.data import ModelInput, TrainBatches
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    images = [(torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8), index % 2) for index in range(16)]
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="step", num_epochs=1, decay_epochs=1, updates_per_epoch=4)
+    loader = train.data_loader(images, 0, torch.device("cpu"), 0, batch_sampler=TrainBatches(16, 4, seed=0))
+    train.train_one_epoch(model, loader, ModelInput({"mean": [0.5] * 3, "std": [0.5] * 3}, torch.device("cpu")),
+                          torch.nn.CrossEntropyLoss(), optimizer, scheduler, None, None, contextlib.nullcontext,
+                          Progress(), StopRequest(), frozen_batchnorm=frozen)
+    after = model.state_dict()
+    statistics = ("1.running_mean", "1.running_var")
+    assert all(torch.equal(before[name], after[name]) for name in statistics) is frozen
+    assert not any(torch.equal(before[name], after[name]) for name in ("0.weight", "1.weight", "1.bias", "5.weight"))
+    assert model[2].training  # dropout still drops
+
+
+def test_frozen_batchnorm_trains_with_sgd_evaluates_at_the_training_size_and_keeps_the_statistics(
+        tmp_path, pretrained_tiny_weights):
+    base = make_job(tmp_path, {"epochs": "2", "batch_size": "8", "model": TINY_MODEL, "img_size": "32",
+                               "pretrained_path": str(pretrained_tiny_weights), "workers": "0",
+                               "freeze_batchnorm": "true"})
+    result = run_train(base)
+    assert result.returncode == 0, result.stdout + result.stderr
+    args = yaml.safe_load((base / "model" / "args.yml").read_text())
+    assert args["effective_opt"] == "sgd" and args["data_config"]["input_size"] == [3, 32, 32]
+    assert args["linear_probe"]["batch_statistics_acc_1"] is None and "BatchNorm: the probe" not in result.stdout
+    pretrained = torch.load(pretrained_tiny_weights, weights_only=True)
+    checkpoint = torch.load(sorted((base / "checkpoints").glob("checkpoint-*.pth.tar"))[-1], weights_only=False)
+    trained = checkpoint["model"]
+    statistics = [name for name in trained if name.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.equal(trained[name], pretrained[name]) for name in statistics)
+    assert not torch.equal(trained["conv_stem.weight"], pretrained["conv_stem.weight"])  # the rest trained
