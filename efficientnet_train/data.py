@@ -627,22 +627,18 @@ class TrainBatches(torch.utils.data.Sampler):
         return islice(iter(batches), self.skip, None)
 
 
-def resolve_data_config(model: torch.nn.Module, img_size: int, eval_img_size: int, same_size: bool = False) -> dict:
+def resolve_data_config(model: torch.nn.Module, img_size: int, eval_img_size: int) -> dict:
     """Sizes, interpolation, crop and normalisation: the model's own unless img_size is set.
 
-    `input_size` is the evaluation (and serving) size, `train_input_size` the training one; with `same_size` (frozen
-    BatchNorm) they are the same unless eval_img_size says otherwise: BatchNorm on batch statistics adapts to the
-    larger evaluation view's activations in training, frozen BatchNorm does not (digits at 64 px evaluated at 74:
-    87.8%, at 64: 96.4%; docs/quality.md).
+    `input_size` is the evaluation (and serving) size, `train_input_size` the training one (which frozen BatchNorm
+    changes: recipe.training_size_config).
     """
     from timm.data import resolve_data_config as timm_resolve
 
     config = timm_resolve({"input_size": (3, img_size, img_size)} if img_size else {}, model=model)
     train_size, crop_pct = config["input_size"][-1], config["crop_pct"]
     test_size = model.pretrained_cfg.get("test_input_size")
-    if not eval_img_size and same_size:
-        eval_img_size = train_size
-    elif not eval_img_size and test_size and not img_size:  # timm measured this model's best test view
+    if not eval_img_size and test_size and not img_size:  # timm measured this model's best test view
         eval_img_size, crop_pct = test_size[-1], model.pretrained_cfg.get("test_crop_pct", crop_pct)
     elif not eval_img_size:
         eval_img_size = round(train_size * EVAL_SIZE_RATIO)

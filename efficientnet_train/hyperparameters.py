@@ -164,7 +164,7 @@ def _check_model(name: str) -> str | None:
 
 
 def _check_auto_augment(policy: str) -> str | None:
-    if policy.lower() in ("", "none"):
+    if policy.lower() in ("", "none", "auto"):
         return None
     family, *sections = policy.split("-")
     if family in ("rand", "augmix"):
@@ -202,11 +202,14 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("epochs", int, 250, "Number of epochs to train.", minimum=1, maximum=10000, tunable=True),
     Hyperparameter("batch_size", int, 32, "Images per training step on each device (GPU, or the CPU).",
                    minimum=2, maximum=4096, tunable=True),  # BatchNorm can't train on one image
-    Hyperparameter("aa", str, "rand-m9-mstd0.5",
+    Hyperparameter("aa", str, "auto",
                    "Augmentation policy (timm's auto_augment): v0, original, a RandAugment string such as "
-                   "rand-m9-mstd0.5, or none.",
+                   "rand-m9-mstd0.5, none, or auto = the listing's rand-m9-mstd0.5 unless the linear probe loses "
+                   "most of its answers on training images augmented so (crops, flips, RandAugment, random "
+                   "erasing): then no RandAugment and no random erasing.",
                    # Not tunable: a tuning job can only search ranges and category lists, not free text.
-                   check=_check_auto_augment, allowed_text="none, v0, original, or a timm RandAugment string"),
+                   check=_check_auto_augment,
+                   allowed_text="auto, none, v0, original, or a timm RandAugment string"),
     Hyperparameter("decay_epochs", float, 2.4,
                    f"Epochs between learning-rate decays (step schedule); {SMALL_SET_EPOCH}.",
                    minimum=0.01, maximum=10000, tunable=True),
@@ -229,8 +232,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    "Decay of the weights' moving average; it warms up, so short runs still track.",
                    minimum=0, maximum=0.99999, tunable=True),
     Hyperparameter("opt", str, "auto",
-                   "Optimizer (timm's names); auto = the listing's rmsproptf, or sgd (Nesterov momentum) with "
-                   "freeze_batchnorm=true, where rmsproptf's steps wreck the network.",
+                   "Optimizer (timm's names); auto = the listing's rmsproptf, or sgd (Nesterov momentum) when "
+                   "BatchNorm is frozen (freeze_batchnorm), where rmsproptf's steps wreck the network.",
                    choices=("auto",) + OPTIMIZERS, tunable=True),
     Hyperparameter("opt_eps", float, 0.001, "Optimizer epsilon.", minimum=0.0000000001, maximum=1, tunable=True),
     Hyperparameter("remode", str, "pixel", "Random-erasing fill mode.", choices=("const", "rand", "pixel"),
@@ -254,12 +257,13 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    "Local ImageNet weights in timm format (.pth or .safetensors), as timm's "
                    "--pretrained-path; empty = the weights shipped in the image.",
                    check=_check_pretrained_path, allowed_text="empty, or the path of a .pth, .pt, .bin or .safetensors file"),
-    Hyperparameter("img_size", int, 0, "Training image size in pixels; 0 or unset = the model's own.",
+    Hyperparameter("img_size", int, 0,
+                   "Training image size in pixels; 0 or unset = the model's own. With BatchNorm frozen "
+                   "(freeze_batchnorm) training uses the evaluation size instead.",
                    minimum=32, maximum=1024, allowed_text=IMG_SIZE_ALLOWED, tunable=True),
     Hyperparameter("eval_img_size", int, 0,
-                   "Validation and serving image size in pixels; 0 or unset = the training size with "
-                   "freeze_batchnorm=true, else the model's test size in timm if it has one and img_size is 0, "
-                   "otherwise 1.15 x the training size.",
+                   "Validation and serving image size in pixels; 0 or unset = the model's test size in timm if it "
+                   "has one and img_size is 0, otherwise 1.15 x the training size.",
                    minimum=32, maximum=1024, allowed_text=IMG_SIZE_ALLOWED, tunable=True),
     Hyperparameter("warmup_epochs", float, 1.0,
                    f"Epochs of linear learning-rate warmup from warmup_lr, updated every step; {SMALL_SET_EPOCH}.",
@@ -285,11 +289,12 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("early_stopping_patience", int, 5,
                    f"Epochs without a better model before stopping; {SMALL_SET_EPOCH}.",
                    minimum=1, maximum=1000),
-    Hyperparameter("freeze_batchnorm", bool, False,
+    Hyperparameter("freeze_batchnorm", str, "auto",
                    "Keep BatchNorm's pretrained (ImageNet) statistics while fine-tuning instead of normalising by "
-                   "each batch's own (its scales and shifts still train); then opt=auto trains with sgd and the "
-                   "evaluation size defaults to the training size. For images far from photos (scans, digits, "
-                   "drawings): the job says so after its linear probe."),
+                   "each batch's own (its scales and shifts still train); then opt=auto trains with sgd, at the "
+                   "evaluation size. auto = freeze where the linear probe loses most of its answers on batch "
+                   "statistics: images far from photos (scans, digits, drawings).",
+                   choices=("auto", "true", "false")),
     Hyperparameter("balance_classes", bool, False,
                    "Weight the training loss by inverse class frequency, so that every class counts as much "
                    "as the others however many images it has."),

@@ -106,19 +106,20 @@ def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_cla
 
 
 @torch.no_grad()
-def top1_on_batch_statistics(model: torch.nn.Module, loader, to_input, autocast) -> float | None:
-    """Top-1 (%) of `model` on `loader`'s images (over every process) with BatchNorm normalising each batch by its
-    own statistics, as a training step does, and no dropout; BatchNorm's running averages are left as they were.
-    None if no batch had the two images BatchNorm needs."""
+def probe_top1(model: torch.nn.Module, loader, to_input, autocast, batch_statistics: bool = False) -> float | None:
+    """Top-1 (%) of `model` on `loader`'s images (over every process), in evaluation mode or with BatchNorm normalising
+    each batch by its own statistics, as a training step does (no dropout either way); BatchNorm's running averages
+    are left as they were. None if no batch had the two images BatchNorm on batch statistics needs."""
     saved = [buffer.clone() for buffer in model.buffers()]
     model.eval()
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.train()
+    if batch_statistics:
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.train()
     device = next(model.parameters()).device
     counts = torch.zeros(2, device=device)
     for images, targets in loader:
-        if len(targets) > 1:
+        if len(targets) > 1 or not batch_statistics:
             with autocast():
                 logits = model(to_input(images))
             counts[0] += (logits.argmax(dim=1) == targets.to(device)).sum()
@@ -130,11 +131,11 @@ def top1_on_batch_statistics(model: torch.nn.Module, loader, to_input, autocast)
     return 100 * right / seen if seen else None
 
 
-def batchnorm_far_from_pretrained(fitted_top1: float, batch_statistics_top1: float | None, num_classes: int) -> bool:
-    """Whether BatchNorm on batch statistics loses most of what the probe reads from the features: its top-1 on its
-    own training images falls below halfway from chance to what it scores on them with the pretrained statistics.
-    Then the images' statistics are far from ImageNet's (digit scans, drawings) and each training step's batch
-    statistics hand the network's later layers features they were never trained on."""
-    if batch_statistics_top1 is None:
-        return False
-    return batch_statistics_top1 < (100 / num_classes + fitted_top1) / 2
+def loses_most_answers(top1: float | None, clean_top1: float, num_classes: int) -> bool:
+    """Whether the probe, scoring `clean_top1` on its own training images as it was fitted on them, falls below halfway
+    from chance to that on a changed view of them (`top1`; None: not measured).
+
+    With BatchNorm on batch statistics, that means these images' statistics are far from ImageNet's (digit scans,
+    drawings), and each training step's batch statistics hand the network's later layers features they were never
+    trained on; on augmented images, that the augmentation destroys what tells the classes apart."""
+    return top1 is not None and top1 < (100 / num_classes + clean_top1) / 2

@@ -24,20 +24,16 @@ from .data import (ModelInput, TrainBatches, dataset_of, decode_side, eval_trans
                    resolve_data_config, scan_channel, train_transform, warn_about_thin_classes)
 from .errors import JobError
 from .failures import explained
-from .linear_probe import batchnorm_far_from_pretrained, fit_linear_probe, probe_sample, top1_on_batch_statistics
+from .linear_probe import fit_linear_probe, loses_most_answers, probe_sample, probe_top1
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
 from .model import (autocast_for, checkpoint_of, create_model, predict_log_probabilities, read_model_channel,
                     save_checkpoint)
+from .recipe import Recipe, recipe_for, training_size_config
 from .sagemaker import DEBUG_VARIABLE, SageMakerEnvironment
 from .untrusted import shown, shown_lines
 
 log = logging.getLogger("efficientnet_train")
 PROGRESS_EVERY_S = 60  # a line within long epochs too, so a buyer sees the job is alive and how fast it goes
-FAR_FROM_PRETRAINED = (
-    ": these images' statistics are far from ImageNet's, and fine-tuning that normalises by batch statistics starts "
-    "from features the probe never saw; it often ends below the probe, which is then the model kept. For such images "
-    "(scans, digits, drawings) try freeze_batchnorm=true aa=none reprob=0; what it did on such sets is in "
-    "docs/quality.md")
 
 
 def main() -> int:
@@ -190,39 +186,22 @@ def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Ra
     start = None if job.resumed else read_model_channel(env.channel_dir("model"))
     model = create_model(hp.model, classes, hp.pretrained_path, hp.drop, hp.drop_connect, start=start).to(device)
     job.startup.done(f"building the model on the {'GPU' if device.type == 'cuda' else 'CPU'}")
-    data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size, same_size=hp.freeze_batchnorm)
-
+    data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
     workers = data_loading_workers_for(hp, rank.per_host)
-    train_data = dataset_of(train_channel, train_transform(data_config, hp.aa, hp.hflip),
-                            hp.max_unusable_fraction, workers, decode_side(data_config, training=True))
     val_data = dataset_of(val_channel, eval_transform(data_config), hp.max_unusable_fraction, workers,
                           decode_side(data_config, training=False))
-    train_loader = data_loader(train_data, workers, device, hp.seed + rank.rank,
-                               batch_sampler=TrainBatches(len(train_data), hp.batch_size, hp.seed, rank.world_size,
-                                                          rank.rank))
     # Every rank a different share, each image exactly once (no padding): the summed counts are the val set's.
     val_share = torch.utils.data.Subset(val_data, range(rank.rank, len(val_data), rank.world_size))
     val_loader = data_loader(val_share, workers, device, hp.seed + rank.rank, batch_size=hp.batch_size)
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_channel) if hp.balance_classes else None,
                                         label_smoothing=hp.smoothing).to(device)
-
-    from timm.scheduler import create_scheduler_v2
-
     lr = hyperparameters.scaled_lr(hp, rank.world_size)
-    optimizer, ema, scaler = training_tools(model, hp, lr, amp_dtype)
-    # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch.
-    schedule_epoch = schedule_epoch_updates(hp, len(train_loader))
-    scheduler, _ = create_scheduler_v2(
-        optimizer, sched=hp.sched, num_epochs=hp.epochs * len(train_loader) / schedule_epoch,
-        decay_epochs=hp.decay_epochs, decay_rate=hp.decay_rate, warmup_lr=hp.warmup_lr,
-        warmup_epochs=hp.warmup_epochs, step_on_epochs=False, updates_per_epoch=schedule_epoch)
+    ema, scaler = training_tools(model, hp, amp_dtype)
     eval_hflip = hp.eval_hflip and hp.hflip > 0  # a model never shown mirror images can't be asked about them
     args = {**vars(hp),
             "ignored_hyperparameters": job.ignored, "classes": classes, "num_classes": len(classes),
-            "data_config": data_config, "effective_eval_hflip": eval_hflip,
-            "global_batch_size": hp.batch_size * rank.world_size,
-            "effective_lr": lr, "effective_opt": optimizer_name(hp),
-            "updates_per_epoch": len(train_loader), "schedule_epoch_updates": schedule_epoch,
+            "effective_eval_hflip": eval_hflip, "global_batch_size": hp.batch_size * rank.world_size,
+            "effective_lr": lr,
             "checkpoint_dir": str(env.checkpoint_dir),
             "processes": rank.world_size, "effective_workers": workers, "device": describe(device),
             "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
@@ -231,20 +210,46 @@ def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Ra
             "val_images_per_class": val_channel.images_per_class(),
             "skipped_files": {ch.name: ch.skipped_summary() for ch in (train_channel, val_channel)},
             "training_job_name": env.training_job_name, "versions": versions()}
-    return SimpleNamespace(
-        hp=hp, classes=classes, train_channel=train_channel, device=device, autocast=autocast, model=model,
+    t = SimpleNamespace(
+        hp=hp, rank=rank, classes=classes, train_channel=train_channel, device=device, autocast=autocast, model=model,
         # Gradients averaged over all processes after each backward; parameters start as rank 0's.
         trained=torch.nn.parallel.DistributedDataParallel(model) if rank.distributed else model,
         # A new head is fitted as a linear probe first (epoch 0); a previous job's head for the same labels is kept.
         probe_first=not job.resumed and (start is None or start[1]["labels"] != classes),
-        data_config=data_config, workers=workers, train_data=train_data, val_data=val_data,
-        train_loader=train_loader, val_loader=val_loader, eval_hflip=eval_hflip,
-        train_input=ModelInput(data_config, device, hp.reprob, hp.remode), val_input=ModelInput(data_config, device),
-        loss_fn=loss_fn, lr=lr, optimizer=optimizer, ema=ema, scheduler=scheduler, schedule_epoch=schedule_epoch,
-        trainables=dict(model=model, ema=ema, optimizer=optimizer, scheduler=scheduler, scaler=scaler),
+        resolved_data_config=data_config, workers=workers, val_data=val_data, val_loader=val_loader,
+        eval_hflip=eval_hflip, val_input=ModelInput(data_config, device), loss_fn=loss_fn, lr=lr, ema=ema,
+        trainables=dict(model=model, ema=ema, scaler=scaler),
         slow_data=SlowDataWarning(workers, hp.workers, rank.per_host, device.type == "cuda", rank.is_main),
         speaks=rank.is_main,
         args=args, title=f"{hp.model} on {len(classes)} classes, {env.training_job_name or 'local run'}")
+    # A resumed job makes the choices its probe's measurements made; a new one makes them again after its probe.
+    use_recipe(t, recipe_for(hp, job.resumed[1].get("linear_probe") if job.resumed else None))
+    return t
+
+
+def use_recipe(t: SimpleNamespace, recipe: Recipe) -> None:
+    """Make what fine-tuning trains with under `recipe`: the training images at its size and augmentation, the
+    optimizer and its schedule. Made again, before any update, when the probe's measurements change the recipe."""
+    from timm.scheduler import create_scheduler_v2
+
+    hp, rank = t.hp, t.rank
+    t.recipe, t.data_config = recipe, training_size_config(t.resolved_data_config, recipe)
+    t.train_data = dataset_of(t.train_channel, train_transform(t.data_config, recipe.aa, hp.hflip),
+                              hp.max_unusable_fraction, t.workers, decode_side(t.data_config, training=True))
+    t.train_loader = data_loader(t.train_data, t.workers, t.device, hp.seed + rank.rank,
+                                 batch_sampler=TrainBatches(len(t.train_data), hp.batch_size, hp.seed, rank.world_size,
+                                                            rank.rank))
+    t.train_input = ModelInput(t.data_config, t.device, recipe.reprob, hp.remode)
+    t.optimizer = create_optimizer(t.model, hp, t.lr, recipe.opt)
+    # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch.
+    t.schedule_epoch = schedule_epoch_updates(hp, len(t.train_loader))
+    t.scheduler, _ = create_scheduler_v2(
+        t.optimizer, sched=hp.sched, num_epochs=hp.epochs * len(t.train_loader) / t.schedule_epoch,
+        decay_epochs=hp.decay_epochs, decay_rate=hp.decay_rate, warmup_lr=hp.warmup_lr,
+        warmup_epochs=hp.warmup_epochs, step_on_epochs=False, updates_per_epoch=t.schedule_epoch)
+    t.trainables.update(optimizer=t.optimizer, scheduler=t.scheduler)
+    t.args.update(recipe.record(), data_config=t.data_config, updates_per_epoch=len(t.train_loader),
+                  schedule_epoch_updates=t.schedule_epoch)
 
 
 def resume(t: SimpleNamespace, job: SimpleNamespace, rank: distributed.Rank):
@@ -270,10 +275,12 @@ def resume(t: SimpleNamespace, job: SimpleNamespace, rank: distributed.Rank):
 def probe_epoch(t: SimpleNamespace, rank: distributed.Rank, startup: report.StartUp) -> SimpleNamespace:
     """Epoch 0: the new classifier fitted as a linear probe on the frozen features."""
     started = time.monotonic()
-    probe = linear_probe(t.model, t.train_channel, t.data_config, t.hp, t.workers, rank, t.val_input, t.autocast,
-                         t.loss_fn)
+    probe = linear_probe(t, rank)
     if t.ema is not None:
         t.ema.set(t.model)
+    recipe = recipe_for(t.hp, probe.measured)
+    if recipe != t.recipe:
+        use_recipe(t, recipe)
     startup.done(f"fitting the linear probe on {probe.images} images")
     return SimpleNamespace(loss=probe.loss, data_wait=0.0, images=probe.images, candidates={"probe": t.model},
                            seconds=time.monotonic() - started, probe=probe)
@@ -285,7 +292,7 @@ def train_epoch(t: SimpleNamespace, progress: Progress, stop: StopRequest, start
     started, seen_before = time.monotonic(), progress.seen
     loss, data_wait = train_one_epoch(t.trained, t.train_loader, t.train_input, t.loss_fn, t.optimizer, t.scheduler,
                                       t.ema, t.trainables["scaler"], t.autocast, progress, stop, startup, t.slow_data,
-                                      t.hp.freeze_batchnorm)
+                                      t.recipe.freeze_batchnorm)
     t.slow_data.check(data_wait, time.monotonic() - started, f"epoch {progress.epoch}'s training")
     return SimpleNamespace(loss=loss, data_wait=data_wait, images=(progress.seen - seen_before) * rank.world_size,
                            candidates={"raw": t.model, **({"ema": t.ema.module} if t.ema else {})},
@@ -315,21 +322,29 @@ def log_epoch(t: SimpleNamespace, epoch: int, results: dict, chosen: str, lr_now
              seconds - trained.seconds, elapsed,
              report.duration((hp.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)) if epoch_seconds else "?")
     if trained.probe is not None:
-        probe = trained.probe
-        far = batchnorm_far_from_pretrained(probe.top1, probe.batch_statistics_top1, len(t.classes))
+        probe, chance = trained.probe, 100 / len(t.classes)
         t.args["linear_probe"] = {"acc_1": result.top1, "loss": result.loss, "images": probe.images,
-                                  "seconds": round(trained.seconds, 1), "training_images_acc_1": probe.top1,
-                                  "batch_statistics_acc_1": probe.batch_statistics_top1,
-                                  "far_from_pretrained_statistics": far}
+                                  "seconds": round(trained.seconds, 1), **probe.measured}
         log.info("Linear probe (epoch 0): validation top-1 %.2f%%, loss %.4f; fitted on the frozen features (%d) of "
                  "%d training images in %.1f s: features %.1f s, logistic regression %.1f s", result.top1,
                  result.loss, probe.features, probe.images, trained.seconds, probe.extract_seconds, probe.fit_seconds)
-        if probe.batch_statistics_top1 is not None:
-            # A warning, which the other processes would repeat (they log warnings), from the first one only.
-            (log.warning if far and t.speaks else log.info)(
-                "BatchNorm: the probe answers %.1f%% of its training images right with the pretrained statistics and "
-                "%.1f%% with each batch's own, as training steps normalise (chance: %.1f%%)%s", probe.top1,
-                probe.batch_statistics_top1, 100 / len(t.classes), FAR_FROM_PRETRAINED if far else "")
+        measured, recipe = probe.measured, t.recipe
+        if measured["batch_statistics_acc_1"] is not None:
+            log.info("BatchNorm: the probe answers %.1f%% of its training images right with the pretrained statistics "
+                     "and %.1f%% with each batch's own, as training steps normalise (chance: %.1f%%); %s", probe.top1,
+                     measured["batch_statistics_acc_1"], chance,
+                     f"these images' statistics are far from ImageNet's, so fine-tuning keeps BatchNorm's pretrained "
+                     f"ones (freeze_batchnorm=auto), with opt={recipe.opt}, at the evaluation size "
+                     f"{t.data_config['train_input_size'][-1]} px" if recipe.freeze_batchnorm else
+                     "BatchNorm trains on batch statistics (freeze_batchnorm=auto)")
+        if measured["augmented_acc_1"] is not None:
+            log.info("Augmentation: the probe answers %.1f%% of its training images right augmented as the listing's "
+                     "recipe would (crops, hflip=%s, aa=%s, reprob=%s; chance: %.1f%%); %s",
+                     measured["augmented_acc_1"], hyperparameters.format_value(t.hp.hflip),
+                     recipe_for(t.hp).aa, hyperparameters.format_value(t.hp.reprob), chance,
+                     "they lose most of what tells the classes apart, so fine-tuning goes without RandAugment and "
+                     "random erasing (aa=auto)" if recipe.aa == "none" else
+                     f"fine-tuning keeps them (aa=auto: {recipe.aa})")
     if t.device.type == "cuda" and epoch and len(epoch_seconds) == 1:
         log.info("Peak GPU memory: %.1f GiB of %.1f GiB (batch_size=%d, img_size=%d)",
                  torch.cuda.max_memory_reserved(t.device) / 2**30,
@@ -408,22 +423,34 @@ def finish(env: SageMakerEnvironment, args: dict, summary: list[dict], best: dic
         log.info("Packed %s", outputs.pack_model(env.model_dir))
 
 
-def linear_probe(model, train_channel, data_config: dict, hp, workers: int, rank: distributed.Rank, to_input,
-                 autocast, loss_fn) -> SimpleNamespace:
+def linear_probe(t: SimpleNamespace, rank: distributed.Rank) -> SimpleNamespace:
     """Fit the classifier on the frozen features of (a capped sample of) the training images, seen as validation
-    sees them, each process extracting a share."""
-    sample = probe_sample(train_channel.samples, len(train_channel.classes), hp.seed)
-    images = torch.utils.data.Subset(
-        dataset_of(train_channel, eval_transform(data_config), hp.max_unusable_fraction, workers,
-                   decode_side(data_config, training=False)), sample)
-    share = torch.utils.data.Subset(images, range(rank.rank, len(sample), rank.world_size))
-    loader = data_loader(share, workers, to_input.device, hp.seed + rank.rank, batch_size=hp.batch_size)
-    probe = fit_linear_probe(model, loader, to_input, autocast, len(train_channel.classes), loss_fn)
-    probe.batch_statistics_top1 = None
-    if not hp.freeze_batchnorm:  # shuffled: a batch of one class would have statistics no training batch has
-        shuffled = data_loader(share, workers, to_input.device, hp.seed + rank.rank, batch_size=hp.batch_size,
-                               shuffle=True)
-        probe.batch_statistics_top1 = top1_on_batch_statistics(model, shuffled, to_input, autocast)
+    sees them, each process extracting a share; then, for the choices left to the job, score it on those images as
+    fine-tuning would see them (recipe.py)."""
+    hp, channel, config, classes = t.hp, t.train_channel, t.resolved_data_config, len(t.train_channel.classes)
+    sample = probe_sample(channel.samples, classes, hp.seed)
+
+    def share_of(transform, training: bool, **batching):
+        images = torch.utils.data.Subset(dataset_of(channel, transform, hp.max_unusable_fraction, t.workers,
+                                                    decode_side(config, training)), sample)
+        return data_loader(torch.utils.data.Subset(images, range(rank.rank, len(sample), rank.world_size)),
+                           t.workers, t.device, hp.seed + rank.rank, batch_size=hp.batch_size, **batching)
+
+    probe = fit_linear_probe(t.model, share_of(eval_transform(config), False), t.val_input, t.autocast, classes,
+                             t.loss_fn)
+    batch_statistics = augmented = None
+    if hp.freeze_batchnorm == "auto":  # shuffled: a batch of one class would have statistics no training batch has
+        batch_statistics = probe_top1(t.model, share_of(eval_transform(config), False, shuffle=True), t.val_input,
+                                      t.autocast, batch_statistics=True)
+    if hp.aa == "auto":  # as the listing's recipe would train on them, in evaluation mode
+        listing = recipe_for(hp)
+        augmented = probe_top1(t.model, share_of(train_transform(config, listing.aa, hp.hflip), True),
+                               ModelInput(config, t.device, listing.reprob, hp.remode), t.autocast)
+    probe.measured = {
+        "training_images_acc_1": probe.top1,
+        "batch_statistics_acc_1": batch_statistics, "augmented_acc_1": augmented,
+        "far_from_pretrained_statistics": loses_most_answers(batch_statistics, probe.top1, classes),
+        "augmentation_loses_answers": loses_most_answers(augmented, probe.top1, classes)}
     return probe
 
 
@@ -451,25 +478,14 @@ def schedule_epoch_updates(hp, updates_per_epoch: int) -> int:
     return max(updates_per_epoch, min(hyperparameters.MIN_SCHEDULE_EPOCH_UPDATES, round(room)))
 
 
-def optimizer_name(hp) -> str:
-    """`opt`, or for auto the listing's rmsproptf while BatchNorm normalises by batch statistics and sgd when it is
-    frozen: rmsproptf moves every weight by about lr a step whatever its gradient, which BatchNorm on batch
-    statistics absorbs (a convolution followed by it ignores its weights' scale) and frozen BatchNorm does not
-    (on the digits it took the network towards chance within six epochs: docs/quality.md)."""
-    if hp.opt != "auto":
-        return hp.opt
-    return "sgd" if hp.freeze_batchnorm else "rmsproptf"
-
-
-def training_tools(model: torch.nn.Module, hp, lr: float, amp_dtype: torch.dtype | None):
-    """The optimizer, the weights' moving average (EMA, if asked for) and, for float16 only, the gradient
-    scaler: what the job trains with, and what scripts/benchmark_speed.py times."""
-    optimizer = create_optimizer(model, hp, lr)
+def training_tools(model: torch.nn.Module, hp, amp_dtype: torch.dtype | None):
+    """The weights' moving average (EMA, if asked for) and, for float16 only, the gradient scaler: what the job
+    trains with besides the optimizer, and what scripts/benchmark_speed.py times."""
     # Warmup makes the average follow the weights early on; without it, decay 0.9999 keeps the
     # random classifier head for thousands of steps, far longer than a small data set trains.
     ema = model_ema(model, decay=hp.model_ema_decay, use_warmup=True) if hp.model_ema else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    return optimizer, ema, scaler
+    return ema, scaler
 
 
 def model_ema(model: torch.nn.Module, **settings):
@@ -511,7 +527,8 @@ def output_sizes(hp, num_classes: int) -> tuple[int, int]:
 
 
 def optimizer_state_per_weight(hp) -> float:
-    """Bytes of optimizer state per byte of weights: 2 for RMSprop (the larger of auto's two) and Adam, 1 for SGD,
+    """Bytes of optimizer state per byte of weights: 2 for RMSprop (auto's before the probe, the larger of its two)
+    and Adam, 1 for SGD,
     3 for MADGRAD, ... Measured by one step of the real optimizer on a tiny stand-in model, as the state only exists
     after a step, and some optimizers' steps cannot run on the meta device; a step of efficientnet_l2 itself would
     take 8 GB."""
@@ -520,7 +537,7 @@ def optimizer_state_per_weight(hp) -> float:
     stand_in = timm.create_model("test_efficientnet", num_classes=2)
     for weight in stand_in.parameters():
         weight.grad = torch.zeros_like(weight)
-    optimizer = create_optimizer(stand_in, hp, hp.lr)
+    optimizer = create_optimizer(stand_in, hp, hp.lr, recipe_for(hp).opt)
     optimizer.step()
     state = tensor_bytes(value for weight_state in optimizer.state.values() for value in weight_state.values())
     return state / tensor_bytes(stand_in.parameters())
@@ -530,12 +547,12 @@ def tensor_bytes(values) -> int:
     return sum(value.numel() * value.element_size() for value in values if torch.is_tensor(value))
 
 
-def create_optimizer(model: torch.nn.Module, hp, lr: float) -> torch.optim.Optimizer:
-    """timm's optimizer; with layer_decay < 1 the classifier gets lr and each block below it less,
+def create_optimizer(model: torch.nn.Module, hp, lr: float, opt: str) -> torch.optim.Optimizer:
+    """timm's optimizer `opt`; with layer_decay < 1 the classifier gets lr and each block below it less,
     so the new head learns at full speed while the pretrained features only adapt."""
     from timm.optim import create_optimizer_v2
 
-    return create_optimizer_v2(model, opt=optimizer_name(hp), lr=lr, weight_decay=hp.weight_decay,
+    return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=hp.weight_decay,
                                eps=hp.opt_eps, layer_decay=hp.layer_decay if hp.layer_decay < 1 else None)
 
 

@@ -42,7 +42,6 @@ def linear_probe(folder: Path, weights: Path, hyperparameters: dict) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from efficientnet_train.calibration import top_label_ece
-    from efficientnet_train.hyperparameters import TRUE_WORDS
     from efficientnet_train.data import (ModelInput, dataset_of, decode_side, eval_transform, resolve_data_config,
                                          scan_channel)
 
@@ -53,8 +52,7 @@ def linear_probe(folder: Path, weights: Path, hyperparameters: dict) -> dict:
     model = model.eval().to(memory_format=torch.channels_last)
     # The job's own sizes for these hyperparameters, so that the probe sees what the job's validation sees.
     config = resolve_data_config(model, int(hyperparameters.get("img_size", 0)),
-                                 int(hyperparameters.get("eval_img_size", 0)),
-                                 str(hyperparameters.get("freeze_batchnorm", "")).lower() in TRUE_WORDS)
+                                 int(hyperparameters.get("eval_img_size", 0)))
     to_input = ModelInput(config, torch.device("cpu"))  # channels-last, normalised as in the job
     train = scan_channel("train", folder / "train")
     val = scan_channel("val", folder / "val", train.classes)

@@ -46,7 +46,8 @@ from efficientnet_train import hyperparameters  # noqa: E402
 from efficientnet_train.data import (ModelInput, TrainBatches, class_folders, dataset_of, decode_side,  # noqa: E402
                                      resolve_data_config, scan_channel, train_transform)
 from efficientnet_train.model import MEMORY_FORMAT, autocast_for, create_model  # noqa: E402
-from efficientnet_train.train import (data_loader, data_loading_workers_for, optimizer_name,  # noqa: E402
+from efficientnet_train.recipe import recipe_for, training_size_config  # noqa: E402
+from efficientnet_train.train import (create_optimizer, data_loader, data_loading_workers_for,  # noqa: E402
                                       train_step, training_tools)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,8 +133,10 @@ def training_setup(hp, weights: Path, classes: list[str], device: torch.device,
     autocast, amp_dtype = autocast_for(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark and device.type == "cuda"  # as train.py unless told
     model = create_model(hp.model, classes, str(weights), hp.drop, hp.drop_connect).to(device).train()
-    data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size, hp.freeze_batchnorm)
-    optimizer, ema, scaler = training_tools(model, hp, hyperparameters.scaled_lr(hp), amp_dtype)
+    recipe = recipe_for(hp)  # as before the probe: its measurements need the buyer's images
+    data_config = training_size_config(resolve_data_config(model, hp.img_size, hp.eval_img_size), recipe)
+    optimizer = create_optimizer(model, hp, hyperparameters.scaled_lr(hp), recipe.opt)
+    ema, scaler = training_tools(model, hp, amp_dtype)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp.smoothing).to(device)
     updates = 0
 
@@ -144,7 +147,7 @@ def training_setup(hp, weights: Path, classes: list[str], device: torch.device,
         if ema is not None:
             ema.update(model, step=updates)
 
-    return SimpleNamespace(model=model, data_config=data_config, step=step,
+    return SimpleNamespace(model=model, data_config=data_config, step=step, recipe=recipe,
                            size=data_config["train_input_size"], amp_dtype=amp_dtype)
 
 
@@ -230,9 +233,9 @@ def measure_loop(o, hp, weights: Path, classes: list[str], device: torch.device)
     main thread was and how long it waited for a free core."""
     setup = training_setup(hp, weights, classes, device, o.cudnn_benchmark == "on")
     data_config = setup.data_config
-    to_input = ModelInput(data_config, device, hp.reprob, hp.remode)
+    to_input = ModelInput(data_config, device, setup.recipe.reprob, hp.remode)
     workers = data_loading_workers_for(hp, 1)
-    dataset = dataset_of(replicated_train_channel(o, hp), train_transform(data_config, hp.aa, hp.hflip),
+    dataset = dataset_of(replicated_train_channel(o, hp), train_transform(data_config, setup.recipe.aa, hp.hflip),
                          hp.max_unusable_fraction, workers, decode_side(data_config, training=True))
     fixed = (torch.randint(0, 256, (hp.batch_size, *setup.size), dtype=torch.uint8),
              torch.randint(len(classes), (hp.batch_size,)))
@@ -291,9 +294,10 @@ def measure_loader(o, hp, device: torch.device) -> dict:
 
     channel = replicated_train_channel(o, hp)
     # Only the model's pretrained_cfg matters here (sizes, interpolation, normalisation): no weights needed.
-    data_config = resolve_data_config(timm.create_model(hp.model, num_classes=2), hp.img_size, hp.eval_img_size,
-                                      hp.freeze_batchnorm)
-    transform = train_transform(data_config, hp.aa, hp.hflip)
+    recipe = recipe_for(hp)
+    data_config = training_size_config(
+        resolve_data_config(timm.create_model(hp.model, num_classes=2), hp.img_size, hp.eval_img_size), recipe)
+    transform = train_transform(data_config, recipe.aa, hp.hflip)
     counts, n = [0], 1
     while n <= o.max_workers:
         counts.append(n)
@@ -503,14 +507,15 @@ def timm_train_arguments(o, hp, data: Path, device: torch.device) -> list[str]:
     """timm's train.py flags for the product's resolved settings, so the two train the same way."""
     amp_dtype = autocast_for(device)[1]
     workers = data_loading_workers_for(hp, 1)
+    recipe = recipe_for(hp)
     args = [str(data), "--train-split", "train", "--val-split", "val", "--model", hp.model,
             "--num-classes", str(len(class_folders(data / "train"))), "-b", str(hp.batch_size),
-            "--epochs", str(o.epochs), "--opt", optimizer_name(hp), "--opt-eps", str(hp.opt_eps),
+            "--epochs", str(o.epochs), "--opt", recipe.opt, "--opt-eps", str(hp.opt_eps),
             "--lr", str(hyperparameters.scaled_lr(hp)),
             "--weight-decay", str(hp.weight_decay), "--sched", hp.sched, "--decay-epochs", str(hp.decay_epochs),
             "--decay-rate", str(hp.decay_rate), "--warmup-epochs", f"{hp.warmup_epochs:g}",  # an int to timm
             "--warmup-lr", str(hp.warmup_lr), "--drop", str(hp.drop), "--drop-path", str(hp.drop_connect),
-            "--smoothing", str(hp.smoothing), "--aa", hp.aa, "--reprob", str(hp.reprob), "--remode", hp.remode,
+            "--smoothing", str(hp.smoothing), "--aa", recipe.aa, "--reprob", str(recipe.reprob), "--remode", hp.remode,
             "--hflip", str(hp.hflip), "-j", str(workers), "--log-interval", "1", "--seed", str(hp.seed)]
     if hp.layer_decay < 1:
         args += ["--layer-decay", str(hp.layer_decay)]

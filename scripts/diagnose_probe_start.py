@@ -47,6 +47,7 @@ def main() -> int:
                                          train_transform)
     from efficientnet_train.linear_probe import fit_linear_probe
     from efficientnet_train.model import create_model
+    from efficientnet_train.recipe import recipe_for
 
     hp, _ = schema.parse({"model": MODEL, **dict(item.split("=", 1) for item in options.hyperparameters)})
     torch.manual_seed(hp.seed)
@@ -55,12 +56,13 @@ def main() -> int:
     val = scan_channel("validation", val_folder, train.classes)
     weights = lite_weights(options.weights_dir, 0)
     model = create_model(MODEL, train.classes, str(weights), hp.drop, hp.drop_connect)
-    config = resolve_data_config(model, hp.img_size, hp.eval_img_size, hp.freeze_batchnorm)
+    config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
     cpu = torch.device("cpu")
     clean, val_images = dataset_of(train, eval_transform(config)), dataset_of(val, eval_transform(config))
+    listing = recipe_for(hp)  # the augmentation aa=auto measures
     crops = dataset_of(train, train_transform(config, "none", hp.hflip))
-    augmented = dataset_of(train, train_transform(config, hp.aa, hp.hflip))
-    plain, erasing = ModelInput(config, cpu), ModelInput(config, cpu, hp.reprob, hp.remode)
+    augmented = dataset_of(train, train_transform(config, listing.aa, hp.hflip))
+    plain, erasing = ModelInput(config, cpu), ModelInput(config, cpu, listing.reprob, hp.remode)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp.smoothing)
 
     def loader(images, shuffle: bool = True):
@@ -87,7 +89,7 @@ def main() -> int:
     rows = [("clean training images, evaluation mode (what the probe was fitted on)", clean, plain, False, False),
             ("clean training images, BatchNorm on batch statistics", clean, plain, True, False),
             ("training crops and flips, evaluation mode", crops, plain, False, False),
-            (f"training crops + aa={hp.aa} + reprob={hp.reprob}, evaluation mode", augmented, erasing, False, False),
+            (f"training crops + aa={listing.aa} + reprob={listing.reprob}, evaluation mode", augmented, erasing, False, False),
             ("full training mode on the full training transform", augmented, erasing, True, True)]
     print(f"{options.folder}: {len(train.samples)} training images, {len(train.classes)} classes, "
           f"{config['train_input_size'][-1]} px, batch {hp.batch_size}\n")

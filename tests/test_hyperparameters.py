@@ -16,7 +16,8 @@ LISTING_DEFAULTS = {  # the Marketplace listing's names and defaults, as publish
     "opt": "rmsproptf", "opt_eps": 0.001, "remode": "pixel", "reprob": 0.2, "sched": "step",
     "warmup_lr": 1e-6, "weight_decay": 1e-5}
 # Not kept: the listing's workers=1 starves a GPU; -1 takes them from the CPU count (workers=1 still works).
-# opt=auto is the listing's rmsproptf unless BatchNorm is frozen (train.optimizer_name).
+# opt=auto is the listing's rmsproptf unless BatchNorm is frozen, aa=auto its rand-m9-mstd0.5 unless the linear probe
+# finds that it destroys the classes (recipe.recipe_for).
 
 
 def error_of(raw: dict) -> str:
@@ -27,7 +28,7 @@ def error_of(raw: dict) -> str:
 
 def test_listing_hyperparameters_keep_their_names_and_defaults():
     resolved, ignored = parse({})
-    assert {name: getattr(resolved, name) for name in LISTING_DEFAULTS} == {**LISTING_DEFAULTS, "opt": "auto"}
+    assert {name: getattr(resolved, name) for name in LISTING_DEFAULTS} == {**LISTING_DEFAULTS, "opt": "auto", "aa": "auto"}
     assert resolved.model == "efficientnet_b3" and resolved.pretrained_path == "" and resolved.img_size == 0
     assert resolved.workers == -1 and parse({"workers": "1"})[0].workers == 1
     assert ignored == []
@@ -35,7 +36,7 @@ def test_listing_hyperparameters_keep_their_names_and_defaults():
 
 def test_listing_choices_are_accepted():
     for raw in ({"opt": "sgd"}, {"opt": "rmsproptf"}, {"aa": "v0"}, {"aa": "original"},
-                {"aa": "rand-m9-mstd0.5"}, {"aa": "none"}, {"remode": "const"}, {"remode": "pixel"},
+                {"aa": "rand-m9-mstd0.5"}, {"aa": "none"}, {"aa": "auto"}, {"remode": "const"}, {"remode": "pixel"},
                 {"sched": "step"}):
         parse(raw)
 

@@ -136,13 +136,47 @@ def test_the_probe_is_epoch_0_logged_in_one_line_and_kept_in_args(probed_job):
     assert args["linear_probe"]["acc_1"] == pytest.approx(float(rows[0]["eval_top1"]))
     assert args["linear_probe"]["images"] == 36 and args["epochs_completed"] == 2
     assert args["best_acc_1"] >= args["linear_probe"]["acc_1"]  # never worse than its own probe
-    # The tiny model's statistics come from other inputs than these plain colours: batch statistics lose the
-    # probe's answers, and the log says so, with the fix, once.
+
+
+
+def test_auto_freezes_batchnorm_where_batch_statistics_lose_the_probe_and_says_so_once(probed_job,
+                                                                                        pretrained_tiny_weights):
+    """The tiny model's statistics come from other inputs than these plain colours: batch statistics lose the
+    probe's answers, so fine-tuning keeps the pretrained ones, with sgd, at the evaluation size."""
+    base, log = probed_job
+    args = yaml.safe_load((base / "model" / "args.yml").read_text())
     probe = args["linear_probe"]
     assert probe["training_images_acc_1"] == 100 and probe["batch_statistics_acc_1"] < 50
-    assert probe["far_from_pretrained_statistics"] is True and args["effective_opt"] == "rmsproptf"
-    warnings = [line for line in log.splitlines() if "BatchNorm: the probe answers" in line]
-    assert len(warnings) == 1 and " WARNING " in warnings[0] and "try freeze_batchnorm=true" in warnings[0]
+    assert probe["far_from_pretrained_statistics"] is True
+    assert args["freeze_batchnorm"] == "auto" and args["effective_freeze_batchnorm"] is True
+    assert args["opt"] == "auto" and args["effective_opt"] == "sgd"
+    assert args["data_config"]["train_input_size"] == args["data_config"]["input_size"] == [3, 37, 37]
+    said = [line for line in log.splitlines() if "BatchNorm: the probe answers" in line]
+    assert len(said) == 1 and " INFO " in said[0] and "(freeze_batchnorm=auto), with opt=sgd, at the evaluation " \
+        "size 37 px" in said[0]
+    assert_statistics_are_pretrained(base, pretrained_tiny_weights)
+
+
+def test_auto_augmentation_is_measured_on_the_probe_and_recorded(probed_job):
+    base, log = probed_job
+    args = yaml.safe_load((base / "model" / "args.yml").read_text())
+    probe = args["linear_probe"]
+    assert 0 <= probe["augmented_acc_1"] <= 100
+    loses = probe["augmentation_loses_answers"]
+    assert loses is (probe["augmented_acc_1"] < (100 / 3 + 100) / 2)
+    assert (args["effective_aa"], args["effective_reprob"]) == (("none", 0.0) if loses else ("rand-m9-mstd0.5", 0.2))
+    said = [line for line in log.splitlines() if "Augmentation: the probe answers" in line]
+    assert len(said) == 1 and "aa=rand-m9-mstd0.5, reprob=0.2" in said[0]
+    assert ("without RandAugment and random erasing (aa=auto)" in said[0]) is loses
+
+
+def assert_statistics_are_pretrained(base: Path, pretrained_weights: Path) -> None:
+    pretrained = torch.load(pretrained_weights, weights_only=True)
+    checkpoint = torch.load(sorted((base / "checkpoints").glob("checkpoint-*.pth.tar"))[-1], weights_only=False)
+    trained = checkpoint["model"]
+    statistics = [name for name in trained if name.endswith(("running_mean", "running_var"))]
+    assert statistics and all(torch.equal(trained[name], pretrained[name]) for name in statistics)
+    assert not torch.equal(trained["conv_stem.weight"], pretrained["conv_stem.weight"])  # the rest trained
 
 
 def test_a_trained_model_answers_with_calibrated_confidence_not_uniform(probed_job):
@@ -182,7 +216,7 @@ def threshold_model(threshold: float) -> torch.nn.Module:
 
 @pytest.mark.parametrize("low, high, batch_top1, far", [(3.0, 5.0, 50.0, True), (-1.0, 1.0, 100.0, False)])
 def test_batch_statistics_top1_sees_features_that_each_batch_renormalises(low, high, batch_top1, far):
-    from efficientnet_train.linear_probe import batchnorm_far_from_pretrained, top1_on_batch_statistics
+    from efficientnet_train.linear_probe import loses_most_answers, probe_top1
 
     # Classes 3 and 5 apart from the pretrained statistics (mean 0): normalised by their own batch they become -1
     # and +1, below the head's threshold of 4 both, so half the answers go. Classes -1 and 1 keep theirs.
@@ -190,20 +224,49 @@ def test_batch_statistics_top1_sees_features_that_each_batch_renormalises(low, h
     before = {name: value.clone() for name, value in model.state_dict().items()}
     loader = shifted_pairs(low, high)
     assert (model(next(iter(loader))[0]).argmax(1) == next(iter(loader))[1]).all()  # right with the pretrained ones
-    top1 = top1_on_batch_statistics(model, loader, lambda images: images, contextlib.nullcontext)
+    assert probe_top1(model, loader, lambda images: images, contextlib.nullcontext) == 100.0
+    top1 = probe_top1(model, loader, lambda images: images, contextlib.nullcontext, batch_statistics=True)
     assert top1 == pytest.approx(batch_top1)
-    assert batchnorm_far_from_pretrained(100.0, top1, num_classes=2) is far
+    assert loses_most_answers(top1, 100.0, num_classes=2) is far
     assert not model.training and all(torch.equal(before[name], value) for name, value in model.state_dict().items())
 
 
-def test_the_batchnorm_rule_is_halfway_from_chance_and_needs_a_measurement():
-    from efficientnet_train.linear_probe import batchnorm_far_from_pretrained
+def test_losing_most_answers_is_below_halfway_from_chance_and_needs_a_measurement():
+    from efficientnet_train.linear_probe import loses_most_answers
 
-    # Measured on Lite0's probes: digits 12.8% of 100, drawings 42.6% of 100 (25 classes), photos 89.7% (2 classes).
-    assert batchnorm_far_from_pretrained(100.0, 12.8, 10) and batchnorm_far_from_pretrained(100.0, 42.6, 25)
-    assert batchnorm_far_from_pretrained(100.0, 36.1, 3)  # the tiny model on plain colours (probed_job)
-    assert not batchnorm_far_from_pretrained(100.0, 89.7, 2)
-    assert not batchnorm_far_from_pretrained(100.0, None, 10)  # no batch of two images: nothing measured
+    # Measured on Lite0's probes with batch statistics: digits 12.8% of 100, drawings 42.6% of 100 (25 classes),
+    # photos 89.7% (2 classes); augmented as the listing's recipe: digits 25.3%, photos 97.8%.
+    assert loses_most_answers(12.8, 100.0, 10) and loses_most_answers(42.6, 100.0, 25)
+    assert loses_most_answers(36.1, 100.0, 3)  # the tiny model on plain colours (probed_job)
+    assert not loses_most_answers(89.7, 100.0, 2)
+    assert loses_most_answers(25.3, 100.0, 10) and not loses_most_answers(97.8, 100.0, 2)
+    assert loses_most_answers(54.9, 100.0, 10) and not loses_most_answers(55.0, 100.0, 10)
+    assert not loses_most_answers(None, 100.0, 10)  # no batch of two images: nothing measured
+
+
+@pytest.mark.parametrize("freeze, aa, opt, reprob, measured, expected", [
+    ("auto", "auto", "auto", 0.2, None, (False, "rmsproptf", "rand-m9-mstd0.5", 0.2)),  # before the probe
+    ("auto", "auto", "auto", 0.2, {"far_from_pretrained_statistics": True, "augmentation_loses_answers": True},
+     (True, "sgd", "none", 0.0)),
+    ("auto", "auto", "auto", 0.3, {"far_from_pretrained_statistics": False, "augmentation_loses_answers": False},
+     (False, "rmsproptf", "rand-m9-mstd0.5", 0.3)),
+    ("auto", "auto", "adamw", 0.2, {"far_from_pretrained_statistics": True}, (True, "adamw", "rand-m9-mstd0.5", 0.2)),
+    ("false", "v0", "auto", 0.2, {"far_from_pretrained_statistics": True, "augmentation_loses_answers": True},
+     (False, "rmsproptf", "v0", 0.2)),  # what the buyer set is what trains
+    ("true", "none", "auto", 0.5, None, (True, "sgd", "none", 0.5)),
+])
+def test_the_recipe_follows_the_measurements_only_where_left_to_auto(freeze, aa, opt, reprob, measured, expected):
+    from types import SimpleNamespace
+
+    from efficientnet_train.recipe import Recipe, recipe_for, training_size_config
+
+    hp = SimpleNamespace(freeze_batchnorm=freeze, aa=aa, opt=opt, reprob=reprob)
+    recipe = recipe_for(hp, measured)
+    assert recipe == Recipe(*expected)
+    config = {"input_size": [3, 74, 74], "train_input_size": [3, 64, 64]}
+    size = 74 if recipe.freeze_batchnorm else 64
+    assert training_size_config(config, recipe)["train_input_size"] == [3, size, size]
+    assert config["train_input_size"] == [3, 64, 64]  # not changed in place
 
 
 @pytest.mark.parametrize("frozen", [False, True])
@@ -232,19 +295,17 @@ def test_a_frozen_batchnorm_keeps_its_statistics_while_everything_else_trains(fr
     assert model[2].training  # dropout still drops
 
 
-def test_frozen_batchnorm_trains_with_sgd_evaluates_at_the_training_size_and_keeps_the_statistics(
+def test_freeze_batchnorm_true_trains_with_sgd_at_the_evaluation_size_and_measures_nothing_it_needs_not(
         tmp_path, pretrained_tiny_weights):
     base = make_job(tmp_path, {"epochs": "2", "batch_size": "8", "model": TINY_MODEL, "img_size": "32",
                                "pretrained_path": str(pretrained_tiny_weights), "workers": "0",
-                               "freeze_batchnorm": "true"})
+                               "freeze_batchnorm": "true", "aa": "rand-m7-mstd0.5"})
     result = run_train(base)
     assert result.returncode == 0, result.stdout + result.stderr
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
-    assert args["effective_opt"] == "sgd" and args["data_config"]["input_size"] == [3, 32, 32]
-    assert args["linear_probe"]["batch_statistics_acc_1"] is None and "BatchNorm: the probe" not in result.stdout
-    pretrained = torch.load(pretrained_tiny_weights, weights_only=True)
-    checkpoint = torch.load(sorted((base / "checkpoints").glob("checkpoint-*.pth.tar"))[-1], weights_only=False)
-    trained = checkpoint["model"]
-    statistics = [name for name in trained if name.endswith(("running_mean", "running_var"))]
-    assert statistics and all(torch.equal(trained[name], pretrained[name]) for name in statistics)
-    assert not torch.equal(trained["conv_stem.weight"], pretrained["conv_stem.weight"])  # the rest trained
+    assert args["effective_opt"] == "sgd" and args["effective_aa"] == "rand-m7-mstd0.5"
+    assert args["data_config"]["input_size"] == args["data_config"]["train_input_size"] == [3, 37, 37]
+    probe = args["linear_probe"]
+    assert probe["batch_statistics_acc_1"] is None and probe["augmented_acc_1"] is None
+    assert "BatchNorm: the probe" not in result.stdout and "Augmentation: the probe" not in result.stdout
+    assert_statistics_are_pretrained(base, pretrained_tiny_weights)

@@ -172,6 +172,8 @@ def test_a_job_killed_after_its_probe_resumes_without_fitting_it_again(uninterru
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
     reference = yaml.safe_load((uninterrupted[0] / "model" / "args.yml").read_text())
     assert {**args["linear_probe"], "seconds": 0} == {**reference["linear_probe"], "seconds": 0}  # carried over
+    recipe = ("effective_freeze_batchnorm", "effective_opt", "effective_aa", "effective_reprob", "data_config")
+    assert {key: args[key] for key in recipe} == {key: reference[key] for key in recipe}  # chosen as by the probe
 
 
 def test_sigkill_at_any_moment_loses_at_most_the_epoch_in_progress(uninterrupted, tmp_path):

@@ -61,7 +61,7 @@ def test_args_hold_resolved_hyperparameters_and_derived_values(finished_job):
     base, _ = finished_job
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
     assert args["epochs"] == EPOCHS and args["opt"] == "sgd" and args["model_ema"] is True
-    assert args["decay_rate"] == 0.1 and args["aa"] == "rand-m9-mstd0.5"  # defaults filled in
+    assert args["decay_rate"] == 0.1 and args["aa"] == "auto"  # defaults filled in
     assert args["classes"] == sorted(COLOURS) and args["num_classes"] == 3
     assert args["data_config"]["train_input_size"] == [3, 32, 32]
     assert args["data_config"]["input_size"] == [3, 37, 37]  # evaluated 1.15x larger

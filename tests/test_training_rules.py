@@ -63,13 +63,13 @@ def test_layer_decay_gives_the_classifier_lr_and_the_stem_the_least():
         return next(group.get("lr_scale", 1.0) for group in optimizer.param_groups
                     if any(p is params[name] for p in group["params"]))
 
-    decayed = create_optimizer(model, rules(layer_decay="0.5"), lr=0.01)
+    decayed = create_optimizer(model, rules(layer_decay="0.5"), lr=0.01, opt="rmsproptf")
     scales = sorted({group["lr_scale"] for group in decayed.param_groups})
     assert len(scales) > 3 and all(b / a == pytest.approx(2.0) for a, b in zip(scales, scales[1:]))
     assert lr_scale(decayed, "classifier.weight") == 1.0
     assert lr_scale(decayed, "conv_stem.weight") == scales[0]
 
-    flat = create_optimizer(model, rules(layer_decay="1"), lr=0.01)
+    flat = create_optimizer(model, rules(layer_decay="1"), lr=0.01, opt="rmsproptf")
     assert {group["lr"] for group in flat.param_groups} == {0.01}
     assert {lr_scale(flat, name) for name in params} == {1.0}
 
