@@ -444,8 +444,12 @@ def linear_probe(t: SimpleNamespace, rank: distributed.Rank) -> SimpleNamespace:
                                       t.autocast, batch_statistics=True)
     if hp.aa == "auto":  # as the listing's recipe would train on them, in evaluation mode
         listing = recipe_for(hp)
-        augmented = probe_top1(t.model, share_of(train_transform(config, listing.aa, hp.hflip), True),
-                               ModelInput(config, t.device, listing.reprob, hp.remode), t.autocast)
+        # Random erasing draws from Python's and torch's generators: measuring must not change what training draws.
+        python_random = random.getstate()
+        with torch.random.fork_rng(devices=[t.device] if t.device.type == "cuda" else []):
+            augmented = probe_top1(t.model, share_of(train_transform(config, listing.aa, hp.hflip), True),
+                                   ModelInput(config, t.device, listing.reprob, hp.remode), t.autocast)
+        random.setstate(python_random)
     probe.measured = {
         "training_images_acc_1": probe.top1,
         "batch_statistics_acc_1": batch_statistics, "augmented_acc_1": augmented,

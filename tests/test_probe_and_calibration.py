@@ -309,3 +309,24 @@ def test_freeze_batchnorm_true_trains_with_sgd_at_the_evaluation_size_and_measur
     assert probe["batch_statistics_acc_1"] is None and probe["augmented_acc_1"] is None
     assert "BatchNorm: the probe" not in result.stdout and "Augmentation: the probe" not in result.stdout
     assert_statistics_are_pretrained(base, pretrained_tiny_weights)
+
+
+def test_measuring_the_augmentation_changes_nothing_that_training_draws(tmp_path, pretrained_tiny_weights):
+    """aa=auto trains exactly as the same augmentation set by hand: the measurement's random erasing draws from
+    generators of its own."""
+    common = {"epochs": "1", "batch_size": "8", "model": TINY_MODEL, "img_size": "32", "workers": "0",
+              "pretrained_path": str(pretrained_tiny_weights), "freeze_batchnorm": "false"}
+    measured = make_job(tmp_path / "auto", {**common, "aa": "auto"})
+    assert run_train(measured).returncode == 0
+    args = yaml.safe_load((measured / "model" / "args.yml").read_text())
+    assert args["linear_probe"]["augmented_acc_1"] is not None
+    by_hand = make_job(tmp_path / "by_hand", {**common, "aa": args["effective_aa"],
+                                              "reprob": str(args["effective_reprob"])})
+    assert run_train(by_hand).returncode == 0
+
+    def weights(base: Path) -> dict:
+        return torch.load(sorted((base / "checkpoints").glob("checkpoint-*.pth.tar"))[-1], weights_only=False)["model"]
+
+    trained, reference = weights(measured), weights(by_hand)
+    assert trained.keys() == reference.keys()
+    assert all(torch.equal(trained[name], reference[name]) for name in trained)
