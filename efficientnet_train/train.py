@@ -24,7 +24,7 @@ from .data import (ModelInput, TrainBatches, dataset_of, decode_side, eval_trans
                    resolve_data_config, scan_channel, train_transform, warn_about_thin_classes)
 from .errors import JobError
 from .failures import explained
-from .linear_probe import fit_linear_probe, loses_most_answers, probe_sample, probe_top1
+from .linear_probe import MEASURED_IMAGES, fit_linear_probe, loses_most_answers, probe_sample, probe_top1
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
 from .model import (autocast_for, checkpoint_of, create_model, predict_log_probabilities, read_model_channel,
                     save_checkpoint)
@@ -220,7 +220,6 @@ def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Ra
         eval_hflip=eval_hflip, val_input=ModelInput(data_config, device), loss_fn=loss_fn, lr=lr, ema=ema,
         trainables=dict(model=model, ema=ema, scaler=scaler),
         slow_data=SlowDataWarning(workers, hp.workers, rank.per_host, device.type == "cuda", rank.is_main),
-        speaks=rank.is_main,
         args=args, title=f"{hp.model} on {len(classes)} classes, {env.training_job_name or 'local run'}")
     # A resumed job makes the choices its probe's measurements made; a new one makes them again after its probe.
     use_recipe(t, recipe_for(hp, job.resumed[1].get("linear_probe") if job.resumed else None))
@@ -429,25 +428,27 @@ def linear_probe(t: SimpleNamespace, rank: distributed.Rank) -> SimpleNamespace:
     fine-tuning would see them (recipe.py)."""
     hp, channel, config, classes = t.hp, t.train_channel, t.resolved_data_config, len(t.train_channel.classes)
     sample = probe_sample(channel.samples, classes, hp.seed)
+    measured = [sample[i] for i in probe_sample([channel.samples[i] for i in sample], classes, hp.seed,
+                                                MEASURED_IMAGES)]
 
-    def share_of(transform, training: bool, **batching):
-        images = torch.utils.data.Subset(dataset_of(channel, transform, hp.max_unusable_fraction, t.workers,
-                                                    decode_side(config, training)), sample)
-        return data_loader(torch.utils.data.Subset(images, range(rank.rank, len(sample), rank.world_size)),
+    def share_of(images: list[int], transform, training: bool, **batching):
+        chosen = torch.utils.data.Subset(dataset_of(channel, transform, hp.max_unusable_fraction, t.workers,
+                                                    decode_side(config, training)), images)
+        return data_loader(torch.utils.data.Subset(chosen, range(rank.rank, len(images), rank.world_size)),
                            t.workers, t.device, hp.seed + rank.rank, batch_size=hp.batch_size, **batching)
 
-    probe = fit_linear_probe(t.model, share_of(eval_transform(config), False), t.val_input, t.autocast, classes,
-                             t.loss_fn)
+    probe = fit_linear_probe(t.model, share_of(sample, eval_transform(config), False), t.val_input, t.autocast,
+                             classes, t.loss_fn)
     batch_statistics = augmented = None
     if hp.freeze_batchnorm == "auto":  # shuffled: a batch of one class would have statistics no training batch has
-        batch_statistics = probe_top1(t.model, share_of(eval_transform(config), False, shuffle=True), t.val_input,
-                                      t.autocast, batch_statistics=True)
+        batch_statistics = probe_top1(t.model, share_of(measured, eval_transform(config), False, shuffle=True),
+                                      t.val_input, t.autocast, batch_statistics=True)
     if hp.aa == "auto":  # as the listing's recipe would train on them, in evaluation mode
         listing = recipe_for(hp)
         # Random erasing draws from Python's and torch's generators: measuring must not change what training draws.
         python_random = random.getstate()
         with torch.random.fork_rng(devices=[t.device] if t.device.type == "cuda" else []):
-            augmented = probe_top1(t.model, share_of(train_transform(config, listing.aa, hp.hflip), True),
+            augmented = probe_top1(t.model, share_of(measured, train_transform(config, listing.aa, hp.hflip), True),
                                    ModelInput(config, t.device, listing.reprob, hp.remode), t.autocast)
         random.setstate(python_random)
     probe.measured = {

@@ -13,7 +13,8 @@ import yaml
 
 from conftest import COLOURS, TINY_MODEL, make_job, read_summary, run_train
 from efficientnet_train.calibration import calibrated, fit_temperature, top_label_ece
-from efficientnet_train.linear_probe import PROBE_IMAGES_PER_CLASS, PROBE_MAX_IMAGES, fit_head, probe_sample
+from efficientnet_train.linear_probe import (MEASURED_IMAGES, PROBE_IMAGES_PER_CLASS, PROBE_MAX_IMAGES, fit_head,
+                                             probe_sample)
 from efficientnet_train.model import predict_log_probabilities
 
 
@@ -49,6 +50,10 @@ def test_probe_sample_caps_each_class_and_the_total_and_is_the_same_every_time()
     assert chosen == probe_sample(samples, 4, seed=7) != probe_sample(samples, 4, seed=8)
     many_classes = [(f"{label}/{i}.jpg", label) for label in range(2000) for i in range(10)]
     assert len(probe_sample(many_classes, 2000, seed=0)) == 2000 * max(1, PROBE_MAX_IMAGES // 2000)
+    # The measurements' share: a like number a class, at least one of each.
+    measured = probe_sample(samples, 4, seed=7, max_images=MEASURED_IMAGES)
+    assert [[samples[i][1] for i in measured].count(label) for label in range(4)] == [MEASURED_IMAGES // 4] * 3 + [1]
+    assert len(probe_sample(many_classes, 2000, seed=0, max_images=MEASURED_IMAGES)) == 2000
 
 
 @pytest.mark.parametrize("mirror", [False, True])
