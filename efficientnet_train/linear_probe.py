@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import torch
 
 from . import distributed
+from .model import set_batchnorm_training
 
 # At most this many training images a class, and this many in all, go through the network for the probe:
 # logistic regression on 1280-1536 features gains little beyond a few hundred a class, and on a set of
@@ -118,10 +119,7 @@ def probe_top1(model: torch.nn.Module, loader, to_input, autocast, batch_statist
     are left as they were. None if no batch had the two images BatchNorm on batch statistics needs."""
     saved = [buffer.clone() for buffer in model.buffers()]
     model.eval()
-    if batch_statistics:
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.train()
+    set_batchnorm_training(model, batch_statistics)
     device = next(model.parameters()).device
     counts = torch.zeros(2, device=device)
     for images, targets in loader:

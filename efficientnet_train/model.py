@@ -249,3 +249,11 @@ def load_trained_model(path: Path) -> tuple[torch.nn.Module, dict]:
     model = timm.create_model(checkpoint["arch"], num_classes=len(checkpoint["labels"]))
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval().to(memory_format=MEMORY_FORMAT), checkpoint
+
+
+def set_batchnorm_training(model: torch.nn.Module, training: bool) -> None:
+    """Put every BatchNorm layer of `model` (and only those) in training mode, normalising by each batch's own
+    statistics and updating the running averages, or in evaluation mode, normalising by the running averages."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.train(training)

@@ -27,7 +27,7 @@ from .failures import explained
 from .linear_probe import MEASURED_IMAGES, fit_linear_probe, loses_most_answers, probe_sample, probe_top1
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
 from .model import (autocast_for, checkpoint_of, create_model, predict_log_probabilities, read_model_channel,
-                    save_checkpoint)
+                    save_checkpoint, set_batchnorm_training)
 from .recipe import Recipe, recipe_for, training_size_config
 from .sagemaker import DEBUG_VARIABLE, SageMakerEnvironment
 from .untrusted import shown, shown_lines
@@ -533,10 +533,9 @@ def output_sizes(hp, num_classes: int) -> tuple[int, int]:
 
 def optimizer_state_per_weight(hp) -> float:
     """Bytes of optimizer state per byte of weights: 2 for RMSprop (auto's before the probe, the larger of its two)
-    and Adam, 1 for SGD,
-    3 for MADGRAD, ... Measured by one step of the real optimizer on a tiny stand-in model, as the state only exists
-    after a step, and some optimizers' steps cannot run on the meta device; a step of efficientnet_l2 itself would
-    take 8 GB."""
+    and Adam, 1 for SGD, 3 for MADGRAD, ... Measured by one step of the real optimizer on a tiny stand-in model, as
+    the state only exists after a step, and some optimizers' steps cannot run on the meta device; a step of
+    efficientnet_l2 itself would take 8 GB."""
     import timm
 
     stand_in = timm.create_model("test_efficientnet", num_classes=2)
@@ -606,9 +605,7 @@ def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, sch
         startup.done("setting up training")
     model.train()
     if frozen_batchnorm:  # normalised as the pretrained network was (BatchNorm's scales and shifts still train)
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.eval()
+        set_batchnorm_training(model, False)
     loader.batch_sampler.start_epoch(progress.epoch, skip_batches=progress.step)
     device = to_input.device
     loss_sum = torch.tensor(progress.loss_sum, device=device)  # no .item() per step: a sync would stall the GPU

@@ -46,7 +46,7 @@ def main() -> int:
     from efficientnet_train.data import (ModelInput, dataset_of, eval_transform, resolve_data_config, scan_channel,
                                          train_transform)
     from efficientnet_train.linear_probe import fit_linear_probe
-    from efficientnet_train.model import create_model
+    from efficientnet_train.model import create_model, set_batchnorm_training
     from efficientnet_train.recipe import recipe_for
 
     hp, _ = schema.parse({"model": MODEL, **dict(item.split("=", 1) for item in options.hyperparameters)})
@@ -74,9 +74,7 @@ def main() -> int:
     def score(images, to_input, batch_statistics: bool, dropout: bool, shuffle: bool = True) -> str:
         model.load_state_dict(probed)
         model.train(dropout)
-        for module in model.modules():
-            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-                module.train(batch_statistics)
+        set_batchnorm_training(model, batch_statistics)
         loss = right = seen = 0
         with torch.no_grad():
             for batch, targets in loader(images, shuffle):
