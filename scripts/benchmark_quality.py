@@ -4,9 +4,9 @@ then the training job as a buyer would run it, one Markdown table row a set.
 The baseline is a linear probe: scikit-learn's LogisticRegression (max_iter=2000, default C) on the frozen
 ImageNet features of tf_efficientnet_lite0, taken from every training image through the job's own evaluation
 preprocessing (decoding, sizes with img_size and eval_img_size, crop), scored on the val images (top-1 and
-top-label ECE). The job runs as `benchmark_hymenoptera.py` runs it: defaults, only model, pretrained_path,
-the set's extras (digits: img_size=64 hflip=0) and anything after the options as key=value. The table also
-goes to --out; the jobs' logs and summary files stay in WORK/<set>/.
+top-label ECE). The job runs as a buyer would run it, at pure defaults: only model and pretrained_path, and
+anything after the options as key=value. The table also goes to --out; the jobs' logs and summary files stay in
+WORK/<set>/.
 
     python scripts/benchmark_quality.py --sets digits30 --skip-job
     python scripts/benchmark_quality.py --sets digits30 --epochs 3
@@ -30,9 +30,9 @@ from local_job import JobRun, lite_weights, mock_opt_ml, remove_big_files, run_t
 from panel_datasets import PANEL, counts, locate
 
 MODEL = "tf_efficientnet_lite0"
-EXTRAS = {name: {"img_size": "64", "hflip": "0"} for name in ("digits30", "digits", "digits_imbalanced")}
-COLUMNS = ("set", "classes", "train/val", "probe top-1", "probe ECE", "job probe top-1", "best top-1",
-           "val loss at best", "ECE before", "ECE after", "epochs", "stop", "wall")
+COLUMNS = ("set", "classes", "train/val", "probe top-1", "probe ECE", "job probe top-1", "top-1 by epoch",
+           "worst epoch - job probe", "best top-1", "val loss at best", "ECE before", "ECE after", "epochs", "stop",
+           "wall")
 
 
 def linear_probe(folder: Path, weights: Path, hyperparameters: dict) -> dict:
@@ -82,7 +82,10 @@ def job_cells(job: JobRun) -> list[str]:
     best, calibration, probe = job.best_row() or {}, job.args.get("calibration") or {}, \
         job.args.get("linear_probe") or {}
     stop = job.args.get("stop_reason") or (f"failed (exit {job.returncode})" if job.returncode else "-")
-    return [number(probe.get("acc_1"), ".1f"), number(job.args.get("best_acc_1"), ".1f"),
+    trained = [float(row["eval_top1"]) for row in job.rows if int(row["epoch"]) > 0]  # every epoch, not the best
+    worst = min(trained) - probe["acc_1"] if trained and probe.get("acc_1") is not None else None
+    return [number(probe.get("acc_1"), ".1f"), ", ".join(f"{top1:.1f}" for top1 in trained) or "-",
+            number(worst, "+.1f"), number(job.args.get("best_acc_1"), ".1f"),
             number(best.get("eval_loss"), ".4f"), number(calibration.get("ece_before"), ".3f"),
             number(calibration.get("ece_after"), ".3f"), str(job.epochs() if job.args or job.rows else "-"),
             stop.split(" (")[0].split(", ")[0], f"{job.wall:.0f} s"]
@@ -96,6 +99,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, help="for the jobs' mocked /opt/ml trees, logs and the converted "
                         "weights, kept for the next run (default: a temp dir without the weights afterwards)")
     parser.add_argument("--epochs", help="passed to the job (default: the job's own default)")
+    parser.add_argument("--stop-after", type=int, help="stop each job after this epoch, its schedule unchanged")
     parser.add_argument("--skip-job", action="store_true", help="the baseline only")
     parser.add_argument("--skip-probe", action="store_true", help="the job only")
     parser.add_argument("--out", type=Path, help="the table's file (default: WORK/benchmark_quality.md)")
@@ -116,7 +120,7 @@ def main() -> int:
     for name in sets:
         folder = locate(name, options.data)
         per_class = counts(folder)
-        hyperparameters = {"model": MODEL, "pretrained_path": str(weights), **EXTRAS.get(name, {}), **user}
+        hyperparameters = {"model": MODEL, "pretrained_path": str(weights), **user}
         if options.epochs:
             hyperparameters["epochs"] = options.epochs
         row = [name, str(len(per_class["train"])),
@@ -135,7 +139,7 @@ def main() -> int:
             shutil.rmtree(set_work / "opt_ml", ignore_errors=True)  # a fresh job, not a resumed one
             set_work.mkdir(parents=True, exist_ok=True)
             print(f"{name}: training with {hyperparameters}; log in {set_work / 'train.log'}", flush=True)
-            job = run_train(set_work, mock_opt_ml(set_work / "opt_ml", folder), hyperparameters)
+            job = run_train(set_work, mock_opt_ml(set_work / "opt_ml", folder), hyperparameters, options.stop_after)
             remove_big_files(set_work / "opt_ml")
             if job.returncode:
                 failed += 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -77,15 +78,22 @@ class JobRun:
         return self.args.get("epochs_completed", sum(int(row["epoch"]) > 0 for row in self.rows))
 
 
-def run_train(work: Path, base: Path, hyperparameters: dict) -> JobRun:
-    """Run `train` on the mocked tree `base` with these hyperparameters, its log in `work/train.log`."""
+def run_train(work: Path, base: Path, hyperparameters: dict, stop_after: int | None = None) -> JobRun:
+    """Run `train` on the mocked tree `base` with these hyperparameters, its log in `work/train.log`; with
+    `stop_after`, stop it (SIGTERM, as SageMaker stops a job) once that epoch's line is logged, the schedule being
+    that of the whole run."""
     (base / "input" / "config" / "hyperparameters.json").write_text(json.dumps(hyperparameters))
     train = Path(sys.executable).with_name("train")
     log_path = work / "train.log"
     started = time.monotonic()
     with open(log_path, "w") as log_file:  # written as it goes, to follow with tail -f
-        job = subprocess.run([str(train)], env={**os.environ, "SAGEMAKER_BASE_DIR": str(base)},
-                             stdout=log_file, stderr=subprocess.STDOUT)
+        job = subprocess.Popen([str(train)], env={**os.environ, "SAGEMAKER_BASE_DIR": str(base)},
+                               stdout=log_file, stderr=subprocess.STDOUT)
+        while job.poll() is None:
+            time.sleep(1)
+            if stop_after is not None and re.search(rf"\bepoch {stop_after}/\d+ ", log_path.read_text()):
+                job.terminate()
+                job.wait()
     wall = time.monotonic() - started
     rows, args = [], {}
     if (base / "model" / "summary.csv").exists():

@@ -20,6 +20,8 @@ The sets and where their images come from:
   sub-folders (STAMP_CLASSES), leaving out the `_mirror` copies of stamps: 11 to 67 images a class, so
   naturally imbalanced. Transparency on white, short side at most 256 px; 75/25 per class, at least 3
   validation images a class.
+- `photos` (10 classes of photographs, 163 train / 57 val) and `many_classes` (120 classes of CJK characters in
+  15 typefaces, 8 train / 2 val a class): from Debian packages, panel_debian_sets.py says which and how.
 - `hymenoptera` (not built here): the listing's own example set, ants and bees photos, read where it lies
   (local_job.hymenoptera_data(): $HYMENOPTERA_DATA, else data/hymenoptera_data in the repository).
 """
@@ -35,6 +37,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import panel_debian_sets
 from digits_folders import load_digits, save_digits, write_digits
 from local_job import HYMENOPTERA, HYMENOPTERA_HOW
 
@@ -107,7 +110,8 @@ def _stamps(out: Path) -> None:
 
 
 BUILDERS: dict[str, Callable[[Path], None]] = {
-    "digits30": _digits30, "digits": _digits, "digits_imbalanced": _digits_imbalanced, "stamps": _stamps}
+    "digits30": _digits30, "digits": _digits, "digits_imbalanced": _digits_imbalanced, "stamps": _stamps,
+    "photos": panel_debian_sets.photos, "many_classes": panel_debian_sets.many_classes}
 PANEL = (*BUILDERS, "hymenoptera")
 
 
