@@ -44,9 +44,6 @@ SYSTEM_FILES = frozenset({"thumbs.db", "ehthumbs.db", "desktop.ini", "__macosx",
 SMALL_CLASS = 5  # fewer training images than this: the class trains, with a warning
 PROBE_THREADS = 32  # header reads wait on the disk, or on S3 under FastFile: many at once
 LOGGED_DECODE_FAILURES = 20  # per dataset; more are counted, not logged one by one
-# Random-resized crops keep at least a quarter of the image, not ImageNet's 8%: a fine-tune is short and
-# a small crop of a photo often misses the object (hymenoptera, Lite2: 95.4 -> 96.1% val top-1).
-TRAIN_CROP_SCALE = (0.25, 1.0)
 # Random-resized crops make objects look bigger in training than in a whole image, so evaluating a
 # little larger matches them again (FixRes; timm's test_input_size does the same for some models).
 EVAL_SIZE_RATIO = 1.15
@@ -649,24 +646,28 @@ def resolve_data_config(model: torch.nn.Module, img_size: int, eval_img_size: in
             "crop_mode": str(config.get("crop_mode", "center"))}
 
 
-def decode_side(data_config: dict, training: bool) -> int:
-    """The short side a photo must keep for the transform's smallest crop to still have the model's input
-    size in pixels: larger JPEGs can decode at a reduced scale, several times faster, for the same input."""
-    if training:  # a crop of TRAIN_CROP_SCALE[0] of the area, at the narrowest aspect ratio (3/4)
-        return math.ceil(data_config["train_input_size"][-1] / math.sqrt(TRAIN_CROP_SCALE[0] * 3 / 4))
+def decode_side(data_config: dict, training: bool, crop_scale: float = 1.0) -> int:
+    """The short side a photo must keep for the transform's smallest crop (`crop_scale` of the area, in training)
+    to still have the model's input size in pixels: larger JPEGs can decode at a reduced scale, several times
+    faster, for the same input."""
+    if training:  # the smallest crop, at the narrowest aspect ratio (3/4)
+        return math.ceil(data_config["train_input_size"][-1] / math.sqrt(min(crop_scale, 1.0) * 3 / 4))
     return math.ceil(data_config["input_size"][-1] / data_config["crop_pct"])  # resized, then centre-cropped
 
 
-def train_transform(data_config: dict, aa: str, hflip: float):
+def train_transform(data_config: dict, aa: str, hflip: float, crop_scale: float):
     """Decoded image -> uint8 CHW tensor (crop, flip, RandAugment); ModelInput does the rest on the device.
-    The mean still matters here: RandAugment fills what rotating and shearing uncover with it."""
+    Random-resized crops keep `crop_scale` of the area or more; at 1, the image's centre square, as evaluation sees
+    it. No colour jitter: timm adds one where RandAugment is off, a change of view that nothing chose (it cost the
+    probe's classifier 72 of every 100 digits it answered right). The mean still matters here: RandAugment fills
+    what rotating and shearing uncover with it."""
     from timm.data import create_transform
 
     return create_transform(
-        tuple(data_config["train_input_size"]), is_training=True, scale=TRAIN_CROP_SCALE,
-        hflip=hflip, auto_augment=None if aa.lower() in ("", "none") else aa,
-        interpolation=data_config["interpolation"], mean=tuple(data_config["mean"]),
-        std=tuple(data_config["std"]), use_prefetcher=True)
+        tuple(data_config["train_input_size"]), is_training=True, scale=(crop_scale, 1.0),
+        ratio=(1.0, 1.0) if crop_scale >= 1 else (3 / 4, 4 / 3), hflip=hflip, color_jitter=None,
+        auto_augment=None if aa.lower() in ("", "none") else aa, interpolation=data_config["interpolation"],
+        mean=tuple(data_config["mean"]), std=tuple(data_config["std"]), use_prefetcher=True)
 
 
 def eval_transform(data_config: dict):

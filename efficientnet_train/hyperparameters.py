@@ -25,12 +25,17 @@ IGNORED_PREFIXES = ("_", "sagemaker_")
 TRUE_WORDS = frozenset({"true", "t", "yes", "y", "on", "1"})
 FALSE_WORDS = frozenset({"false", "f", "no", "n", "off", "0"})
 LR_REFERENCE_BATCH = 256
+LISTING_LR = 0.016
 LR_EXHAUSTED = 1e-3  # early stopping ends a run whose learning rate fell below this share of its peak
 # For the schedule, warmup and early stopping, an epoch of a small set lasts at least this many updates
 # (train.schedule_epoch_updates says why).
 MIN_SCHEDULE_EPOCH_UPDATES = 50
 MAX_ECHOED = 60  # characters of a bad name or value that an error repeats
+AUTO = "auto"  # the default of a number the job chooses itself (recipe.py): any number in range sets it by hand
 SMALL_SET_EPOCH = f"on small sets an epoch counts as at least {MIN_SCHEDULE_EPOCH_UPDATES} updates here"
+# How every auto part of the training recipe is chosen (recipe.py), in the words of the table.
+MEASURED = ("chosen after the linear probe: the strongest setting under which the probe's classifier still answers "
+            "nine in ten of the training images it answers right")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ class Hyperparameter:
         """What values are accepted, in words a buyer reads in an error message."""
         if self.allowed_text:
             return self.allowed_text
+        if self.default == AUTO and self.kind in (int, float):
+            return "auto, or " + Hyperparameter(self.name, self.kind, 0, "", self.minimum, self.maximum).allowed
         if self.kind is bool:
             return "true or false"
         if self.choices:
@@ -68,7 +75,10 @@ class Hyperparameter:
 
     def parse(self, raw: Any) -> Any:
         """Turn one raw value (normally a string) into a checked value, or raise ValueError."""
-        value = _convert(self.kind, _unwrap_json_string(raw))
+        raw = _unwrap_json_string(raw)
+        if self.default == AUTO and isinstance(raw, str) and raw.strip().lower() == AUTO:
+            return AUTO
+        value = _convert(self.kind, raw)
         if self.choices:
             # timm's names are lower-case; AdamW is adamw, not "did you mean adam?"
             value = next((choice for choice in self.choices if choice.lower() == value.lower()), value)
@@ -204,9 +214,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    minimum=2, maximum=4096, tunable=True),  # BatchNorm can't train on one image
     Hyperparameter("aa", str, "auto",
                    "Augmentation policy (timm's auto_augment): v0, original, a RandAugment string such as "
-                   "rand-m9-mstd0.5, none, or auto = the listing's rand-m9-mstd0.5 unless the linear probe loses "
-                   "most of its answers on training images augmented so (crops, flips, RandAugment, random "
-                   "erasing): then no RandAugment and no random erasing.",
+                   f"rand-m9-mstd0.5, or none. auto = rand-m9-mstd0.5 (the listing's), rand-m5-mstd0.5 or none, "
+                   f"{MEASURED}.",
                    # Not tunable: a tuning job can only search ranges and category lists, not free text.
                    check=_check_auto_augment,
                    allowed_text="auto, none, v0, original, or a timm RandAugment string"),
@@ -215,15 +224,16 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    minimum=0.01, maximum=10000, tunable=True),
     Hyperparameter("decay_rate", float, 0.1, "Factor the learning rate is multiplied by at each decay.",
                    minimum=0.001, maximum=1, tunable=True),
-    Hyperparameter("drop", float, 0.3, "Dropout rate before the classifier.", minimum=0, maximum=0.95,
-                   tunable=True),
-    Hyperparameter("drop_connect", float, 0.2,
-                   "Drop-connect (stochastic depth) rate; timm's drop_path_rate.", minimum=0, maximum=0.95,
-                   tunable=True),
-    Hyperparameter("lr", float, 0.016,
-                   f"Learning rate for a global batch of {LR_REFERENCE_BATCH} images, as in the recipe the "
-                   f"defaults come from; the job scales it linearly to the real global batch "
-                   f"(lr x batch_size x devices / {LR_REFERENCE_BATCH}).",
+    Hyperparameter("drop", float, AUTO,
+                   f"Dropout rate before the classifier. auto = 0.3 (the listing's), 0.15 or 0, with drop_connect's "
+                   f"0.2, 0.1 or 0: {MEASURED}.", minimum=0, maximum=0.95, tunable=True),
+    Hyperparameter("drop_connect", float, AUTO,
+                   "Drop-connect (stochastic depth) rate; timm's drop_path_rate. auto: chosen with drop.",
+                   minimum=0, maximum=0.95, tunable=True),
+    Hyperparameter("lr", float, AUTO,
+                   f"Learning rate for a global batch of {LR_REFERENCE_BATCH} images; the job scales it linearly to "
+                   f"the real global batch (lr x batch_size x devices / {LR_REFERENCE_BATCH}). auto = 0.004 with "
+                   f"opt=auto (sgd from the linear probe's classifier), else the listing's {format_value(LISTING_LR)}.",
                    minimum=0.000001, maximum=10, tunable=True),
     Hyperparameter("model_ema", bool, True,
                    "Keep an exponential moving average (EMA) of the weights; the best of the EMA and the "
@@ -232,13 +242,15 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    "Decay of the weights' moving average; it warms up, so short runs still track.",
                    minimum=0, maximum=0.99999, tunable=True),
     Hyperparameter("opt", str, "auto",
-                   "Optimizer (timm's names); auto = the listing's rmsproptf, or sgd (Nesterov momentum) when "
-                   "BatchNorm is frozen (freeze_batchnorm), where rmsproptf's steps wreck the network.",
+                   "Optimizer (timm's names). auto = sgd (Nesterov momentum), whose steps shrink with the gradient "
+                   "as fine-tuning refines the linear probe's classifier; the listing's rmsproptf moves every weight "
+                   "by about lr a step, which undoes the probe in the first epoch.",
                    choices=("auto",) + OPTIMIZERS, tunable=True),
     Hyperparameter("opt_eps", float, 0.001, "Optimizer epsilon.", minimum=0.0000000001, maximum=1, tunable=True),
     Hyperparameter("remode", str, "pixel", "Random-erasing fill mode.", choices=("const", "rand", "pixel"),
                    tunable=True),
-    Hyperparameter("reprob", float, 0.2, "Random-erasing probability.", minimum=0, maximum=1, tunable=True),
+    Hyperparameter("reprob", float, AUTO, f"Random-erasing probability. auto = 0.2 (the listing's) or 0, {MEASURED}.",
+                   minimum=0, maximum=1, tunable=True),
     # Not timm's plateau: it only steps on epochs (a whole first epoch at warmup_lr), its patience outlasts early
     # stopping's, and its state is not in timm's checkpoints.
     Hyperparameter("sched", str, "step", "Learning-rate schedule (timm's names), stepped every update.",
@@ -268,10 +280,14 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("warmup_epochs", float, 1.0,
                    f"Epochs of linear learning-rate warmup from warmup_lr, updated every step; {SMALL_SET_EPOCH}.",
                    minimum=0, maximum=10000, tunable=True),
-    Hyperparameter("hflip", float, 0.5,
-                   "Probability of mirroring a training image left-right (timm's --hflip). Set 0 where left and "
-                   "right differ (text, digits, road signs); that also turns eval_hflip off.",
+    Hyperparameter("hflip", float, AUTO,
+                   "Probability of mirroring a training image left-right (timm's --hflip); 0 also turns eval_hflip "
+                   f"off. auto = 0.5, or 0 where mirrored images lose the probe's answers (text, digits): {MEASURED}.",
                    minimum=0, maximum=1, tunable=True),
+    Hyperparameter("crop_scale", float, AUTO,
+                   "Smallest share of a training image's area that a random training crop keeps; 1 = no random "
+                   f"crop (the evaluation view). auto = 0.25, 0.5 or 1, {MEASURED}.",
+                   minimum=0.05, maximum=1, tunable=True),
     Hyperparameter("eval_hflip", bool, True,
                    "Average each validation and served prediction over the image and its mirror image "
                    "(test-time augmentation): a better model for twice the inference compute."),
@@ -291,9 +307,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    minimum=1, maximum=1000),
     Hyperparameter("freeze_batchnorm", str, "auto",
                    "Keep BatchNorm's pretrained (ImageNet) statistics while fine-tuning instead of normalising by "
-                   "each batch's own (its scales and shifts still train); then opt=auto trains with sgd, at the "
-                   "evaluation size. auto = freeze where the linear probe loses most of its answers on batch "
-                   "statistics: images far from photos (scans, digits, drawings).",
+                   "each batch's own (its scales and shifts still train); then training runs at the evaluation "
+                   f"size. auto = false (the listing's) or true, {MEASURED} with BatchNorm on batch statistics.",
                    choices=("auto", "true", "false")),
     Hyperparameter("balance_classes", bool, False,
                    "Weight the training loss by inverse class frequency, so that every class counts as much "
@@ -315,10 +330,10 @@ COMMON_NAMES = {"learning_rate": "lr", "mini_batch_size": "batch_size", "num_epo
                 "checkpoint": "pretrained_path"}
 
 
-def scaled_lr(hp: SimpleNamespace, processes: int = 1) -> float:
+def scaled_lr(lr: float, batch_size: int, processes: int = 1) -> float:
     """The learning rate the job trains with: `lr` is for a global batch of LR_REFERENCE_BATCH images and scales
     linearly to batch_size x the training processes."""
-    return hp.lr * (hp.batch_size * processes) / LR_REFERENCE_BATCH
+    return lr * (batch_size * processes) / LR_REFERENCE_BATCH
 
 
 def echoed(raw: Any) -> str:
@@ -384,7 +399,7 @@ def sagemaker_hyperparameter_specs() -> list[dict]:
             "DefaultValue": format_value(hp.default),
         }
         high = math.inf if hp.maximum is None else hp.maximum
-        if hp.minimum is not None and not hp.minimum <= hp.default <= high:
+        if hp.kind in (int, float) and (hp.default == AUTO or (hp.minimum is not None and not hp.minimum <= hp.default <= high)):
             del spec["DefaultValue"]  # the range must hold it; the job uses it when SageMaker sends nothing
         if hp.kind is bool:
             spec["Type"] = "Categorical"

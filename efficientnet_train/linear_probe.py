@@ -24,9 +24,9 @@ from .model import set_batchnorm_training
 PROBE_IMAGES_PER_CLASS = 200
 PROBE_MAX_IMAGES = 10_000
 # The measurements after the probe (recipe.py) each score its head on this many of its images, a like number a
-# class: they only tell 'most answers lost' (digits: 8-39%) from 'most kept' (photos: 90-96%), which ~128 images
-# resolve to a few points, and each costs a forward pass (two passes over hymenoptera's 245 images took 26 s of a
-# 5-epoch run's 245 s on the 2-core CPU).
+# class (one each of as many classes where there are more): each costs a forward pass (two passes over
+# hymenoptera's 245 images took 26 s of a 5-epoch run's 245 s on the 2-core CPU), and ~128 images resolve
+# 'nine in ten answers kept' to a few points.
 MEASURED_IMAGES = 128
 LBFGS_ITERATIONS = 300
 
@@ -34,7 +34,7 @@ LBFGS_ITERATIONS = 300
 def probe_sample(samples: list[tuple[str, int]], num_classes: int, seed: int,
                  max_images: int = PROBE_MAX_IMAGES) -> list[int]:
     """Indices of the training images the probe uses (of `samples`): every image of a class up to its quota, else a
-    random quota of them, at least one a class; the same on every process."""
+    random quota of them, at least one a class but `max_images` in all; the same on every process."""
     quota = max(1, min(PROBE_IMAGES_PER_CLASS, max_images // num_classes))
     by_class: dict[int, list[int]] = {}
     for index, (_, label) in enumerate(samples):
@@ -45,6 +45,8 @@ def probe_sample(samples: list[tuple[str, int]], num_classes: int, seed: int,
         if len(members) > quota:
             members = [members[i] for i in torch.randperm(len(members), generator=generator)[:quota].tolist()]
         chosen += members
+    if len(chosen) > max_images:  # more classes than images allowed: one image of as many classes
+        chosen = [chosen[i] for i in torch.randperm(len(chosen), generator=generator)[:max_images].tolist()]
     return sorted(chosen)
 
 
@@ -113,12 +115,14 @@ def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_cla
 
 
 @torch.no_grad()
-def probe_top1(model: torch.nn.Module, loader, to_input, autocast, batch_statistics: bool = False) -> float | None:
-    """Top-1 (%) of `model` on `loader`'s images (over every process), in evaluation mode or with BatchNorm normalising
-    each batch by its own statistics, as a training step does (no dropout either way); BatchNorm's running averages
-    are left as they were. None if no batch had the two images BatchNorm on batch statistics needs."""
+def probe_top1(model: torch.nn.Module, loader, to_input, autocast, batch_statistics: bool = False,
+               dropout: bool = False) -> float | None:
+    """Top-1 (%) of `model` on `loader`'s images (over every process), in evaluation mode, or with BatchNorm
+    normalising each batch by its own statistics, or with dropout and drop-connect on, as a training step does;
+    BatchNorm's running averages are left as they were. None if no batch had the two images BatchNorm on batch
+    statistics needs."""
     saved = [buffer.clone() for buffer in model.buffers()]
-    model.eval()
+    model.train(dropout)
     set_batchnorm_training(model, batch_statistics)
     device = next(model.parameters()).device
     counts = torch.zeros(2, device=device)
@@ -135,11 +139,3 @@ def probe_top1(model: torch.nn.Module, loader, to_input, autocast, batch_statist
     return 100 * right / seen if seen else None
 
 
-def loses_most_answers(top1: float | None, clean_top1: float, num_classes: int) -> bool:
-    """Whether the probe, scoring `clean_top1` on its own training images as it was fitted on them, falls below halfway
-    from chance to that on a changed view of them (`top1`; None: not measured).
-
-    With BatchNorm on batch statistics, that means these images' statistics are far from ImageNet's (digit scans,
-    drawings), and each training step's batch statistics hand the network's later layers features they were never
-    trained on; on augmented images, that the augmentation destroys what tells the classes apart."""
-    return top1 is not None and top1 < (100 / num_classes + clean_top1) / 2

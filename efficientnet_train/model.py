@@ -52,6 +52,7 @@ def create_model(name: str, labels: list[str], pretrained_path: str, drop: float
             # gradients wreck the pretrained features in the first steps. A zero head starts at
             # log(num_classes) and lets the backbone adapt gently.
             _zero_head(model)
+    model.created_drop_connect = drop_connect  # what set_regularisation scales each block's rate from
     return model.to(memory_format=MEMORY_FORMAT)
 
 
@@ -249,6 +250,19 @@ def load_trained_model(path: Path) -> tuple[torch.nn.Module, dict]:
     model = timm.create_model(checkpoint["arch"], num_classes=len(checkpoint["labels"]))
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval().to(memory_format=MEMORY_FORMAT), checkpoint
+
+
+def set_regularisation(model: torch.nn.Module, drop: float, drop_connect: float) -> None:
+    """Set `model`'s dropout before the classifier and its drop-connect (stochastic depth), whose rate grows with
+    depth as timm builds it; `model` comes from create_model, with a drop-connect rate above 0 for this one to be
+    above 0 (timm leaves the blocks out otherwise)."""
+    from timm.layers import DropPath
+
+    model.drop_rate = drop
+    paths = [module for module in model.modules() if isinstance(module, DropPath)]
+    for path in paths:
+        path.__dict__.setdefault("depth_share", path.drop_prob / model.created_drop_connect)
+        path.drop_prob = path.depth_share * drop_connect
 
 
 def set_batchnorm_training(model: torch.nn.Module, training: bool) -> None:

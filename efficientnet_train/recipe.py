@@ -1,52 +1,139 @@
-"""What fine-tuning trains with where the buyer leaves the choice to the job (`freeze_batchnorm=auto`, `opt=auto`,
-`aa=auto`): chosen from what the linear probe measured on the set's own training images, before the first update.
+"""What fine-tuning trains with where the buyer leaves a choice to the job (the hyperparameters whose default is
+`auto`): chosen after the linear probe, before the first update, from how the probe's classifier answers its own
+training images under each part of the training recipe.
 
-Two measurements decide, each the probe's head scored on its own training images against its score on them clean,
-in evaluation mode (linear_probe.loses_most_answers):
+After the probe the classifier sits at its optimum on features taken in evaluation mode from the evaluation view.
+Fine-tuning then trains on another view of the same images: BatchNorm on batch statistics, random crops, mirror
+images, RandAugment, random erasing, dropout and drop-connect. Where one of these makes the classifier answer
+wrongly, the first epoch's gradients come from wrong answers and undo what the probe found (digit scans: 91% at
+the probe, 69% after epoch 1). So each part is measured in turn, the probe's classifier scored on the part applied
+to a sample of its training images, and one rule picks each: **the strongest setting under which the classifier
+still answers nine in ten of the images it answers right** (KEEPS). Settings are tried strongest first; the
+gentlest is taken without a measurement. Each part is measured on top of the ones chosen before it, in the order
+the training step applies them: BatchNorm (it fixes the training size), mirroring, the crop, RandAugment, random
+erasing, then dropout and drop-connect.
 
-- with BatchNorm normalising each batch by its own statistics, as a training step does. Where that loses most
-  of the answers (digit scans, drawings: images whose statistics are far from ImageNet's), BatchNorm keeps its
-  pretrained statistics; then the optimiser is sgd, since rmsproptf's steps of about lr whatever the gradient are
-  what BatchNorm on batch statistics absorbs and frozen BatchNorm does not, and the network trains at the
-  evaluation size, since frozen statistics do not follow a change of size (docs/quality.md has the runs);
-- on the training transform: crops, flips, RandAugment and random erasing. Where the augmented images lose most
-  of the answers, the policy destroys what tells this set's classes apart (a quarter of an 8x8 digit is often no
-  digit), and fine-tuning goes without RandAugment and random erasing.
+The optimiser is not measured: fine-tuning from a fitted classifier needs steps that shrink with the gradient (sgd),
+not rmsproptf's steps of about lr whatever the gradient (docs/quality.md has the runs).
 
-The record of both is args.yml's `linear_probe`, kept in the checkpoint: a resumed job makes the same choices.
+The record of the measurements and choices is args.yml's `linear_probe`, kept in the checkpoint: a resumed job
+takes the same recipe.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
 
-LISTING_AUGMENTATION = "rand-m9-mstd0.5"  # the listing's aa, which aa=auto starts from
+from .hyperparameters import AUTO, LISTING_LR
+
+KEEPS = 0.9
+# With opt=auto, sgd at lr=auto: a quarter of the listing's rate (docs/quality.md has the runs).
+AUTO_OPT, AUTO_LR = "sgd", 0.004
+# Each part: its hyperparameters, their settings strongest first (the first the listing's), and what measures them,
+# in the order they are chosen.
+PARTS = (
+    (("freeze_batchnorm",), ((False,), (True,)), "batch_statistics"),  # frozen: the probe's own view of the images
+    (("hflip",), ((0.5,), (0.0,)), "transform"),
+    (("crop_scale",), ((0.25,), (0.5,), (1.0,)), "transform"),
+    (("aa",), (("rand-m9-mstd0.5",), ("rand-m5-mstd0.5",), ("none",)), "transform"),
+    (("reprob",), ((0.2,), (0.0,)), "transform"),
+    (("drop", "drop_connect"), ((0.3, 0.2), (0.15, 0.1), (0.0, 0.0)), "regularisation"),
+)
+LISTING = {name: settings[0][i] for names, settings, _ in PARTS for i, name in enumerate(names)}
 
 
 @dataclass(frozen=True)
 class Recipe:
     freeze_batchnorm: bool
     opt: str
+    lr: float  # for a global batch of 256 images
+    hflip: float
+    crop_scale: float
     aa: str
     reprob: float
+    drop: float
+    drop_connect: float
 
     def record(self) -> dict:
         """For args.yml: what the job trained with, whatever was asked."""
         return {f"effective_{name}": value for name, value in asdict(self).items()}
 
 
-def recipe_for(hp, measured: dict | None = None) -> Recipe:
-    """The recipe `hp` asks for, with the auto choices made from `measured` (the `linear_probe` record of args.yml;
-    None before the probe, or without one: then auto is the listing's recipe)."""
-    measured = measured or {}
-    frozen = hp.freeze_batchnorm == "true" or (
-        hp.freeze_batchnorm == "auto" and bool(measured.get("far_from_pretrained_statistics")))
-    without_augmentation = hp.aa == "auto" and bool(measured.get("augmentation_loses_answers"))
-    return Recipe(
-        freeze_batchnorm=frozen,
-        opt=hp.opt if hp.opt != "auto" else "sgd" if frozen else "rmsproptf",
-        aa="none" if without_augmentation else LISTING_AUGMENTATION if hp.aa == "auto" else hp.aa,
-        reprob=0.0 if without_augmentation else hp.reprob)
+# A measurement: the probe's top-1 (%) on its training images seen through `view` ("batch_statistics": clean images
+# on each batch's statistics; "transform": the view's training transform; "regularisation": clean images with the
+# view's dropout and drop-connect), or None where it could not be measured.
+Measure = Callable[[Recipe, str], "float | None"]
+
+
+def recipe_for(hp, chosen: dict | None = None) -> Recipe:
+    """The recipe `hp` asks for: its explicit values, and for what is left to auto the settings `chosen` records
+    (the `recipe` of args.yml's `linear_probe`), or before the probe (or without one) the listing's."""
+    chosen = {**LISTING, "opt": AUTO_OPT, "lr": LISTING_LR if hp.opt != AUTO else AUTO_LR, **(chosen or {})}
+
+    def value(name: str):
+        asked = getattr(hp, name)
+        if asked == AUTO:
+            return chosen[name]
+        return asked == "true" if name == "freeze_batchnorm" else asked
+
+    return Recipe(**{name: value(name) for name in Recipe.__dataclass_fields__})
+
+
+def choose(hp, clean_top1: float, measure: Measure) -> dict:
+    """Measure each part left to auto, strongest setting first, and keep the first under which the probe's
+    classifier answers KEEPS of what it answers right on the clean images (`clean_top1`); a part with a value set
+    by hand takes it (and the listing's for the rest of the part). Returns the record: every measurement made, and
+    the settings chosen (`recipe`, for recipe_for)."""
+    asked = recipe_for(hp)
+    # Each part measured on top of those chosen before it, the later ones off: clean images, no dropout.
+    view = replace(asked, hflip=0.0, crop_scale=1.0, aa="none", reprob=0.0, drop=0.0, drop_connect=0.0)
+    steps = []
+    for names, settings, kind in PARTS:
+        if any(getattr(hp, name) != AUTO for name in names):
+            view = replace(view, **{name: getattr(asked, name) for name in names})
+            continue
+        chosen = settings[-1]  # the gentlest, unless a stronger one keeps the answers
+        for setting in settings[:-1]:
+            measured_as = (1.0,) if names == ("hflip",) else setting  # mirroring measured on every image
+            top1 = measure(replace(view, **dict(zip(names, measured_as))), kind)
+            steps.append({"part": "+".join(names), "setting": list(setting) if len(setting) > 1 else setting[0],
+                          "acc_1": top1})
+            if top1 is None or top1 >= KEEPS * clean_top1:
+                chosen = setting
+                break
+        view = replace(view, **dict(zip(names, chosen)))
+    return {"training_images_acc_1": clean_top1, "measured": steps,
+            "recipe": {name: getattr(view, name) for name in asdict(view) if getattr(hp, name) == AUTO}}
+
+
+def decisions(record: dict) -> list[str]:
+    """One line for each part the probe's measurements chose, with what was measured, for the log."""
+    lines = []
+    for names, _, kind in PARTS:
+        if names[0] not in record["recipe"]:
+            continue
+        part = "+".join(names)
+        tried = [step for step in record["measured"] if step["part"] == part]
+        chosen = ", ".join(f"{name}={_shown(record['recipe'][name])}" for name in names)
+        seen = "; ".join(f"{_shown(step['setting'])}: {'-' if step['acc_1'] is None else format(step['acc_1'], '.1f')}%"
+                         for step in tried)
+        lines.append(f"{chosen}: the probe's classifier answers {seen or 'nothing measured'} of its training images "
+                     f"right {VIEWS[kind]}, against {record['training_images_acc_1']:.1f}% as fitted; kept: the "
+                     f"strongest setting keeping {KEEPS:.0%} of that")
+    return lines
+
+
+VIEWS = {"batch_statistics": "with BatchNorm on batch statistics (False) or frozen (True)",
+         "transform": "through the training transform", "regularisation": "with dropout and drop-connect at"}
+
+
+def _shown(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return "/".join(map(str, value))
+    return str(value)
 
 
 def training_size_config(data_config: dict, recipe: Recipe) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -24,11 +25,11 @@ from .data import (ModelInput, TrainBatches, dataset_of, decode_side, eval_trans
                    resolve_data_config, scan_channel, train_transform, warn_about_thin_classes)
 from .errors import JobError
 from .failures import explained
-from .linear_probe import MEASURED_IMAGES, fit_linear_probe, loses_most_answers, probe_sample, probe_top1
+from .linear_probe import MEASURED_IMAGES, fit_linear_probe, probe_sample, probe_top1
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
 from .model import (autocast_for, checkpoint_of, create_model, predict_log_probabilities, read_model_channel,
-                    save_checkpoint, set_batchnorm_training)
-from .recipe import Recipe, recipe_for, training_size_config
+                    save_checkpoint, set_batchnorm_training, set_regularisation)
+from .recipe import Recipe, choose, decisions, recipe_for, training_size_config
 from .sagemaker import DEBUG_VARIABLE, SageMakerEnvironment
 from .untrusted import shown, shown_lines
 
@@ -184,7 +185,10 @@ def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Ra
     # Rank 0's checkpoint for all: another host's checkpoint folder may be empty or behind.
     job.resumed = distributed.broadcast_object(job.resumed, rank)
     start = None if job.resumed else read_model_channel(env.channel_dir("model"))
-    model = create_model(hp.model, classes, hp.pretrained_path, hp.drop, hp.drop_connect, start=start).to(device)
+    # At the strongest dropout and drop-connect the recipe may choose: the probe's measurements may lower them.
+    listing = recipe_for(hp)
+    model = create_model(hp.model, classes, hp.pretrained_path, listing.drop, listing.drop_connect,
+                         start=start).to(device)
     job.startup.done(f"building the model on the {'GPU' if device.type == 'cuda' else 'CPU'}")
     data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
     workers = data_loading_workers_for(hp, rank.per_host)
@@ -195,13 +199,10 @@ def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Ra
     val_loader = data_loader(val_share, workers, device, hp.seed + rank.rank, batch_size=hp.batch_size)
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_channel) if hp.balance_classes else None,
                                         label_smoothing=hp.smoothing).to(device)
-    lr = hyperparameters.scaled_lr(hp, rank.world_size)
     ema, scaler = training_tools(model, hp, amp_dtype)
-    eval_hflip = hp.eval_hflip and hp.hflip > 0  # a model never shown mirror images can't be asked about them
     args = {**vars(hp),
             "ignored_hyperparameters": job.ignored, "classes": classes, "num_classes": len(classes),
-            "effective_eval_hflip": eval_hflip, "global_batch_size": hp.batch_size * rank.world_size,
-            "effective_lr": lr,
+            "global_batch_size": hp.batch_size * rank.world_size,
             "checkpoint_dir": str(env.checkpoint_dir),
             "processes": rank.world_size, "effective_workers": workers, "device": describe(device),
             "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
@@ -217,12 +218,12 @@ def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Ra
         # A new head is fitted as a linear probe first (epoch 0); a previous job's head for the same labels is kept.
         probe_first=not job.resumed and (start is None or start[1]["labels"] != classes),
         resolved_data_config=data_config, workers=workers, val_data=val_data, val_loader=val_loader,
-        eval_hflip=eval_hflip, val_input=ModelInput(data_config, device), loss_fn=loss_fn, lr=lr, ema=ema,
+        val_input=ModelInput(data_config, device), loss_fn=loss_fn, ema=ema,
         trainables=dict(model=model, ema=ema, scaler=scaler),
         slow_data=SlowDataWarning(workers, hp.workers, rank.per_host, device.type == "cuda", rank.is_main),
         args=args, title=f"{hp.model} on {len(classes)} classes, {env.training_job_name or 'local run'}")
     # A resumed job makes the choices its probe's measurements made; a new one makes them again after its probe.
-    use_recipe(t, recipe_for(hp, job.resumed[1].get("linear_probe") if job.resumed else None))
+    use_recipe(t, recipe_for(hp, (job.resumed[1].get("linear_probe") or {}).get("recipe") if job.resumed else None))
     return t
 
 
@@ -233,12 +234,15 @@ def use_recipe(t: SimpleNamespace, recipe: Recipe) -> None:
 
     hp, rank = t.hp, t.rank
     t.recipe, t.data_config = recipe, training_size_config(t.resolved_data_config, recipe)
-    t.train_data = dataset_of(t.train_channel, train_transform(t.data_config, recipe.aa, hp.hflip),
-                              hp.max_unusable_fraction, t.workers, decode_side(t.data_config, training=True))
+    t.train_data = dataset_of(t.train_channel, train_transform(t.data_config, recipe.aa, recipe.hflip, recipe.crop_scale),
+                              hp.max_unusable_fraction, t.workers, decode_side(t.data_config, True, recipe.crop_scale))
     t.train_loader = data_loader(t.train_data, t.workers, t.device, hp.seed + rank.rank,
                                  batch_sampler=TrainBatches(len(t.train_data), hp.batch_size, hp.seed, rank.world_size,
                                                             rank.rank))
     t.train_input = ModelInput(t.data_config, t.device, recipe.reprob, hp.remode)
+    set_regularisation(t.model, recipe.drop, recipe.drop_connect)
+    t.eval_hflip = hp.eval_hflip and recipe.hflip > 0  # a model never shown mirror images can't be asked about them
+    t.lr = hyperparameters.scaled_lr(recipe.lr, hp.batch_size, rank.world_size)
     t.optimizer = create_optimizer(t.model, hp, t.lr, recipe.opt)
     # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch.
     t.schedule_epoch = schedule_epoch_updates(hp, len(t.train_loader))
@@ -247,7 +251,7 @@ def use_recipe(t: SimpleNamespace, recipe: Recipe) -> None:
         decay_epochs=hp.decay_epochs, decay_rate=hp.decay_rate, warmup_lr=hp.warmup_lr,
         warmup_epochs=hp.warmup_epochs, step_on_epochs=False, updates_per_epoch=t.schedule_epoch)
     t.trainables.update(optimizer=t.optimizer, scheduler=t.scheduler)
-    t.args.update(recipe.record(), data_config=t.data_config, updates_per_epoch=len(t.train_loader),
+    t.args.update(recipe.record(), effective_lr=t.lr, effective_eval_hflip=t.eval_hflip, data_config=t.data_config, updates_per_epoch=len(t.train_loader),
                   schedule_epoch_updates=t.schedule_epoch)
 
 
@@ -277,7 +281,7 @@ def probe_epoch(t: SimpleNamespace, rank: distributed.Rank, startup: report.Star
     probe = linear_probe(t, rank)
     if t.ema is not None:
         t.ema.set(t.model)
-    recipe = recipe_for(t.hp, probe.measured)
+    recipe = recipe_for(t.hp, probe.measured["recipe"])
     if recipe != t.recipe:
         use_recipe(t, recipe)
     startup.done(f"fitting the linear probe on {probe.images} images")
@@ -321,29 +325,14 @@ def log_epoch(t: SimpleNamespace, epoch: int, results: dict, chosen: str, lr_now
              seconds - trained.seconds, elapsed,
              report.duration((hp.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)) if epoch_seconds else "?")
     if trained.probe is not None:
-        probe, chance = trained.probe, 100 / len(t.classes)
+        probe = trained.probe
         t.args["linear_probe"] = {"acc_1": result.top1, "loss": result.loss, "images": probe.images,
                                   "seconds": round(trained.seconds, 1), **probe.measured}
         log.info("Linear probe (epoch 0): validation top-1 %.2f%%, loss %.4f; fitted on the frozen features (%d) of "
                  "%d training images in %.1f s: features %.1f s, logistic regression %.1f s", result.top1,
                  result.loss, probe.features, probe.images, trained.seconds, probe.extract_seconds, probe.fit_seconds)
-        measured, recipe = probe.measured, t.recipe
-        if measured["batch_statistics_acc_1"] is not None:
-            log.info("BatchNorm: the probe answers %.1f%% of its training images right with the pretrained statistics "
-                     "and %.1f%% with each batch's own, as training steps normalise (chance: %.1f%%); %s", probe.top1,
-                     measured["batch_statistics_acc_1"], chance,
-                     f"these images' statistics are far from ImageNet's, so fine-tuning keeps BatchNorm's pretrained "
-                     f"ones (freeze_batchnorm=auto), with opt={recipe.opt}, at the evaluation size "
-                     f"{t.data_config['train_input_size'][-1]} px" if recipe.freeze_batchnorm else
-                     "BatchNorm trains on batch statistics (freeze_batchnorm=auto)")
-        if measured["augmented_acc_1"] is not None:
-            log.info("Augmentation: the probe answers %.1f%% of its training images right augmented as the listing's "
-                     "recipe would (crops, hflip=%s, aa=%s, reprob=%s; chance: %.1f%%); %s",
-                     measured["augmented_acc_1"], hyperparameters.format_value(t.hp.hflip),
-                     recipe_for(t.hp).aa, hyperparameters.format_value(t.hp.reprob), chance,
-                     "they lose most of what tells the classes apart, so fine-tuning goes without RandAugment and "
-                     "random erasing (aa=auto)" if recipe.aa == "none" else
-                     f"fine-tuning keeps them (aa=auto: {recipe.aa})")
+        for line in decisions(probe.measured):
+            log.info("Recipe (auto): %s", line)
     if t.device.type == "cuda" and epoch and len(epoch_seconds) == 1:
         log.info("Peak GPU memory: %.1f GiB of %.1f GiB (batch_size=%d, img_size=%d)",
                  torch.cuda.max_memory_reserved(t.device) / 2**30,
@@ -431,32 +420,45 @@ def linear_probe(t: SimpleNamespace, rank: distributed.Rank) -> SimpleNamespace:
     measured = [sample[i] for i in probe_sample([channel.samples[i] for i in sample], classes, hp.seed,
                                                 MEASURED_IMAGES)]
 
-    def share_of(images: list[int], transform, training: bool, **batching):
-        chosen = torch.utils.data.Subset(dataset_of(channel, transform, hp.max_unusable_fraction, t.workers,
-                                                    decode_side(config, training)), images)
+    def share_of(images: list[int], transform, side: int = decode_side(config, training=False), **batching):
+        chosen = torch.utils.data.Subset(dataset_of(channel, transform, hp.max_unusable_fraction, t.workers, side),
+                                         images)
         return data_loader(torch.utils.data.Subset(chosen, range(rank.rank, len(images), rank.world_size)),
                            t.workers, t.device, hp.seed + rank.rank, batch_size=hp.batch_size, **batching)
 
-    probe = fit_linear_probe(t.model, share_of(sample, eval_transform(config), False), t.val_input, t.autocast,
+    probe = fit_linear_probe(t.model, share_of(sample, eval_transform(config)), t.val_input, t.autocast,
                              classes, t.loss_fn)
-    batch_statistics = augmented = None
-    if hp.freeze_batchnorm == "auto":  # shuffled: a batch of one class would have statistics no training batch has
-        batch_statistics = probe_top1(t.model, share_of(measured, eval_transform(config), False, shuffle=True),
-                                      t.val_input, t.autocast, batch_statistics=True)
-    if hp.aa == "auto":  # as the listing's recipe would train on them, in evaluation mode
-        listing = recipe_for(hp)
-        # Random erasing draws from Python's and torch's generators: measuring must not change what training draws.
-        python_random = random.getstate()
-        with torch.random.fork_rng(devices=[t.device] if t.device.type == "cuda" else []):
-            augmented = probe_top1(t.model, share_of(measured, train_transform(config, listing.aa, hp.hflip), True),
-                                   ModelInput(config, t.device, listing.reprob, hp.remode), t.autocast)
-        random.setstate(python_random)
-    probe.measured = {
-        "training_images_acc_1": probe.top1,
-        "batch_statistics_acc_1": batch_statistics, "augmented_acc_1": augmented,
-        "far_from_pretrained_statistics": loses_most_answers(batch_statistics, probe.top1, classes),
-        "augmentation_loses_answers": loses_most_answers(augmented, probe.top1, classes)}
+
+    def measure(view: Recipe, kind: str) -> float | None:
+        with random_numbers_untouched(t.device):  # measuring must not change what training draws
+            if kind == "batch_statistics":  # shuffled: a batch of one class has statistics no training batch has
+                return probe_top1(t.model, share_of(measured, eval_transform(config), shuffle=True), t.val_input,
+                                  t.autocast, batch_statistics=True)
+            if kind == "regularisation":
+                set_regularisation(t.model, view.drop, view.drop_connect)
+                try:
+                    return probe_top1(t.model, share_of(measured, eval_transform(config)), t.val_input, t.autocast,
+                                      dropout=True)
+                finally:
+                    set_regularisation(t.model, t.recipe.drop, t.recipe.drop_connect)
+            sized = training_size_config(config, view)
+            return probe_top1(t.model, share_of(measured, train_transform(sized, view.aa, view.hflip, view.crop_scale),
+                                                decode_side(sized, True, view.crop_scale)),
+                              ModelInput(sized, t.device, view.reprob, hp.remode), t.autocast)
+
+    probe.measured = choose(hp, probe.top1, measure)
     return probe
+
+
+@contextlib.contextmanager
+def random_numbers_untouched(device: torch.device):
+    """Python's, NumPy's and torch's generators as they were before, whatever the block draws (crops, RandAugment and
+    dropout draw from them in this process, and in the loader's workers from their own)."""
+    python, numpy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        yield
+    random.setstate(python)
+    np.random.set_state(numpy)
 
 
 def calibrate(result: SimpleNamespace, num_classes: int) -> dict:
@@ -532,16 +534,16 @@ def output_sizes(hp, num_classes: int) -> tuple[int, int]:
 
 
 def optimizer_state_per_weight(hp) -> float:
-    """Bytes of optimizer state per byte of weights: 2 for RMSprop (auto's before the probe, the larger of its two)
-    and Adam, 1 for SGD, 3 for MADGRAD, ... Measured by one step of the real optimizer on a tiny stand-in model, as
-    the state only exists after a step, and some optimizers' steps cannot run on the meta device; a step of
-    efficientnet_l2 itself would take 8 GB."""
+    """Bytes of optimizer state per byte of weights: 1 for SGD (auto's), 2 for RMSprop and Adam, 3 for MADGRAD, ...
+    Measured by one step of the real optimizer on a tiny stand-in model, as the state only exists after a step, and
+    some optimizers' steps cannot run on the meta device; a step of efficientnet_l2 itself would take 8 GB."""
     import timm
 
     stand_in = timm.create_model("test_efficientnet", num_classes=2)
     for weight in stand_in.parameters():
         weight.grad = torch.zeros_like(weight)
-    optimizer = create_optimizer(stand_in, hp, hp.lr, recipe_for(hp).opt)
+    recipe = recipe_for(hp)
+    optimizer = create_optimizer(stand_in, hp, hyperparameters.scaled_lr(recipe.lr, hp.batch_size), recipe.opt)
     optimizer.step()
     state = tensor_bytes(value for weight_state in optimizer.state.values() for value in weight_state.values())
     return state / tensor_bytes(stand_in.parameters())

@@ -132,10 +132,10 @@ def training_setup(hp, weights: Path, classes: list[str], device: torch.device,
     nothing)."""
     autocast, amp_dtype = autocast_for(device)
     torch.backends.cudnn.benchmark = cudnn_benchmark and device.type == "cuda"  # as train.py unless told
-    model = create_model(hp.model, classes, str(weights), hp.drop, hp.drop_connect).to(device).train()
     recipe = recipe_for(hp)  # as before the probe: its measurements need the buyer's images
+    model = create_model(hp.model, classes, str(weights), recipe.drop, recipe.drop_connect).to(device).train()
     data_config = training_size_config(resolve_data_config(model, hp.img_size, hp.eval_img_size), recipe)
-    optimizer = create_optimizer(model, hp, hyperparameters.scaled_lr(hp), recipe.opt)
+    optimizer = create_optimizer(model, hp, hyperparameters.scaled_lr(recipe.lr, hp.batch_size), recipe.opt)
     ema, scaler = training_tools(model, hp, amp_dtype)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp.smoothing).to(device)
     updates = 0
@@ -235,8 +235,10 @@ def measure_loop(o, hp, weights: Path, classes: list[str], device: torch.device)
     data_config = setup.data_config
     to_input = ModelInput(data_config, device, setup.recipe.reprob, hp.remode)
     workers = data_loading_workers_for(hp, 1)
-    dataset = dataset_of(replicated_train_channel(o, hp), train_transform(data_config, setup.recipe.aa, hp.hflip),
-                         hp.max_unusable_fraction, workers, decode_side(data_config, training=True))
+    recipe = setup.recipe
+    dataset = dataset_of(replicated_train_channel(o, hp), train_transform(data_config, recipe.aa, recipe.hflip,
+                                                                          recipe.crop_scale),
+                         hp.max_unusable_fraction, workers, decode_side(data_config, True, recipe.crop_scale))
     fixed = (torch.randint(0, 256, (hp.batch_size, *setup.size), dtype=torch.uint8),
              torch.randint(len(classes), (hp.batch_size,)))
     pinned = tuple(t.pin_memory() for t in fixed) if device.type == "cuda" else fixed
@@ -297,7 +299,7 @@ def measure_loader(o, hp, device: torch.device) -> dict:
     recipe = recipe_for(hp)
     data_config = training_size_config(
         resolve_data_config(timm.create_model(hp.model, num_classes=2), hp.img_size, hp.eval_img_size), recipe)
-    transform = train_transform(data_config, recipe.aa, hp.hflip)
+    transform = train_transform(data_config, recipe.aa, recipe.hflip, recipe.crop_scale)
     counts, n = [0], 1
     while n <= o.max_workers:
         counts.append(n)
@@ -309,7 +311,7 @@ def measure_loader(o, hp, device: torch.device) -> dict:
     rows = []
     for workers in counts:
         dataset = dataset_of(channel, transform, hp.max_unusable_fraction, workers,
-                             decode_side(data_config, training=True))
+                             decode_side(data_config, True, recipe.crop_scale))
         sampler = TrainBatches(len(dataset), hp.batch_size, hp.seed)
         loader = data_loader(dataset, workers, device, hp.seed, batch_sampler=sampler)
         started, images, epoch, first = time.perf_counter(), 0, 1, None
@@ -511,12 +513,12 @@ def timm_train_arguments(o, hp, data: Path, device: torch.device) -> list[str]:
     args = [str(data), "--train-split", "train", "--val-split", "val", "--model", hp.model,
             "--num-classes", str(len(class_folders(data / "train"))), "-b", str(hp.batch_size),
             "--epochs", str(o.epochs), "--opt", recipe.opt, "--opt-eps", str(hp.opt_eps),
-            "--lr", str(hyperparameters.scaled_lr(hp)),
+            "--lr", str(hyperparameters.scaled_lr(recipe.lr, hp.batch_size)),
             "--weight-decay", str(hp.weight_decay), "--sched", hp.sched, "--decay-epochs", str(hp.decay_epochs),
             "--decay-rate", str(hp.decay_rate), "--warmup-epochs", f"{hp.warmup_epochs:g}",  # an int to timm
-            "--warmup-lr", str(hp.warmup_lr), "--drop", str(hp.drop), "--drop-path", str(hp.drop_connect),
+            "--warmup-lr", str(hp.warmup_lr), "--drop", str(recipe.drop), "--drop-path", str(recipe.drop_connect),
             "--smoothing", str(hp.smoothing), "--aa", recipe.aa, "--reprob", str(recipe.reprob), "--remode", hp.remode,
-            "--hflip", str(hp.hflip), "-j", str(workers), "--log-interval", "1", "--seed", str(hp.seed)]
+            "--hflip", str(recipe.hflip), "--scale", str(recipe.crop_scale), "1", "-j", str(workers), "--log-interval", "1", "--seed", str(hp.seed)]
     if hp.layer_decay < 1:
         args += ["--layer-decay", str(hp.layer_decay)]
     if hp.model_ema:

@@ -55,13 +55,13 @@ def main() -> int:
     train = scan_channel("train", options.folder / "train")
     val = scan_channel("validation", val_folder, train.classes)
     weights = lite_weights(options.weights_dir, 0)
-    model = create_model(MODEL, train.classes, str(weights), hp.drop, hp.drop_connect)
+    listing = recipe_for(hp)  # what the job measures its parts from
+    model = create_model(MODEL, train.classes, str(weights), listing.drop, listing.drop_connect)
     config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
     cpu = torch.device("cpu")
     clean, val_images = dataset_of(train, eval_transform(config)), dataset_of(val, eval_transform(config))
-    listing = recipe_for(hp)  # the augmentation aa=auto measures
-    crops = dataset_of(train, train_transform(config, "none", hp.hflip))
-    augmented = dataset_of(train, train_transform(config, listing.aa, hp.hflip))
+    crops = dataset_of(train, train_transform(config, "none", listing.hflip, listing.crop_scale))
+    augmented = dataset_of(train, train_transform(config, listing.aa, listing.hflip, listing.crop_scale))
     plain, erasing = ModelInput(config, cpu), ModelInput(config, cpu, listing.reprob, hp.remode)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp.smoothing)
 

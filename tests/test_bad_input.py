@@ -538,7 +538,7 @@ def test_the_disk_space_estimate_matches_the_real_checkpoints(messy_job):
     held = list((base / "checkpoints").iterdir())
     assert checkpoint_bytes == pytest.approx(max(path.stat().st_size for path in held), rel=0.1)
     assert KEEP == 2 and room_for_checkpoints(base / "empty", checkpoint_bytes) == (3 * checkpoint_bytes,
-                                                                                   "3 checkpoints of 2.0 MB")
+                                                                                   "3 checkpoints of 1.6 MB")
     # A resumed job already holds some of its checkpoints: the disk needs room for the rest only.
     # The probe's epoch 0 and epoch 1: room for the one written before the older goes.
     assert len(held) == 2 and room_for_checkpoints(base / "checkpoints", checkpoint_bytes)[0] == checkpoint_bytes
@@ -568,8 +568,8 @@ def test_too_little_disk_space_fails_before_the_model_is_built_and_says_how_much
     reason = failure_reason(base)
     # model/ and checkpoints/ do not exist yet: both are on base's disk, their needs added up.
     assert reason.startswith(f"Not enough disk space: the disk holding {base} has 0.1 MB free, and this job will "
-                             f"need about 6.9 MB there: the best model (0.4 MB) and the copy replacing it in "
-                             f"{base / 'model'}; 3 checkpoints of 2.0 MB in {base / 'checkpoints'}. Give the job "
+                             f"need about 5.7 MB there: the best model (0.4 MB) and the copy replacing it in "
+                             f"{base / 'model'}; 3 checkpoints of 1.6 MB in {base / 'checkpoints'}. Give the job "
                              f"more storage: a larger VolumeSizeInGB")
     assert "a larger instance size on those with fixed NVMe storage (ml.g4dn, ml.g5, ml.p3dn, ml.p4d)" in reason
     assert "FastFile input mode" in reason and len(reason) < 900
@@ -638,8 +638,9 @@ def test_a_phone_photo_decodes_at_the_scale_its_smallest_crop_needs():
     from efficientnet_train.data import decode_side
 
     config = {"train_input_size": [3, 300, 300], "input_size": [3, 320, 320], "crop_pct": 1.0}
-    side = decode_side(config, training=True)
+    side = decode_side(config, training=True, crop_scale=0.25)
     assert side == 693  # a crop of a quarter of the area at aspect 3/4 is still 300 pixels on its short side
+    assert decode_side(config, training=True, crop_scale=1.0) == 347  # the whole image at aspect 3/4
     photo = encoded(Image.new("RGB", (4032, 3024), RED), "JPEG")
     assert decode_image(photo, side).size == (1008, 756)  # 1/4 scale: 1/8 would be 378 < 693
     assert decode_image(photo, decode_side(config, training=False)).size == (504, 378)  # resized to 320 anyway

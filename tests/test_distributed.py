@@ -79,7 +79,7 @@ def test_two_processes_train_one_model(tmp_path, learning_hyperparameters):
     # Metric lines once, from rank 0: SageMaker would otherwise record every value twice.
     assert result.stdout.count("validation:acc_1=") == 3  # epochs 0 (the linear probe), 1 and 2
     assert "[rank 1]" not in result.stdout  # nor rank 1's copy of a warning every rank meets, such as this one
-    assert result.stdout.count("BatchNorm: the probe answers") == 1
+    assert result.stdout.count("Recipe (auto): freeze_batchnorm=") == 1
     assert re.search(r"First training step done .*, starting training process 1 of 2 [\d.]+ s, building the model",
                      result.stdout)
     check_outputs_agree_with_one_process(base, 2)

@@ -74,7 +74,7 @@ def test_bad_hyperparameters_are_all_reported_with_fixes(tmp_path, tiny_hyperpar
     reason = failed(base)
     assert "unknown hyperparameter 'learning_rate'" in reason and "did you mean 'lr'?" in reason
     assert "'epochs' = 'ten' is invalid (not an integer)" in reason
-    assert "'reprob' = '1.5' is invalid (out of range); allowed: a number from 0 to 1" in reason
+    assert "'reprob' = '1.5' is invalid (out of range); allowed: auto, or a number from 0 to 1" in reason
     assert "'opt' = 'adamm'" in reason and "rmsproptf" in reason
 
 

@@ -53,7 +53,8 @@ def test_probe_sample_caps_each_class_and_the_total_and_is_the_same_every_time()
     # The measurements' share: a like number a class, at least one of each.
     measured = probe_sample(samples, 4, seed=7, max_images=MEASURED_IMAGES)
     assert [[samples[i][1] for i in measured].count(label) for label in range(4)] == [MEASURED_IMAGES // 4] * 3 + [1]
-    assert len(probe_sample(many_classes, 2000, seed=0, max_images=MEASURED_IMAGES)) == 2000
+    few = probe_sample(many_classes, 2000, seed=0, max_images=MEASURED_IMAGES)  # one image of 128 of the classes
+    assert len(few) == MEASURED_IMAGES == len({many_classes[i][1] for i in few})
 
 
 @pytest.mark.parametrize("mirror", [False, True])
@@ -151,28 +152,37 @@ def test_auto_freezes_batchnorm_where_batch_statistics_lose_the_probe_and_says_s
     base, log = probed_job
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
     probe = args["linear_probe"]
-    assert probe["training_images_acc_1"] == 100 and probe["batch_statistics_acc_1"] < 50
-    assert probe["far_from_pretrained_statistics"] is True
+    assert probe["training_images_acc_1"] == 100
+    first = probe["measured"][0]
+    assert first["part"] == "freeze_batchnorm" and first["setting"] is False and first["acc_1"] < 90
+    assert probe["recipe"]["freeze_batchnorm"] is True
     assert args["freeze_batchnorm"] == "auto" and args["effective_freeze_batchnorm"] is True
     assert args["opt"] == "auto" and args["effective_opt"] == "sgd"
     assert args["data_config"]["train_input_size"] == args["data_config"]["input_size"] == [3, 37, 37]
-    said = [line for line in log.splitlines() if "BatchNorm: the probe answers" in line]
-    assert len(said) == 1 and " INFO " in said[0] and "(freeze_batchnorm=auto), with opt=sgd, at the evaluation " \
-        "size 37 px" in said[0]
+    said = [line for line in log.splitlines() if "Recipe (auto): freeze_batchnorm=true" in line]
+    assert len(said) == 1 and " INFO " in said[0] and f"false: {first['acc_1']:.1f}%" in said[0]
     assert_statistics_are_pretrained(base, pretrained_tiny_weights)
 
 
-def test_auto_augmentation_is_measured_on_the_probe_and_recorded(probed_job):
+def test_every_part_left_to_auto_is_measured_chosen_by_one_rule_and_said_in_one_line(probed_job):
+    from efficientnet_train.recipe import KEEPS, PARTS
+
     base, log = probed_job
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
     probe = args["linear_probe"]
-    assert 0 <= probe["augmented_acc_1"] <= 100
-    loses = probe["augmentation_loses_answers"]
-    assert loses is (probe["augmented_acc_1"] < (100 / 3 + 100) / 2)
-    assert (args["effective_aa"], args["effective_reprob"]) == (("none", 0.0) if loses else ("rand-m9-mstd0.5", 0.2))
-    said = [line for line in log.splitlines() if "Augmentation: the probe answers" in line]
-    assert len(said) == 1 and "aa=rand-m9-mstd0.5, reprob=0.2" in said[0]
-    assert ("without RandAugment and random erasing (aa=auto)" in said[0]) is loses
+    for names, settings, _ in PARTS:
+        part = "+".join(names)
+        steps = [step for step in probe["measured"] if step["part"] == part]
+        kept = [step for step in steps if step["acc_1"] >= KEEPS * probe["training_images_acc_1"]]
+        # Strongest first, up to the first that keeps nine in ten of the answers; else the gentlest, unmeasured.
+        assert [step["setting"] for step in steps] == \
+            [list(s) if len(s) > 1 else s[0] for s in settings[:len(steps)]]
+        assert kept in ([], steps[-1:]) and (kept or len(steps) == len(settings) - 1)
+        chosen = tuple(kept[0]["setting"] if len(names) > 1 else [kept[0]["setting"]]) if kept else settings[-1]
+        assert tuple(probe["recipe"][name] for name in names) == tuple(chosen)
+        assert tuple(args[f"effective_{name}"] for name in names) == tuple(chosen)
+        assert sum(f"Recipe (auto): {names[0]}=" in line for line in log.splitlines()) == 1
+    assert args["effective_eval_hflip"] is (args["effective_hflip"] > 0)
 
 
 def assert_statistics_are_pretrained(base: Path, pretrained_weights: Path) -> None:
@@ -219,9 +229,9 @@ def threshold_model(threshold: float) -> torch.nn.Module:
     return model.eval()
 
 
-@pytest.mark.parametrize("low, high, batch_top1, far", [(3.0, 5.0, 50.0, True), (-1.0, 1.0, 100.0, False)])
-def test_batch_statistics_top1_sees_features_that_each_batch_renormalises(low, high, batch_top1, far):
-    from efficientnet_train.linear_probe import loses_most_answers, probe_top1
+@pytest.mark.parametrize("low, high, batch_top1", [(3.0, 5.0, 50.0), (-1.0, 1.0, 100.0)])
+def test_batch_statistics_top1_sees_features_that_each_batch_renormalises(low, high, batch_top1):
+    from efficientnet_train.linear_probe import probe_top1
 
     # Classes 3 and 5 apart from the pretrained statistics (mean 0): normalised by their own batch they become -1
     # and +1, below the head's threshold of 4 both, so half the answers go. Classes -1 and 1 keep theirs.
@@ -232,45 +242,83 @@ def test_batch_statistics_top1_sees_features_that_each_batch_renormalises(low, h
     assert probe_top1(model, loader, lambda images: images, contextlib.nullcontext) == 100.0
     top1 = probe_top1(model, loader, lambda images: images, contextlib.nullcontext, batch_statistics=True)
     assert top1 == pytest.approx(batch_top1)
-    assert loses_most_answers(top1, 100.0, num_classes=2) is far
     assert not model.training and all(torch.equal(before[name], value) for name, value in model.state_dict().items())
 
 
-def test_losing_most_answers_is_below_halfway_from_chance_and_needs_a_measurement():
-    from efficientnet_train.linear_probe import loses_most_answers
+def hyperparameters_of(**given):
+    from efficientnet_train import hyperparameters
 
-    # Measured on Lite0's probes with batch statistics: digits 12.8% of 100, drawings 42.6% of 100 (25 classes),
-    # photos 89.7% (2 classes); augmented as the listing's recipe: digits 25.3%, photos 97.8%.
-    assert loses_most_answers(12.8, 100.0, 10) and loses_most_answers(42.6, 100.0, 25)
-    assert loses_most_answers(36.1, 100.0, 3)  # the tiny model on plain colours (probed_job)
-    assert not loses_most_answers(89.7, 100.0, 2)
-    assert loses_most_answers(25.3, 100.0, 10) and not loses_most_answers(97.8, 100.0, 2)
-    assert loses_most_answers(54.9, 100.0, 10) and not loses_most_answers(55.0, 100.0, 10)
-    assert not loses_most_answers(None, 100.0, 10)  # no batch of two images: nothing measured
+    return hyperparameters.parse(given)[0]
 
 
-@pytest.mark.parametrize("freeze, aa, opt, reprob, measured, expected", [
-    ("auto", "auto", "auto", 0.2, None, (False, "rmsproptf", "rand-m9-mstd0.5", 0.2)),  # before the probe
-    ("auto", "auto", "auto", 0.2, {"far_from_pretrained_statistics": True, "augmentation_loses_answers": True},
-     (True, "sgd", "none", 0.0)),
-    ("auto", "auto", "auto", 0.3, {"far_from_pretrained_statistics": False, "augmentation_loses_answers": False},
-     (False, "rmsproptf", "rand-m9-mstd0.5", 0.3)),
-    ("auto", "auto", "adamw", 0.2, {"far_from_pretrained_statistics": True}, (True, "adamw", "rand-m9-mstd0.5", 0.2)),
-    ("false", "v0", "auto", 0.2, {"far_from_pretrained_statistics": True, "augmentation_loses_answers": True},
-     (False, "rmsproptf", "v0", 0.2)),  # what the buyer set is what trains
-    ("true", "none", "auto", 0.5, None, (True, "sgd", "none", 0.5)),
-])
-def test_the_recipe_follows_the_measurements_only_where_left_to_auto(freeze, aa, opt, reprob, measured, expected):
-    from types import SimpleNamespace
+def test_each_part_keeps_its_strongest_setting_that_keeps_nine_in_ten_answers_measured_on_those_before_it():
+    from efficientnet_train.recipe import choose, recipe_for
 
+    seen = []
+
+    def measure(view, kind):  # digits-like: batch statistics, crops under half and RandAugment lose the answers
+        seen.append((kind, view))
+        if kind == "batch_statistics":
+            return 10.0
+        if kind == "regularisation":
+            return 95.0 if view.drop < 0.3 else 50.0
+        return 100.0 - 20 * (view.crop_scale < 0.5) - 30 * (view.aa != "none") - 25 * view.reprob - 5 * view.hflip
+
+    record = choose(hyperparameters_of(), 100.0, measure)
+    assert record["recipe"] == {"freeze_batchnorm": True, "opt": "sgd", "lr": 0.004, "hflip": 0.5, "crop_scale": 0.5, "aa": "none",
+                                "reprob": 0.2, "drop": 0.15, "drop_connect": 0.1}
+    assert [(step["part"], step["setting"]) for step in record["measured"]] == [
+        ("freeze_batchnorm", False), ("hflip", 0.5), ("crop_scale", 0.25), ("crop_scale", 0.5),
+        ("aa", "rand-m9-mstd0.5"), ("aa", "rand-m5-mstd0.5"), ("reprob", 0.2), ("drop+drop_connect", [0.3, 0.2]),
+        ("drop+drop_connect", [0.15, 0.1])]
+    kinds = [kind for kind, _ in seen]
+    assert kinds == ["batch_statistics"] + ["transform"] * 6 + ["regularisation"] * 2
+    mirrored, crops = seen[1][1], seen[2][1]
+    assert mirrored.hflip == 1.0 and mirrored.crop_scale == 1.0 and mirrored.aa == "none"  # every image mirrored
+    assert crops.hflip == 0.5 and crops.freeze_batchnorm is True and crops.aa == "none" and crops.reprob == 0
+    assert seen[6][1].aa == "none" and seen[6][1].crop_scale == 0.5  # erasing on top of what was chosen
+    assert all(view.drop == 0 for kind, view in seen if kind != "regularisation")
+    recipe = recipe_for(hyperparameters_of(), record["recipe"])
+    assert (recipe.freeze_batchnorm, recipe.crop_scale, recipe.aa, recipe.drop) == (True, 0.5, "none", 0.15)
+
+
+def test_a_value_set_by_hand_is_used_as_set_and_its_part_not_measured():
+    from efficientnet_train.recipe import choose, recipe_for
+
+    seen = []
+    record = choose(hyperparameters_of(freeze_batchnorm="false", aa="rand-m7-mstd0.5", drop="0.1", hflip="0"), 100.0,
+                    lambda view, kind: seen.append(view) or 100.0)
+    parts = [step["part"] for step in record["measured"]]
+    assert parts == ["crop_scale", "reprob"]  # the strongest kept at once; drop set by hand takes drop_connect's listing
+    assert all(view.hflip == 0 and view.freeze_batchnorm is False for view in seen)
+    assert [view.aa for view in seen] == ["none", "rand-m7-mstd0.5"]  # the crops measured before, erasing after it
+    assert record["recipe"] == {"opt": "sgd", "lr": 0.004, "crop_scale": 0.25, "reprob": 0.2, "drop_connect": 0.2}
+    recipe = recipe_for(hyperparameters_of(freeze_batchnorm="false", aa="rand-m7-mstd0.5", drop="0.1", hflip="0"),
+                        record["recipe"])
+    assert (recipe.freeze_batchnorm, recipe.aa, recipe.drop, recipe.drop_connect, recipe.hflip) == \
+        (False, "rand-m7-mstd0.5", 0.1, 0.2, 0.0)
+    assert choose(hyperparameters_of(), 100.0, lambda view, kind: None)["recipe"]["freeze_batchnorm"] is False
+    for given, lr in (({}, 0.004), ({"opt": "adamw"}, 0.016), ({"lr": "0.5"}, 0.5)):  # auto: a quarter for sgd
+        hp = hyperparameters_of(**given)
+        assert recipe_for(hp, choose(hp, 100.0, lambda view, kind: 100.0)["recipe"]).lr == lr
+
+
+def test_before_the_probe_auto_is_the_listings_recipe_with_sgd_and_the_training_size_follows_batchnorm():
+    from dataclasses import replace
+
+    from efficientnet_train import hyperparameters
     from efficientnet_train.recipe import Recipe, recipe_for, training_size_config
 
-    hp = SimpleNamespace(freeze_batchnorm=freeze, aa=aa, opt=opt, reprob=reprob)
-    recipe = recipe_for(hp, measured)
-    assert recipe == Recipe(*expected)
+    hp = hyperparameters_of()
+    listing = Recipe(freeze_batchnorm=False, opt="sgd", lr=0.004, hflip=0.5, crop_scale=0.25, aa="rand-m9-mstd0.5",
+                     reprob=0.2, drop=0.3, drop_connect=0.2)
+    assert recipe_for(hp) == listing  # sgd at a quarter of the listing's rate
+    explicit = hyperparameters_of(opt="rmsproptf", freeze_batchnorm="true", reprob="0.5")
+    assert recipe_for(explicit, {"reprob": 0.0}) == replace(listing, opt="rmsproptf", freeze_batchnorm=True, reprob=0.5,
+                                                            lr=hyperparameters.LISTING_LR)  # the listing's rate for it
     config = {"input_size": [3, 74, 74], "train_input_size": [3, 64, 64]}
-    size = 74 if recipe.freeze_batchnorm else 64
-    assert training_size_config(config, recipe)["train_input_size"] == [3, size, size]
+    for recipe, size in ((listing, 64), (replace(listing, freeze_batchnorm=True), 74)):
+        assert training_size_config(config, recipe)["train_input_size"] == [3, size, size]
     assert config["train_input_size"] == [3, 64, 64]  # not changed in place
 
 
@@ -310,23 +358,23 @@ def test_freeze_batchnorm_true_trains_with_sgd_at_the_evaluation_size_and_measur
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
     assert args["effective_opt"] == "sgd" and args["effective_aa"] == "rand-m7-mstd0.5"
     assert args["data_config"]["input_size"] == args["data_config"]["train_input_size"] == [3, 37, 37]
-    probe = args["linear_probe"]
-    assert probe["batch_statistics_acc_1"] is None and probe["augmented_acc_1"] is None
-    assert "BatchNorm: the probe" not in result.stdout and "Augmentation: the probe" not in result.stdout
+    parts = {step["part"] for step in args["linear_probe"]["measured"]}
+    assert "freeze_batchnorm" not in parts and "aa" not in parts and "hflip" in parts
+    assert "Recipe (auto): freeze_batchnorm" not in result.stdout and "Recipe (auto): aa=" not in result.stdout
     assert_statistics_are_pretrained(base, pretrained_tiny_weights)
 
 
 def test_measuring_the_augmentation_changes_nothing_that_training_draws(tmp_path, pretrained_tiny_weights):
-    """aa=auto trains exactly as the same augmentation set by hand: the measurement's random erasing draws from
-    generators of its own."""
+    """The auto recipe trains exactly as the same recipe set by hand: the measurements' crops, flips and random
+    erasing draw from generators of their own."""
     common = {"epochs": "1", "batch_size": "8", "model": TINY_MODEL, "img_size": "32", "workers": "0",
               "pretrained_path": str(pretrained_tiny_weights), "freeze_batchnorm": "false"}
     measured = make_job(tmp_path / "auto", {**common, "aa": "auto"})
     assert run_train(measured).returncode == 0
     args = yaml.safe_load((measured / "model" / "args.yml").read_text())
-    assert args["linear_probe"]["augmented_acc_1"] is not None
-    by_hand = make_job(tmp_path / "by_hand", {**common, "aa": args["effective_aa"],
-                                              "reprob": str(args["effective_reprob"])})
+    assert any(step["part"] == "reprob" for step in args["linear_probe"]["measured"])
+    by_hand = make_job(tmp_path / "by_hand", {**common, **{name: str(args[f"effective_{name}"]) for name in (
+        "aa", "reprob", "hflip", "crop_scale", "drop", "drop_connect")}})
     assert run_train(by_hand).returncode == 0
 
     def weights(base: Path) -> dict:
@@ -335,3 +383,22 @@ def test_measuring_the_augmentation_changes_nothing_that_training_draws(tmp_path
     trained, reference = weights(measured), weights(by_hand)
     assert trained.keys() == reference.keys()
     assert all(torch.equal(trained[name], reference[name]) for name in trained)
+
+
+def test_dropout_and_drop_connect_can_be_lowered_after_the_model_is_built_and_raised_back(pretrained_tiny_weights):
+    from timm.layers import DropPath
+
+    from efficientnet_train.model import create_model, set_regularisation
+
+    model = create_model(TINY_MODEL, ["a", "b"], str(pretrained_tiny_weights), 0.3, 0.2)
+    built = [path.drop_prob for path in model.modules() if isinstance(path, DropPath)]
+    assert built and max(built) <= 0.2 and model.drop_rate == 0.3
+    set_regularisation(model, 0.15, 0.1)
+    assert [path.drop_prob for path in model.modules() if isinstance(path, DropPath)] == \
+        pytest.approx([rate / 2 for rate in built]) and model.drop_rate == 0.15  # deeper blocks still drop more
+    set_regularisation(model, 0.0, 0.0)
+    model.train()
+    images = torch.rand(2, 3, 32, 32)
+    assert torch.equal(model(images), model(images))  # nothing random left in a training-mode pass but BatchNorm's
+    set_regularisation(model, 0.3, 0.2)
+    assert [path.drop_prob for path in model.modules() if isinstance(path, DropPath)] == pytest.approx(built)

@@ -240,10 +240,32 @@ def test_randaugment_fills_with_the_models_own_mean():
 
     config = {"train_input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5, 0.5, 0.5],
               "std": [0.5, 0.5, 0.5]}
-    transform = train_transform(config, "rand-m9-mstd0.5", hflip=0.5)
+    transform = train_transform(config, "rand-m9-mstd0.5", hflip=0.5, crop_scale=0.25)
     augment = next(t for t in transform.transforms if isinstance(t, RandAugment))
     assert {op.hparams["img_mean"] for op in augment.ops} == {(128, 128, 128)}
     assert transform(Image.new("RGB", (40, 30))).dtype == torch.uint8
+
+
+def test_the_training_transform_is_the_parts_the_recipe_chose_and_nothing_else():
+    """No colour jitter (timm adds one where RandAugment is off), no mirroring at hflip=0, and at crop_scale=1 the
+    image's centre square, the same every time."""
+    from PIL import Image
+    from torchvision.transforms import ColorJitter, RandomHorizontalFlip
+
+    from efficientnet_train.data import decode_side, train_transform
+
+    config = {"train_input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
+    for aa, hflip, scale in (("none", 0.0, 1.0), ("none", 0.5, 0.5), ("rand-m5-mstd0.5", 0.5, 0.25)):
+        transform = train_transform(config, aa, hflip, scale)
+        kinds = [type(t) for t in transform.transforms]
+        assert ColorJitter not in kinds and (RandomHorizontalFlip in kinds) is (hflip > 0)
+        assert transform.transforms[0].scale == (scale, 1.0)
+    whole = train_transform(config, "none", 0.0, 1.0)
+    image = Image.linear_gradient("L").convert("RGB").resize((48, 32))  # wider than high: a centre square of it
+    assert all(torch.equal(whole(image), whole(image)) for _ in range(5))
+    square = image.crop((8, 0, 40, 32)).resize((32, 32), Image.BICUBIC)
+    assert torch.equal(whole(image), torch.tensor(list(square.getdata()), dtype=torch.uint8).T.reshape(3, 32, 32))
+    assert decode_side(config, True, 1.0) < decode_side(config, True, 0.25)  # a smaller crop needs more pixels
 
 
 def test_model_input_refuses_float_batches():
