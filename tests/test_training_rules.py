@@ -264,7 +264,7 @@ def test_the_training_transform_is_the_parts_the_recipe_chose_and_nothing_else()
     image = Image.linear_gradient("L").convert("RGB").resize((48, 32))  # wider than high: a centre square of it
     assert all(torch.equal(whole(image), whole(image)) for _ in range(5))
     square = image.crop((8, 0, 40, 32)).resize((32, 32), Image.BICUBIC)
-    assert torch.equal(whole(image), torch.tensor(list(square.getdata()), dtype=torch.uint8).T.reshape(3, 32, 32))
+    assert torch.equal(whole(image), torch.tensor(list(square.tobytes()), dtype=torch.uint8).reshape(32, 32, 3).permute(2, 0, 1))
     assert decode_side(config, True, 1.0) < decode_side(config, True, 0.25)  # a smaller crop needs more pixels
 
 
