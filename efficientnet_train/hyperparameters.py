@@ -399,7 +399,8 @@ def sagemaker_hyperparameter_specs() -> list[dict]:
             "DefaultValue": format_value(hp.default),
         }
         high = math.inf if hp.maximum is None else hp.maximum
-        if hp.kind in (int, float) and (hp.default == AUTO or (hp.minimum is not None and not hp.minimum <= hp.default <= high)):
+        if hp.kind in (int, float) and (hp.default == AUTO or (hp.minimum is not None and
+                                                                not hp.minimum <= hp.default <= high)):
             del spec["DefaultValue"]  # the range must hold it; the job uses it when SageMaker sends nothing
         if hp.kind is bool:
             spec["Type"] = "Categorical"

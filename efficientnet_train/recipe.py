@@ -56,8 +56,9 @@ class Recipe:
     drop_connect: float
 
     def record(self) -> dict:
-        """For args.yml: what the job trained with, whatever was asked."""
-        return {f"effective_{name}": value for name, value in asdict(self).items()}
+        """For args.yml: what the job trained with, whatever was asked; its `effective_lr` is the rate scaled to the
+        global batch, which the training job adds."""
+        return {f"effective_{name}": value for name, value in asdict(self).items() if name != "lr"}
 
 
 # A measurement: the probe's top-1 (%) on its training images seen through `view` ("batch_statistics": clean images
@@ -116,16 +117,16 @@ def decisions(record: dict) -> list[str]:
         part = "+".join(names)
         tried = [step for step in record["measured"] if step["part"] == part]
         chosen = ", ".join(f"{name}={_shown(record['recipe'][name])}" for name in names)
-        seen = "; ".join(f"{_shown(step['setting'])}: {'-' if step['acc_1'] is None else format(step['acc_1'], '.1f')}%"
-                         for step in tried)
+        seen = ", ".join(f"{'-' if step['acc_1'] is None else format(step['acc_1'], '.1f')}% at {part}="
+                         f"{_shown(step['setting'])}" for step in tried)
         lines.append(f"{chosen}: the probe's classifier answers {seen or 'nothing measured'} of its training images "
                      f"right {VIEWS[kind]}, against {record['training_images_acc_1']:.1f}% as fitted; kept: the "
                      f"strongest setting keeping {KEEPS:.0%} of that")
     return lines
 
 
-VIEWS = {"batch_statistics": "with BatchNorm on batch statistics (False) or frozen (True)",
-         "transform": "through the training transform", "regularisation": "with dropout and drop-connect at"}
+VIEWS = {"batch_statistics": "(false: on each batch's statistics)", "transform": "through the training transform",
+         "regularisation": "with dropout and drop-connect on"}
 
 
 def _shown(value) -> str:

@@ -234,7 +234,8 @@ def use_recipe(t: SimpleNamespace, recipe: Recipe) -> None:
 
     hp, rank = t.hp, t.rank
     t.recipe, t.data_config = recipe, training_size_config(t.resolved_data_config, recipe)
-    t.train_data = dataset_of(t.train_channel, train_transform(t.data_config, recipe.aa, recipe.hflip, recipe.crop_scale),
+    t.train_data = dataset_of(t.train_channel,
+                              train_transform(t.data_config, recipe.aa, recipe.hflip, recipe.crop_scale),
                               hp.max_unusable_fraction, t.workers, decode_side(t.data_config, True, recipe.crop_scale))
     t.train_loader = data_loader(t.train_data, t.workers, t.device, hp.seed + rank.rank,
                                  batch_sampler=TrainBatches(len(t.train_data), hp.batch_size, hp.seed, rank.world_size,
@@ -251,8 +252,8 @@ def use_recipe(t: SimpleNamespace, recipe: Recipe) -> None:
         decay_epochs=hp.decay_epochs, decay_rate=hp.decay_rate, warmup_lr=hp.warmup_lr,
         warmup_epochs=hp.warmup_epochs, step_on_epochs=False, updates_per_epoch=t.schedule_epoch)
     t.trainables.update(optimizer=t.optimizer, scheduler=t.scheduler)
-    t.args.update(recipe.record(), effective_lr=t.lr, effective_eval_hflip=t.eval_hflip, data_config=t.data_config, updates_per_epoch=len(t.train_loader),
-                  schedule_epoch_updates=t.schedule_epoch)
+    t.args.update(recipe.record(), effective_lr=t.lr, effective_eval_hflip=t.eval_hflip, data_config=t.data_config,
+                  updates_per_epoch=len(t.train_loader), schedule_epoch_updates=t.schedule_epoch)
 
 
 def resume(t: SimpleNamespace, job: SimpleNamespace, rank: distributed.Rank):
@@ -455,10 +456,12 @@ def random_numbers_untouched(device: torch.device):
     """Python's, NumPy's and torch's generators as they were before, whatever the block draws (crops, RandAugment and
     dropout draw from them in this process, and in the loader's workers from their own)."""
     python, numpy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        yield
-    random.setstate(python)
-    np.random.set_state(numpy)
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
 
 
 def calibrate(result: SimpleNamespace, num_classes: int) -> dict:
