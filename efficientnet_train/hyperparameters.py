@@ -25,7 +25,6 @@ IGNORED_PREFIXES = ("_", "sagemaker_")
 TRUE_WORDS = frozenset({"true", "t", "yes", "y", "on", "1"})
 FALSE_WORDS = frozenset({"false", "f", "no", "n", "off", "0"})
 LR_REFERENCE_BATCH = 256
-LISTING_LR = 0.016
 LR_EXHAUSTED = 1e-3  # early stopping ends a run whose learning rate fell below this share of its peak
 # For the schedule, warmup and early stopping, an epoch of a small set lasts at least this many updates
 # (train.schedule_epoch_updates says why).
@@ -230,10 +229,9 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("drop_connect", float, AUTO,
                    "Drop-connect (stochastic depth) rate; timm's drop_path_rate. auto: chosen with drop.",
                    minimum=0, maximum=0.95, tunable=True),
-    Hyperparameter("lr", float, AUTO,
+    Hyperparameter("lr", float, 0.016,
                    f"Learning rate for a global batch of {LR_REFERENCE_BATCH} images; the job scales it linearly to "
-                   f"the real global batch (lr x batch_size x devices / {LR_REFERENCE_BATCH}). auto = 0.004 with "
-                   f"opt=auto (sgd from the linear probe's classifier), else the listing's {format_value(LISTING_LR)}.",
+                   f"the real global batch (lr x batch_size x devices / {LR_REFERENCE_BATCH}).",
                    minimum=0.000001, maximum=10, tunable=True),
     Hyperparameter("model_ema", bool, True,
                    "Keep an exponential moving average (EMA) of the weights; the best of the EMA and the "
@@ -295,6 +293,15 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    "Layer-wise learning-rate decay (timm's layer_decay): the classifier gets lr, each block "
                    "below it layer_decay times the one above; 1 = the same lr everywhere.",
                    minimum=0.01, maximum=1, tunable=True),
+    Hyperparameter("clip_grad", float, 0.01,
+                   "Gradient clipping (timm's clip_grad); with clip_mode=agc each unit's gradient is clipped to this "
+                   "share of its weights' norm, so no layer's update outgrows its weights (with BatchNorm frozen, "
+                   "plain sgd diverges at any useful rate without it); 0 = off.",
+                   minimum=0, maximum=100, tunable=True),
+    Hyperparameter("clip_mode", str, "agc",
+                   "How clip_grad clips (timm's clip_mode): agc (adaptive, per unit, relative to the weights; Brock et "
+                   "al. 2021), norm (the global gradient norm) or value (each element).",
+                   choices=("agc", "norm", "value")),
     Hyperparameter("seed", int, 42, "Random seed.", minimum=0, maximum=2**31 - 1),
     Hyperparameter("smoothing", float, 0.1,
                    "Label smoothing of the training loss (timm's recipe, which the listing's defaults come "
@@ -327,7 +334,7 @@ COMMON_NAMES = {"learning_rate": "lr", "mini_batch_size": "batch_size", "num_epo
                 "image_shape": "img_size", "num_workers": "workers", "use_weighted_loss": "balance_classes",
                 "patience": "early_stopping_patience", "eps": "opt_eps", "ema": "model_ema",
                 "auto_augment": "aa", "label_smoothing": "smoothing", "pretrained_weights": "pretrained_path",
-                "checkpoint": "pretrained_path"}
+                "checkpoint": "pretrained_path", "clip_gradient": "clip_grad", "grad_clip": "clip_grad"}
 
 
 def scaled_lr(lr: float, batch_size: int, processes: int = 1) -> float:

@@ -13,8 +13,9 @@ gentlest is taken without a measurement. Each part is measured on top of the one
 the training step applies them: BatchNorm (it fixes the training size), mirroring, the crop, RandAugment, random
 erasing, then dropout and drop-connect.
 
-The optimiser is not measured: fine-tuning from a fitted classifier needs steps that shrink with the gradient (sgd),
-not rmsproptf's steps of about lr whatever the gradient (docs/quality.md has the runs).
+The optimiser is not measured: fine-tuning from a fitted classifier needs steps that shrink with the gradient (sgd,
+with clip_grad's adaptive clipping), not rmsproptf's steps of about lr whatever the gradient (docs/quality.md has
+the runs).
 
 The record of the measurements and choices is args.yml's `linear_probe`, kept in the checkpoint: a resumed job
 takes the same recipe.
@@ -25,11 +26,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
-from .hyperparameters import AUTO, LISTING_LR
+from .hyperparameters import AUTO
 
 KEEPS = 0.9
-# With opt=auto, sgd at lr=auto: a quarter of the listing's rate (docs/quality.md has the runs).
-AUTO_OPT, AUTO_LR = "sgd", 0.004
+AUTO_OPT = "sgd"
 # Each part: its hyperparameters, their settings strongest first (the first the listing's), and what measures them,
 # in the order they are chosen.
 PARTS = (
@@ -47,7 +47,6 @@ LISTING = {name: settings[0][i] for names, settings, _ in PARTS for i, name in e
 class Recipe:
     freeze_batchnorm: bool
     opt: str
-    lr: float  # for a global batch of 256 images
     hflip: float
     crop_scale: float
     aa: str
@@ -56,9 +55,8 @@ class Recipe:
     drop_connect: float
 
     def record(self) -> dict:
-        """For args.yml: what the job trained with, whatever was asked; its `effective_lr` is the rate scaled to the
-        global batch, which the training job adds."""
-        return {f"effective_{name}": value for name, value in asdict(self).items() if name != "lr"}
+        """For args.yml: what the job trained with, whatever was asked."""
+        return {f"effective_{name}": value for name, value in asdict(self).items()}
 
 
 # A measurement: the probe's top-1 (%) on its training images seen through `view` ("batch_statistics": clean images
@@ -70,7 +68,7 @@ Measure = Callable[[Recipe, str], "float | None"]
 def recipe_for(hp, chosen: dict | None = None) -> Recipe:
     """The recipe `hp` asks for: its explicit values, and for what is left to auto the settings `chosen` records
     (the `recipe` of args.yml's `linear_probe`), or before the probe (or without one) the listing's."""
-    chosen = {**LISTING, "opt": AUTO_OPT, "lr": LISTING_LR if hp.opt != AUTO else AUTO_LR, **(chosen or {})}
+    chosen = {**LISTING, "opt": AUTO_OPT, **(chosen or {})}
 
     def value(name: str):
         asked = getattr(hp, name)

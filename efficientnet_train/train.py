@@ -243,7 +243,7 @@ def use_recipe(t: SimpleNamespace, recipe: Recipe) -> None:
     t.train_input = ModelInput(t.data_config, t.device, recipe.reprob, hp.remode)
     set_regularisation(t.model, recipe.drop, recipe.drop_connect)
     t.eval_hflip = hp.eval_hflip and recipe.hflip > 0  # a model never shown mirror images can't be asked about them
-    t.lr = hyperparameters.scaled_lr(recipe.lr, hp.batch_size, rank.world_size)
+    t.lr = hyperparameters.scaled_lr(hp.lr, hp.batch_size, rank.world_size)
     t.optimizer = create_optimizer(t.model, hp, t.lr, recipe.opt)
     # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch.
     t.schedule_epoch = schedule_epoch_updates(hp, len(t.train_loader))
@@ -296,7 +296,7 @@ def train_epoch(t: SimpleNamespace, progress: Progress, stop: StopRequest, start
     started, seen_before = time.monotonic(), progress.seen
     loss, data_wait = train_one_epoch(t.trained, t.train_loader, t.train_input, t.loss_fn, t.optimizer, t.scheduler,
                                       t.ema, t.trainables["scaler"], t.autocast, progress, stop, startup, t.slow_data,
-                                      t.recipe.freeze_batchnorm)
+                                      t.recipe.freeze_batchnorm, t.hp.clip_grad, t.hp.clip_mode)
     t.slow_data.check(data_wait, time.monotonic() - started, f"epoch {progress.epoch}'s training")
     return SimpleNamespace(loss=loss, data_wait=data_wait, images=(progress.seen - seen_before) * rank.world_size,
                            candidates={"raw": t.model, **({"ema": t.ema.module} if t.ema else {})},
@@ -546,7 +546,7 @@ def optimizer_state_per_weight(hp) -> float:
     for weight in stand_in.parameters():
         weight.grad = torch.zeros_like(weight)
     recipe = recipe_for(hp)
-    optimizer = create_optimizer(stand_in, hp, hyperparameters.scaled_lr(recipe.lr, hp.batch_size), recipe.opt)
+    optimizer = create_optimizer(stand_in, hp, hyperparameters.scaled_lr(hp.lr, hp.batch_size), recipe.opt)
     optimizer.step()
     state = tensor_bytes(value for weight_state in optimizer.state.values() for value in weight_state.values())
     return state / tensor_bytes(stand_in.parameters())
@@ -600,7 +600,8 @@ def class_weights(channel) -> torch.Tensor:
 
 def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, scheduler, ema, scaler, autocast,
                     progress: Progress, stop: StopRequest, startup: report.StartUp | None = None,
-                    slow_data: SlowDataWarning | None = None, frozen_batchnorm: bool = False) -> tuple[float, float]:
+                    slow_data: SlowDataWarning | None = None, frozen_batchnorm: bool = False, clip_grad: float = 0.0,
+                    clip_mode: str = "agc") -> tuple[float, float]:
     """Train the rest of `progress.epoch` (all of it unless resuming), counting batches in `progress`;
     given the job's start-up so far, say where the time to the first step went. Returns the mean training
     loss and the seconds spent waiting for the loader's next batch (beyond the first; the longest wait of any
@@ -622,7 +623,7 @@ def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, sch
         elif startup is not None:
             startup.done("first batch (the loader's workers starting)")
         images, targets = to_input(images), targets.to(device, non_blocking=True)
-        loss = train_step(model, images, targets, loss_fn, optimizer, scaler, autocast)
+        loss = train_step(model, images, targets, loss_fn, optimizer, scaler, autocast, clip_grad, clip_mode)
         progress.step += 1
         num_updates = (progress.epoch - 1) * len(loader) + progress.step
         if ema is not None:
@@ -661,17 +662,26 @@ def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, sch
     return mean_loss, data_wait
 
 
-def train_step(model, images, targets, loss_fn, optimizer, scaler, autocast) -> torch.Tensor:
-    """One update of the weights on one batch; the loss stays on the device (reading it would wait for it)."""
+def train_step(model, images, targets, loss_fn, optimizer, scaler, autocast, clip_grad: float = 0.0,
+               clip_mode: str = "agc") -> torch.Tensor:
+    """One update of the weights on one batch, its gradient clipped first if `clip_grad`; the loss stays on the
+    device (reading it would wait for it)."""
+    from timm.utils import dispatch_clip_grad
+
     with autocast():
         loss = loss_fn(model(images), targets)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:  # float16: scaled so that small gradients do not underflow
         scaler.scale(loss).backward()
+        if clip_grad:
+            scaler.unscale_(optimizer)  # clipped as they are, not as scaled
+            dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
+        if clip_grad:
+            dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
         optimizer.step()
     return loss
 

@@ -18,7 +18,7 @@ LISTING_DEFAULTS = {  # the Marketplace listing's names and defaults, as publish
 # Not kept: the listing's workers=1 starves a GPU; -1 takes them from the CPU count (workers=1 still works).
 # auto: opt is sgd and lr a quarter of the listing's (fine-tuning from the linear probe's classifier); aa, reprob,
 # drop and drop_connect are chosen after the probe, starting from the listing's values (recipe.py).
-AUTO_DEFAULTS = ("opt", "lr", "aa", "reprob", "drop", "drop_connect")
+AUTO_DEFAULTS = ("opt", "aa", "reprob", "drop", "drop_connect")
 
 
 def error_of(raw: dict) -> str:
@@ -31,11 +31,10 @@ def test_listing_hyperparameters_keep_their_names_and_defaults():
     resolved, ignored = parse({})
     assert {name: getattr(resolved, name) for name in LISTING_DEFAULTS} == \
         {**LISTING_DEFAULTS, **{name: "auto" for name in AUTO_DEFAULTS}}
-    from efficientnet_train.recipe import LISTING, recipe_for
+    from efficientnet_train.recipe import LISTING
 
     assert {name: LISTING[name] for name in ("aa", "reprob", "drop", "drop_connect")} == \
         {name: LISTING_DEFAULTS[name] for name in ("aa", "reprob", "drop", "drop_connect")}  # where auto starts
-    assert recipe_for(parse({"opt": "rmsproptf"})[0]).lr == LISTING_DEFAULTS["lr"]
     assert resolved.model == "efficientnet_b3" and resolved.pretrained_path == "" and resolved.img_size == 0
     assert resolved.workers == -1 and parse({"workers": "1"})[0].workers == 1
     assert ignored == []
@@ -80,7 +79,7 @@ def test_sagemaker_keys_are_ignored_not_rejected():
                         "default 250"),
     ({"epochs": "2.5"}, "(not an integer)"),
     ({"epochs": "0"}, "(out of range); allowed: an integer from 1 to 10000"),
-    ({"lr": "-0.1"}, "'lr' = '-0.1' is invalid (out of range); allowed: auto, or a number from 0.000001 to 10"),
+    ({"lr": "-0.1"}, "'lr' = '-0.1' is invalid (out of range); allowed: a number from 0.000001 to 10"),
     ({"lr": "0"}, "(out of range)"),
     ({"lr": "nan"}, "(not a finite number)"),
     ({"drop": "1"}, "a number from 0 to 0.95"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ import torch
 from efficientnet_train.data import Channel
 from efficientnet_train.hyperparameters import parse
 from efficientnet_train.model import predict_log_probabilities
-from efficientnet_train.train import class_weights, create_optimizer, early_stop_reason
+from efficientnet_train.train import class_weights, create_optimizer, early_stop_reason, train_step
 
 
 def rules(**overrides):
@@ -321,3 +322,19 @@ def test_an_epoch_reports_its_wait_for_data_and_progress_lines_say_it(monkeypatc
     slow = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(slow) == 1 and re.match(r"Training waited for data 0 s of the 0 s of epoch 1 so far \(\d+%\): training "
                                        r"stood still while the training process itself \(workers=0\)", slow[0]), slow
+
+
+def test_adaptive_clipping_keeps_each_units_step_a_small_share_of_its_weights():
+    # One unit with tiny weights and a huge gradient (a BatchNorm-frozen layer's case), one with bigger weights.
+    before = torch.tensor([[0.01, 0.0], [3.0, 4.0]])
+    images, targets = torch.tensor([[1000.0, 0.0]]), torch.tensor([0])
+
+    def step(clip_grad: float) -> torch.Tensor:
+        layer = torch.nn.Linear(2, 2, bias=False)
+        layer.load_state_dict({"weight": before})
+        train_step(layer, images, targets, torch.nn.CrossEntropyLoss(), torch.optim.SGD(layer.parameters(), lr=1.0),
+                   None, contextlib.nullcontext, clip_grad=clip_grad)
+        return (layer.weight.detach() - before).norm(dim=1)
+
+    assert step(0.01).tolist() == pytest.approx([0.01 * 0.01, 0.01 * 5.0], rel=1e-3)  # each row 1% of its norm
+    assert step(0.0)[0] > 100  # unclipped: 10,000 times its weights' norm
