@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from local_job import JobRun, lite_weights, mock_opt_ml, remove_big_files, run_train
-from panel_datasets import PANEL, counts, locate
+from panel_datasets import BUILDERS, PANEL, counts, locate
 
 MODEL = "tf_efficientnet_lite0"
 COLUMNS = ("set", "classes", "train/val", "probe top-1", "probe ECE", "job probe top-1", "top-1 by epoch",
@@ -93,7 +93,7 @@ def job_cells(job: JobRun) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sets", default=",".join(PANEL), help=f"comma-separated, of {', '.join(PANEL)}")
+    parser.add_argument("--sets", default=",".join(PANEL), help=f"comma-separated, of {', '.join(PANEL)} (and thousand_classes)")
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "panel",
                         help="where panel_datasets.py wrote the sets; missing ones are built there")
     parser.add_argument("--work", type=Path, help="for the jobs' mocked /opt/ml trees, logs and the converted "
@@ -106,7 +106,7 @@ def main() -> int:
     parser.add_argument("hyperparameters", nargs="*", help="more hyperparameters as key=value")
     options = parser.parse_args()
     sets = options.sets.split(",")
-    unknown = [name for name in sets if name not in PANEL]
+    unknown = [name for name in sets if name not in PANEL and name not in BUILDERS]
     if unknown:
         parser.error(f"unknown sets {', '.join(unknown)}; the panel: {', '.join(PANEL)}")
 

@@ -9,6 +9,8 @@
   Debian font packages (FONTS): 8 renderings a class to train on and 2 to validate, the font faces drawn per
   class. Glyph renderings, not photographs: each image is a different typeface designer's drawing of the
   character (Ming/Song, Kai, Gothic/Hei, rounded, handwritten and brush styles).
+- `thousand_classes` (not in the panel's default list): 1,000 such characters, 2 renderings a class to train on
+  and 1 to validate, for what the linear probe's phase costs at 1,000 classes.
 """
 
 from __future__ import annotations
@@ -182,24 +184,37 @@ def _glyph(font: ImageFont.FreeTypeFont, character: str) -> Image.Image:
 
 
 def many_classes(out: Path) -> None:
+    _glyph_set(out, "many_classes", "".join(dict.fromkeys(CANDIDATES)), N_CHARACTERS, GLYPH_TRAIN, GLYPH_VAL)
+
+
+def thousand_classes(out: Path) -> None:
+    """1,000 classes of 2 training images and 1 validation image: what a buyer's 1,000-class set costs the
+    linear probe's phase (the characters drawn at random, fixed seed, from those every face has)."""
+    every = "".join(chr(c) for c in range(0x4E00, 0x9FA6))
+    order = np.random.default_rng(1).permutation(len(every))
+    _glyph_set(out, "thousand_classes", "".join(every[i] for i in order), 1000, 2, 1)
+
+
+def _glyph_set(out: Path, name: str, candidates: str, n_characters: int, n_train: int, n_val: int) -> None:
+    """One class a character: the first `n_characters` of `candidates` that every face in FONTS has, each drawn
+    by `n_train` + `n_val` faces chosen per class."""
     missing = [f for f, _ in FONTS.values() if not Path(f).is_file()]
     if missing:
-        sys.exit(f"The 'many_classes' set needs {len(FONTS)} CJK font faces, and {', '.join(missing)} "
+        sys.exit(f"The {name!r} set needs {len(FONTS)} CJK font faces, and {', '.join(missing)} "
                  f"{'is' if len(missing) == 1 else 'are'} missing. Install them with `{FONT_APT}` (as root).")
-    candidates = "".join(dict.fromkeys(CANDIDATES))
     covered = set(candidates)
     for path, index in FONTS.values():
         covered &= _covers(path, index, candidates)
-    characters = [c for c in candidates if c in covered][:N_CHARACTERS]
-    if len(characters) < N_CHARACTERS:
+    characters = [c for c in candidates if c in covered][:n_characters]
+    if len(characters) < n_characters:
         sys.exit(f"only {len(characters)} of the candidate characters are in every font")
     fonts = {name: ImageFont.truetype(path, 300, index=index) for name, (path, index) in FONTS.items()}
     names = sorted(fonts)
     rng = np.random.default_rng(0)
     for character in characters:
         label = f"u{ord(character):04x}"  # class folders in ASCII: the code point
-        order = rng.permutation(len(names))[:GLYPH_VAL + GLYPH_TRAIN]
+        order = rng.permutation(len(names))[:n_val + n_train]
         for rank, position in enumerate(order):
-            target = out / ("val" if rank < GLYPH_VAL else "train") / label
+            target = out / ("val" if rank < n_val else "train") / label
             target.mkdir(parents=True, exist_ok=True)
             _glyph(fonts[names[position]], character).save(target / f"{names[position]}.png")
