@@ -1,0 +1,118 @@
+"""Does a fine-tuning step keep the linear probe it starts from? The training loss of each of the first updates
+after the probe, for several optimiser settings, on the clean training images (no augmentation, BatchNorm
+frozen, no dropout): so that whatever the loss does, the update did, not the training view.
+
+The script fits the job's probe (the package's own code, Lite0's ImageNet weights) on the clean training
+images, then for each setting restarts from it and takes STEPS updates of batch_size images at a constant
+rate (after a 5-update warmup), with the job's layer-wise rates (layer_decay) and label smoothing. Each
+setting is OPT:LR[:CLIP], LR per batch of batch_size images (not per 256), CLIP the adaptive clipping
+factor (clip_mode=agc) or none:
+
+    python scripts/diagnose_update_stability.py /tmp/panel/digits30 sgd:0.0005 sgd:0.002:0.01 sgd:0.008:0.01
+
+It prints how the first update's gradient compares with the weights, unit by unit, then each setting's
+per-update training losses and its validation top-1 and loss after the last update.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from local_job import lite_weights
+
+MODEL = "tf_efficientnet_lite0"
+WARMUP_UPDATES = 5
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("settings", nargs="+", help="OPT:LR[:CLIP], e.g. sgd:0.002:0.01")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--weights-dir", type=Path, default=Path(tempfile.gettempdir()) / "lite0-weights")
+    options = parser.parse_args()
+
+    from timm.utils import dispatch_clip_grad
+
+    from efficientnet_train import hyperparameters as schema
+    from efficientnet_train.data import ModelInput, dataset_of, decode_side, eval_transform, resolve_data_config, scan_channel
+    from efficientnet_train.linear_probe import fit_linear_probe
+    from efficientnet_train.model import create_model, set_batchnorm_training
+    from efficientnet_train.train import create_optimizer
+
+    weights = lite_weights(options.weights_dir, 0)
+    hp, _ = schema.parse({"model": MODEL, "pretrained_path": str(weights)})
+    val_folder = next(options.folder / name for name in ("val", "validation") if (options.folder / name).is_dir())
+    train = scan_channel("train", options.folder / "train")
+    val = scan_channel("validation", val_folder, train.classes)
+    model = create_model(MODEL, train.classes, str(weights), 0.0, 0.0)
+    config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
+    side = decode_side(config, training=False)
+    clean, val_images = (dataset_of(channel, eval_transform(config), None, 0, side) for channel in (train, val))
+    to_input = ModelInput(config, torch.device("cpu"))
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp.smoothing)
+
+    def loader(images, **shuffling):
+        return torch.utils.data.DataLoader(images, batch_size=hp.batch_size, **shuffling)
+
+    probe = fit_linear_probe(model, loader(clean), to_input, contextlib.nullcontext, len(train.classes), loss_fn)
+    probed = {name: value.clone() for name, value in model.state_dict().items()}
+
+    @torch.no_grad()
+    def validation() -> str:
+        model.eval()
+        right = seen = loss = 0
+        for images, targets in loader(val_images):
+            logits = model(to_input(images))
+            right += int((logits.argmax(1) == targets).sum())
+            seen += len(targets)
+            loss += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        return f"validation top-1 {100 * right / seen:.1f}%, loss {loss / seen:.3f}"
+
+    print(f"{options.folder}: {len(train.samples)} training images, {config['input_size'][-1]} px, batch "
+          f"{hp.batch_size}; the probe: training loss {probe.loss:.3f}, {validation()}", flush=True)
+    # The first update's gradient, unit by unit (a conv filter, a row of the classifier), against its weights.
+    images, targets = next(iter(loader(clean, shuffle=True, generator=torch.Generator().manual_seed(0))))
+    model.train()
+    set_batchnorm_training(model, False)
+    model.zero_grad()
+    loss_fn(model(to_input(images)), targets).backward()
+    ratios = torch.cat([(p.grad.flatten(1).norm(dim=1) / p.detach().flatten(1).norm(dim=1).clamp(min=1e-3))
+                        for p in model.parameters() if p.grad is not None and p.ndim > 1])
+    print(f"first update, gradient / weights norm per unit ({len(ratios)} units of the conv and linear layers): "
+          f"median {ratios.median():.2g}, 99th percentile {ratios.quantile(0.99):.2g}, largest {ratios.max():.2g}; "
+          f"{(ratios > 0.01).float().mean():.1%} over 0.01", flush=True)
+    for setting in options.settings:
+        opt, lr, clip = (setting.split(":") + [None])[:3]
+        model.load_state_dict(probed)
+        optimizer = create_optimizer(model, hp, float(lr), opt)
+        shuffled = torch.Generator().manual_seed(0)
+        batches, losses = iter(()), []
+        for step in range(options.steps):
+            batch = next(batches, None)
+            if batch is None:
+                batches = iter(loader(clean, shuffle=True, generator=shuffled, drop_last=True))
+                batch = next(batches)
+            for group in optimizer.param_groups:
+                group["lr"] = float(lr) * min(1.0, (step + 1) / WARMUP_UPDATES) * group.get("lr_scale", 1.0)
+            model.train()
+            set_batchnorm_training(model, False)
+            loss = loss_fn(model(to_input(batch[0])), batch[1])
+            optimizer.zero_grad()
+            loss.backward()
+            if clip:
+                dispatch_clip_grad(model.parameters(), float(clip), mode="agc")
+            optimizer.step()
+            losses.append(f"{loss.item():.2f}")
+        print(f"{setting}: training losses {' '.join(losses)}; {validation()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
