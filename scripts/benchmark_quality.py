@@ -93,7 +93,8 @@ def job_cells(job: JobRun) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sets", default=",".join(PANEL), help=f"comma-separated, of {', '.join(PANEL)} (and thousand_classes)")
+    parser.add_argument("--sets", default=",".join(PANEL),
+                        help=f"comma-separated, of {', '.join(PANEL)}, and thousand_classes")
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "panel",
                         help="where panel_datasets.py wrote the sets; missing ones are built there")
     parser.add_argument("--work", type=Path, help="for the jobs' mocked /opt/ml trees, logs and the converted "
@@ -108,7 +109,7 @@ def main() -> int:
     sets = options.sets.split(",")
     unknown = [name for name in sets if name not in PANEL and name not in BUILDERS]
     if unknown:
-        parser.error(f"unknown sets {', '.join(unknown)}; the panel: {', '.join(PANEL)}")
+        parser.error(f"unknown sets {', '.join(unknown)}; the panel: {', '.join(PANEL)}, and thousand_classes")
 
     work = options.work or Path(tempfile.mkdtemp(prefix="quality-"))
     options.data.mkdir(parents=True, exist_ok=True)

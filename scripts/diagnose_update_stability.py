@@ -38,13 +38,13 @@ def main() -> int:
     parser.add_argument("--weights-dir", type=Path, default=Path(tempfile.gettempdir()) / "lite0-weights")
     options = parser.parse_args()
 
-    from timm.utils import dispatch_clip_grad
+    from timm.utils.agc import unitwise_norm
 
     from efficientnet_train import hyperparameters as schema
     from efficientnet_train.data import ModelInput, dataset_of, decode_side, eval_transform, resolve_data_config, scan_channel
     from efficientnet_train.linear_probe import fit_linear_probe
     from efficientnet_train.model import create_model, set_batchnorm_training
-    from efficientnet_train.train import create_optimizer
+    from efficientnet_train.train import create_optimizer, train_step
 
     weights = lite_weights(options.weights_dir, 0)
     hp, _ = schema.parse({"model": MODEL, "pretrained_path": str(weights)})
@@ -83,7 +83,7 @@ def main() -> int:
     set_batchnorm_training(model, False)
     model.zero_grad()
     loss_fn(model(to_input(images)), targets).backward()
-    ratios = torch.cat([(p.grad.flatten(1).norm(dim=1) / p.detach().flatten(1).norm(dim=1).clamp(min=1e-3))
+    ratios = torch.cat([(unitwise_norm(p.grad) / unitwise_norm(p.detach()).clamp(min=1e-3)).flatten()  # as AGC
                         for p in model.parameters() if p.grad is not None and p.ndim > 1])
     print(f"first update, gradient / weights norm per unit ({len(ratios)} units of the conv and linear layers): "
           f"median {ratios.median():.2g}, 99th percentile {ratios.quantile(0.99):.2g}, largest {ratios.max():.2g}; "
@@ -103,12 +103,8 @@ def main() -> int:
                 group["lr"] = float(lr) * min(1.0, (step + 1) / WARMUP_UPDATES) * group.get("lr_scale", 1.0)
             model.train()
             set_batchnorm_training(model, False)
-            loss = loss_fn(model(to_input(batch[0])), batch[1])
-            optimizer.zero_grad()
-            loss.backward()
-            if clip:
-                dispatch_clip_grad(model.parameters(), float(clip), mode="agc")
-            optimizer.step()
+            loss = train_step(model, to_input(batch[0]), batch[1], loss_fn, optimizer, None, contextlib.nullcontext,
+                              float(clip or 0), "agc")
             losses.append(f"{loss.item():.2f}")
         print(f"{setting}: training losses {' '.join(losses)}; {validation()}", flush=True)
     return 0

@@ -16,8 +16,8 @@ LISTING_DEFAULTS = {  # the Marketplace listing's names and defaults, as publish
     "opt": "rmsproptf", "opt_eps": 0.001, "remode": "pixel", "reprob": 0.2, "sched": "step",
     "warmup_lr": 1e-6, "weight_decay": 1e-5}
 # Not kept: the listing's workers=1 starves a GPU; -1 takes them from the CPU count (workers=1 still works).
-# auto: opt is sgd and lr a quarter of the listing's (fine-tuning from the linear probe's classifier); aa, reprob,
-# drop and drop_connect are chosen after the probe, starting from the listing's values (recipe.py).
+# auto: opt is sgd (fine-tuning from the linear probe's classifier); aa, reprob, drop and drop_connect are chosen
+# after the probe, starting from the listing's values (recipe.py).
 AUTO_DEFAULTS = ("opt", "aa", "reprob", "drop", "drop_connect")
 
 
