@@ -7,12 +7,10 @@ stored in the checkpoint.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
 import stat
-import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,8 +20,9 @@ from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from .decoding import DECODE_MIN_SIDE, IMAGE_FORMATS, UnreadableImage, decode_problem, load_image
 from .errors import JobError
 from .model import MEMORY_FORMAT
 from .untrusted import LABEL_RULE, is_label, shown
@@ -31,10 +30,6 @@ from .untrusted import LABEL_RULE, is_label, shown
 log = logging.getLogger("efficientnet_train")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
-# What a training image may be inside, whatever its extension says (scrapers save PNGs as .jpg). Naming
-# them keeps Pillow from guessing exotic formats from a few bytes of a file that is no image at all.
-# (Phones' multi-picture JPEGs open as JPEG and become MPO.)
-IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 # Images all the same, in formats this image does not read: unusable data, not stray files.
 UNSUPPORTED_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".svg", ".psd", ".raw", ".cr2", ".nef", ".dng", ".arw",
                                 ".orf", ".jp2", ".ico", ".eps")
@@ -47,14 +42,6 @@ LOGGED_DECODE_FAILURES = 20  # per dataset; more are counted, not logged one by 
 # Random-resized crops make objects look bigger in training than in a whole image, so evaluating a
 # little larger matches them again (FixRes; timm's test_input_size does the same for some models).
 EVAL_SIZE_RATIO = 1.15
-# JPEGs at least twice this on their short side decode at 1/2, 1/4 or 1/8 scale, still at least this
-# large: the same picture for a model that sees at most 1024 pixels, for a fraction of the time and memory.
-# Training and validation ask for less: just what their crops need (`decode_side`).
-DECODE_MIN_SIDE = 2048
-
-# Images above Image.MAX_IMAGE_PIXELS are refused by the checks here; Pillow's own warning would only
-# repeat that for each file.
-warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 
 class Skip:
@@ -371,7 +358,8 @@ def probe_image(path: str) -> tuple[str, str] | None:
 def _header_problem(f: BinaryIO, head: bytes) -> tuple[tuple[str, str] | None, str]:
     try:
         with Image.open(f, formats=IMAGE_FORMATS) as image:
-            width, height, image_format = image.width, image.height, image.format
+            image_format = image.format
+            too_costly = decode_problem(image, f)  # what decoding would cost, as decode_image will judge it
     except UnidentifiedImageError:
         return (Skip.UNSUPPORTED, _what_else(head)), ""
     except Image.DecompressionBombError:
@@ -379,9 +367,8 @@ def _header_problem(f: BinaryIO, head: bytes) -> tuple[tuple[str, str] | None, s
                                 f"decoded (a decompression bomb?)"), ""
     except Exception as exc:  # noqa: BLE001 - Pillow's plugins report bad headers in many types
         return (Skip.CORRUPT, f"bad header: {type(exc).__name__}: {exc}"), ""
-    if Image.MAX_IMAGE_PIXELS and width * height > Image.MAX_IMAGE_PIXELS:
-        return (Skip.TOO_LARGE, f"{width}x{height} pixels, more than the {Image.MAX_IMAGE_PIXELS} an image may "
-                                f"have; not decoded (a decompression bomb, or far more than training needs)"), ""
+    if too_costly:
+        return (Skip.TOO_LARGE, too_costly), ""
     return None, image_format
 
 
@@ -409,88 +396,6 @@ def _ends_completely(f: BinaryIO, size: int, image_format: str, head: bytes) -> 
     if image_format == "WEBP":
         return size >= int.from_bytes(head[4:8], "little") + 8
     return True
-
-
-class UnreadableImage(ValueError):
-    """Bytes that are not a whole, reasonably sized image; the message says which of those."""
-
-
-def load_image(path: str, min_side: int = DECODE_MIN_SIDE) -> Image.Image:
-    with open(path, "rb") as f:
-        try:
-            return decode_image(f, min_side)
-        except UnreadableImage as exc:
-            raise UnreadableImage(f"{path}: {exc}") from exc
-
-
-def decode_image(source: bytes | BinaryIO, min_side: int = DECODE_MIN_SIDE,
-                 max_pixels: int | None = None) -> Image.Image:
-    """An RGB image from encoded bytes or a binary file, upright as its EXIF says, fully decoded; a JPEG
-    twice `min_side` or more on its short side at the reduced scale that keeps it at least that large
-    (JPEG decodes at 1/2, 1/4 or 1/8 scale several times faster).
-
-    Transparent pixels are shown on white, as a viewer shows them; 16-bit images are scaled to 8 bits;
-    animations give their first frame. Only the formats training reads (IMAGE_FORMATS). Refuses what would
-    cost far more memory than its size suggests (decompression bombs; more than `max_pixels` decoded, the
-    endpoint's far lower bound) and files cut short, instead of returning half an image.
-    """
-    if isinstance(source, (bytes, bytearray)):
-        source = io.BytesIO(source)
-    try:
-        with Image.open(source, formats=IMAGE_FORMATS) as image:
-            # Pillow only warns between MAX_IMAGE_PIXELS and twice that; refuse there too.
-            if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
-                raise Image.DecompressionBombError(f"Image size ({image.width * image.height} pixels) exceeds "
-                                                   f"limit of {Image.MAX_IMAGE_PIXELS} pixels")
-            if image.format in ("JPEG", "MPO") and min(image.size) >= 2 * min_side:
-                image.draft("RGB", (min_side, min_side))
-            if max_pixels and image.width * image.height > max_pixels:  # after draft: what decoding would make
-                raise Image.DecompressionBombError(
-                    f"it is {image.width}x{image.height} pixels{' decoded' if image.format == 'JPEG' else ''}, "
-                    f"more than the {max_pixels:,} accepted here; the model sees a few hundred pixels a side, so "
-                    f"send it resized (or as a JPEG, which decodes at a reduced scale)")
-            image.load()  # decodes every pixel: a truncated file fails here, not later
-            return _to_rgb(_upright(image))
-    except Image.DecompressionBombError as exc:
-        raise UnreadableImage(f"the image is too large to decode safely: {exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise UnreadableImage("the data is not an image in a format this model takes "
-                              "(JPEG, PNG, GIF, BMP, WebP or TIFF)") from exc
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # Pillow reports a cut-short or corrupt file as OSError ("image file is truncated"), SyntaxError
-        # or EOFError depending on the format.
-        raise UnreadableImage(f"the image is truncated or corrupt ({exc})") from exc
-
-
-def _upright(image: Image.Image) -> Image.Image:
-    try:
-        return ImageOps.exif_transpose(image)  # phones store rotation in EXIF, not in pixels
-    except Exception:  # noqa: BLE001 - a garbled EXIF block should not cost the picture
-        return image
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        return _eight_bit(image).convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def _eight_bit(image: Image.Image) -> Image.Image:
-    """Grey levels of a 16-bit or 32-bit image on 0..255; convert("RGB") would clip them to white. In float32:
-    float64 copies of a large 16-bit image cost 8 bytes a pixel twice over."""
-    pixels = np.asarray(image).astype(np.float32)
-    peak = pixels.max() if pixels.size else 0
-    if image.mode == "F" and peak <= 1.0:
-        pixels *= 255  # floats from 0 to 1
-    elif image.mode.startswith("I;16") or peak > 255:
-        pixels /= 257  # 16 bits: 65535 -> 255
-    np.rint(pixels, out=pixels)
-    np.clip(pixels, 0, 255, out=pixels)
-    return Image.fromarray(pixels.astype(np.uint8))
 
 
 class UnusableData(JobError):

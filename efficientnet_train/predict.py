@@ -13,14 +13,17 @@ import csv
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
-from .data import IMAGE_EXTENSIONS, UnreadableImage, load_image
+from .data import IMAGE_EXTENSIONS
+from .decoding import UnreadableImage, load_image
 from .errors import JobError
 from .inference import Classifier
 from .sagemaker import ServingEnvironment
+from .untrusted import csv_cell
 
 log = logging.getLogger("efficientnet_train.predict")
 
@@ -89,18 +92,64 @@ def write_csv(rows, output, k: int) -> tuple[int, list[str]]:
             failures.append(f"{path}: {prediction}")
             continue
         cells = [value for pair in zip(prediction["labels"], prediction["probabilities"]) for value in pair]
-        writer.writerow([str(path)] + [repr(cell) if isinstance(cell, float) else cell for cell in cells])
+        writer.writerow([csv_cell(str(path))] + [repr(cell) if isinstance(cell, float) else csv_cell(cell)
+                                                 for cell in cells])
         written += 1
     return written, failures
 
 
-def check_output(path: Path) -> None:
+HEADER_START = "image,label_1,probability_1"  # how a CSV this command wrote begins
+
+
+def check_output(path: Path, inputs: list[Path], images: list[Path], overwrite: bool) -> None:
+    """Refuse an --output that would destroy something: a link, one of the images or folders read, or an existing
+    file that is not a predictions CSV (unless `overwrite`); make its folder."""
+    if path.is_symlink():
+        raise JobError(f"--output {path} is a symbolic link (to {os.readlink(path)}); predictions are not written "
+                       f"through links. Give the file's own path, or another name.")
     if path.is_dir():
         raise JobError(f"--output {path} is a folder; give a file name, such as {path / 'predictions.csv'}.")
+    if path.resolve() in {p.resolve() for p in (*inputs, *images)}:
+        raise JobError(f"--output {path} is one of the images to classify; give the predictions another name, "
+                       f"such as predictions.csv.")
+    if path.exists():
+        if not path.is_file():
+            raise JobError(f"--output {path} is not a regular file (a named pipe, socket or device); give a file "
+                           f"name.")
+        if not overwrite and not _is_predictions_csv(path):
+            raise JobError(f"--output {path} exists and is not a predictions CSV this command wrote; it is left as "
+                           f"it is. Give another name, or add --overwrite to replace it.")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise JobError(f"--output {path}: its folder cannot be made ({exc.strerror}: {exc.filename}).") from exc
+
+
+def _is_predictions_csv(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(HEADER_START)) == HEADER_START.encode()
+    except OSError:
+        return False
+
+
+def write_atomically(path: Path, write):
+    """`write(text_file)` into a new file beside `path`, renamed over it when complete: a crash mid-run leaves the
+    previous file as it was. The temporary name is unique, so no file of the user's is touched."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(descriptor, 0o666 & ~umask)  # as open() would have made it, not mkstemp's 0600
+        with os.fdopen(descriptor, "w", newline="", encoding="utf-8") as f:
+            result = write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=settings.model_dir,
                         help="the extracted model.tar.gz of a `train` job (default: %(default)s)")
     parser.add_argument("--output", "-o", default="predictions.csv", help="CSV file, or - for stdout")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output even if it is not a predictions CSV this command wrote")
     parser.add_argument("--top-k", type=int, default=settings.top_k, help="labels per image (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
@@ -129,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         if not paths:
             raise JobError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, options.inputs))}.")
         if options.output != "-":  # before the model loads and the images are read, not after
-            check_output(Path(options.output))
+            check_output(Path(options.output), options.inputs, paths, options.overwrite)
         classifier = Classifier(options.model_dir)
     except JobError as exc:
         log.error("%s", exc)
@@ -139,8 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if options.output == "-":
         written, failures = write_csv(rows, sys.stdout, k)
     else:
-        with open(options.output, "w", newline="", encoding="utf-8") as output:
-            written, failures = write_csv(rows, output, k)
+        written, failures = write_atomically(Path(options.output), lambda output: write_csv(rows, output, k))
     for failure in failures:
         log.warning("Skipped %s", failure)
     log.info("Wrote %d predictions to %s%s", written, options.output,

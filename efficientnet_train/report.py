@@ -9,9 +9,13 @@ import time
 from pathlib import Path
 
 from .outputs import atomic_write, write_text
+from .untrusted import csv_cell
 
 # Beyond this many classes a full matrix in the log is unreadable: the log lists the worst confusions.
 LOG_MATRIX_MAX_CLASSES = 12
+# Beyond this many classes confusion_matrix.csv lists the (true, predicted) pairs that occur: the full matrix grows
+# with the square of the class count (2 MB at 1,000 classes, mostly zeros), the list with the validation set.
+CSV_MATRIX_MAX_CLASSES = 200
 
 
 def duration(seconds: float) -> str:
@@ -74,10 +78,19 @@ def confusion_text(classes: list[str], confusion: list[list[int]]) -> str:
 
 
 def write_confusion_csv(path: Path, classes: list[str], confusion: list[list[int]]) -> None:
+    """The matrix (rows: true class, columns: predicted), or above CSV_MATRIX_MAX_CLASSES one row per (true,
+    predicted) pair with any images, mistakes first, most frequent first."""
+    names = [csv_cell(name) for name in classes]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["true \\ predicted", *classes])
-    writer.writerows([name, *row] for name, row in zip(classes, confusion))
+    if len(classes) <= CSV_MATRIX_MAX_CLASSES:
+        writer.writerow(["true \\ predicted", *names])
+        writer.writerows([name, *row] for name, row in zip(names, confusion))
+    else:
+        pairs = sorted(((t == p, -count, t, p) for t, row in enumerate(confusion) for p, count in enumerate(row)
+                        if count))
+        writer.writerow(["true", "predicted", "images"])
+        writer.writerows([names[t], names[p], -negative] for _, negative, t, p in pairs)
     write_text(path, buffer.getvalue())
 
 

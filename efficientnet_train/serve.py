@@ -31,7 +31,7 @@ from urllib.parse import parse_qs
 
 import torch
 
-from .data import UnreadableImage, decode_image
+from .decoding import ENDPOINT, UnreadableImage, decode_image
 from .errors import JobError
 from .inference import Classifier, check_model_dir
 from .sagemaker import ServingEnvironment
@@ -46,10 +46,8 @@ IMAGE_TYPES = ("image/jpeg", "image/png", "application/x-image", "image/*")
 CUSTOM_ATTRIBUTES = "HTTP_X_AMZN_SAGEMAKER_CUSTOM_ATTRIBUTES"  # InvokeEndpoint's CustomAttributes
 # 6 MB of tiny GIFs would be tens of thousands of images, each a full-size tensor once preprocessed.
 MAX_IMAGES_PER_REQUEST = 64
-# The model sees a few hundred pixels a side. A 172 KB all-zero 16-bit PNG of 9400x9400 decodes to gigabytes:
-# an endpoint decodes at most this many pixels an image (JPEGs count at the reduced scale they decode at),
-# and at most as many images at once per worker process as it has cores.
-MAX_DECODED_PIXELS = 4096 * 4096
+# What one image may cost to decode is decoding.ENDPOINT's; a worker process decodes at most as many images at
+# once as it has cores.
 # Slow or stalled clients: the headers must arrive within HEADERS_TIMEOUT_S of the first byte, the body within
 # BODY_TIMEOUT_S more (6 MB at 200 KB/s); a connection that sends nothing waits on the poller, holding no thread.
 HEADERS_TIMEOUT_S, BODY_TIMEOUT_S, SEND_TIMEOUT_S = 5.0, 30.0, 30.0
@@ -207,7 +205,7 @@ class InferenceApp:
             try:
                 with self.decoding:
                     images.append(self.classifier.preprocess(
-                        decode_image(data, self.classifier.decode_side, max_pixels=MAX_DECODED_PIXELS)))
+                        decode_image(data, self.classifier.decode_side, ENDPOINT)))
             except UnreadableImage as exc:
                 where = f"Image {index}" if content_type == JSON else "The request body"
                 raise HttpError("400 Bad Request", f"{where} cannot be read: {exc}.") from exc

@@ -63,3 +63,13 @@ def shown_lines(text: str, line_limit: int = 1000) -> str:
     cut at `line_limit` characters (a 1 MB hyperparameter name would otherwise be one log line), the program's own
     line breaks kept."""
     return "\n".join(shown(line, line_limit) for line in text.split("\n"))
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(text: str) -> str:
+    """Outside text as a CSV cell that a spreadsheet shows as text: one starting with =, +, -, @, tab or carriage
+    return would run as a formula there (`=HYPERLINK(...)`, `@SUM(1+1)*cmd|'`), so it gets OWASP's leading '.
+    Only the CSV cell changes: labels.json and answers keep the real name."""
+    return "'" + text if text.startswith(FORMULA_STARTS) else text

@@ -110,7 +110,8 @@ PY
     -v "$SMOKE_DIR/data/val:/data:ro" "$IMAGE" python -c '
 import torch
 from pathlib import Path
-from efficientnet_train.data import ModelInput, eval_transform, load_image
+from efficientnet_train.data import ModelInput, eval_transform
+from efficientnet_train.decoding import load_image
 from efficientnet_train.model import load_trained_model, predict_log_probabilities
 model, checkpoint = load_trained_model(Path("/opt/ml/model/model_best.pth.tar"))
 image = load_image(sorted(Path("/data/1").glob("*.png"))[0])
@@ -131,7 +132,7 @@ export-onnx /opt/ml/model/model.tar.gz --output /out/model.onnx
 python -c "
 import numpy as np, onnxruntime, torch
 from pathlib import Path
-from efficientnet_train.data import load_image
+from efficientnet_train.decoding import load_image
 from efficientnet_train.inference import Classifier
 classifier = Classifier(Path(\"/opt/ml/model\"), torch.device(\"cpu\"))
 session = onnxruntime.InferenceSession(\"/out/model.onnx\", providers=[\"CPUExecutionProvider\"])

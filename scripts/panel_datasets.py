@@ -87,7 +87,7 @@ def _digits_imbalanced(out: Path) -> None:
 
 
 def _stamps(out: Path) -> None:
-    from efficientnet_train.data import load_image  # the job's decoding: transparency shown on white
+    from efficientnet_train.decoding import load_image  # the job's decoding: transparency shown on white
 
     if not STAMPS.is_dir():
         sys.exit(f"The 'stamps' set needs Tux Paint's stamps, and {STAMPS} is missing. Install them with "

@@ -115,7 +115,7 @@ def _rcc_entries(path: Path) -> dict[str, bytes]:
 
 def _decode(data: bytes) -> Image.Image:
     """RGB, transparency on white: the job's own decoding."""
-    from efficientnet_train.data import decode_image
+    from efficientnet_train.decoding import decode_image
 
     return decode_image(data)
 

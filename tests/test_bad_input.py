@@ -26,8 +26,9 @@ from PIL import Image, ImageFile
 
 from conftest import failure_reason, make_job, run_train, write_files, write_images
 from efficientnet_train import data, failures, hyperparameters, train
-from efficientnet_train.data import (ImageDataset, Skip, UnusableData, dataset_of, decode_image, probe_image,
-                                     report_load_failures, scan_channel, warn_about_thin_classes)
+from efficientnet_train.data import (ImageDataset, Skip, UnusableData, dataset_of, probe_image, report_load_failures,
+                                     scan_channel, warn_about_thin_classes)
+from efficientnet_train.decoding import decode_image
 from efficientnet_train.errors import JobError
 from efficientnet_train.metrics import metric_definitions
 

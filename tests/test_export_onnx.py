@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, make_job, run_train
-from efficientnet_train.data import load_image
+from efficientnet_train.decoding import load_image
 from efficientnet_train.errors import JobError
 from efficientnet_train.export_onnx import export
 from efficientnet_train.inference import Classifier

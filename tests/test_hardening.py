@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -23,7 +24,8 @@ from PIL import Image
 from conftest import write_files, write_images
 from efficientnet_train import checkpoints, hyperparameters, outputs, untrusted
 from efficientnet_train.checkpoints import REQUIRED_KEYS, load_latest_state
-from efficientnet_train.data import Skip, UnreadableImage, decode_image, scan_channel
+from efficientnet_train.data import Skip, probe_image, scan_channel
+from efficientnet_train.decoding import UnreadableImage, decode_image
 from efficientnet_train.errors import JobError
 from efficientnet_train.metrics import metric_definitions
 from efficientnet_train.model import archive_member, read_model_channel
@@ -268,41 +270,95 @@ def test_half_written_files_of_a_killed_save_are_removed_at_start_and_nothing_el
 
 # ---- serving: what a small upload may cost ---------------------------------------------------------------
 
+# Peak memory from the kernel's high-water mark, reset first: ru_maxrss would carry pytest's own peak, from which
+# the measuring process was forked.
 PEAK_RSS = textwrap.dedent("""
-    import io, resource, sys
-    from PIL import Image
-    from efficientnet_train.data import UnreadableImage, decode_image
-    from efficientnet_train.serve import MAX_DECODED_PIXELS
-    side = int(sys.argv[1])
-    encoded = io.BytesIO()
-    Image.new("I;16", (side, side)).save(encoded, "PNG")  # all zeros: a few hundred KB at most
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    import sys, time
+    from efficientnet_train.decoding import ENDPOINT, UnreadableImage, decode_image
+    def kilobytes(field):
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+    data = open(sys.argv[1], "rb").read()
+    before = kilobytes("VmRSS:")
+    open("/proc/self/clear_refs", "w").write("5")
+    start = time.perf_counter()
     try:
-        decode_image(encoded.getvalue(), 320, max_pixels=MAX_DECODED_PIXELS)
+        decode_image(data, 320, ENDPOINT)
         outcome = "decoded"
     except UnreadableImage as exc:
         outcome = "refused: " + str(exc)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, outcome)
+    print((kilobytes("VmHWM:") - before) // 1024, round(time.perf_counter() - start, 2), outcome)
 """)
 
 
-def peak_decode_mb(side: int) -> tuple[int, str]:
-    result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(side)], capture_output=True, text=True, timeout=120)
+def decode_cost(data: bytes, tmp_path: Path) -> tuple[int, float, str]:
+    """What decoding `data` as the endpoint does costs a fresh process: MB of peak memory added, seconds, outcome."""
+    path = tmp_path / "upload"
+    path.write_bytes(data)
+    result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    megabytes, outcome = result.stdout.strip().split(" ", 1)
-    return int(megabytes), outcome
+    megabytes, seconds, outcome = result.stdout.strip().split(" ", 2)
+    return int(megabytes), float(seconds), outcome
 
 
-def test_a_small_upload_of_a_huge_16_bit_png_is_refused_without_decoding_it():
+def saved(image: Image.Image, image_format: str, **options) -> bytes:
+    encoded = io.BytesIO()
+    image.save(encoded, image_format, **options)
+    return encoded.getvalue()
+
+
+def scan_bomb(side: int, repeats: int) -> bytes:
+    """A progressive JPEG repeating its last scan: each repeat walks every block of the full-size image."""
+    data = saved(Image.new("L", (side, side), 128), "JPEG", progressive=True)
+    last = data.rfind(b"\xff\xda")
+    return data[:-2] + data[last:-2] * repeats + b"\xff\xd9"
+
+
+def claiming_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """A small JPEG whose frame header claims width x height: what the decoder sizes its buffers by."""
+    frame = next(jpeg.find(marker) for marker in (b"\xff\xc2", b"\xff\xc0") if jpeg.find(marker) > 0)
+    return jpeg[:frame + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[frame + 9:]
+
+
+def test_a_small_upload_of_a_huge_16_bit_png_is_refused_without_decoding_it(tmp_path):
     """172 KB, 9400x9400 pixels: it took a worker from 577 MB to 5.3 GB."""
-    megabytes, outcome = peak_decode_mb(9400)
+    megabytes, _, outcome = decode_cost(saved(Image.new("I;16", (9400, 9400)), "PNG"), tmp_path)
     assert outcome.startswith("refused") and "9400x9400 pixels" in outcome and "resized" in outcome
     assert megabytes < 50, megabytes
 
 
-def test_a_16_bit_png_at_the_serving_limit_decodes_without_float64_copies():
-    megabytes, outcome = peak_decode_mb(4096)  # 16.8 MP: 416 MB of peak memory with float64, 127 MB now
-    assert outcome == "decoded" and megabytes < 250, megabytes
+def test_a_16_bit_png_at_the_serving_limit_decodes_without_float64_copies(tmp_path):
+    megabytes, _, outcome = decode_cost(saved(Image.new("I;16", (4096, 4096)), "PNG"), tmp_path)
+    assert outcome == "decoded" and megabytes < 256, megabytes  # 416 MB with float64 copies
+
+
+def test_a_transparent_png_at_the_serving_limit_decodes_in_the_memory_it_is_allowed(tmp_path):
+    gradient = Image.linear_gradient("L").resize((4096, 4096))
+    rgba = Image.merge("RGBA", (gradient, gradient, gradient, gradient.transpose(Image.Transpose.ROTATE_90)))
+    megabytes, _, outcome = decode_cost(saved(rgba, "PNG"), tmp_path)  # 76 KB
+    assert outcome == "decoded" and megabytes < 256, megabytes  # 415 MB with alpha_composite's copies
+
+
+def test_a_progressive_jpeg_repeating_a_scan_is_refused_in_milliseconds_wherever_it_arrives(tmp_path):
+    """2,000 repeats of one 120-byte scan took 13 s of a core to decode, 10,000 over a minute."""
+    bomb = scan_bomb(4096, 300)  # 306 scans of 262,144 blocks: 80 million, about 6 s to decode
+    _, seconds, outcome = decode_cost(bomb, tmp_path)
+    assert outcome.startswith("refused") and "306 scans" in outcome and "baseline JPEG" in outcome
+    assert seconds < 1, seconds
+    (tmp_path / "ants").mkdir()
+    (tmp_path / "ants" / "bomb.jpg").write_bytes(bomb)
+    reason, detail = probe_image(str(tmp_path / "ants" / "bomb.jpg"))  # training's header check, as predict's load
+    assert reason == Skip.TOO_LARGE and "306 scans" in detail
+    assert decode_image(saved(Image.new("RGB", (640, 480), (9, 99, 199)), "JPEG", progressive=True)).size == (640, 480)
+
+
+@pytest.mark.parametrize("mode, side, reason", [("CMYK", 9400, "scans"), ("RGB", 7000, "MB of memory")])
+def test_a_progressive_jpeg_sized_far_beyond_what_it_decodes_to_is_refused_from_its_header(tmp_path, mode, side,
+                                                                                             reason):
+    """A progressive JPEG keeps coefficients of its full size even when it decodes at 1/8: a 1.4 MB CMYK one of
+    9400x9400 cost 0.9 GB. (Small files whose header claims the size: only the header is read.)"""
+    jpeg = claiming_size(saved(Image.new(mode, (64, 64)), "JPEG", progressive=True, subsampling=0), side, side)
+    megabytes, _, outcome = decode_cost(jpeg, tmp_path)
+    assert outcome.startswith("refused") and reason in outcome and megabytes < 50, (megabytes, outcome)
 
 
 def test_only_the_formats_training_reads_are_decoded():
@@ -410,3 +466,78 @@ def test_a_model_archive_is_read_by_name_within_bounds(tmp_path):
     padded = archive(tmp_path / "padded.tar.gz", [(f"junk{i}", b"") for i in range(1000)] + [("labels.json", b"{}")])
     with pytest.raises(JobError, match="holds no labels.json file"):  # not among the first 1,000 members
         archive_member(padded, "labels.json")
+
+
+# ---- files buyers open: no formula runs, no file of theirs is destroyed ------------------------------------
+
+HOSTILE_CELLS = ["=1+1", "@SUM(1+1)*cmd|' ", "+3", "-2+3.jpg", "\tx", "\rx"]
+
+
+def test_no_csv_cell_we_write_runs_as_a_formula_in_a_spreadsheet(tmp_path):
+    from efficientnet_train import predict, report
+
+    rows = [(Path("=HYPERLINK(\"x\").jpg"), {"labels": HOSTILE_CELLS[:2], "probabilities": [0.75, 0.25]}),
+            (Path("-2+3.jpg"), {"labels": ["ok", "=1+1"], "probabilities": [0.5, 0.5]})]
+    buffer = io.StringIO()
+    predict.write_csv(rows, buffer, 2)
+    report.write_confusion_csv(tmp_path / "confusion.csv", HOSTILE_CELLS, [[1] * 6] * 6)
+    for text in (buffer.getvalue(), (tmp_path / "confusion.csv").read_text()):
+        cells = [cell for row in csv.reader(io.StringIO(text)) for cell in row]
+        assert not [cell for cell in cells if cell.startswith(untrusted.FORMULA_STARTS)], cells
+        assert "'=1+1" in cells and "'@SUM(1+1)*cmd|' " in cells
+    assert list(csv.reader(io.StringIO(buffer.getvalue())))[1][:2] == ["'=HYPERLINK(\"x\").jpg", "'=1+1"]
+
+
+def test_a_confusion_matrix_of_many_classes_lists_only_the_pairs_that_occur(tmp_path):
+    from efficientnet_train import report
+
+    classes = [f"c{i}" for i in range(1000)]
+    confusion = [[0] * 1000 for _ in classes]
+    for i in range(1000):
+        confusion[i][i] = 1
+    confusion[3][7] = 2
+    report.write_confusion_csv(tmp_path / "confusion.csv", classes, confusion)
+    rows = list(csv.reader(open(tmp_path / "confusion.csv", newline="")))
+    assert rows[:2] == [["true", "predicted", "images"], ["c3", "c7", "2"]] and len(rows) == 1002
+    assert (tmp_path / "confusion.csv").stat().st_size < 20_000  # the full matrix: 2 MB
+
+
+def run_predict(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "efficientnet_train.predict", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_predict_refuses_an_output_that_would_destroy_a_file_before_reading_any_image(tmp_path):
+    photos = tmp_path / "photos"
+    write_files(photos, {"keep.jpg": saved(Image.new("RGB", (32, 32), (10, 20, 30)), "JPEG")})
+    notes, target = tmp_path / "notes.csv", tmp_path / "target.txt"
+    notes.write_text("my own notes\n")
+    target.write_text("linked\n")
+    (tmp_path / "link.csv").symlink_to(target)
+    before = digests(photos) | {p.name: p.read_text() for p in (notes, target)}
+    for output, reason in ((photos / "keep.jpg", "is one of the images to classify"),
+                           (tmp_path / "link.csv", "is a symbolic link"),
+                           (notes, "exists and is not a predictions CSV this command wrote")):
+        result = run_predict(str(photos), "--model-dir", str(tmp_path / "no-model"), "-o", str(output), cwd=tmp_path)
+        assert result.returncode == 1 and reason in result.stderr, result.stderr
+    assert digests(photos) | {p.name: p.read_text() for p in (notes, target)} == before
+    assert (tmp_path / "link.csv").is_symlink()
+
+
+def test_predictions_replace_the_previous_file_only_when_complete(tmp_path):
+    from efficientnet_train import predict
+
+    output = tmp_path / "predictions.csv"
+    output.write_text(predict.HEADER_START + "\nold.jpg,a,1.0\n")
+
+    def crash_midway(f):
+        f.write(predict.HEADER_START + "\nnew.jpg,b,")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        predict.write_atomically(output, crash_midway)
+    assert output.read_text() == predict.HEADER_START + "\nold.jpg,a,1.0\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["predictions.csv"]  # no temporary file left
+    predict.write_atomically(output, lambda f: f.write("image,label_1,probability_1\nnew.jpg,b,1.0\n"))
+    assert output.read_text().endswith("new.jpg,b,1.0\n")
+    predict.check_output(output, [tmp_path], [], overwrite=False)  # a CSV it wrote may be replaced

@@ -196,7 +196,7 @@ def assert_statistics_are_pretrained(base: Path, pretrained_weights: Path) -> No
 
 def test_a_trained_model_answers_with_calibrated_confidence_not_uniform(probed_job):
     from efficientnet_train.inference import Classifier
-    from efficientnet_train.data import load_image
+    from efficientnet_train.decoding import load_image
 
     base, log = probed_job
     classifier = Classifier(base / "model")

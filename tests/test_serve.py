@@ -26,7 +26,8 @@ from PIL import Image
 
 from conftest import COLOURS, TINY_MODEL, make_job, run_train
 from efficientnet_train import spec
-from efficientnet_train.data import ModelInput, UnreadableImage, decode_image, eval_transform, load_image
+from efficientnet_train.data import ModelInput, eval_transform
+from efficientnet_train.decoding import UnreadableImage, decode_image, load_image
 from efficientnet_train.errors import JobError
 from efficientnet_train.model import load_trained_model, predict_log_probabilities
 from efficientnet_train.sagemaker import ServingEnvironment
