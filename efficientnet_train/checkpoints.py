@@ -46,12 +46,13 @@ class Progress:
 class StopRequest:
     """SIGTERM (StopTrainingJob, a spot interruption, `docker stop`) or Ctrl-C asks training to stop.
 
-    The handler only sets a flag, which the loop checks between batches: nothing is ever
-    half-written, and a second signal changes nothing.
+    The handler only sets a flag, which every long phase checks between batches (the linear probe's features, its
+    fit and measurements, training, validation): nothing is ever half-written, and a second signal changes nothing.
     """
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.repeats = 0
 
     def install(self) -> "StopRequest":
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -61,13 +62,22 @@ class StopRequest:
     def _received(self, signum: int, _frame) -> None:
         name = signal.Signals(signum).name
         if self.signal_name:
-            log.warning("%s received while already stopping: still finishing the checkpoint", name)
+            self.repeats += 1
+            if self.repeats == 1:  # said once: a sender that repeats itself would fill the log
+                log.warning("%s received while already stopping: nothing changes", name)
             return
         self.signal_name = name
-        log.warning("%s received: stopping after the current batch and saving a checkpoint", name)
+        log.warning("%s received: stopping at the next batch (training's progress is saved in a checkpoint once "
+                    "training has begun)", name)
 
     def __bool__(self) -> bool:
         return self.signal_name is not None
+
+
+def stop_here(stop) -> None:
+    """Raise Interrupted if a stop was asked for (`stop` may be None: not interruptible there)."""
+    if stop:
+        raise Interrupted
 
 
 class Interrupted(Exception):

@@ -308,7 +308,8 @@ def warn_about_thin_classes(train: Channel, val: Channel) -> None:
     thin = {label: count for label, count in train.images_per_class().items() if count < SMALL_CLASS}
     if thin:
         log.warning("Classes with fewer than %d training images: %s. The model learns them poorly; add images "
-                    "if they matter.", SMALL_CLASS, ", ".join(f"{label} ({count})" for label, count in thin.items()))
+                    "if they matter.", SMALL_CLASS, ", ".join(f"{label} ({count})" for label, count in islice(
+                        thin.items(), 10)) + (f", ... ({len(thin):,} classes in all)" if len(thin) > 10 else ""))
     unmeasured = [label for label, count in val.images_per_class().items() if not count]
     if unmeasured:
         log.warning("The 'val' channel has no images of %d of the %d classes (%s): the validation accuracy, which "

@@ -9,6 +9,7 @@ and a job validated from that head on can never end worse than its own linear pr
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from types import SimpleNamespace
@@ -16,7 +17,10 @@ from types import SimpleNamespace
 import torch
 
 from . import distributed
+from .checkpoints import stop_here
 from .model import set_batchnorm_training
+
+log = logging.getLogger("efficientnet_train")
 
 # At most this many training images a class, and this many in all, go through the network for the probe:
 # logistic regression on 1280-1536 features gains little beyond a few hundred a class, and on a set of
@@ -51,14 +55,15 @@ def probe_sample(samples: list[tuple[str, int]], num_classes: int, seed: int,
 
 
 @torch.no_grad()
-def features_of(model: torch.nn.Module, loader, to_input, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+def features_of(model: torch.nn.Module, loader, to_input, autocast, stop=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (what the classifier sees) and labels of every image of the Subset that `loader`'s
-    processes share among them, on each process."""
+    processes share among them, on each process. Interrupted between batches once `stop` is asked for."""
     model.eval()
     device = next(model.parameters()).device
     features = [torch.zeros(0, model.get_classifier().in_features, device=device)]
     labels = [torch.zeros(0, dtype=torch.long, device=device)]
     for images, targets in loader:
+        stop_here(stop)
         with autocast():
             features.append(model.forward_head(model.forward_features(to_input(images)), pre_logits=True).float())
         labels.append(targets.to(device))
@@ -66,7 +71,7 @@ def features_of(model: torch.nn.Module, loader, to_input, autocast) -> tuple[tor
             distributed.rows_of_all(torch.cat(labels), loader.dataset))
 
 
-def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, loss_fn) -> SimpleNamespace:
+def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, loss_fn, stop=None) -> SimpleNamespace:
     """Multinomial logistic regression by full-batch LBFGS: the training loss (label smoothing and class weights
     included, so fine-tuning starts at its own optimum for the head) plus an L2 penalty of 1/n, as
     scikit-learn's LogisticRegression (C=1) regularises, on the features as the network makes them. Not
@@ -82,6 +87,7 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, los
                                   line_search_fn="strong_wolfe")
 
     def objective() -> torch.Tensor:
+        stop_here(stop)  # each of up to LBFGS_ITERATIONS evaluations: seconds at 1,000 classes on a CPU
         optimizer.zero_grad()
         loss = loss_fn(centred @ weight.T + bias, labels) + l2 / 2 * weight.square().sum()
         loss.backward()
@@ -96,14 +102,19 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, los
     return SimpleNamespace(weight=weight, bias=bias, loss=loss)
 
 
-def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_classes: int,
-                     loss_fn) -> SimpleNamespace:
+def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_classes: int, loss_fn,
+                     stop=None, stop_by_batch=None) -> SimpleNamespace:
     """Put a linear probe in `model`'s classifier, the same on every process; returns its training loss, its
-    top-1 (%) on the images it was fitted on, how many they were and the time it took."""
+    top-1 (%) on the images it was fitted on, how many they were and the time it took. Interrupted within a batch
+    or an LBFGS step by `stop_by_batch`, between the phases by `stop` (one that all processes agree on)."""
     started = time.monotonic()
-    features, labels = features_of(model, loader, to_input, autocast)
+    features, labels = features_of(model, loader, to_input, autocast, stop_by_batch)
+    stop_here(stop)
     extracted = time.monotonic()
-    head = fit_head(features, labels, num_classes, loss_fn)
+    log.info("Linear probe: fitting the classifier on %d features of %d images (logistic regression)",
+             features.shape[1], len(labels))
+    head = fit_head(features, labels, num_classes, loss_fn, stop_by_batch)
+    stop_here(stop)
     classifier = model.get_classifier()
     with torch.no_grad():
         classifier.weight.copy_(head.weight)
@@ -116,7 +127,7 @@ def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_cla
 
 @torch.no_grad()
 def probe_top1(model: torch.nn.Module, loader, to_input, autocast, batch_statistics: bool = False,
-               dropout: bool = False) -> float | None:
+               dropout: bool = False, stop=None) -> float | None:
     """Top-1 (%) of `model` on `loader`'s images (over every process), in evaluation mode, or with BatchNorm
     normalising each batch by its own statistics, or with dropout and drop-connect on, as a training step does;
     BatchNorm's running averages are left as they were. None if no batch had the two images BatchNorm on batch
@@ -127,6 +138,7 @@ def probe_top1(model: torch.nn.Module, loader, to_input, autocast, batch_statist
     device = next(model.parameters()).device
     counts = torch.zeros(2, device=device)
     for images, targets in loader:
+        stop_here(stop)  # the model's state is restored only by finishing: a stopped job saves nothing of it
         if len(targets) > 1 or not batch_statistics:
             with autocast():
                 logits = model(to_input(images))

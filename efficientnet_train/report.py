@@ -16,6 +16,23 @@ LOG_MATRIX_MAX_CLASSES = 12
 # Beyond this many classes confusion_matrix.csv lists the (true, predicted) pairs that occur: the full matrix grows
 # with the square of the class count (2 MB at 1,000 classes, mostly zeros), the list with the validation set.
 CSV_MATRIX_MAX_CLASSES = 200
+# Lists in the log (classes, per-class figures, skipped files) show this many entries; args.yml has them all.
+LOG_LIST_MAX = 24
+
+
+def capped(value, depth: int = 0):
+    """args.yml's contents for the log: each list or mapping inside of more than LOG_LIST_MAX entries cut to its
+    first ones and a count of the rest (at 1,000 classes the whole was 3,000 lines)."""
+    if isinstance(value, dict):
+        items = list(value.items())
+        kept = {key: capped(item, depth + 1) for key, item in (items[:LOG_LIST_MAX] if depth else items)}
+        if depth and len(items) > LOG_LIST_MAX:
+            kept["..."] = f"{len(items) - LOG_LIST_MAX:,} more in args.yml"
+        return kept
+    if isinstance(value, list):
+        kept = [capped(item, depth + 1) for item in value[:LOG_LIST_MAX]]
+        return kept + [f"... {len(value) - LOG_LIST_MAX:,} more in args.yml"] if len(value) > LOG_LIST_MAX else kept
+    return value
 
 
 def duration(seconds: float) -> str:
@@ -51,9 +68,13 @@ class StartUp:
 def per_class_table(classes: list[str], confusion: list[list[int]], confidence: list[float]) -> str:
     """Images, right answers, accuracy and mean (calibrated) top probability per class, and what each class is
     mistaken for most: a class whose confidence is far from its accuracy is one whose probabilities mislead."""
-    width = max(len("class"), *(len(name) for name in classes))
+    shown_classes = list(enumerate(classes))
+    if len(classes) > LOG_LIST_MAX:  # the classes that need attention first; args.yml has every one
+        accuracy_of = [row[i] / sum(row) if sum(row) else 2.0 for i, row in enumerate(confusion)]
+        shown_classes = sorted(shown_classes, key=lambda item: accuracy_of[item[0]])[:LOG_LIST_MAX]
+    width = max(len("class"), *(len(name) for _, name in shown_classes))
     lines = [f"{'class':<{width}}  images  right  accuracy  confidence  most often mistaken for"]
-    for index, name in enumerate(classes):
+    for index, name in shown_classes:
         row = confusion[index]
         images, right = sum(row), row[index]
         wrong = max(((count, other) for other, count in enumerate(row) if other != index and count), default=None)
@@ -61,6 +82,9 @@ def per_class_table(classes: list[str], confusion: list[list[int]], confidence: 
         sure = f"{100 * confidence[index]:9.1f}%" if images else "        - "
         mistaken = f"{classes[wrong[1]]} ({wrong[0]})" if wrong else "-"
         lines.append(f"{name:<{width}}  {images:6d}  {right:5d}  {accuracy}  {sure}  {mistaken}")
+    if len(classes) > len(shown_classes):
+        lines.append(f"... the {len(shown_classes)} least accurate of {len(classes):,} classes; every class's accuracy "
+                     f"is in args.yml (best_per_class_acc_1)")
     return "\n".join(lines)
 
 

@@ -16,11 +16,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 
 from . import __version__, distributed, hyperparameters, outputs, report
 from .calibration import calibrated, fit_temperature, top_label_ece
 from .checkpoints import (CHECKPOINT_NAME, Interrupted, Progress, StopRequest, check_resumable, load_latest_state,
-                          restore_training_state, room_for_checkpoints, save_state, training_state)
+                          restore_training_state, room_for_checkpoints, save_state, stop_here, training_state)
 from .data import (ModelInput, TrainBatches, dataset_of, decode_side, eval_transform, report_load_failures,
                    resolve_data_config, scan_channel, train_transform, warn_about_thin_classes)
 from .errors import JobError
@@ -112,8 +113,9 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     progress, summary, best, stop_reason = resume(t, job, rank)
     if rank.is_main:
         outputs.write_labels(env.model_dir, t.classes)
-        log.info("Resolved settings (also in %s):\n%s", outputs.ARGS_FILE,
-                 shown_lines(outputs.write_args(env.model_dir, args)))
+        outputs.write_args(env.model_dir, args)
+        if progress.epoch > 0:  # resumed after the probe: the recipe is the one it chose
+            log_settings(args)
         if best.checkpoint is not None:  # a restarted spot job's model/ starts empty
             save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, best.checkpoint)
         write_epoch_outputs(env.model_dir, summary, best.record, t.classes, t.title)
@@ -130,7 +132,8 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     try:
         while stop_reason is None and progress.epoch <= hp.epochs:
             epoch, epoch_started = progress.epoch, time.monotonic()
-            trained = probe_epoch(t, rank, startup) if epoch == 0 else train_epoch(t, progress, stop, startup, rank)
+            trained = (probe_epoch(t, rank, startup, stop) if epoch == 0 else
+                       train_epoch(t, progress, stop, startup, rank))
             startup = None if epoch else startup  # said once per process: a resumed job says its own start-up again
             results = validate(t, trained.candidates, stop, rank)
             chosen = max(results, key=lambda name: (results[name].top1, -results[name].loss))
@@ -139,6 +142,8 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
             # The classifier's (the highest with layer_decay); nothing was trained at it in the probe's epoch 0.
             lr_now = max(group["lr"] for group in t.optimizer.param_groups) if epoch else 0.0
             log_epoch(t, epoch, results, chosen, lr_now, trained, seconds, time.monotonic() - started, epoch_seconds)
+            if epoch == 0 and rank.is_main:  # after the probe chose the recipe, which the settings then show
+                log_settings(args)
             summary.append(summary_row(epoch, trained.loss, result, lr_now))
             args["failed_during_training"] = report_load_failures(epoch, [t.train_data, t.val_data])
             if best.beaten_by(result):
@@ -157,14 +162,23 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
                 log.info("Stopped by %s after epoch %d; a restarted job resumes from its checkpoint.",
                          stop.signal_name, epoch)
     except Interrupted:
-        path = save_progress()  # before stop_reason is set: a restarted job must carry on, not finish
+        if progress.epoch == 0:  # the probe or its validation: nothing trained yet, nothing to save
+            log.info("Stopped by %s in epoch 0 (the linear probe), before training began: nothing to save; a "
+                     "restarted job starts with the probe again.", stop.signal_name)
+        else:  # saved before stop_reason is set: a restarted job must carry on from that batch, not finish
+            path = save_progress()
+            log.info("Stopped by %s in epoch %d after %d of %d batches; saved %s, which a restarted job resumes "
+                     "from.", stop.signal_name, progress.epoch, progress.step, len(t.train_loader), path)
         stop_reason = f"stopped by {stop.signal_name}"
-        log.info("Stopped by %s in epoch %d after %d of %d batches; saved %s, which a restarted job resumes from.",
-                 stop.signal_name, progress.epoch, progress.step, len(t.train_loader), path)
     except Exception as exc:  # out of memory, a data-loading worker killed: the reason says what to change
         raise explained(exc, hp.batch_size, t.workers, (t.train_data, t.val_data))
     if rank.is_main:
         finish(env, args, summary, best.record, stop_reason or "epochs done", time.monotonic() - started)
+
+
+def log_settings(args: dict) -> None:
+    text = yaml.safe_dump(report.capped(args), sort_keys=False, allow_unicode=True)
+    log.info("Resolved settings (all of them in %s):\n%s", outputs.ARGS_FILE, shown_lines(text))
 
 
 def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank) -> SimpleNamespace:
@@ -276,10 +290,11 @@ def resume(t: SimpleNamespace, job: SimpleNamespace, rank: distributed.Rank):
     return progress, state["summary"], best, state["finished"]
 
 
-def probe_epoch(t: SimpleNamespace, rank: distributed.Rank, startup: report.StartUp) -> SimpleNamespace:
+def probe_epoch(t: SimpleNamespace, rank: distributed.Rank, startup: report.StartUp,
+                stop: StopRequest) -> SimpleNamespace:
     """Epoch 0: the new classifier fitted as a linear probe on the frozen features."""
     started = time.monotonic()
-    probe = linear_probe(t, rank)
+    probe = linear_probe(t, rank, stop)
     if t.ema is not None:
         t.ema.set(t.model)
     recipe = recipe_for(t.hp, probe.measured["recipe"])
@@ -389,7 +404,7 @@ def finish(env: SageMakerEnvironment, args: dict, summary: list[dict], best: dic
     args.update(epochs_completed=sum(int(row["epoch"]) > 0 for row in summary), stop_reason=stop_reason)  # not 0
     if best is None:
         outputs.write_args(env.model_dir, args)
-        log.info("No epoch finished, so there is no model yet; a restarted job resumes from the checkpoint.")
+        log.info("No epoch finished, so there is no model yet.")
         return
     args.update(best_epoch=best["epoch"], best_acc_1=best["top1"], best_weights=best["weights"],
                 best_per_class_acc_1=best["per_class"], calibration=best["calibration"])
@@ -412,10 +427,11 @@ def finish(env: SageMakerEnvironment, args: dict, summary: list[dict], best: dic
         log.info("Packed %s", outputs.pack_model(env.model_dir))
 
 
-def linear_probe(t: SimpleNamespace, rank: distributed.Rank) -> SimpleNamespace:
+def linear_probe(t: SimpleNamespace, rank: distributed.Rank, stop: StopRequest) -> SimpleNamespace:
     """Fit the classifier on the frozen features of (a capped sample of) the training images, seen as validation
     sees them, each process extracting a share; then, for the choices left to the job, score it on those images as
-    fine-tuning would see them (recipe.py)."""
+    fine-tuning would see them (recipe.py). A stop is acted on at the next batch in one process, and between the
+    phases and measurements in several, where all must stop at the same point."""
     hp, channel, config, classes = t.hp, t.train_channel, t.resolved_data_config, len(t.train_channel.classes)
     sample = probe_sample(channel.samples, classes, hp.seed)
     measured = [sample[i] for i in probe_sample([channel.samples[i] for i in sample], classes, hp.seed,
@@ -427,26 +443,31 @@ def linear_probe(t: SimpleNamespace, rank: distributed.Rank) -> SimpleNamespace:
         return data_loader(torch.utils.data.Subset(chosen, range(rank.rank, len(images), rank.world_size)),
                            t.workers, t.device, hp.seed + rank.rank, batch_size=hp.batch_size, **batching)
 
+    by_batch = None if rank.distributed else stop
+    log.info("Linear probe: the frozen features of %d training images", len(sample))
     probe = fit_linear_probe(t.model, share_of(sample, eval_transform(config)), t.val_input, t.autocast,
-                             classes, t.loss_fn)
+                             classes, t.loss_fn, stop, by_batch)
 
     def measure(view: Recipe, kind: str) -> float | None:
+        stop_here(stop)
         with random_numbers_untouched(t.device):  # measuring must not change what training draws
             if kind == "batch_statistics":  # shuffled: a batch of one class has statistics no training batch has
                 return probe_top1(t.model, share_of(measured, eval_transform(config), shuffle=True), t.val_input,
-                                  t.autocast, batch_statistics=True)
+                                  t.autocast, batch_statistics=True, stop=by_batch)
             if kind == "regularisation":
                 set_regularisation(t.model, view.drop, view.drop_connect)
                 try:
                     return probe_top1(t.model, share_of(measured, eval_transform(config)), t.val_input, t.autocast,
-                                      dropout=True)
+                                      dropout=True, stop=by_batch)
                 finally:
                     set_regularisation(t.model, t.recipe.drop, t.recipe.drop_connect)
             sized = training_size_config(config, view)
             return probe_top1(t.model, share_of(measured, train_transform(sized, view.aa, view.hflip, view.crop_scale),
                                                 decode_side(sized, True, view.crop_scale)),
-                              ModelInput(sized, t.device, view.reprob, hp.remode), t.autocast)
+                              ModelInput(sized, t.device, view.reprob, hp.remode), t.autocast, stop=by_batch)
 
+    log.info("Linear probe: measuring which parts of the training recipe keep its answers, on %d of its images",
+             len(measured))
     probe.measured = choose(hp, probe.top1, measure)
     return probe
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -113,6 +114,54 @@ def test_sigterm_at_any_instant_of_start_up_stops_at_once_and_cleanly(tmp_path, 
             assert re.search(r"Stopped by SIGTERM (in|after) epoch", log), (delay, log)
             outcomes.append("training")
     assert outcomes.count("start-up") >= 5, outcomes  # most instants land before training, on any machine
+
+
+PROBE_PHASES = (r"Linear probe: the frozen features", r"Linear probe: fitting the classifier",
+                r"Linear probe: measuring", r"Linear probe \(epoch 0\)")
+
+
+@pytest.mark.parametrize("phase", PROBE_PHASES)
+def test_sigterm_in_each_phase_of_the_probe_stops_at_once_and_says_what_was_saved(tmp_path, tiny_hyperparameters,
+                                                                                  phase):
+    """A stop during a 1,000-class probe was ignored for 8 minutes, until SIGKILL, while the log said a checkpoint
+    was being saved. Each phase's own log line, then SIGTERM: the job ends within seconds, exit 0, and says truly
+    whether it saved anything (nothing before training began; the probe's checkpoint once epoch 0 is done)."""
+    base = make_job(tmp_path, {**tiny_hyperparameters, "batch_size": "2", "epochs": "3"})
+    job = start_train(base)
+    log = run_until(job, phase)
+    started = time.monotonic()
+    job.send_signal(signal.SIGTERM)
+    log += job.communicate(timeout=120)[0]
+    assert job.returncode == 0 and time.monotonic() - started < 30, log[-3000:]
+    assert "Traceback" not in log and "epoch 1/3" not in log, log[-3000:]
+    assert log.count("SIGTERM received") == 1
+    if "before training began: nothing to save" in log:
+        assert not checkpoints(base / "checkpoints")
+        assert yaml.safe_load((base / "model" / "args.yml").read_text())["stop_reason"] == "stopped by SIGTERM"
+    else:  # landed after epoch 0's validation: its checkpoint is the probe's
+        assert "Stopped by SIGTERM after epoch 0" in log, log[-3000:]
+        assert checkpoints(base / "checkpoints") == ["checkpoint-00001-0000000.pth.tar"]
+
+
+def test_each_long_loop_of_the_probe_stops_at_its_next_step_once_a_stop_is_asked_for():
+    from efficientnet_train import linear_probe
+    from efficientnet_train.checkpoints import Interrupted, StopRequest
+
+    stop = StopRequest()
+    stop.signal_name = "SIGTERM"
+    model = torch.nn.Linear(4, 3)
+    model.forward_features, model.forward_head = (lambda x: x), (lambda x, pre_logits: x)
+    model.get_classifier = lambda: model
+    batches = [(torch.randn(2, 4), torch.tensor([0, 1]))] * 3
+    steps = (lambda: linear_probe.features_of(model, batches, lambda x: x, contextlib.nullcontext, stop),
+             lambda: linear_probe.fit_head(torch.randn(6, 4), torch.tensor([0, 1, 2] * 2), 3,
+                                           torch.nn.CrossEntropyLoss(), stop),
+             lambda: linear_probe.probe_top1(model, batches, lambda x: x, contextlib.nullcontext, stop=stop))
+    for step in steps:
+        with pytest.raises(Interrupted):
+            step()
+    stop.signal_name = None
+    assert linear_probe.probe_top1(model, batches, lambda x: x, contextlib.nullcontext, stop=stop) is not None
 
 
 def test_each_epoch_leaves_a_checkpoint_and_old_ones_are_pruned(uninterrupted):
