@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tarfile
 import tempfile
@@ -82,6 +83,21 @@ def export(source: Path, output: Path) -> dict:
             "max_difference": difference, "input_size": list(size), "labels": len(labels)}
 
 
+def check_output(path: Path) -> None:
+    """Refuse, before the export's time is spent, an output that is a folder or a link; make its folder."""
+    if path.is_symlink():
+        raise JobError(f"--output {path} is a symbolic link (to {os.readlink(path)}); the model is not written "
+                       f"through links. Give the file's own path, or another name.")
+    if path.is_dir():
+        raise JobError(f"--output {path} is a folder; give a file name, such as {path / 'model.onnx'}.")
+    if path.exists() and not path.is_file():
+        raise JobError(f"--output {path} is not a regular file (a named pipe, socket or device); give a file name.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JobError(f"--output {path}: its folder cannot be made ({exc.strerror}: {exc.filename}).") from exc
+
+
 def _exported(wrapper: torch.nn.Module, example: torch.Tensor):
     """The ONNX model (an onnx.ModelProto) from torch's exporter, weights inside, the batch dimension free."""
     batch = torch.export.Dim("batch", min=1, max=65536)
@@ -136,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", type=Path, help="a model folder (model_best.pth.tar, labels.json) or model.tar.gz")
     parser.add_argument("--output", type=Path, default=Path("model.onnx"), help="the ONNX file (default model.onnx)")
     options = parser.parse_args(argv)
+    os.environ["HF_HUB_OFFLINE"] = "1"  # as serve and predict: a model file never makes the job reach the network
     try:
         import onnxruntime  # noqa: F401 - the check needs it; say so before the export's time is spent
     except ImportError:
@@ -143,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
+        check_output(options.output)
         result = export(options.model, options.output)
     except JobError as exc:
         print(f"export-onnx: {exc}", file=sys.stderr)

@@ -242,13 +242,36 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+TRAINED_MODEL_KEYS = ("arch", "state_dict", "labels", "data_config")
+
+
 def load_trained_model(path: Path) -> tuple[torch.nn.Module, dict]:
-    """The best model a job saved, ready for inference, and its checkpoint's metadata."""
+    """The best model a job saved, ready for inference, and its checkpoint's metadata. Anything else (another
+    program's pickle, an architecture this product does not train, such as a Hugging Face Hub name that would be
+    fetched from the network, weights of another shape) is refused with the reason, before any model is built."""
     import timm
 
-    checkpoint = load_checkpoint(path)
-    model = timm.create_model(checkpoint["arch"], num_classes=len(checkpoint["labels"]))
-    model.load_state_dict(checkpoint["state_dict"])
+    from .hyperparameters import efficientnet_models
+
+    not_ours = f"{path} is not a model_best.pth.tar that a training job of this product wrote"
+    try:
+        checkpoint = load_checkpoint(path)
+    except Exception as exc:  # noqa: BLE001 - torch reports a foreign pickle or a damaged file in many types
+        raise JobError(f"{not_ours}: it cannot be loaded as plain weights ({type(exc).__name__}: "
+                       f"{shown(str(exc).splitlines()[0] if str(exc) else '', 200)}).") from exc
+    missing = [key for key in TRAINED_MODEL_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise JobError(f"{not_ours}: it has no {', '.join(missing)}.")
+    arch = checkpoint["arch"]
+    if not isinstance(arch, str) or arch not in efficientnet_models():
+        raise JobError(f"{not_ours}: its architecture '{shown(arch, 100)}' is not one of timm's EfficientNets, "
+                       f"which this product trains (and loads without the network).")
+    model = timm.create_model(arch, num_classes=len(checkpoint["labels"]))
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise JobError(f"{not_ours}: its weights do not fit a {arch} of {len(checkpoint['labels'])} classes "
+                       f"({shown(str(exc).splitlines()[0], 200)}).") from exc
     return model.eval().to(memory_format=MEMORY_FORMAT), checkpoint
 
 

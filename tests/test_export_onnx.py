@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,43 @@ def test_the_documented_onnxruntime_example_answers_what_predict_answers(job, tm
     expected = classifier.probabilities(classifier.preprocess(load_image(str(image))).unsqueeze(0))[0]
     assert label == classifier.labels[int(expected.argmax())]
     assert abs(float(probability) - float(expected.max())) < 1e-4
+
+
+def run_export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(EXPORT_COMMAND), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_export_onnx_gives_a_reason_not_a_traceback_for_a_foreign_or_unknown_model(job, tmp_path):
+    """A foreign pickle and an unknown architecture printed tracebacks; a Hugging Face Hub name made the export
+    reach the network."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "labels.json").write_bytes((job / "model" / "labels.json").read_bytes())
+    checkpoint = torch.load(job / "model" / "model_best.pth.tar", weights_only=True)
+    cases = {"is not one of timm's EfficientNets": {**checkpoint, "arch": "hf-hub:someone/model"},
+             "do not fit": {**checkpoint, "state_dict": {"classifier.weight": torch.zeros(2, 2)}},
+             "has no state_dict": {key: value for key, value in checkpoint.items() if key != "state_dict"}}
+    for reason, content in cases.items():
+        torch.save(content, model_dir / "model_best.pth.tar")
+        result = run_export(str(model_dir), "--output", str(tmp_path / "m.onnx"))
+        assert result.returncode == 1 and reason in result.stderr and "Traceback" not in result.stderr, result.stderr
+    with open(model_dir / "model_best.pth.tar", "wb") as f:
+        pickle.dump(Foreign(), f)
+    result = run_export(str(model_dir), "--output", str(tmp_path / "m.onnx"))
+    assert result.returncode == 1 and "cannot be loaded as plain weights" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "m.onnx").exists()
+
+
+def test_export_onnx_refuses_an_output_folder_or_link_before_exporting(job, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "link.onnx").symlink_to(tmp_path / "elsewhere.onnx")
+    for output, reason in ((tmp_path / "out", "is a folder"), (tmp_path / "link.onnx", "is a symbolic link")):
+        started = time.monotonic()
+        result = run_export(str(job / "model"), "--output", str(output))
+        assert result.returncode == 1 and reason in result.stderr and "Traceback" not in result.stderr
+        assert time.monotonic() - started < 60  # not after the export (24 s on the 2-core CPU for Lite0)
+    assert not (tmp_path / "elsewhere.onnx").exists() and list((tmp_path / "out").iterdir()) == []
+
+
+class Foreign:
+    """A type a weights-only load refuses."""
