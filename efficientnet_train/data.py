@@ -7,6 +7,7 @@ stored in the checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -315,6 +316,56 @@ def warn_about_thin_classes(train: Channel, val: Channel) -> None:
         log.warning("The 'val' channel has no images of %d of the %d classes (%s): the validation accuracy, which "
                     "picks the best model, does not measure them.", len(unmeasured), len(val.classes),
                     ", ".join(unmeasured[:10]) + (", ..." if len(unmeasured) > 10 else ""))
+
+
+def copies_across(train: Channel, val: Channel) -> list[tuple[str, str]]:
+    """(val image, train image) for each validation image whose bytes are a training image's, cheaply: a stat of
+    each file, then a hash of those whose size some file of the other channel shares."""
+    def each(function, paths: list[str]) -> list:
+        with ThreadPoolExecutor(max_workers=PROBE_THREADS) as pool:
+            return list(pool.map(function, paths))
+
+    train_paths, val_paths = [path for path, _ in train.samples], [path for path, _ in val.samples]
+    train_by_size: dict[int, list[str]] = {}
+    for path, size in zip(train_paths, each(_size, train_paths)):
+        train_by_size.setdefault(size, []).append(path)
+    candidates = [path for path, size in zip(val_paths, each(_size, val_paths)) if size in train_by_size]
+    if not candidates:
+        return []
+    others = sorted({path for size in {_size(path) for path in candidates} for path in train_by_size.get(size, [])})
+    train_by_digest = dict(zip(each(_digest, others), others))
+    train_by_digest.pop(None, None)
+    return [(path, train_by_digest[digest]) for path, digest in zip(candidates, each(_digest, candidates))
+            if digest in train_by_digest]
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+def _digest(path: str) -> bytes | None:
+    try:
+        digest = hashlib.blake2b()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return digest.digest()
+    except OSError:
+        return None
+
+
+def warn_about_copies(copies: list[tuple[str, str]], train: Channel, val: Channel) -> None:
+    if copies:
+        examples = ", ".join(f"{shown(os.path.relpath(v, val.root), 80)} = {shown(os.path.relpath(t, train.root), 80)}"
+                             for v, t in copies[:5])
+        log.warning("%d of the %d validation images are byte-identical copies of training images (val = train: %s%s). "
+                    "Validation then scores images training has seen, which inflates the validation accuracy and "
+                    "misleads the choice of the best epoch, early stopping and a tuning job's objective; remove "
+                    "the copies from one channel.", len(copies), len(val.samples), examples,
+                    ", ..." if len(copies) > 5 else "")
 
 
 # ---- reading images ---------------------------------------------------------------------------------

@@ -125,8 +125,17 @@ def archive_member(archive: Path, name: str, max_bytes: int = MODEL_CHANNEL_MAX_
     by the archive's own paths; refused when missing, not among the first ARCHIVE_MEMBERS_LOOKED_AT members
     (an archive of millions would take that long to list), or over `max_bytes`."""
     with tarfile.open(archive) as tar:
-        member = next((m for _, m in zip(range(ARCHIVE_MEMBERS_LOOKED_AT), tar)
-                       if Path(m.name).name == name and m.isfile()), None)
+        member, walked = None, 0
+        for _, candidate in zip(range(ARCHIVE_MEMBERS_LOOKED_AT), tar):
+            if Path(candidate.name).name == name and candidate.isfile():
+                member = candidate
+                break
+            # Reaching the next member decompresses this one: a gzip bomb of zeros before ours would take minutes.
+            walked += candidate.size
+            if walked > max_bytes:
+                raise JobError(f"{archive} holds {walked:,} bytes of other files before its {name}, more than any "
+                               f"model of this algorithm has ({max_bytes:,} at most). Give the model.tar.gz of a "
+                               f"previous training job.")
         if member is None:
             raise JobError(f"{archive} holds no {name} file. Give the model.tar.gz of a previous training job of "
                            f"this algorithm.")

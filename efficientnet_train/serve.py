@@ -225,6 +225,9 @@ class InferenceApp:
         offered = [item for item in accept.split(",") if item.strip()]
         if not offered:
             return default, False
+        # Most preferred first (RFC 9110's q, 1 when absent; ties in the client's order); q=0 means "not this".
+        offered = [item for quality, item in sorted(((_quality(item), item) for item in offered),
+                                                     key=lambda pair: -pair[0]) if quality > 0]
         for item in offered:
             media_type = _media_type(item)
             verbose = "verbose" in (part.strip().lower() for part in item.split(";")[1:])
@@ -300,6 +303,19 @@ def _json_images(body: bytes) -> list[bytes]:
         except (binascii.Error, ValueError):
             raise HttpError("400 Bad Request", f"Image {index} is not valid base64.") from None
     return decoded
+
+
+def _quality(item: str) -> float:
+    """An Accept entry's q parameter: 1 when absent, 0 when it is not a number from 0 to 1."""
+    for parameter in item.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                quality = float(value.strip()[:10])
+            except ValueError:
+                return 0.0
+            return quality if 0 <= quality <= 1 else 0.0
+    return 1.0
 
 
 def _media_type(header: str) -> str:

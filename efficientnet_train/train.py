@@ -22,8 +22,9 @@ from . import __version__, distributed, hyperparameters, outputs, report
 from .calibration import calibrated, fit_temperature, top_label_ece
 from .checkpoints import (CHECKPOINT_NAME, Interrupted, Progress, StopRequest, check_resumable, load_latest_state,
                           restore_training_state, room_for_checkpoints, save_state, stop_here, training_state)
-from .data import (ModelInput, TrainBatches, dataset_of, decode_side, eval_transform, report_load_failures,
-                   resolve_data_config, scan_channel, train_transform, warn_about_thin_classes)
+from .data import (ModelInput, TrainBatches, copies_across, dataset_of, decode_side, eval_transform,
+                   report_load_failures, resolve_data_config, scan_channel, train_transform, warn_about_copies,
+                   warn_about_thin_classes)
 from .errors import JobError
 from .failures import explained
 from .linear_probe import MEASURED_IMAGES, fit_linear_probe, probe_sample, probe_top1
@@ -83,6 +84,8 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
                        f"Add a folder of images for each other label to {train_channel.root}.")
     check_batch_size(hp.batch_size, len(train_channel.samples), world_size)
     warn_about_thin_classes(train_channel, val_channel)
+    copies = copies_across(train_channel, val_channel)
+    warn_about_copies(copies, train_channel, val_channel)
     for folder, names in ((env.model_dir, outputs.MODEL_OUTPUT_NAMES), (env.checkpoint_dir, CHECKPOINT_NAME)):
         removed = outputs.remove_leftover_temporaries(folder, names)
         if removed:
@@ -100,7 +103,7 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
         env.checkpoint_dir: room_for_checkpoints(env.checkpoint_dir, checkpoint_bytes)})
     startup.done("checking the data and the disk (checkpoints and free space)")
     return SimpleNamespace(hp=hp, ignored=ignored, train_channel=train_channel, val_channel=val_channel,
-                           resumed=resumed, startup=startup)
+                           copies=copies, resumed=resumed, startup=startup)
 
 
 def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank = distributed.SINGLE) -> None:
@@ -136,6 +139,8 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
                        train_epoch(t, progress, stop, startup, rank))
             startup = None if epoch else startup  # said once per process: a resumed job says its own start-up again
             results = validate(t, trained.candidates, stop, rank)
+            if startup is not None:
+                startup.done("validating the linear probe")
             chosen = max(results, key=lambda name: (results[name].top1, -results[name].loss))
             result, seconds = results[chosen], time.monotonic() - epoch_started
             epoch_seconds += [seconds] if epoch else []
@@ -224,6 +229,8 @@ def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Ra
             "train_images_per_class": train_channel.images_per_class(),
             "val_images_per_class": val_channel.images_per_class(),
             "skipped_files": {ch.name: ch.skipped_summary() for ch in (train_channel, val_channel)},
+            "val_copies_of_train_images": {"count": len(job.copies), "first": [
+                {"val": v, "train": t} for v, t in job.copies[:20]]},
             "training_job_name": env.training_job_name, "versions": versions()}
     t = SimpleNamespace(
         hp=hp, rank=rank, classes=classes, train_channel=train_channel, device=device, autocast=autocast, model=model,

@@ -26,8 +26,8 @@ from PIL import Image, ImageFile
 
 from conftest import failure_reason, make_job, run_train, write_files, write_images
 from efficientnet_train import data, failures, hyperparameters, train
-from efficientnet_train.data import (ImageDataset, Skip, UnusableData, dataset_of, probe_image, report_load_failures,
-                                     scan_channel, warn_about_thin_classes)
+from efficientnet_train.data import (ImageDataset, Skip, UnusableData, copies_across, dataset_of, probe_image,
+                                     report_load_failures, scan_channel, warn_about_copies, warn_about_thin_classes)
 from efficientnet_train.decoding import decode_image
 from efficientnet_train.errors import JobError
 from efficientnet_train.metrics import metric_definitions
@@ -281,6 +281,26 @@ def test_thin_classes_and_classes_missing_from_val_are_warnings(tmp_path, caplog
     warn_about_thin_classes(train_channel, scan_channel("val", tmp_path / "val", classes=train_channel.classes))
     assert "fewer than 5 training images: wasps (1)" in caplog.text
     assert "no images of 2 of the 3 classes (bees, wasps)" in caplog.text
+
+
+def test_validation_images_copied_from_training_are_counted_and_named(tmp_path, caplog):
+    train_root = two_classes(tmp_path / "train", per_class=6)
+    copied = sorted((train_root / "ants").iterdir())[:2]
+    (tmp_path / "val" / "ants").mkdir(parents=True)
+    for index, source in enumerate(copied):
+        shutil.copyfile(source, tmp_path / "val" / "ants" / f"copy{index}{source.suffix}")
+    same_size = bytearray(copied[0].read_bytes())  # same size as a training image, other bytes: not a copy
+    same_size[-3] ^= 0xFF
+    (tmp_path / "val" / "ants" / f"near{copied[0].suffix}").write_bytes(bytes(same_size))
+    write_images(tmp_path / "val" / "bees", RED, 2, seed=9)
+    train_channel = scan_channel("train", train_root)
+    val_channel = scan_channel("val", tmp_path / "val", classes=train_channel.classes)
+    copies = copies_across(train_channel, val_channel)
+    assert sorted((Path(v).name, Path(t).name) for v, t in copies) == sorted(
+        (f"copy{i}{p.suffix}", p.name) for i, p in enumerate(copied))
+    warn_about_copies(copies, train_channel, val_channel)
+    assert "2 of the 5 validation images are byte-identical copies of training images" in caplog.text
+    assert f"ants/copy0{copied[0].suffix} = ants/{copied[0].name}" in caplog.text
 
 
 def test_scan_of_many_files_takes_seconds(tmp_path):

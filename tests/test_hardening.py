@@ -466,6 +466,10 @@ def test_a_model_archive_is_read_by_name_within_bounds(tmp_path):
     padded = archive(tmp_path / "padded.tar.gz", [(f"junk{i}", b"") for i in range(1000)] + [("labels.json", b"{}")])
     with pytest.raises(JobError, match="holds no labels.json file"):  # not among the first 1,000 members
         archive_member(padded, "labels.json")
+    # A gzip bomb: zeros before the file asked for, which reaching it would decompress (a 100 GB member: minutes)
+    bomb = archive(tmp_path / "bomb.tar.gz", [("zeros", bytes(200_000)), ("labels.json", b"{}")])
+    with pytest.raises(JobError, match="200,000 bytes of other files before its labels.json"):
+        archive_member(bomb, "labels.json", max_bytes=100_000)
 
 
 # ---- files buyers open: no formula runs, no file of theirs is destroyed ------------------------------------

@@ -211,6 +211,13 @@ def test_accept_chooses_json_or_json_lines(server):
     assert len(body.decode().splitlines()) == 1 and set(json.loads(body)) == {"labels", "probabilities"}
     assert len(predictions(server.invoke(image, Accept="*/*"))) == 1
     assert len(predictions(server.invoke(image, Accept="text/html, application/json;q=0.9"))) == 1
+    # q-values: q=0 refuses a type; the higher q wins, whatever the order
+    for accept, answered in (("application/json;q=0, application/jsonlines", "application/jsonlines"),
+                             ("application/jsonlines;q=0.5, application/json", "application/json"),
+                             ("application/json;q=0.2, application/jsonlines;q=0.8", "application/jsonlines")):
+        status, headers, _ = server.invoke(image, Accept=accept)
+        assert status == 200 and headers["content-type"] == answered, accept
+    assert server.invoke(image, Accept="application/json;q=0, application/jsonlines;q=0")[0] == 406
 
 
 def truncated_jpeg() -> bytes:

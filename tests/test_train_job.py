@@ -216,7 +216,8 @@ def test_the_first_step_line_says_where_the_start_up_went(finished_job):
     seconds = dict((phase, float(s)) for phase, s in re.findall(r"(?:^|, )([^,]+?) ([\d.]+) s", phases))
     assert list(seconds) == ["Python and imports", "checking the hyperparameters (importing timm)",
                              "checking the data and the disk (checkpoints and free space)", "building the model on the CPU",
-                             "fitting the linear probe on 38 images", "setting up training", "first batch (the loader's workers starting)", "first step"]
+                             "fitting the linear probe on 38 images", "validating the linear probe", "setting up training",
+                             "first batch (the loader's workers starting)", "first step"]
     assert seconds["Python and imports"] > 0 and sum(seconds.values()) == pytest.approx(float(total), abs=0.35)
 
 
