@@ -35,6 +35,8 @@ from efficientnet_train.untrusted import LABEL_RULE, shown, shown_lines
 
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from measure_decode_cost import decode_cost as measured_decode_cost, saved, scan_bomb  # noqa: E402
 
 
 class Foreign:
@@ -270,47 +272,11 @@ def test_half_written_files_of_a_killed_save_are_removed_at_start_and_nothing_el
 
 # ---- serving: what a small upload may cost ---------------------------------------------------------------
 
-# Peak memory from the kernel's high-water mark, reset first: ru_maxrss would carry pytest's own peak, from which
-# the measuring process was forked.
-PEAK_RSS = textwrap.dedent("""
-    import sys, time
-    from efficientnet_train.decoding import ENDPOINT, UnreadableImage, decode_image
-    def kilobytes(field):
-        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
-    data = open(sys.argv[1], "rb").read()
-    before = kilobytes("VmRSS:")
-    open("/proc/self/clear_refs", "w").write("5")
-    start = time.perf_counter()
-    try:
-        decode_image(data, 320, ENDPOINT)
-        outcome = "decoded"
-    except UnreadableImage as exc:
-        outcome = "refused: " + str(exc)
-    print((kilobytes("VmHWM:") - before) // 1024, round(time.perf_counter() - start, 2), outcome)
-""")
-
-
 def decode_cost(data: bytes, tmp_path: Path) -> tuple[int, float, str]:
     """What decoding `data` as the endpoint does costs a fresh process: MB of peak memory added, seconds, outcome."""
     path = tmp_path / "upload"
     path.write_bytes(data)
-    result = subprocess.run([sys.executable, "-c", PEAK_RSS, str(path)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    megabytes, seconds, outcome = result.stdout.strip().split(" ", 2)
-    return int(megabytes), float(seconds), outcome
-
-
-def saved(image: Image.Image, image_format: str, **options) -> bytes:
-    encoded = io.BytesIO()
-    image.save(encoded, image_format, **options)
-    return encoded.getvalue()
-
-
-def scan_bomb(side: int, repeats: int) -> bytes:
-    """A progressive JPEG repeating its last scan: each repeat walks every block of the full-size image."""
-    data = saved(Image.new("L", (side, side), 128), "JPEG", progressive=True)
-    last = data.rfind(b"\xff\xda")
-    return data[:-2] + data[last:-2] * repeats + b"\xff\xd9"
+    return measured_decode_cost(path)
 
 
 def claiming_size(jpeg: bytes, width: int, height: int) -> bytes:

@@ -220,6 +220,33 @@ def test_accept_chooses_json_or_json_lines(server):
     assert server.invoke(image, Accept="application/json;q=0, application/jsonlines;q=0")[0] == 406
 
 
+def test_a_normal_image_beside_the_costliest_accepted_one_is_answered_within_seconds(server):
+    """Two 555 KB scan bombs in flight made a normal 8 KB JPEG wait 40 s while /ping stayed 200. The costliest
+    image the endpoint still decodes (a progressive JPEG at the scan limit: about 2 s of a core) is sent with a
+    normal one beside it; a bomb beyond the limit is refused at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from measure_decode_cost import scan_bomb
+
+    at_the_limit = scan_bomb(4096, 108)  # 114 scans of 262,144 blocks: 29.9 million, under the 30 million
+    normal = encoded(COLOURS["bees"], "JPEG", size=200)
+
+    def timed(body: bytes) -> tuple[int, float]:
+        started = time.monotonic()
+        status = server.invoke(body, "image/jpeg")[0]
+        return status, time.monotonic() - started
+
+    with ThreadPoolExecutor(2) as pool:
+        costly = pool.submit(timed, at_the_limit)
+        normal_status, normal_seconds = pool.submit(timed, normal).result()
+        costly_status, _ = costly.result()
+    assert normal_status == 200 and normal_seconds < 10, normal_seconds
+    assert costly_status == 200
+    status, seconds = timed(scan_bomb(4096, 2000))
+    assert status == 400 and seconds < 5, seconds
+
+
 def truncated_jpeg() -> bytes:
     data = encoded((10, 200, 30), "JPEG", size=200)
     return data[: len(data) // 2]
