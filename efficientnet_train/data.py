@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from .decoding import DECODE_MIN_SIDE, IMAGE_FORMATS, UnreadableImage, decode_problem, load_image
 from .errors import JobError
 from .model import MEMORY_FORMAT
-from .untrusted import LABEL_RULE, is_label, shown
+from .untrusted import LABEL_RULE, is_label, listed, shown
 
 log = logging.getLogger("efficientnet_train")
 
@@ -103,14 +103,14 @@ class Channel:
 
     def inventory(self) -> str:
         present = {name: count for name, count in self.images_per_class().items() if count}
-        per_class = ", ".join(f"{name}: {count}" for name, count in present.items())
+        per_class = listed(f"{name}: {count}" for name, count in present.items())
         formats = ", ".join(f"{fmt}: {count}" for fmt, count in self.formats().items())
         lines = [f"channel '{self.name}' ({self.root}): {len(self.samples)} images in {len(present)} classes "
                  f"[{per_class}]; formats [{formats}]"]
         if self.skipped:
             summary = self.skipped_summary()
             reasons = ", ".join(f"{count} {reason}" for reason, count in summary["by_reason"].items())
-            classes = ", ".join(f"{label}: {count}" for label, count in summary["per_class"].items())
+            classes = listed(f"{label}: {count}" for label, count in summary["per_class"].items())
             lines.append(f"channel '{self.name}': skipped {len(self.skipped)} files ({reasons}) [{classes}], "
                          f"e.g. {'; '.join(str(s) for s in self.skipped[:5])}")
         if self.ignored:
@@ -309,8 +309,7 @@ def warn_about_thin_classes(train: Channel, val: Channel) -> None:
     thin = {label: count for label, count in train.images_per_class().items() if count < SMALL_CLASS}
     if thin:
         log.warning("Classes with fewer than %d training images: %s. The model learns them poorly; add images "
-                    "if they matter.", SMALL_CLASS, ", ".join(f"{label} ({count})" for label, count in islice(
-                        thin.items(), 10)) + (f", ... ({len(thin):,} classes in all)" if len(thin) > 10 else ""))
+                    "if they matter.", SMALL_CLASS, listed(f"{label} ({count})" for label, count in thin.items()))
     unmeasured = [label for label, count in val.images_per_class().items() if not count]
     if unmeasured:
         log.warning("The 'val' channel has no images of %d of the %d classes (%s): the validation accuracy, which "

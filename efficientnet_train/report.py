@@ -9,15 +9,13 @@ import time
 from pathlib import Path
 
 from .outputs import atomic_write, write_text
-from .untrusted import csv_cell
+from .untrusted import LOG_LIST_MAX, csv_cell
 
 # Beyond this many classes a full matrix in the log is unreadable: the log lists the worst confusions.
 LOG_MATRIX_MAX_CLASSES = 12
 # Beyond this many classes confusion_matrix.csv lists the (true, predicted) pairs that occur: the full matrix grows
 # with the square of the class count (2 MB at 1,000 classes, mostly zeros), the list with the validation set.
 CSV_MATRIX_MAX_CLASSES = 200
-# Lists in the log (classes, per-class figures, skipped files) show this many entries; args.yml has them all.
-LOG_LIST_MAX = 24
 
 
 def capped(value, depth: int = 0):

@@ -18,6 +18,9 @@ from .metrics import METRIC_NAMES  # SageMaker's patterns are `<name>=([0-9.]+)`
 _METRIC = re.compile("(" + "|".join(re.escape(name) for name in METRIC_NAMES) + ")=", re.IGNORECASE)
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+# Entries of a list the log shows (classes, their counts, the settings' lists): 1,000 classes made 10 KB lines and
+# 3,000 lines of settings. args.yml keeps every entry.
+LOG_LIST_MAX = 24
 
 
 def is_unsafe(character: str) -> bool:
@@ -56,6 +59,13 @@ def shown(value: object, limit: int = 200) -> str:
     head = "".join(_escaped(c) if is_unsafe(c) else c for c in head)
     head = _METRIC.sub(lambda match: match.group(1) + "\\x3d", head)
     return f"{head}... ({len(text):,} characters in all)" if cut else head
+
+
+def listed(entries) -> str:
+    """Entries (already made safe) joined for one log line, cut after LOG_LIST_MAX with the count of all."""
+    entries = list(entries)
+    head = ", ".join(entries[:LOG_LIST_MAX])
+    return head + (f", ... ({len(entries):,} in all, each in args.yml)" if len(entries) > LOG_LIST_MAX else "")
 
 
 def shown_lines(text: str, line_limit: int = 1000) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from conftest import write_files, write_images
@@ -511,3 +512,22 @@ def test_predictions_replace_the_previous_file_only_when_complete(tmp_path):
     predict.write_atomically(output, lambda f: f.write("image,label_1,probability_1\nnew.jpg,b,1.0\n"))
     assert output.read_text().endswith("new.jpg,b,1.0\n")
     predict.check_output(output, [tmp_path], [], overwrite=False)  # a CSV it wrote may be replaced
+
+
+def test_at_a_thousand_classes_the_log_lists_a_few_dozen_entries_and_args_yml_every_one(tmp_path):
+    """The log grew about 4 lines a class (3,101 lines of settings at 1,000 classes, 10 KB lines listing every
+    class); each list the log shows now stops after a few dozen entries and says how many there are."""
+    from efficientnet_train import report
+    from efficientnet_train.data import Channel
+
+    classes = [f"class{i:04d}" for i in range(1000)]
+    args = {"classes": classes, "train_images_per_class": {name: 2 for name in classes}, "lr": 0.016}
+    text = yaml.safe_dump(report.capped(args), sort_keys=False)
+    assert len(text.splitlines()) < 60 and "976 more in args.yml" in text and "lr: 0.016" in text
+    confusion = [[2 if i == j else 0 for j in range(1000)] for i in range(1000)]
+    confusion[7] = [1 if j in (7, 9) else 0 for j in range(1000)]
+    table = report.per_class_table(classes, confusion, [0.9] * 1000)
+    assert len(table.splitlines()) == 26 and table.splitlines()[1].startswith("class0007")  # the worst first
+    channel = Channel("train", tmp_path, classes, [(str(tmp_path / f"{i}.jpg"), i % 1000) for i in range(2000)])
+    assert max(len(line) for line in channel.inventory().splitlines()) < 600
+    assert "(1,000 in all, each in args.yml)" in channel.inventory()
