@@ -230,7 +230,7 @@ class InferenceApp:
                                                      key=lambda pair: -pair[0]) if quality > 0]
         for item in offered:
             media_type = _media_type(item)
-            verbose = "verbose" in (part.strip().lower() for part in item.split(";")[1:])
+            verbose = any(_is_verbose(part) for part in item.split(";")[1:])
             if media_type in RESPONSE_TYPES:
                 return media_type, verbose
             if media_type in ("*/*", "application/*"):
@@ -303,6 +303,12 @@ def _json_images(body: bytes) -> list[bytes]:
         except (binascii.Error, ValueError):
             raise HttpError("400 Bad Request", f"Image {index} is not valid base64.") from None
     return decoded
+
+
+def _is_verbose(parameter: str) -> bool:
+    """`verbose`, `verbose=true` or `verbose=1` (JumpStart's clients send each); `verbose=false` or `=0` is not."""
+    name, equals, value = (part.strip().lower() for part in parameter.partition("="))
+    return name == "verbose" and (not equals or value.strip('"') in ("true", "1", "yes"))
 
 
 def _quality(item: str) -> float:

@@ -577,8 +577,11 @@ def test_verbose_json_answers_every_label_and_the_predicted_one_as_jumpstart_doe
     assert answer["labels"] == CLASSES  # every label, in the model's order
     assert abs(sum(answer["probabilities"]) - 1) < 1e-5
     assert answer["predicted_label"] == CLASSES[answer["probabilities"].index(max(answer["probabilities"]))]
+    for accept in ("application/json;verbose=true", "application/json; verbose=1", 'application/json;Verbose="True"'):
+        assert json.loads(server.invoke(image, "application/x-image", Accept=accept)[2]) == answer, accept
     [plain] = predictions(server.invoke(image, "application/x-image", Accept="application/json"))
     assert plain["labels"][0] == answer["predicted_label"]  # application/json is as it was
+    assert predictions(server.invoke(image, "application/x-image", Accept="application/json;verbose=false")) == [plain]
     assert abs(plain["probabilities"][0] - max(answer["probabilities"])) < 1e-6
 
 
