@@ -209,7 +209,8 @@ OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "rmsproptf", "adam", "ad
 SCHEMA: tuple[Hyperparameter, ...] = (
     # -- the listing's hyperparameters, with its names and defaults
     Hyperparameter("epochs", int, 250, "Number of epochs to train.", minimum=1, maximum=10000, tunable=True),
-    Hyperparameter("batch_size", int, 32, "Images per training step on each device (GPU, or the CPU).",
+    Hyperparameter("batch_size", int, 32, "Images per training step on each device (GPU, or the CPU); a smaller "
+                   "training set trains with batches of its whole size, with a warning.",
                    minimum=2, maximum=4096, tunable=True),  # BatchNorm can't train on one image
     Hyperparameter("aa", str, "auto",
                    "Augmentation policy (timm's auto_augment): v0, original, a RandAugment string such as "

@@ -82,7 +82,7 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
     if len(classes) < 2:
         raise JobError(f"The 'train' channel has one class ({classes[0]}); a classifier needs at least two. "
                        f"Add a folder of images for each other label to {train_channel.root}.")
-    check_batch_size(hp.batch_size, len(train_channel.samples), world_size)
+    hp.batch_size = fitted_batch_size(hp.batch_size, len(train_channel.samples), world_size)  # args.yml says so
     warn_about_thin_classes(train_channel, val_channel)
     copies = copies_across(train_channel, val_channel)
     warn_about_copies(copies, train_channel, val_channel)
@@ -593,15 +593,22 @@ def create_optimizer(model: torch.nn.Module, hp, lr: float, opt: str) -> torch.o
                                eps=hp.opt_eps, layer_decay=hp.layer_decay if hp.layer_decay < 1 else None)
 
 
-def check_batch_size(batch_size: int, train_images: int, processes: int = 1) -> None:
-    """Every training step takes a full batch in each process (a short last batch would be a noisy step), so a
-    batch larger than a process's share of the training set would never train."""
+def fitted_batch_size(batch_size: int, train_images: int, processes: int = 1) -> int:
+    """`batch_size`, or a process's share of the training set where that is smaller: every training step takes a
+    full batch in each process (a short last batch would be a noisy step), so a larger batch would never train. A
+    small first set with the default batch trains with what there is, saying so; below two images a process (what
+    BatchNorm needs to normalise a batch) no batch makes sense, and the job fails."""
     share = train_images // processes
+    among = f", shared among {processes} training processes (one per GPU)" if processes > 1 else ""
+    if share < 2:
+        raise JobError(f"The training set is too small to train on: {train_images} usable images in 'train'{among} "
+                       f"leave fewer than 2 a batch, and a training step needs at least 2. Add training images"
+                       f"{' or use fewer GPUs' if processes > 1 else ''}.")
     if batch_size > share:
-        among = f", shared among {processes} training processes (one per GPU)" if processes > 1 else ""
-        raise JobError(f"batch_size={batch_size} is larger than the training set ({train_images} usable images in "
-                       f"'train'{among}), so not one full batch can be made and no training step would run. Set "
-                       f"batch_size to {share} or less (the largest value that works), or add training images.")
+        log.warning("batch_size=%d is larger than the training set (%d usable images in 'train'%s): training with "
+                    "batches of %d, the largest that fits (the learning rate scales with it).", batch_size,
+                    train_images, among, share)
+    return min(batch_size, share)
 
 
 def early_stop_reason(epoch: int, best_epoch: int, lr_now: float, peak_lr: float, hp,

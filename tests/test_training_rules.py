@@ -190,13 +190,15 @@ def test_slow_data_is_said_once_with_what_to_change(monkeypatch, caplog):
     assert warnings_of(other_rank, (50.0, 60.0, "epoch 1 so far")) == []
 
 
-def test_batch_size_is_per_process_and_checked_against_each_process_share():
+def test_batch_size_is_per_process_and_fitted_to_each_process_share(caplog):
     from efficientnet_train.errors import JobError
-    from efficientnet_train.train import check_batch_size
+    from efficientnet_train.train import fitted_batch_size
 
-    check_batch_size(18, 36, processes=2)
-    with pytest.raises(JobError, match=r"shared among 2 training processes .*Set batch_size to 18 or less"):
-        check_batch_size(19, 36, processes=2)
+    assert fitted_batch_size(18, 36, processes=2) == 18 and "larger" not in caplog.text
+    assert fitted_batch_size(19, 36, processes=2) == 18
+    assert "shared among 2 training processes (one per GPU)): training with batches of 18" in caplog.text
+    with pytest.raises(JobError, match="or use fewer GPUs"):
+        fitted_batch_size(32, 3, processes=2)
 
 
 def test_model_input_normalises_uint8_batches_as_timms_float_transform_would():
