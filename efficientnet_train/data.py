@@ -356,6 +356,32 @@ def _digest(path: str) -> bytes | None:
         return None
 
 
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "eval"})
+
+
+def check_channels_differ(train: Channel, val: Channel, copies: list[tuple[str, str]]) -> None:
+    """Refuse what can only be a layout mistake: both channels pointed at a data set's root (their classes are its
+    split folders), or a validation set made of training images. Narrow on purpose: one class named like a split
+    (a real class `test`) trains."""
+    splits = sorted(name for name in train.classes if name.lower() in SPLIT_NAMES and name in val.classes)
+    if len(splits) >= 2:
+        training = next((name for name in splits if name.lower() in ("train", "training")), splits[0])
+        held_out = next(name for name in splits if name != training)
+        raise JobError(
+            f"The 'train' and 'val' channels both hold class folders named like data splits "
+            f"({', '.join(shown(name, 40) for name in splits)}): they point at the data set's root "
+            f"({shown(train.root, 200)}) instead of its split folders, and would train a model that tells the splits "
+            f"apart. Point 'train' at {shown(train.root / training, 200)} and 'val' at {shown(val.root / held_out, 200)} (on "
+            f"SageMaker: the S3 prefixes ending in {shown(training, 40)}/ and {shown(held_out, 40)}/). If these "
+            f"really are class names, rename all but one of those folders (e.g. '{shown(training, 40)}_images').")
+    if copies and len(copies) == len(val.samples):
+        raise JobError(f"Every one of the {len(val.samples)} images of the 'val' channel is a training image (the same "
+                       f"file or a byte-identical copy; e.g. {shown(copies[0][0], 200)} = {shown(copies[0][1], 200)}): "
+                       f"validation would score only what training has seen, so the accuracy, the best epoch and "
+                       f"early stopping would mean nothing. Give 'val' images of its own (a held-out share of each "
+                       f"class).")
+
+
 def warn_about_copies(copies: list[tuple[str, str]], train: Channel, val: Channel) -> None:
     if copies:
         examples = ", ".join(f"{shown(os.path.relpath(v, val.root), 80)} = {shown(os.path.relpath(t, train.root), 80)}"

@@ -22,9 +22,9 @@ from . import __version__, distributed, hyperparameters, outputs, report
 from .calibration import calibrated, fit_temperature, top_label_ece
 from .checkpoints import (CHECKPOINT_NAME, Interrupted, Progress, StopRequest, check_resumable, load_latest_state,
                           restore_training_state, room_for_checkpoints, save_state, stop_here, training_state)
-from .data import (ModelInput, TrainBatches, copies_across, dataset_of, decode_side, eval_transform,
-                   report_load_failures, resolve_data_config, scan_channel, train_transform, warn_about_copies,
-                   warn_about_thin_classes)
+from .data import (ModelInput, TrainBatches, check_channels_differ, copies_across, dataset_of, decode_side,
+                   eval_transform, report_load_failures, resolve_data_config, scan_channel, train_transform,
+                   warn_about_copies, warn_about_thin_classes)
 from .errors import JobError
 from .failures import explained
 from .linear_probe import MEASURED_IMAGES, fit_linear_probe, probe_sample, probe_top1
@@ -85,6 +85,7 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
     hp.batch_size = fitted_batch_size(hp.batch_size, len(train_channel.samples), world_size)  # args.yml says so
     warn_about_thin_classes(train_channel, val_channel)
     copies = copies_across(train_channel, val_channel)
+    check_channels_differ(train_channel, val_channel, copies)
     warn_about_copies(copies, train_channel, val_channel)
     for folder, names in ((env.model_dir, outputs.MODEL_OUTPUT_NAMES), (env.checkpoint_dir, CHECKPOINT_NAME)):
         removed = outputs.remove_leftover_temporaries(folder, names)

@@ -26,8 +26,9 @@ from PIL import Image, ImageFile
 
 from conftest import failure_reason, make_job, run_train, write_files, write_images
 from efficientnet_train import data, failures, hyperparameters, train
-from efficientnet_train.data import (ImageDataset, Skip, UnusableData, copies_across, dataset_of, probe_image,
-                                     report_load_failures, scan_channel, warn_about_copies, warn_about_thin_classes)
+from efficientnet_train.data import (ImageDataset, Skip, UnusableData, check_channels_differ, copies_across, dataset_of,
+                                     probe_image, report_load_failures, scan_channel, warn_about_copies,
+                                     warn_about_thin_classes)
 from efficientnet_train.decoding import decode_image
 from efficientnet_train.errors import JobError
 from efficientnet_train.metrics import metric_definitions
@@ -301,6 +302,30 @@ def test_validation_images_copied_from_training_are_counted_and_named(tmp_path, 
     warn_about_copies(copies, train_channel, val_channel)
     assert "2 of the 5 validation images are byte-identical copies of training images" in caplog.text
     assert f"ants/copy0{copied[0].suffix} = ants/{copied[0].name}" in caplog.text
+
+
+def test_both_channels_pointed_at_the_data_set_root_or_at_one_folder_fail_with_the_fix(tmp_path):
+    """train = val = hymenoptera_data/ (holding train/ and val/) trained 'train' against 'val' and billed 100%."""
+    root = tmp_path / "hymenoptera_data"
+    two_classes(root / "train", per_class=4)
+    two_classes(root / "val", per_class=2)
+    train_channel = scan_channel("train", root)
+    val_channel = scan_channel("val", root, classes=train_channel.classes)
+    with pytest.raises(JobError, match=r"both hold class folders named like data splits \(train, val\)") as info:
+        check_channels_differ(train_channel, val_channel, copies_across(train_channel, val_channel))
+    assert f"Point 'train' at {root / 'train'} and 'val' at {root / 'val'}" in str(info.value)
+    assert "rename all but one" in str(info.value)
+    same = scan_channel("val", root / "train", classes=scan_channel("train", root / "train").classes)
+    train_only = scan_channel("train", root / "train")
+    with pytest.raises(JobError, match="Every one of the 8 images of the 'val' channel is a training image"):
+        check_channels_differ(train_only, same, copies_across(train_only, same))
+    # one real class named like a split trains
+    write_images(tmp_path / "real" / "train" / "test", RED, 3, seed=4)
+    write_images(tmp_path / "real" / "train" / "wasps", BLUE, 3, seed=5)
+    write_images(tmp_path / "real" / "val" / "test", RED, 2, seed=6)
+    train_channel = scan_channel("train", tmp_path / "real" / "train")
+    val_channel = scan_channel("val", tmp_path / "real" / "val", classes=train_channel.classes)
+    check_channels_differ(train_channel, val_channel, copies_across(train_channel, val_channel))
 
 
 def test_scan_of_many_files_takes_seconds(tmp_path):
