@@ -328,13 +328,14 @@ def copies_across(train: Channel, val: Channel) -> list[tuple[str, str]]:
     train_by_size: dict[int, list[str]] = {}
     for path, size in zip(train_paths, each(_size, train_paths)):
         train_by_size.setdefault(size, []).append(path)
-    candidates = [path for path, size in zip(val_paths, each(_size, val_paths)) if size in train_by_size]
+    candidates = [(path, size) for path, size in zip(val_paths, each(_size, val_paths)) if size in train_by_size]
     if not candidates:
         return []
-    others = sorted({path for size in {_size(path) for path in candidates} for path in train_by_size.get(size, [])})
+    others = sorted({path for size in {size for _, size in candidates} for path in train_by_size[size]})
     train_by_digest = dict(zip(each(_digest, others), others))
     train_by_digest.pop(None, None)
-    return [(path, train_by_digest[digest]) for path, digest in zip(candidates, each(_digest, candidates))
+    paths = [path for path, _ in candidates]
+    return [(path, train_by_digest[digest]) for path, digest in zip(paths, each(_digest, paths))
             if digest in train_by_digest]
 
 
@@ -371,8 +372,9 @@ def check_channels_differ(train: Channel, val: Channel, copies: list[tuple[str, 
             f"The 'train' and 'val' channels both hold class folders named like data splits "
             f"({', '.join(shown(name, 40) for name in splits)}): they point at the data set's root "
             f"({shown(train.root, 200)}) instead of its split folders, and would train a model that tells the splits "
-            f"apart. Point 'train' at {shown(train.root / training, 200)} and 'val' at {shown(val.root / held_out, 200)} (on "
-            f"SageMaker: the S3 prefixes ending in {shown(training, 40)}/ and {shown(held_out, 40)}/). If these "
+            f"apart. Point 'train' at {shown(train.root / training, 200)} and 'val' at "
+            f"{shown(val.root / held_out, 200)} (on SageMaker: the S3 prefixes ending in {shown(training, 40)}/ and "
+            f"{shown(held_out, 40)}/). If these "
             f"really are class names, rename all but one of those folders (e.g. '{shown(training, 40)}_images').")
     if copies and len(copies) == len(val.samples):
         raise JobError(f"Every one of the {len(val.samples)} images of the 'val' channel is a training image (the same "

@@ -121,26 +121,27 @@ def decode_problem(image: Image.Image, source: BinaryIO, min_side: int = DECODE_
         return (f"it is {image.width}x{image.height} pixels{' decoded' if jpeg else ''}, more than the "
                 f"{limits.pixels:,} accepted here; the model sees a few hundred pixels a side, so send it resized "
                 f"(or as a JPEG, which decodes at a reduced scale)")
-    if jpeg and image.info.get("progressive"):
-        blocks = _coefficient_blocks(image, full_width, full_height)
+    progressive = jpeg and bool(image.info.get("progressive"))
+    blocks = _coefficient_blocks(image, full_width, full_height) if progressive else 0
+    if progressive:
         scans = _scans(source)
         if scans * blocks > MAX_SCAN_BLOCKS:
             return (f"a progressive JPEG of {scans:,} scans over {full_width}x{full_height} pixels; decoding walks "
                     f"the whole image once a scan ({scans * blocks:,} blocks, more than the {MAX_SCAN_BLOCKS:,} "
                     f"accepted), which takes far longer than any photo: save it again as a baseline JPEG")
-    needed = decode_bytes(image, full_width, full_height)
+    needed = decode_bytes(image, blocks)
     if needed > limits.bytes:
         return (f"decoding this {full_width}x{full_height} {image.format} ({image.mode}"
-                f"{', progressive' if jpeg and image.info.get('progressive') else ''}) would take about "
+                f"{', progressive' if progressive else ''}) would take about "
                 f"{needed / 2**20:,.0f} MB of memory, more than the {limits.bytes / 2**20:,.0f} MB one image may "
                 f"use here: send it smaller, or as a baseline JPEG")
     return None
 
 
-def decode_bytes(image: Image.Image, full_width: int, full_height: int) -> int:
+def decode_bytes(image: Image.Image, coefficient_blocks: int = 0) -> int:
     """What decoding `image` (opened, its draft set) into an upright RGB image allocates at its peak: the decoded
     pixels as Pillow stores them, the conversions `_to_rgb` makes, the upright copy, a WebP decoder's own canvas,
-    and a progressive JPEG's full-size coefficient buffer (2 bytes a coefficient)."""
+    and a progressive JPEG's full-size coefficient buffer (`coefficient_blocks` of 64 coefficients, 2 bytes each)."""
     pixels = image.width * image.height
     stored = 1 if image.mode in ("1", "L", "P") else 2 if image.mode.startswith("I;16") else 4
     if _transparent(image):
@@ -151,10 +152,7 @@ def decode_bytes(image: Image.Image, full_width: int, full_height: int) -> int:
         converting = 0 if image.mode == "RGB" else 4
     decoder = 8 if image.format == "WEBP" else 0  # libwebp's canvas, and the copy Pillow takes of it
     upright = 4
-    needed = pixels * max(stored + converting + decoder, 4 + upright)
-    if image.format in ("JPEG", "MPO") and image.info.get("progressive"):
-        needed += 128 * _coefficient_blocks(image, full_width, full_height)
-    return needed
+    return pixels * max(stored + converting + decoder, 4 + upright) + 128 * coefficient_blocks
 
 
 def _coefficient_blocks(image: Image.Image, width: int, height: int) -> int:

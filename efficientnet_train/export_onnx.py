@@ -33,7 +33,7 @@ from .errors import JobError
 from .data import ModelInput
 from .inference import check_model_dir, read_labels
 from .model import archive_member, load_trained_model, predict_log_probabilities
-from .outputs import BEST_MODEL_FILE, LABELS_FILE, atomic_write
+from .outputs import BEST_MODEL_FILE, LABELS_FILE, atomic_write, check_output_file
 from .untrusted import shown
 
 OPSET = 18
@@ -81,21 +81,6 @@ def export(source: Path, output: Path) -> dict:
     atomic_write(output, lambda f: f.write(data))
     return {"output": str(output), "bytes": len(data), "seconds": round(time.monotonic() - started, 1),
             "max_difference": difference, "input_size": list(size), "labels": len(labels)}
-
-
-def check_output(path: Path) -> None:
-    """Refuse, before the export's time is spent, an output that is a folder or a link; make its folder."""
-    if path.is_symlink():
-        raise JobError(f"--output {path} is a symbolic link (to {os.readlink(path)}); the model is not written "
-                       f"through links. Give the file's own path, or another name.")
-    if path.is_dir():
-        raise JobError(f"--output {path} is a folder; give a file name, such as {path / 'model.onnx'}.")
-    if path.exists() and not path.is_file():
-        raise JobError(f"--output {path} is not a regular file (a named pipe, socket or device); give a file name.")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise JobError(f"--output {path}: its folder cannot be made ({exc.strerror}: {exc.filename}).") from exc
 
 
 def _exported(wrapper: torch.nn.Module, example: torch.Tensor):
@@ -160,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     try:
-        check_output(options.output)
+        check_output_file(options.output, "--output", "model.onnx")  # before the export's time is spent
         result = export(options.model, options.output)
     except JobError as exc:
         print(f"export-onnx: {exc}", file=sys.stderr)

@@ -45,6 +45,22 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     _fsync_dir(path.parent)  # the rename itself must reach the disk before we count on it
 
 
+def check_output_file(path: Path, option: str, example: str) -> None:
+    """Refuse, before any work is spent, an output a command was given (`option`) that is a link, a folder or not
+    a regular file: nothing is written through links or over what is not a file. Makes its folder."""
+    if path.is_symlink():
+        raise JobError(f"{option} {path} is a symbolic link (to {os.readlink(path)}); nothing is written through "
+                       f"links. Give the file's own path, or another name.")
+    if path.is_dir():
+        raise JobError(f"{option} {path} is a folder; give a file name, such as {path / example}.")
+    if path.exists() and not path.is_file():
+        raise JobError(f"{option} {path} is not a regular file (a named pipe, socket or device); give a file name.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JobError(f"{option} {path}: its folder cannot be made ({exc.strerror}: {exc.filename}).") from exc
+
+
 def remove_leftover_temporaries(folder: Path, names: re.Pattern) -> list[str]:
     """Delete the half-written `.<name>.tmp` files that a killed atomic_write of this job left in `folder`, for
     the names `names` matches: SageMaker would sync or pack them, and the disk check would not count them.

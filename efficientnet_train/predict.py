@@ -22,6 +22,7 @@ from .data import IMAGE_EXTENSIONS
 from .decoding import UnreadableImage, load_image
 from .errors import JobError
 from .inference import Classifier
+from .outputs import check_output_file
 from .sagemaker import ServingEnvironment
 from .untrusted import csv_cell
 
@@ -102,27 +103,15 @@ HEADER_START = "image,label_1,probability_1"  # how a CSV this command wrote beg
 
 
 def check_output(path: Path, inputs: list[Path], images: list[Path], overwrite: bool) -> None:
-    """Refuse an --output that would destroy something: a link, one of the images or folders read, or an existing
-    file that is not a predictions CSV (unless `overwrite`); make its folder."""
-    if path.is_symlink():
-        raise JobError(f"--output {path} is a symbolic link (to {os.readlink(path)}); predictions are not written "
-                       f"through links. Give the file's own path, or another name.")
-    if path.is_dir():
-        raise JobError(f"--output {path} is a folder; give a file name, such as {path / 'predictions.csv'}.")
+    """Refuse an --output that would destroy something: a link, a folder, one of the images or folders read, or an
+    existing file that is not a predictions CSV (unless `overwrite`); make its folder."""
+    check_output_file(path, "--output", "predictions.csv")
     if path.resolve() in {p.resolve() for p in (*inputs, *images)}:
         raise JobError(f"--output {path} is one of the images to classify; give the predictions another name, "
                        f"such as predictions.csv.")
-    if path.exists():
-        if not path.is_file():
-            raise JobError(f"--output {path} is not a regular file (a named pipe, socket or device); give a file "
-                           f"name.")
-        if not overwrite and not _is_predictions_csv(path):
-            raise JobError(f"--output {path} exists and is not a predictions CSV this command wrote; it is left as "
-                           f"it is. Give another name, or add --overwrite to replace it.")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise JobError(f"--output {path}: its folder cannot be made ({exc.strerror}: {exc.filename}).") from exc
+    if path.exists() and not overwrite and not _is_predictions_csv(path):
+        raise JobError(f"--output {path} exists and is not a predictions CSV this command wrote; it is left as "
+                       f"it is. Give another name, or add --overwrite to replace it.")
 
 
 def _is_predictions_csv(path: Path) -> bool:
