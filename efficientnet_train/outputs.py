@@ -16,6 +16,7 @@ from typing import BinaryIO, Callable
 import yaml
 
 from .errors import JobError
+from .untrusted import shown
 
 ARGS_FILE, LABELS_FILE, BEST_MODEL_FILE, SUMMARY_FILE = "args.yml", "labels.json", "model_best.pth.tar", "summary.csv"
 METRICS_PLOT_FILE, CONFUSION_FILE = "metrics.png", "confusion_matrix.csv"
@@ -49,8 +50,8 @@ def check_output_file(path: Path, option: str, example: str) -> None:
     """Refuse, before any work is spent, an output a command was given (`option`) that is a link, a folder or not
     a regular file: nothing is written through links or over what is not a file. Makes its folder."""
     if path.is_symlink():
-        raise JobError(f"{option} {path} is a symbolic link (to {os.readlink(path)}); nothing is written through "
-                       f"links. Give the file's own path, or another name.")
+        raise JobError(f"{option} {path} is a symbolic link (to {shown(os.readlink(path), 200)}); nothing is written "
+                       f"through links. Give the file's own path, or another name.")
     if path.is_dir():
         raise JobError(f"{option} {path} is a folder; give a file name, such as {path / example}.")
     if path.exists() and not path.is_file():
@@ -121,8 +122,8 @@ def check_room(needs: dict[Path, tuple[int, str]]) -> None:
     by_disk: dict[int, list] = {}
     for folder, (size, what) in needs.items():
         if folder.is_symlink() and not folder.exists():
-            raise JobError(f"{folder} is a symbolic link to {os.readlink(folder)}, which does not exist. Create "
-                           f"that folder, or remove the link.")
+            raise JobError(f"{folder} is a symbolic link to {shown(os.readlink(folder), 200)}, which does not exist. "
+                           f"Create that folder, or remove the link.")
         existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
         disk = by_disk.setdefault(os.stat(existing).st_dev, [existing, 0, []])
         disk[1] += size
