@@ -64,6 +64,8 @@ BODY_READ = "efficientnet_train.body_read"  # in a request's environ once its bo
 # A batch running longer than this means a hung model: /ping turns 503 so that SageMaker replaces the instance,
 # and the requests waiting for it get 503.
 MODEL_STALL_S = 120.0
+# Rejected requests are logged one line each, at most this many a window; a flood's rest is counted, not logged.
+REJECTION_LINES, REJECTION_WINDOW_S = 20, 60.0
 
 
 class HttpError(Exception):
@@ -126,6 +128,33 @@ class MicroBatcher:
                 done.set_result(result)
 
 
+class RejectionLog:
+    """One escaped line per refused request (status, method and path, body size, the reason it was given), at most
+    REJECTION_LINES a window: a client sending bad requests in a loop cannot fill the endpoint's disk or CloudWatch
+    bill. The first line of the next window says how many were left out."""
+
+    def __init__(self, lines: int = REJECTION_LINES, window_s: float = REJECTION_WINDOW_S, clock=time.monotonic):
+        self.lines, self.window_s, self.clock = lines, window_s, clock
+        self.lock = threading.Lock()
+        self.window_start, self.logged, self.left_out = -float("inf"), 0, 0
+
+    def __call__(self, status: str, method: str, path: str, size: str, reason: str) -> None:
+        with self.lock:
+            now = self.clock()
+            if now - self.window_start >= self.window_s:
+                left_out, self.left_out = self.left_out, 0
+                self.window_start, self.logged = now, 0
+                if left_out:
+                    log.warning("%d more requests were refused in the last %.0f s without a line each",
+                                left_out, self.window_s)
+            if self.logged >= self.lines:
+                self.left_out += 1
+                return
+            self.logged += 1
+        log.warning("Refused %s %s: %s, body %s bytes: %s", shown(method, 20), shown(path, 100), status,
+                    shown(size, 20), shown(reason, 300))
+
+
 class InferenceApp:
     """The WSGI app: SageMaker's three routes, content negotiation and errors as JSON."""
 
@@ -137,6 +166,7 @@ class InferenceApp:
         # Never blocks: a request beyond capacity is answered 503 at once, so threads stay free for /ping.
         self.admitted = threading.BoundedSemaphore(max(1, settings.threads - RESERVED_THREADS))
         self.decoding = threading.BoundedSemaphore(max(1, torch.get_num_threads()))
+        self.log_rejection = RejectionLog()
 
     def __call__(self, environ, start_response):
         route = (environ.get("REQUEST_METHOD", "GET"), environ.get("PATH_INFO", ""))
@@ -154,6 +184,7 @@ class InferenceApp:
             status, content_type, body = handler(environ)
         except HttpError as exc:
             status, content_type, body = exc.status, JSON, _json_body({"error": str(exc)})
+            self.log_rejection(status, *route, environ.get("CONTENT_LENGTH") or "-", str(exc))
         except Exception:  # noqa: BLE001 - the caller gets a message, the log gets the traceback
             log.exception("Failed to answer %s %s", shown(route[0], 20), shown(route[1], 100))
             status, content_type, body = "500 Internal Server Error", JSON, _json_body(

@@ -10,6 +10,7 @@ import csv
 import http.client
 import io
 import json
+import logging
 import os
 import shutil
 import signal
@@ -607,3 +608,29 @@ def test_a_connection_that_never_sends_anything_is_closed_by_the_server(server):
         silent.close()
     assert time.monotonic() - started < 45
     assert server.request("GET", "/ping")[0] == 200
+
+
+def test_a_refused_request_leaves_one_escaped_line_in_the_log(server):
+    assert server.invoke(b"not an image", "text/plain")[0] == 415
+    assert server.invoke(b"{}", "application/json", path="/x%0Avalidation:acc_1=99")[0] == 404
+    wanted = ("Refused POST /invocations: 415 Unsupported Media Type, body 12 bytes: Content-Type text/plain",
+              "Refused POST /x\\nvalidation:acc_1\\x3d99: 404 Not Found, body 2 bytes")
+    deadline = time.monotonic() + 10
+    while not all(text in server.log.read_text() for text in wanted) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(text in server.log.read_text() for text in wanted), server.log.read_text()[-3000:]
+
+
+def test_refused_requests_are_logged_at_most_so_many_a_window(caplog):
+    from efficientnet_train.serve import RejectionLog
+
+    now = [0.0]
+    rejections = RejectionLog(lines=3, window_s=60, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="efficientnet_train.serve"):
+        for second in range(100):  # a flood: 100 bad requests in 100 s
+            now[0] = float(second)
+            rejections("400 Bad Request", "POST", "/invocations", "5", "bad\nline")
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 3 + 1 + 3 and all("\n" not in line for line in lines)
+    assert lines[0] == "Refused POST /invocations: 400 Bad Request, body 5 bytes: bad\\nline"
+    assert lines[3] == "57 more requests were refused in the last 60 s without a line each"
