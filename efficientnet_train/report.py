@@ -63,26 +63,50 @@ class StartUp:
                 + ", ".join(f"{phase} {seconds:.1f} s" for phase, seconds in self.phases))
 
 
+def class_scores(confusion: list[list[int]]) -> list[dict]:
+    """Each class's precision, recall (its accuracy) and F1, in percent: None where undefined (precision of a class
+    never predicted, recall of a class without validation images), F1 0 where either is 0 or undefined."""
+    predicted = [sum(column) for column in zip(*confusion)]
+    scores = []
+    for index, row in enumerate(confusion):
+        right, images = row[index], sum(row)
+        precision = 100 * right / predicted[index] if predicted[index] else None
+        recall = 100 * right / images if images else None
+        f1 = 2 * precision * recall / (precision + recall) if precision and recall else (0.0 if images else None)
+        scores.append({"precision": precision, "recall": recall, "f1": f1})
+    return scores
+
+
+def macro_f1(scores: list[dict]) -> float | None:
+    """The mean F1 over the classes with validation images: every class counts the same, however many images."""
+    values = [score["f1"] for score in scores if score["f1"] is not None]
+    return sum(values) / len(values) if values else None
+
+
 def per_class_table(classes: list[str], confusion: list[list[int]], confidence: list[float]) -> str:
-    """Images, right answers, accuracy and mean (calibrated) top probability per class, and what each class is
-    mistaken for most: a class whose confidence is far from its accuracy is one whose probabilities mislead."""
+    """Images, right answers, accuracy (recall), precision, F1 and mean (calibrated) top probability per class, and
+    what each class is mistaken for most: a class whose confidence is far from its accuracy is one whose
+    probabilities mislead; one whose precision is low is the answer given for others."""
+    scores = class_scores(confusion)
     shown_classes = list(enumerate(classes))
     if len(classes) > LOG_LIST_MAX:  # the classes that need attention first; args.yml has every one
-        accuracy_of = [row[i] / sum(row) if sum(row) else 2.0 for i, row in enumerate(confusion)]
-        shown_classes = sorted(shown_classes, key=lambda item: accuracy_of[item[0]])[:LOG_LIST_MAX]
+        f1_of = [2.0 if score["f1"] is None else score["f1"] for score in scores]
+        shown_classes = sorted(shown_classes, key=lambda item: f1_of[item[0]])[:LOG_LIST_MAX]
     width = max(len("class"), *(len(name) for _, name in shown_classes))
-    lines = [f"{'class':<{width}}  images  right  accuracy  confidence  most often mistaken for"]
+    lines = [f"{'class':<{width}}  images  right  accuracy  precision      F1  confidence  most often mistaken for"]
     for index, name in shown_classes:
-        row = confusion[index]
+        row, score = confusion[index], scores[index]
         images, right = sum(row), row[index]
         wrong = max(((count, other) for other, count in enumerate(row) if other != index and count), default=None)
-        accuracy = f"{100 * right / images:7.1f}%" if images else "      - "
+        accuracy, precision, f1 = (f"{value:{size}.1f}%" if value is not None else " " * (size - 1) + "- "
+                                   for value, size in ((score["recall"], 7), (score["precision"], 8),
+                                                       (score["f1"], 5)))
         sure = f"{100 * confidence[index]:9.1f}%" if images else "        - "
         mistaken = f"{classes[wrong[1]]} ({wrong[0]})" if wrong else "-"
-        lines.append(f"{name:<{width}}  {images:6d}  {right:5d}  {accuracy}  {sure}  {mistaken}")
+        lines.append(f"{name:<{width}}  {images:6d}  {right:5d}  {accuracy}  {precision}  {f1}  {sure}  {mistaken}")
     if len(classes) > len(shown_classes):
-        lines.append(f"... the {len(shown_classes)} least accurate of {len(classes):,} classes; every class's accuracy "
-                     f"is in args.yml (best_per_class_acc_1)")
+        lines.append(f"... the {len(shown_classes)} of lowest F1 of {len(classes):,} classes; every class's scores are "
+                     f"in args.yml (best_per_class_acc_1, best_per_class_scores)")
     return "\n".join(lines)
 
 

@@ -414,8 +414,10 @@ def finish(env: SageMakerEnvironment, args: dict, summary: list[dict], best: dic
         outputs.write_args(env.model_dir, args)
         log.info("No epoch finished, so there is no model yet.")
         return
+    scores = report.class_scores(best["confusion"])
     args.update(best_epoch=best["epoch"], best_acc_1=best["top1"], best_weights=best["weights"],
-                best_per_class_acc_1=best["per_class"], calibration=best["calibration"])
+                best_per_class_acc_1=best["per_class"], best_macro_f1=report.macro_f1(scores),
+                best_per_class_scores=dict(zip(best["per_class"], scores)), calibration=best["calibration"])
     outputs.write_args(env.model_dir, args)
     classes = list(best["per_class"])
     log.info("Done in %s after %d epochs (%s). Best model: epoch %d, top-1 accuracy %.4f%% (%s weights), "
@@ -426,8 +428,10 @@ def finish(env: SageMakerEnvironment, args: dict, summary: list[dict], best: dic
              "validation set (stored in the model, applied when serving): top-label ECE %.4f -> %.4f, "
              "validation loss %.4f -> %.4f", calibration["temperature"], calibration["ece_before"],
              calibration["ece_after"], best["loss"], calibration["loss_after"])
-    log.info("Best model per class (validation; confidence: mean calibrated probability of its answers):\n%s",
-             report.per_class_table(classes, best["confusion"], calibration["per_class_confidence"]))
+    log.info("Best model per class (validation; confidence: mean calibrated probability of its answers; macro F1, "
+             "the mean of the classes' F1: %s):\n%s", "-" if args["best_macro_f1"] is None else
+             f"{args['best_macro_f1']:.1f}%", report.per_class_table(classes, best["confusion"],
+                                                                    calibration["per_class_confidence"]))
     log.info("Best model's confusion matrix (also in %s and, as curves, %s):\n%s", outputs.CONFUSION_FILE,
              outputs.METRICS_PLOT_FILE, report.confusion_text(classes, best["confusion"]))
     if env.training_job_name is None:

@@ -527,7 +527,22 @@ def test_at_a_thousand_classes_the_log_lists_a_few_dozen_entries_and_args_yml_ev
     confusion = [[2 if i == j else 0 for j in range(1000)] for i in range(1000)]
     confusion[7] = [1 if j in (7, 9) else 0 for j in range(1000)]
     table = report.per_class_table(classes, confusion, [0.9] * 1000)
-    assert len(table.splitlines()) == 26 and table.splitlines()[1].startswith("class0007")  # the worst first
+    assert len(table.splitlines()) == 26 and table.splitlines()[1].startswith("class0007")  # the lowest F1 first
     channel = Channel("train", tmp_path, classes, [(str(tmp_path / f"{i}.jpg"), i % 1000) for i in range(2000)])
     assert max(len(line) for line in channel.inventory().splitlines()) < 600
     assert "(1,000 in all, each in args.yml)" in channel.inventory()
+
+
+def test_precision_recall_and_f1_per_class_match_their_definitions():
+    from efficientnet_train import report
+
+    # rows: true class; a: 3 of 4 right, one taken for b; b: 2 of 2 right; c: never predicted; d: no images.
+    confusion = [[3, 1, 0, 0], [0, 2, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0]]
+    scores = report.class_scores(confusion)
+    assert scores[0] == pytest.approx({"precision": 75.0, "recall": 75.0, "f1": 75.0})
+    assert scores[1] == pytest.approx({"precision": 50.0, "recall": 100.0, "f1": 200 / 3})
+    assert scores[2] == {"precision": None, "recall": 0.0, "f1": 0.0}
+    assert scores[3] == {"precision": None, "recall": None, "f1": None}
+    assert report.macro_f1(scores) == pytest.approx((75 + 200 / 3 + 0) / 3)
+    table = report.per_class_table(["a", "b", "c", "d"], confusion, [0.9, 0.8, 0.7, 0.0]).splitlines()
+    assert table[2].split()[3:6] == ["100.0%", "50.0%", "66.7%"] and table[3].split()[3:6] == ["0.0%", "-", "0.0%"]

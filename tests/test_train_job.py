@@ -172,13 +172,21 @@ def test_per_class_accuracy_of_the_best_model(finished_job):
     per_class = args["best_per_class_acc_1"]
     assert list(per_class) == sorted(COLOURS)
     assert sum(per_class.values()) / 3 == pytest.approx(args["best_acc_1"])  # 6 val images per class
-    table = log.split("Best model per class (validation; confidence: mean calibrated probability of its answers):\n",
-                      1)[1].splitlines()
-    assert table[0].split() == ["class", "images", "right", "accuracy", "confidence", "most", "often", "mistaken", "for"]
+    heading = ("Best model per class (validation; confidence: mean calibrated probability of its answers; macro F1, "
+               f"the mean of the classes' F1: {args['best_macro_f1']:.1f}%):\n")
+    table = log.split(heading, 1)[1].splitlines()
+    assert table[0].split() == ["class", "images", "right", "accuracy", "precision", "F1", "confidence", "most", "often",
+                                "mistaken", "for"]
     assert [line.split()[:2] for line in table[1:4]] == [["ants", "6"], ["bees", "6"], ["wasps", "6"]]
     assert float(table[1].split()[3].rstrip("%")) == pytest.approx(per_class["ants"], abs=0.05)
     confidence = args["calibration"]["per_class_confidence"][0]
-    assert float(table[1].split()[4].rstrip("%")) == pytest.approx(100 * confidence, abs=0.05)
+    assert float(table[1].split()[6].rstrip("%")) == pytest.approx(100 * confidence, abs=0.05)
+    scores = args["best_per_class_scores"]
+    assert list(scores) == sorted(COLOURS) and scores["ants"]["recall"] == pytest.approx(per_class["ants"])
+    for name, line in zip(sorted(COLOURS), table[1:4]):
+        shown = [None if cell == "-" else float(cell.rstrip("%")) for cell in line.split()[4:6]]
+        assert shown == pytest.approx([scores[name]["precision"], scores[name]["f1"]], abs=0.05)
+    assert args["best_macro_f1"] == pytest.approx(sum(score["f1"] for score in scores.values()) / 3)
 
 
 def test_confusion_matrix_and_metrics_plot_beside_the_model(finished_job):
