@@ -230,9 +230,10 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("drop_connect", float, AUTO,
                    "Drop-connect (stochastic depth) rate; timm's drop_path_rate. auto: chosen with drop.",
                    minimum=0, maximum=0.95, tunable=True),
-    Hyperparameter("lr", float, 0.016,
+    Hyperparameter("lr", float, AUTO,
                    f"Learning rate for a global batch of {LR_REFERENCE_BATCH} images; the job scales it linearly to "
-                   f"the real global batch (lr x batch_size x devices / {LR_REFERENCE_BATCH}).",
+                   f"the real global batch (lr x batch_size x devices / {LR_REFERENCE_BATCH}). auto = 0.064 for sgd "
+                   "with adaptive clipping (opt=auto's, clip_mode=agc), else the listing's 0.016.",
                    minimum=0.000001, maximum=10, tunable=True),
     Hyperparameter("model_ema", bool, True,
                    "Keep an exponential moving average (EMA) of the weights; the best of the EMA and the "

@@ -13,8 +13,10 @@ gentlest is taken without a measurement. Each part is measured on top of the one
 the training step applies them: BatchNorm (it fixes the training size), mirroring, the crop, RandAugment, random
 erasing, then dropout and drop-connect.
 
-The optimiser is not measured: fine-tuning from a fitted classifier needs steps that shrink with the gradient (sgd,
-with clip_grad's adaptive clipping), not rmsproptf's steps of about lr whatever the gradient (docs/quality.md has
+The optimiser and its rate are not measured: fine-tuning from a fitted classifier needs steps that shrink with the
+gradient (sgd, with clip_grad's adaptive clipping), not rmsproptf's steps of about lr whatever the gradient; and the
+rate goes with the optimiser, as one choice: sgd with adaptive clipping at four times the listing's rate (better on
+every panel set than at the listing's), any other optimiser or unclipped sgd at the listing's (docs/quality.md has
 the runs).
 
 The record of the measurements and choices is args.yml's `linear_probe`, kept in the checkpoint: a resumed job
@@ -30,6 +32,8 @@ from .hyperparameters import AUTO
 
 KEEPS = 0.9
 AUTO_OPT = "sgd"
+LISTING_LR = 0.016  # per 256 images
+CLIPPED_SGD_LR = 0.064  # lr=auto for sgd with adaptive clipping: the rate its panel runs were best at
 # Each part: its hyperparameters, their settings strongest first (the first the listing's), and what measures them,
 # in the order they are chosen.
 PARTS = (
@@ -47,6 +51,7 @@ LISTING = {name: settings[0][i] for names, settings, _ in PARTS for i, name in e
 class Recipe:
     freeze_batchnorm: bool
     opt: str
+    lr: float  # per 256 images; train.py scales it to the real batch
     hflip: float
     crop_scale: float
     aa: str
@@ -55,8 +60,8 @@ class Recipe:
     drop_connect: float
 
     def record(self) -> dict:
-        """For args.yml: what the job trained with, whatever was asked."""
-        return {f"effective_{name}": value for name, value in asdict(self).items()}
+        """For args.yml: what the job trained with, whatever was asked (effective_lr is the scaled rate)."""
+        return {f"effective_{name}" if name != "lr" else "lr_per_256": value for name, value in asdict(self).items()}
 
 
 # A measurement: the probe's top-1 (%) on its training images seen through `view` ("batch_statistics": clean images
@@ -76,7 +81,18 @@ def recipe_for(hp, chosen: dict | None = None) -> Recipe:
             return chosen[name]
         return asked == "true" if name == "freeze_batchnorm" else asked
 
-    return Recipe(**{name: value(name) for name in Recipe.__dataclass_fields__})
+    opt = value("opt")
+    lr = auto_lr(hp, opt) if hp.lr == AUTO else hp.lr
+    return Recipe(**{name: value(name) for name in Recipe.__dataclass_fields__ if name not in ("opt", "lr")},
+                  opt=opt, lr=lr)
+
+
+def auto_lr(hp, opt: str) -> float:
+    """lr=auto: the rate measured for this optimiser fine-tuning from the probe. Adaptive clipping bounds sgd's steps
+    by each unit's weights, so it takes a higher rate; rmsproptf's steps are about lr whatever the gradient, and
+    unclipped sgd diverges even at the listing's rate, so those keep the listing's."""
+    clipped = hp.clip_mode == "agc" and hp.clip_grad > 0
+    return CLIPPED_SGD_LR if opt == AUTO_OPT and clipped else LISTING_LR
 
 
 def choose(hp, clean_top1: float, measure: Measure) -> dict:

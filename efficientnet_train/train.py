@@ -265,7 +265,7 @@ def use_recipe(t: SimpleNamespace, recipe: Recipe) -> None:
     t.train_input = ModelInput(t.data_config, t.device, recipe.reprob, hp.remode)
     set_regularisation(t.model, recipe.drop, recipe.drop_connect)
     t.eval_hflip = hp.eval_hflip and recipe.hflip > 0  # a model never shown mirror images can't be asked about them
-    t.lr = hyperparameters.scaled_lr(hp.lr, hp.batch_size, rank.world_size)
+    t.lr = hyperparameters.scaled_lr(recipe.lr, hp.batch_size, rank.world_size)
     t.optimizer = create_optimizer(t.model, hp, t.lr, recipe.opt)
     # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch.
     t.schedule_epoch = schedule_epoch_updates(hp, len(t.train_loader))
@@ -579,7 +579,7 @@ def optimizer_state_per_weight(hp) -> float:
     for weight in stand_in.parameters():
         weight.grad = torch.zeros_like(weight)
     recipe = recipe_for(hp)
-    optimizer = create_optimizer(stand_in, hp, hyperparameters.scaled_lr(hp.lr, hp.batch_size), recipe.opt)
+    optimizer = create_optimizer(stand_in, hp, hyperparameters.scaled_lr(recipe.lr, hp.batch_size), recipe.opt)
     optimizer.step()
     state = tensor_bytes(value for weight_state in optimizer.state.values() for value in weight_state.values())
     return state / tensor_bytes(stand_in.parameters())

@@ -27,7 +27,7 @@ DEFAULT_ENDPOINT_INSTANCE = "ml.m5.xlarge"
 # project's measurements (README "Defaults that fine-tune"), each inside the spec's allowed range.
 # name: ("Continuous" | "Integer", min, max, scaling) or ("Categorical", [values]).
 DEFAULT_TUNING_RANGES = {
-    "lr": ("Continuous", 0.004, 0.064, "Logarithmic"),       # per 256 images; the default 0.016 is the middle
+    "lr": ("Continuous", 0.016, 0.256, "Logarithmic"),       # per 256 images; auto's 0.064 (sgd) is the middle
     "layer_decay": ("Continuous", 0.7, 1.0, "Linear"),
     "decay_epochs": ("Continuous", 1.0, 10.0, "Linear"),
     "drop": ("Continuous", 0.1, 0.5, "Linear"),

@@ -135,7 +135,7 @@ def training_setup(hp, weights: Path, classes: list[str], device: torch.device,
     recipe = recipe_for(hp)  # as before the probe: its measurements need the buyer's images
     model = create_model(hp.model, classes, str(weights), recipe.drop, recipe.drop_connect).to(device).train()
     data_config = training_size_config(resolve_data_config(model, hp.img_size, hp.eval_img_size), recipe)
-    optimizer = create_optimizer(model, hp, hyperparameters.scaled_lr(hp.lr, hp.batch_size), recipe.opt)
+    optimizer = create_optimizer(model, hp, hyperparameters.scaled_lr(recipe.lr, hp.batch_size), recipe.opt)
     ema, scaler = training_tools(model, hp, amp_dtype)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp.smoothing).to(device)
     updates = 0
@@ -513,7 +513,7 @@ def timm_train_arguments(o, hp, data: Path, device: torch.device) -> list[str]:
     args = [str(data), "--train-split", "train", "--val-split", "val", "--model", hp.model,
             "--num-classes", str(len(class_folders(data / "train"))), "-b", str(hp.batch_size),
             "--epochs", str(o.epochs), "--opt", recipe.opt, "--opt-eps", str(hp.opt_eps),
-            "--lr", str(hyperparameters.scaled_lr(hp.lr, hp.batch_size)),
+            "--lr", str(hyperparameters.scaled_lr(recipe.lr, hp.batch_size)),
             "--weight-decay", str(hp.weight_decay), "--sched", hp.sched, "--decay-epochs", str(hp.decay_epochs),
             "--decay-rate", str(hp.decay_rate), "--warmup-epochs", f"{hp.warmup_epochs:g}",  # an int to timm
             "--warmup-lr", str(hp.warmup_lr), "--drop", str(recipe.drop), "--drop-path", str(recipe.drop_connect),

@@ -454,7 +454,7 @@ def test_booleans_accept_the_usual_spellings(word, value):
 @pytest.mark.parametrize("name, raw, allowed", [
     ("batch_size", "8.5", "an integer from 2 to 4096"), ("batch_size", "", "an integer from 2 to 4096"),
     ("batch_size", None, "an integer"), ("batch_size", "0", "an integer from 2 to 4096"),
-    ("lr", "fast", "a number from 0.000001 to 10"), ("lr", "inf", "a number from 0.000001 to 10"),
+    ("lr", "fast", "auto, or a number from 0.000001 to 10"), ("lr", "inf", "auto, or a number from 0.000001 to 10"),
     ("model_ema", "2", "true or false"),
     ("max_unusable_fraction", "1.5", "a number from 0 to 1"), ("max_unusable_fraction", "-0.1", "from 0 to 1"),
     ("img_size", "2000", "an integer from 32 to 1024; unset (or 0, outside SageMaker) = automatic"),

@@ -113,9 +113,9 @@ def test_timms_train_script_runs_on_the_jobs_images_with_the_jobs_settings(tmp_p
     argv = log["ARGV"]
     assert Path(argv[0]).parts[-3:] == ("opt_ml", "input", "data") and log["SPLITS"] == ["train", "val"]
     flags = {flag: value for flag, value in zip(argv[1:], argv[2:] + [""]) if flag.startswith("-")}
-    # The product's defaults as the job resolves them before a probe: sgd at 0.016 per 256 images scaled to --quick's
+    # The product's defaults as the job resolves them before a probe: sgd at 0.064 per 256 images scaled to --quick's
     # batch of 8, adaptive clipping, and the strongest augmentation auto may choose.
-    assert flags["--model"] == "test_efficientnet" and flags["-b"] == "8" and flags["--lr"] == "0.0005"
+    assert flags["--model"] == "test_efficientnet" and flags["-b"] == "8" and flags["--lr"] == "0.002"
     assert flags["--clip-grad"] == "0.01" and flags["--clip-mode"] == "agc"
     assert flags["--opt"] == "sgd" and flags["--layer-decay"] == "0.85" and flags["--aa"] == "rand-m9-mstd0.5"
     assert flags["--scale"] == "0.25" and flags["--hflip"] == "0.5" and flags["--drop"] == "0.3"

@@ -16,9 +16,9 @@ LISTING_DEFAULTS = {  # the Marketplace listing's names and defaults, as publish
     "opt": "rmsproptf", "opt_eps": 0.001, "remode": "pixel", "reprob": 0.2, "sched": "step",
     "warmup_lr": 1e-6, "weight_decay": 1e-5}
 # Not kept: the listing's workers=1 starves a GPU; -1 takes them from the CPU count (workers=1 still works).
-# auto: opt is sgd (fine-tuning from the linear probe's classifier); aa, reprob, drop and drop_connect are chosen
-# after the probe, starting from the listing's values (recipe.py).
-AUTO_DEFAULTS = ("opt", "aa", "reprob", "drop", "drop_connect")
+# auto: opt is sgd (fine-tuning from the linear probe's classifier) and lr goes with it; aa, reprob, drop and
+# drop_connect are chosen after the probe, starting from the listing's values (recipe.py).
+AUTO_DEFAULTS = ("opt", "lr", "aa", "reprob", "drop", "drop_connect")
 
 
 def error_of(raw: dict) -> str:
@@ -79,7 +79,7 @@ def test_sagemaker_keys_are_ignored_not_rejected():
                         "default 250"),
     ({"epochs": "2.5"}, "(not an integer)"),
     ({"epochs": "0"}, "(out of range); allowed: an integer from 1 to 10000"),
-    ({"lr": "-0.1"}, "'lr' = '-0.1' is invalid (out of range); allowed: a number from 0.000001 to 10"),
+    ({"lr": "-0.1"}, "'lr' = '-0.1' is invalid (out of range); allowed: auto, or a number from 0.000001 to 10"),
     ({"lr": "0"}, "(out of range)"),
     ({"lr": "nan"}, "(not a finite number)"),
     ({"drop": "1"}, "a number from 0 to 0.95"),
@@ -140,3 +140,16 @@ def test_every_value_the_algorithm_spec_allows_the_job_accepts():
             continue
         for value in values:
             hp.parse(value)  # raises if refused
+
+
+@pytest.mark.parametrize("raw, lr", [
+    ({}, 0.064),  # sgd with adaptive clipping: the rate measured for fine-tuning from the probe
+    ({"opt": "sgd"}, 0.064), ({"opt": "rmsproptf"}, 0.016), ({"opt": "adamw"}, 0.016),
+    ({"clip_grad": "0"}, 0.016), ({"clip_mode": "norm"}, 0.016), ({"lr": "0.5"}, 0.5), ({"lr": "auto"}, 0.064)])
+def test_lr_auto_goes_with_the_optimizer_and_its_clipping(raw, lr):
+    from efficientnet_train.recipe import recipe_for
+
+    resolved, _ = parse(raw)
+    recipe = recipe_for(resolved)
+    assert recipe.lr == lr and recipe.record()["lr_per_256"] == lr
+    assert recipe_for(resolved, {"opt": "sgd", "lr": 9.0}).lr == lr  # one rule, whatever a record says

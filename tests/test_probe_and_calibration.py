@@ -265,8 +265,8 @@ def test_each_part_keeps_its_strongest_setting_that_keeps_nine_in_ten_answers_me
         return 100.0 - 20 * (view.crop_scale < 0.5) - 30 * (view.aa != "none") - 25 * view.reprob - 5 * view.hflip
 
     record = choose(hyperparameters_of(), 100.0, measure)
-    assert record["recipe"] == {"freeze_batchnorm": True, "opt": "sgd", "hflip": 0.5, "crop_scale": 0.5, "aa": "none",
-                                "reprob": 0.2, "drop": 0.15, "drop_connect": 0.1}
+    assert record["recipe"] == {"freeze_batchnorm": True, "opt": "sgd", "lr": 0.064, "hflip": 0.5, "crop_scale": 0.5,
+                                "aa": "none", "reprob": 0.2, "drop": 0.15, "drop_connect": 0.1}
     assert [(step["part"], step["setting"]) for step in record["measured"]] == [
         ("freeze_batchnorm", False), ("hflip", 0.5), ("crop_scale", 0.25), ("crop_scale", 0.5),
         ("aa", "rand-m9-mstd0.5"), ("aa", "rand-m5-mstd0.5"), ("reprob", 0.2), ("drop+drop_connect", [0.3, 0.2]),
@@ -292,7 +292,7 @@ def test_a_value_set_by_hand_is_used_as_set_and_its_part_not_measured():
     assert parts == ["crop_scale", "reprob"]  # the strongest kept at once; drop set by hand takes drop_connect's listing
     assert all(view.hflip == 0 and view.freeze_batchnorm is False for view in seen)
     assert [view.aa for view in seen] == ["none", "rand-m7-mstd0.5"]  # the crops measured before, erasing after it
-    assert record["recipe"] == {"opt": "sgd", "crop_scale": 0.25, "reprob": 0.2, "drop_connect": 0.2}
+    assert record["recipe"] == {"opt": "sgd", "lr": 0.064, "crop_scale": 0.25, "reprob": 0.2, "drop_connect": 0.2}
     recipe = recipe_for(hyperparameters_of(freeze_batchnorm="false", aa="rand-m7-mstd0.5", drop="0.1", hflip="0"),
                         record["recipe"])
     assert (recipe.freeze_batchnorm, recipe.aa, recipe.drop, recipe.drop_connect, recipe.hflip) == \
@@ -306,11 +306,12 @@ def test_before_the_probe_auto_is_the_listings_recipe_with_sgd_and_the_training_
     from efficientnet_train.recipe import Recipe, recipe_for, training_size_config
 
     hp = hyperparameters_of()
-    listing = Recipe(freeze_batchnorm=False, opt="sgd", hflip=0.5, crop_scale=0.25, aa="rand-m9-mstd0.5",
+    listing = Recipe(freeze_batchnorm=False, opt="sgd", lr=0.064, hflip=0.5, crop_scale=0.25, aa="rand-m9-mstd0.5",
                      reprob=0.2, drop=0.3, drop_connect=0.2)
-    assert recipe_for(hp) == listing  # sgd instead of rmsproptf
+    assert recipe_for(hp) == listing  # sgd instead of rmsproptf, at the rate measured for it
     explicit = hyperparameters_of(opt="rmsproptf", freeze_batchnorm="true", reprob="0.5")
-    assert recipe_for(explicit, {"reprob": 0.0}) == replace(listing, opt="rmsproptf", freeze_batchnorm=True, reprob=0.5)
+    assert recipe_for(explicit, {"reprob": 0.0}) == replace(listing, opt="rmsproptf", lr=0.016, freeze_batchnorm=True,
+                                                            reprob=0.5)
     config = {"input_size": [3, 74, 74], "train_input_size": [3, 64, 64]}
     for recipe, size in ((listing, 64), (replace(listing, freeze_batchnorm=True), 74)):
         assert training_size_config(config, recipe)["train_input_size"] == [3, size, size]

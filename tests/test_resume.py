@@ -266,7 +266,7 @@ def test_a_checkpoint_of_another_run_is_refused(uninterrupted, tmp_path):
     result = run_train(base)
     assert result.returncode != 0
     reason = (base / "output" / "failure").read_text()
-    assert "is from a different training run: lr=0.016 there, 0.01 here" in reason
+    assert "is from a different training run: lr='auto' there, 0.01 here" in reason
     assert "workers" not in reason and "checkpoint_s3_uri" in reason
     assert len(checkpoints(base / "checkpoints")) == 2  # nothing deleted
 
