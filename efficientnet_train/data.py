@@ -368,8 +368,10 @@ def check_channels_differ(train: Channel, val: Channel, copies: list[tuple[str, 
     if len(splits) >= 2:
         training = next((name for name in splits if name.lower() in ("train", "training")), splits[0])
         held_out = next(name for name in splits if name != training)
+        channels = ("The 'train' and 'val' channels both hold" if val.name == "val"
+                    else "The 'train' channel holds")  # validation held out of train: no 'val' channel
         raise JobError(
-            f"The 'train' and 'val' channels both hold class folders named like data splits "
+            f"{channels} class folders named like data splits "
             f"({', '.join(shown(name, 40) for name in splits)}): they point at the data set's root "
             f"({shown(train.root, 200)}) instead of its split folders, and would train a model that tells the splits "
             f"apart. Point 'train' at {shown(train.root / training, 200)} and 'val' at "

@@ -16,11 +16,12 @@ from typing import BinaryIO, Callable
 import yaml
 
 from .errors import JobError
-from .untrusted import shown
+from .untrusted import csv_cell, shown
 
 ARGS_FILE, LABELS_FILE, BEST_MODEL_FILE, SUMMARY_FILE = "args.yml", "labels.json", "model_best.pth.tar", "summary.csv"
 METRICS_PLOT_FILE, CONFUSION_FILE = "metrics.png", "confusion_matrix.csv"
 MODEL_FILES = (ARGS_FILE, LABELS_FILE, BEST_MODEL_FILE, SUMMARY_FILE, METRICS_PLOT_FILE, CONFUSION_FILE)
+HELD_OUT_FILE = "held_out_validation.csv"  # only where a job without a 'val' channel held images out of 'train'
 ARCHIVE_FILE = "model.tar.gz"
 SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
 
@@ -77,7 +78,7 @@ def remove_leftover_temporaries(folder: Path, names: re.Pattern) -> list[str]:
     return sorted(removed)
 
 
-MODEL_OUTPUT_NAMES = re.compile("|".join(re.escape(name) for name in (*MODEL_FILES, ARCHIVE_FILE)))
+MODEL_OUTPUT_NAMES = re.compile("|".join(re.escape(name) for name in (*MODEL_FILES, HELD_OUT_FILE, ARCHIVE_FILE)))
 
 
 class _WriteErrorMemo:
@@ -157,6 +158,15 @@ def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
+def write_held_out(model_dir: Path, rows: list[tuple[str, str]]) -> None:
+    """The validation images a job held out of 'train': path relative to the channel, and label."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["image", "label"])
+    writer.writerows([csv_cell(path), csv_cell(label)] for path, label in rows)
+    write_text(model_dir / HELD_OUT_FILE, buffer.getvalue())
+
+
 def write_labels(model_dir: Path, classes: list[str]) -> None:
     write_text(model_dir / LABELS_FILE,
                json.dumps({str(i): name for i, name in enumerate(classes)}, indent=2, ensure_ascii=False) + "\n")
@@ -183,8 +193,9 @@ def pack_model(model_dir: Path) -> Path:
 
     def write(f: BinaryIO) -> None:
         with tarfile.open(fileobj=f, mode="w:gz") as tar:
-            for name in MODEL_FILES:
-                tar.add(model_dir / name, arcname=name)
+            for name in (*MODEL_FILES, HELD_OUT_FILE):
+                if name != HELD_OUT_FILE or (model_dir / name).exists():
+                    tar.add(model_dir / name, arcname=name)
 
     atomic_write(archive, write)
     return archive

@@ -36,7 +36,10 @@ def parse_args(argv):
     source.add_argument("--image-uri", help="the training image in ECR (seller testing it before registering)")
     parser.add_argument("--role", required=True, help="IAM role ARN that SageMaker assumes for the job")
     parser.add_argument("--train", required=True, help="S3 prefix holding train/<label>/<image>")
-    parser.add_argument("--val", required=True, help="S3 prefix holding val/<label>/<image>")
+    parser.add_argument("--val", help="S3 prefix holding val/<label>/<image>; without it the job holds out "
+                                      "val_fraction of each class of --train")
+    parser.add_argument("--pretrained", help="S3 key of one timm weights file to start from (the 'pretrained' "
+                                             "channel), for a model whose weights the image lacks")
     parser.add_argument("--model", help="optional S3 URI of a previous job's model.tar.gz (the 'model' channel)")
     parser.add_argument("--output", required=True, help="S3 prefix for the job's model and checkpoints")
     parser.add_argument("--instance-type", default=aws_kit.DEFAULT_TRAINING_INSTANCE)
@@ -97,9 +100,13 @@ def inputs(args) -> dict:
 
     # The input mode goes on each channel: the SDK's AlgorithmEstimator refuses an estimator-wide FastFile.
     mode = None if args.input_mode == "File" else args.input_mode
-    channels = {"train": TrainingInput(args.train, input_mode=mode), "val": TrainingInput(args.val, input_mode=mode)}
+    channels = {"train": TrainingInput(args.train, input_mode=mode)}
+    if args.val:
+        channels["val"] = TrainingInput(args.val, input_mode=mode)
     if args.model:
         channels["model"] = TrainingInput(args.model)
+    if args.pretrained:
+        channels["pretrained"] = TrainingInput(args.pretrained)
     return channels
 
 

@@ -234,6 +234,19 @@ def test_train_on_a_marketplace_subscription_uses_the_algorithm_and_its_defaults
     assert set(channels(job)) == {"train", "val", "model"}
 
 
+def test_train_without_val_and_with_own_weights_sends_train_and_pretrained_only():
+    """The SDK checks the channels against the algorithm's spec: val is optional there, pretrained declared."""
+    with FakeAWS() as aws:
+        aws.answer("describe_algorithm", described_algorithm())
+        aws.answer("create_training_job", {"TrainingJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/j3"})
+        aws_train.main(["--algorithm-arn", ALGORITHM_ARN, "--role", ROLE, "--train", f"{S3}/train", "--output",
+                        OUTPUT, "--job-name", "j3", "--pretrained", f"{S3}/weights/efficientnet_b0.pth",
+                        "model=efficientnet_b0"], session=aws.session)
+    job = aws.request("CreateTrainingJob")
+    assert set(channels(job)) == {"train", "pretrained"}
+    assert channels(job)["pretrained"]["DataSource"]["S3DataSource"]["S3Uri"] == f"{S3}/weights/efficientnet_b0.pth"
+
+
 def test_train_refuses_what_would_waste_a_job(capsys):
     for bad in (["learning_rate=0.1"], ["epochs=0"], ["opt=adam-w"]):
         with pytest.raises(SystemExit):

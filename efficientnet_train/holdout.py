@@ -1,0 +1,48 @@
+"""Validation images held out of `train` when a job has no `val` channel.
+
+JumpStart's image classifier and AutoTrain do the same: a seeded, stratified share of each class, so a
+buyer with one folder of labelled images still gets a measured, calibrated model and early stopping. The
+held-out images are listed in the model's outputs (outputs.HELD_OUT_FILE), so the buyer knows which of
+their images the reported accuracy was measured on.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import replace
+
+from .data import Channel
+from .errors import JobError
+from .untrusted import listed, shown
+
+HELD_OUT_NAME = "val (held out of train)"
+
+
+def hold_out(train: Channel, fraction: float, seed: int) -> tuple[Channel, Channel]:
+    """`train` split into what trains and what validates: from each class, round(fraction x its images) chosen
+    by `seed`, at least one, leaving at least one to train on. A class of one image cannot be split."""
+    by_class: dict[int, list[str]] = {}
+    for path, label in train.samples:
+        by_class.setdefault(label, []).append(path)
+    too_small = [f"{shown(train.classes[label], 80)} ({len(paths)})" for label, paths in sorted(by_class.items())
+                 if len(paths) < 2]
+    if too_small:
+        raise JobError(f"No 'val' channel, so the job holds out {fraction:g} of each class of 'train' for "
+                       f"validation, but {len(too_small)} class(es) have a single image, which cannot be both "
+                       f"trained on and held out: {listed(too_small)}. Add images to those classes, or give a "
+                       f"'val' channel with images of every class.")
+    kept, held = [], []
+    for label, paths in sorted(by_class.items()):
+        chosen = sorted(paths)
+        random.Random(f"{seed}:{train.classes[label]}").shuffle(chosen)  # each class's draw independent of others
+        count = min(len(chosen) - 1, max(1, round(fraction * len(chosen))))
+        held += [(path, label) for path in sorted(chosen[:count])]
+        kept += [(path, label) for path in sorted(chosen[count:])]
+    return (replace(train, samples=kept),
+            Channel(HELD_OUT_NAME, train.root, list(train.classes), samples=held))
+
+
+def held_out_rows(train: Channel, held: Channel) -> list[tuple[str, str]]:
+    """(image path relative to the train channel, label) of each held-out image, for outputs.HELD_OUT_FILE."""
+    return [(os.path.relpath(path, train.root), held.classes[label]) for path, label in held.samples]
