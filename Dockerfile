@@ -48,7 +48,7 @@ RUN pip install --no-deps --no-build-isolation -c constraints.txt . \
     && pip check \
     && pip freeze --all > /opt/venv/requirements.lock
 
-# ImageNet weights baked into the Hugging Face cache (HF_HOME, where model.shipped_weights() and
+# ImageNet weights baked into the Hugging Face cache (HF_HOME, where hyperparameters.shipped_weights() and
 # timm look at run time), one timm model name per word; empty bakes none (no hub reachable).
 ARG PRETRAINED_MODELS="efficientnet_b3"
 ENV HF_HOME=/opt/hf TORCH_HOME=/opt/hf/torch
@@ -59,7 +59,7 @@ RUN mkdir -p "$HF_HOME"; \
         HF_HUB_OFFLINE=1 python -c 'import sys, timm; timm.create_model(sys.argv[1], pretrained=True)' "$name" || exit 1; \
     done; \
     rm -rf "$HF_HOME/xet" "$HF_HOME/token" "$HF_HOME/stored_tokens"; \
-    python -c 'from efficientnet_train.model import shipped_weights; print("Shipped weights:", shipped_weights())'
+    python -c 'from efficientnet_train.hyperparameters import shipped_weights; print("Shipped weights:", shipped_weights())'
 
 
 FROM ${BASE_IMAGE}

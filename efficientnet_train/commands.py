@@ -16,14 +16,26 @@ def _usage(text: str) -> int | None:
     if arguments[0] in ("-h", "--help"):
         print(text)
         return 0
+    if arguments[0] == "--version":
+        from . import __version__
+
+        print(f"{text.split()[1]} {__version__}")  # the usage's first line: "usage: NAME ..."
+        return 0
     print(f"{text}\n\nerror: unexpected arguments: {' '.join(arguments)[:200]}", file=sys.stderr)
     return 2
 
 
 def train() -> int:
-    from .sagemaker import TRAIN_USAGE  # no torch: help is instant
+    from .hyperparameters import plain_text, shipped_weights  # no torch: help is instant
+    from .sagemaker import TRAIN_USAGE
 
-    asked = _usage(TRAIN_USAGE)
+    if sys.argv[1:] == ["--hyperparameters"]:
+        print(plain_text())
+        return 0
+    shipped = shipped_weights() if sys.argv[1:] in (["-h"], ["--help"]) else []
+    models = (f"models with ImageNet weights in this image (model=...; any other needs the 'pretrained' channel): "
+              f"{', '.join(shipped) if shipped else 'none'}")
+    asked = _usage(f"{TRAIN_USAGE}\n\n{models}")
     if asked is not None:
         return asked
     # SageMaker runs the image's `train` as PID 1, for which the kernel drops any signal without a handler: a

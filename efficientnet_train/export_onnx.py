@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import tarfile
 import tempfile
 import time
 import warnings
@@ -29,16 +28,15 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from .errors import JobError
 from .data import ModelInput
-from .inference import check_model_dir, read_labels
-from .model import archive_member, load_trained_model, predict_log_probabilities
-from .outputs import BEST_MODEL_FILE, LABELS_FILE, atomic_write, check_output_file
-from .untrusted import shown
+from .inference import model_files, read_labels
+from .model import load_trained_model, predict_log_probabilities
+from .outputs import BEST_MODEL_FILE, atomic_write, check_output_file
 
 OPSET = 18
 TOLERANCE = 1e-4  # largest difference in any probability between onnxruntime and PyTorch
-LABELS_MAX_BYTES = 16 * 2**20  # labels.json of 1,000 classes with 255-byte names is 0.3 MB
 
 
 class CalibratedClassifier(torch.nn.Module):
@@ -58,7 +56,7 @@ def export(source: Path, output: Path) -> dict:
     """Write `output` from a model folder or model.tar.gz; returns what was exported and how long it took."""
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="export-onnx-") as scratch:
-        model_dir = _model_dir(source, Path(scratch))
+        model_dir = model_files(source, Path(scratch))
         model, checkpoint = load_trained_model(model_dir / BEST_MODEL_FILE)
         labels = read_labels(model_dir, expected=len(checkpoint["labels"]))
     config = checkpoint["data_config"]
@@ -114,28 +112,13 @@ def _check(data: bytes, wrapper: torch.nn.Module) -> float:
     return worst
 
 
-def _model_dir(source: Path, scratch: Path) -> Path:
-    """`source` if it is a model folder; for a model.tar.gz, its two files extracted by name into `scratch`."""
-    if source.is_dir():
-        check_model_dir(source)
-        return source
-    if not source.is_file():
-        raise JobError(f"{source} does not exist: give a model folder (model_best.pth.tar, labels.json) or the "
-                       f"model.tar.gz a training job wrote.")
-    try:
-        (scratch / BEST_MODEL_FILE).write_bytes(archive_member(source, BEST_MODEL_FILE))
-        (scratch / LABELS_FILE).write_bytes(archive_member(source, LABELS_FILE, LABELS_MAX_BYTES))
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        raise JobError(f"{source} cannot be read as a model.tar.gz ({type(exc).__name__}: {shown(exc, 200)}).") \
-            from exc
-    return scratch
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="export-onnx", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", type=Path, help="a model folder (model_best.pth.tar, labels.json) or model.tar.gz")
-    parser.add_argument("--output", type=Path, default=Path("model.onnx"), help="the ONNX file (default model.onnx)")
+    parser.add_argument("--output", type=Path, default=Path("model.onnx"),
+                        help="the ONNX file (default: model.onnx in the current folder)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     options = parser.parse_args(argv)
     os.environ["HF_HUB_OFFLINE"] = "1"  # as serve and predict: a model file never makes the job reach the network
     try:

@@ -164,6 +164,18 @@ def efficientnet_models() -> tuple[str, ...]:
     return tuple(name for name in timm.list_models(module="efficientnet") if "efficientnet" in name)
 
 
+def shipped_weights() -> list[str]:
+    """The timm models whose pretrained weights are in this image's Hugging Face cache (the image's build bakes
+    them in: PRETRAINED_MODELS), with their weights' tag: efficientnet_b3.ra2_in1k."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        return sorted(repo.repo_id.removeprefix("timm/") for repo in scan_cache_dir().repos
+                      if repo.repo_type == "model" and repo.repo_id.startswith("timm/"))
+    except Exception:  # noqa: BLE001 - no cache at all is the common case here
+        return []
+
+
 def _check_model(name: str) -> str | None:
     if name in efficientnet_models():
         return None
@@ -192,8 +204,12 @@ def _check_auto_augment(policy: str) -> str | None:
     return None
 
 
+NO_PRETRAINED = "none"  # pretrained_path's value for random weights: training from scratch
+WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".pth.tar", ".safetensors")
+
+
 def _check_pretrained_path(path: str) -> str | None:
-    if path and not path.lower().endswith((".pth", ".pt", ".bin", ".pth.tar", ".safetensors")):
+    if path and path.lower() != NO_PRETRAINED and not path.lower().endswith(WEIGHTS_SUFFIXES):
         return "not a weights file name"
     return None
 
@@ -266,9 +282,12 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    allowed_text="a timm EfficientNet name (efficientnet_b0..b8, tf_efficientnet_lite0..4, "
                                 "efficientnetv2_s, ...)"),
     Hyperparameter("pretrained_path", str, "",
-                   "Local ImageNet weights in timm format (.pth or .safetensors), as timm's "
-                   "--pretrained-path; empty = the weights shipped in the image.",
-                   check=_check_pretrained_path, allowed_text="empty, or the path of a .pth, .pt, .bin or .safetensors file"),
+                   "Local ImageNet weights in timm format (.pth or .safetensors), as timm's --pretrained-path; "
+                   "empty = the file in the optional 'pretrained' channel if there is one, else the weights shipped "
+                   "in the image (`train --help` lists them); none = random weights: training from scratch, which "
+                   "needs far more images than fine-tuning.",
+                   check=_check_pretrained_path,
+                   allowed_text="empty, none, or the path of a .pth, .pt, .bin or .safetensors file"),
     Hyperparameter("img_size", int, 0,
                    "Training image size in pixels; 0 or unset = the model's own. With BatchNorm frozen "
                    "(freeze_batchnorm) training uses the evaluation size instead.",
@@ -327,6 +346,10 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    "too large, unsupported format, outside a class folder) before the job fails instead of "
                    "skipping them; 0 = fail on the first one, 1 = never fail for this.",
                    minimum=0, maximum=1),
+    Hyperparameter("val_fraction", float, 0.2,
+                   "Without a 'val' channel: the share of each class of 'train' held out for validation (chosen by "
+                   "seed, at least one image a class; the list is in the model's held_out_validation.csv). "
+                   "Ignored when there is a 'val' channel.", minimum=0.01, maximum=0.5),
 )
 BY_NAME: dict[str, Hyperparameter] = {hp.name: hp for hp in SCHEMA}
 # What buyers coming from SageMaker's built-in image classifier or other trainers tend to type.
@@ -336,7 +359,8 @@ COMMON_NAMES = {"learning_rate": "lr", "mini_batch_size": "batch_size", "num_epo
                 "image_shape": "img_size", "num_workers": "workers", "use_weighted_loss": "balance_classes",
                 "patience": "early_stopping_patience", "eps": "opt_eps", "ema": "model_ema",
                 "auto_augment": "aa", "label_smoothing": "smoothing", "pretrained_weights": "pretrained_path",
-                "checkpoint": "pretrained_path", "clip_gradient": "clip_grad", "grad_clip": "clip_grad"}
+                "checkpoint": "pretrained_path", "clip_gradient": "clip_grad", "grad_clip": "clip_grad",
+                "validation_split": "val_fraction", "val_split": "val_fraction", "test_size": "val_fraction"}
 
 
 def scaled_lr(lr: float, batch_size: int, processes: int = 1) -> float:
@@ -394,6 +418,21 @@ def markdown_table() -> str:
         default = format_value(hp.default) if hp.default != "" else "(empty)"
         rows.append(f"| `{hp.name}` | `{default}` | {hp.allowed} | {hp.help} |")
     return "\n".join(rows)
+
+
+def plain_text() -> str:
+    """The same table for a terminal (`train --hyperparameters`): the image holds no README."""
+    import textwrap
+
+    entries = []
+    for hp in SCHEMA:
+        default = format_value(hp.default) if hp.default != "" else "(empty)"
+        body = textwrap.fill(f"{hp.help} Allowed: {hp.allowed}.", 100, initial_indent="    ", subsequent_indent="    ")
+        entries.append(f"{hp.name} (default {default})\n{body}")
+    return ("Hyperparameters (hyperparameters.json; every one optional, its values as strings). \"The listing\" is "
+            "this algorithm's AWS Marketplace page, whose names and defaults are kept; auto marks where fine-tuning "
+            "chooses other values:\n\n"
+            + "\n".join(entries))
 
 
 def sagemaker_hyperparameter_specs() -> list[dict]:

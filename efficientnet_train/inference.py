@@ -9,6 +9,7 @@ when the job evaluated that way), so a served probability is the one validation 
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import torch
@@ -16,8 +17,11 @@ from PIL import Image
 
 from .data import ModelInput, decode_side, eval_transform
 from .errors import JobError
-from .model import autocast_for, load_trained_model, predict_log_probabilities
+from .model import archive_member, autocast_for, load_trained_model, predict_log_probabilities
 from .outputs import BEST_MODEL_FILE, LABELS_FILE
+from .untrusted import shown
+
+LABELS_MAX_BYTES = 16 * 2**20  # labels.json of 1,000 classes with 255-byte names is 0.3 MB
 
 
 class Classifier:
@@ -66,6 +70,24 @@ def check_model_dir(model_dir: Path) -> None:
         raise JobError(f"No trained model in {model_dir}: {', '.join(missing)} missing. It must hold the "
                        f"contents of the model.tar.gz that `train` wrote ({BEST_MODEL_FILE}, {LABELS_FILE}); "
                        f"SageMaker extracts it to /opt/ml/model, and SAGEMAKER_BASE_DIR moves /opt/ml.")
+
+
+def model_files(source: Path, scratch: Path) -> Path:
+    """The model folder to load: `source` if it is one; for a model.tar.gz, its two files extracted by name into
+    `scratch` (nothing else in the archive is read, and no name in it becomes a path)."""
+    if source.is_dir():
+        check_model_dir(source)
+        return source
+    if not source.is_file():
+        raise JobError(f"{source} does not exist: give a model folder (model_best.pth.tar, labels.json) or the "
+                       f"model.tar.gz a training job wrote.")
+    try:
+        (scratch / BEST_MODEL_FILE).write_bytes(archive_member(source, BEST_MODEL_FILE))
+        (scratch / LABELS_FILE).write_bytes(archive_member(source, LABELS_FILE, LABELS_MAX_BYTES))
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise JobError(f"{source} cannot be read as a model.tar.gz ({type(exc).__name__}: {shown(exc, 200)}).") \
+            from exc
+    return scratch
 
 
 def read_labels(model_dir: Path, expected: int) -> list[str]:

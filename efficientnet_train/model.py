@@ -14,6 +14,7 @@ import torch
 
 from .calibration import calibrated
 from .errors import JobError
+from .hyperparameters import NO_PRETRAINED, WEIGHTS_SUFFIXES, shipped_weights
 from .outputs import BEST_MODEL_FILE, atomic_write
 from .untrusted import shown
 
@@ -24,17 +25,6 @@ CHECKPOINT_VERSION = 1
 # on a CPU (oneDNN): the 2-core CPU trains tf_efficientnet_lite0 1.75x and efficientnet_b3 (160 px) 1.6x as
 # fast (README, Speed). Every model and input batch of training, validation and serving is kept in it.
 MEMORY_FORMAT = torch.channels_last
-
-
-def shipped_weights() -> list[str]:
-    """The timm models whose pretrained weights are in this image's Hugging Face cache."""
-    try:
-        from huggingface_hub import scan_cache_dir
-
-        return sorted(repo.repo_id.removeprefix("timm/") for repo in scan_cache_dir().repos
-                      if repo.repo_type == "model" and repo.repo_id.startswith("timm/"))
-    except Exception:  # noqa: BLE001 - no cache at all is the common case here
-        return []
 
 
 def create_model(name: str, labels: list[str], pretrained_path: str, drop: float, drop_connect: float,
@@ -80,8 +70,13 @@ def _create_from_previous_job(name: str, labels: list[str], drop: float, drop_co
     head = {f"{model.pretrained_cfg.get('classifier', 'classifier')}.{kind}" for kind in ("weight", "bias")}
     model.load_state_dict({k: v for k, v in state_dict.items() if k not in head}, strict=False)
     _zero_head(model)
-    log.info("Starting from the model in %s with a new classifier head: the labels changed from [%s] to [%s]",
-             path, shown(", ".join(checkpoint["labels"]), 500), shown(", ".join(labels), 500))
+    before, now = set(checkpoint["labels"]), set(labels)
+    change = "; ".join(f"{what} {len(names)}: {shown(', '.join(sorted(names)), 300)}" for what, names in (
+        ("added", now - before), ("gone", before - now)) if names) or "the same names in another order"
+    log.warning("The 'model' channel's model (%s) was trained on other labels (%d there, %d here; %s): it continues "
+                "with a new classifier head, so only its features carry over and its old answers do not. If the "
+                "data is meant to have the same labels, check the class folders.", shown(str(path), 300), len(before),
+                len(now), change)
     return model
 
 
@@ -115,6 +110,31 @@ def read_model_channel(folder: Path) -> tuple[Path, dict] | None:
         raise JobError(f"The 'model' channel's {source} cannot be read as a model of this algorithm "
                        f"({type(exc).__name__}: {shown(exc, 200)}). Give it an intact model.tar.gz of a previous "
                        f"training job, or remove the channel.") from exc
+
+
+PRETRAINED_ENTRIES_LOOKED_AT = 1000  # the channel should hold one file; a bucket's whole prefix is a mistake
+
+
+def pretrained_source(pretrained_path: str, channel: Path) -> str:
+    """pretrained_path, or where it is empty the one weights file of the optional 'pretrained' channel (a buyer's
+    own timm weights; SageMaker has no other way to bring a file into a job)."""
+    if not channel.is_dir():
+        return pretrained_path
+    files = sorted(p for _, p in zip(range(PRETRAINED_ENTRIES_LOOKED_AT), channel.rglob("*"))
+                   if p.is_file() and not p.name.startswith("."))
+    if not files:
+        return pretrained_path
+    if pretrained_path:
+        raise JobError(f"Both pretrained_path ({shown(pretrained_path, 200)}) and the 'pretrained' channel "
+                       f"({channel}) give weights to start from. Give one: remove the channel, or unset "
+                       f"pretrained_path.")
+    weights = [p for p in files if p.name.lower().endswith(WEIGHTS_SUFFIXES)]
+    if len(weights) != 1:
+        found = ", ".join(shown(p.relative_to(channel), 80) for p in files[:5]) + (" ..." if len(files) > 5 else "")
+        raise JobError(f"The 'pretrained' channel ({channel}) must hold one timm weights file "
+                       f"({', '.join(WEIGHTS_SUFFIXES)}); it holds {len(weights)} among {found}. Give it the S3 "
+                       f"key of one file.")
+    return str(weights[0])
 
 
 ARCHIVE_MEMBERS_LOOKED_AT = 1000  # a job's model.tar.gz holds six files
@@ -163,6 +183,12 @@ def _create_pretrained(name: str, num_classes: int, pretrained_path: str, drop: 
     import timm
 
     kwargs: dict[str, Any] = dict(num_classes=num_classes, drop_rate=drop, drop_path_rate=drop_connect)
+    if pretrained_path.lower() == NO_PRETRAINED:
+        log.warning("pretrained_path=none: training '%s' from random weights. Without ImageNet's features a model "
+                    "needs far more images and epochs (hundreds of thousands of images, hundreds of epochs) to "
+                    "reach what fine-tuning reaches from a few hundred; leave pretrained_path empty to fine-tune.",
+                    name)
+        return timm.create_model(name, pretrained=False, **kwargs)
     if pretrained_path:
         path = Path(pretrained_path)
         if not path.is_file():
@@ -186,11 +212,11 @@ def _create_pretrained(name: str, num_classes: int, pretrained_path: str, drop: 
         return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as exc:  # noqa: BLE001 - offline hub errors come in many types
         shipped = shipped_weights()
-        listing = f"This image ships weights for: {', '.join(shipped)}." if shipped else \
-            "This environment ships no pretrained weights."
+        listing = f"This image has weights for: {', '.join(shipped)}." if shipped else \
+            "This image has no pretrained weights."
         raise JobError(f"No ImageNet weights for model '{name}' are available without a network "
-                       f"({type(exc).__name__}). {listing} Choose one of those models, or set "
-                       f"pretrained_path to a timm weights file for '{name}'.") from exc
+                       f"({type(exc).__name__}). {listing} Choose one of those models, or give a timm weights file "
+                       f"for '{name}' in the 'pretrained' channel (or pretrained_path).") from exc
 
 
 def _check_the_file_covers(model: torch.nn.Module, file_keys: set[str], path: Path, name: str) -> None:

@@ -1,6 +1,7 @@
 """`predict`: classify an image or a folder of images with a trained model, into a CSV.
 
-    predict photos/ --model-dir model/ --output predictions.csv --top-k 3
+    predict photos/ --model-dir model.tar.gz --output predictions.csv --top-k 3
+    predict photo.jpg --model-dir model/ -o -          # the CSV on standard output
 
 The same model, preprocessing and prediction as `serve` (efficientnet_train.inference), batched,
 with a progress bar. Files that are not readable images are listed on stderr and left out.
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from . import __version__
 from .data import IMAGE_EXTENSIONS
 from .decoding import UnreadableImage, load_image
 from .errors import JobError
-from .inference import Classifier
+from .inference import Classifier, model_files
 from .outputs import check_output_file
 from .sagemaker import ServingEnvironment
 from .untrusted import csv_cell
@@ -153,14 +155,19 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", type=Path, help="image files and folders of images")
     parser.add_argument("--model-dir", type=Path, default=settings.model_dir,
-                        help="the extracted model.tar.gz of a `train` job (default: %(default)s)")
-    parser.add_argument("--output", "-o", default="predictions.csv", help="CSV file, or - for stdout")
+                        help="the model.tar.gz of a `train` job, or the folder it was extracted to "
+                             "(default: %(default)s)")
+    parser.add_argument("--output", "-o", default="predictions.csv",
+                        help="the CSV to write (default: predictions.csv in the current folder), or - for standard "
+                             "output")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --output even if it is not a predictions CSV this command wrote")
     parser.add_argument("--top-k", type=int, default=settings.top_k, help="labels per image (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="images classified at once; lower it if memory runs out (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                         help="processes that decode images (default: %(default)s)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     options = parser.parse_args(argv)
     if options.top_k < 1 or options.batch_size < 1 or options.workers < 0:
         parser.error("--top-k and --batch-size must be at least 1, --workers at least 0")
@@ -170,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             raise JobError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) in {', '.join(map(str, options.inputs))}.")
         if options.output != "-":  # before the model loads and the images are read, not after
             check_output(Path(options.output), options.inputs, paths, options.overwrite)
-        classifier = Classifier(options.model_dir)
+        with tempfile.TemporaryDirectory(prefix="predict-") as scratch:  # a model.tar.gz's two files, once loaded
+            classifier = Classifier(model_files(options.model_dir, Path(scratch)))
     except JobError as exc:
         log.error("%s", exc)
         return 1

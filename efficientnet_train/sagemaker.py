@@ -39,22 +39,24 @@ class Hosts:
 HYPERPARAMETERS_MAX_BYTES = 1_000_000
 DEBUG_VARIABLE = "EFFICIENTNET_DEBUG"  # set to 1: a buyer's error also prints its traceback
 
-TRAIN_USAGE = f"""usage: train [-h]
+TRAIN_USAGE = f"""usage: train [-h | --version | --hyperparameters]
 
 Fine-tune an EfficientNet image classifier as a SageMaker training job: SageMaker runs `IMAGE train` with no
 arguments; it reads and writes SageMaker's {DEFAULT_BASE_DIR} tree (or $SAGEMAKER_BASE_DIR).
 
 reads:
-  input/config/hyperparameters.json    the hyperparameters, all optional (README.md lists them)
+  input/config/hyperparameters.json    the hyperparameters, all optional (`train --hyperparameters` lists them)
   input/data/train/<label>/<image>     training images, one folder per label ($SM_CHANNEL_TRAIN instead)
-  input/data/val/<label>/<image>       validation images ($SM_CHANNEL_VAL)
+  input/data/val/<label>/<image>       validation images ($SM_CHANNEL_VAL); without them, val_fraction of train
   input/data/model/                    optional: a previous job's model.tar.gz, to continue ($SM_CHANNEL_MODEL)
+  input/data/pretrained/               optional: one timm weights file to start from ($SM_CHANNEL_PRETRAINED)
   input/config/checkpointconfig.json   where checkpoints go (else checkpoints/); a restart resumes from them
   input/config/resourceconfig.json     the instances of a multi-instance job
 
 writes:
-  model/          model_best.pth.tar, labels.json, args.yml, summary.csv, metrics.png, confusion_matrix.csv
-                  (and model.tar.gz when $TRAINING_JOB_NAME is unset: outside SageMaker)
+  model/          model_best.pth.tar, labels.json, args.yml, summary.csv, metrics.png, confusion_matrix.csv,
+                  held_out_validation.csv without a val channel (and model.tar.gz when $TRAINING_JOB_NAME is
+                  unset: outside SageMaker)
   checkpoints/    the resumable state, after every epoch
   output/failure  why the job failed, with the fix (SageMaker's FailureReason)
   stdout          the log: one metric line an epoch (train:loss=... validation:acc_1=...)
@@ -64,7 +66,7 @@ environment: SAGEMAKER_BASE_DIR, SM_CHANNEL_<NAME>, TRAINING_JOB_NAME, MASTER_PO
 
 exit status: 0 trained, or stopped by SIGTERM (a checkpoint is saved: run again to resume); 1 failed."""
 
-SERVE_USAGE = f"""usage: serve [-h]
+SERVE_USAGE = f"""usage: serve [-h | --version]
 
 Serve a model trained by `train` over HTTP, as a SageMaker endpoint or batch transform: SageMaker runs
 `IMAGE serve` with no arguments.

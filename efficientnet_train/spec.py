@@ -46,10 +46,15 @@ def algorithm_spec() -> dict:
             "MetricDefinitions": metric_definitions(),
             "TrainingChannels": [
                 _channel("train", "Training images: train/<label>/<image>. The folder names are the labels."),
-                _channel("val", "Validation images: val/<label>/<image>, with labels that are also in train."),
+                _channel("val", "Optional validation images: val/<label>/<image>, with labels that are also in "
+                                "train. Without it the job holds out val_fraction of each class of train.",
+                         required=False),
                 _channel("model", "Optional: a previous job's model.tar.gz to continue training from "
                                   "(incremental training); a changed label set gets a new classifier head.",
                          required=False, content_types=["application/x-tar", "application/gzip"]),
+                _channel("pretrained", "Optional: one timm weights file (.pth or .safetensors) of the chosen model "
+                                       "to start from instead of the ImageNet weights in the image.",
+                         required=False, content_types=["application/octet-stream"]),
             ],
             "SupportedTuningJobObjectiveMetrics": [{"Type": "Maximize", "MetricName": VAL_ACC_1}],
         },

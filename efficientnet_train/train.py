@@ -27,9 +27,11 @@ from .data import (ModelInput, TrainBatches, check_channels_differ, copies_acros
                    warn_about_copies, warn_about_thin_classes)
 from .errors import JobError
 from .failures import explained
+from .holdout import held_out_rows, hold_out
 from .linear_probe import MEASURED_IMAGES, fit_linear_probe, probe_sample, probe_top1
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
-from .model import (autocast_for, checkpoint_of, create_model, predict_log_probabilities, read_model_channel,
+from .model import (autocast_for, checkpoint_of, create_model, predict_log_probabilities, pretrained_source,
+                    read_model_channel,
                     save_checkpoint, set_batchnorm_training, set_regularisation)
 from .recipe import Recipe, choose, decisions, recipe_for, training_size_config
 from .sagemaker import DEBUG_VARIABLE, SageMakerEnvironment
@@ -73,18 +75,31 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
     startup.done("checking the hyperparameters (importing timm)")
     if ignored:
         log.info("Ignoring SageMaker's own hyperparameters: %s", shown(", ".join(ignored), 300))
+    from_channel = pretrained_source(hp.pretrained_path, env.channel_dir("pretrained"))
+    if from_channel != hp.pretrained_path:
+        hp.pretrained_path = from_channel  # args.yml says so
+        log.info("Starting from the 'pretrained' channel's weights: %s", shown(from_channel, 300))
     train_channel = scan_channel("train", env.channel_dir("train"), max_unusable_fraction=hp.max_unusable_fraction)
     log.info(train_channel.inventory())
-    val_channel = scan_channel("val", env.channel_dir("val"), classes=train_channel.classes,
-                               max_unusable_fraction=hp.max_unusable_fraction)
-    log.info(val_channel.inventory())
     classes = train_channel.classes
     if len(classes) < 2:
         raise JobError(f"The 'train' channel has one class ({classes[0]}); a classifier needs at least two. "
                        f"Add a folder of images for each other label to {train_channel.root}.")
+    held_out = None
+    if env.channel_dir("val").exists():
+        val_channel = scan_channel("val", env.channel_dir("val"), classes=classes,
+                                   max_unusable_fraction=hp.max_unusable_fraction)
+        log.info(val_channel.inventory())
+    else:
+        train_channel, val_channel = hold_out(train_channel, hp.val_fraction, hp.seed)
+        held_out = held_out_rows(train_channel, val_channel)
+        log.info("No 'val' channel: %d of the %d training images (val_fraction=%g of each class, chosen by seed %d) "
+                 "are held out for validation and not trained on; %s lists them.\n%s", len(held_out),
+                 len(held_out) + len(train_channel.samples), hp.val_fraction, hp.seed, outputs.HELD_OUT_FILE,
+                 val_channel.inventory())
     hp.batch_size = fitted_batch_size(hp.batch_size, len(train_channel.samples), world_size)  # args.yml says so
     warn_about_thin_classes(train_channel, val_channel)
-    copies = copies_across(train_channel, val_channel)
+    copies = copies_across(train_channel, val_channel) if held_out is None else []
     check_channels_differ(train_channel, val_channel, copies)
     warn_about_copies(copies, train_channel, val_channel)
     for folder, names in ((env.model_dir, outputs.MODEL_OUTPUT_NAMES), (env.checkpoint_dir, CHECKPOINT_NAME)):
@@ -104,7 +119,7 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
         env.checkpoint_dir: room_for_checkpoints(env.checkpoint_dir, checkpoint_bytes)})
     startup.done("checking the data and the disk (checkpoints and free space)")
     return SimpleNamespace(hp=hp, ignored=ignored, train_channel=train_channel, val_channel=val_channel,
-                           copies=copies, resumed=resumed, startup=startup)
+                           held_out=held_out, copies=copies, resumed=resumed, startup=startup)
 
 
 def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank = distributed.SINGLE) -> None:
@@ -117,6 +132,8 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
     progress, summary, best, stop_reason = resume(t, job, rank)
     if rank.is_main:
         outputs.write_labels(env.model_dir, t.classes)
+        if job.held_out is not None:
+            outputs.write_held_out(env.model_dir, job.held_out)
         outputs.write_args(env.model_dir, args)
         if progress.epoch > 0:  # resumed after the probe: the recipe is the one it chose
             log_settings(args)
@@ -230,6 +247,7 @@ def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Ra
             "train_images_per_class": train_channel.images_per_class(),
             "val_images_per_class": val_channel.images_per_class(),
             "skipped_files": {ch.name: ch.skipped_summary() for ch in (train_channel, val_channel)},
+            "val_held_out_of_train": job.held_out is not None,
             "val_copies_of_train_images": {"count": len(job.copies), "first": [
                 {"val": v, "train": t} for v, t in job.copies[:20]]},
             "training_job_name": env.training_job_name, "versions": versions()}

@@ -53,7 +53,7 @@ workdir=$(inspect '{{.Config.WorkingDir}}')
     for tool in gcc cc g++ make; do ! command -v $tool || { echo "compiler $tool in the image"; exit 1; }; done
     [ ! -e /root/.cache/pip ] || { echo "pip cache in the image"; exit 1; }
     case "$HF_HOME" in /opt/ml*) echo "HF_HOME inside /opt/ml"; exit 1;; esac
-    python -c "from efficientnet_train.model import shipped_weights; print(\"shipped weights:\", shipped_weights())"
+    python -c "from efficientnet_train.hyperparameters import shipped_weights; print(\"shipped weights:\", shipped_weights())"
 ' || fail "image contents"
 echo "size: $(numfmt --to=iec --suffix=B "$(inspect '{{.Size}}')"), workdir $workdir, no ENTRYPOINT"
 
@@ -103,7 +103,7 @@ for metric in spec["TrainingSpecification"]["MetricDefinitions"]:
     values = re.findall(metric["Regex"], log)
     assert len(values) == 3 and all(float(v) >= 0 for v in values), (metric, values)  # epochs 0, 1, 2
     print(f"{metric['Name']}: {values}")
-print("model/ holds the four files and model.tar.gz; the metric lines match the spec's regexes")
+print("model/ holds the six model files and model.tar.gz; the metric lines match the spec's regexes")
 PY
 # The saved model loads and predicts inside the image (what `serve` will do), network off.
 "$ENGINE" run --rm --network none "${PODMAN_FLAGS[@]}" -v "$SMOKE_DIR/job/opt_ml/model:/opt/ml/model:ro" \

@@ -22,7 +22,8 @@ def test_spec_declares_every_hyperparameter_and_metric():
     assert [h["Name"] for h in training["SupportedHyperParameters"]] == [h.name for h in hyperparameters.SCHEMA]
     assert [m["Name"] for m in training["MetricDefinitions"]] == list(metrics.METRIC_NAMES)
     assert training["SupportedTuningJobObjectiveMetrics"] == [{"Type": "Maximize", "MetricName": "validation:acc_1"}]
-    assert {c["Name"]: c["IsRequired"] for c in training["TrainingChannels"]} == {"train": True, "val": True, "model": False}
+    assert {c["Name"]: c["IsRequired"] for c in training["TrainingChannels"]} == {"train": True, "val": False, "model": False,
+                                                                                   "pretrained": False}
 
 
 def test_metric_regexes_take_plain_decimals_only():
@@ -144,8 +145,9 @@ def test_spec_is_consistent_where_the_service_model_cannot_say():
     # the SDK refuses instance_count > 1 for an algorithm that does not declare it
     assert training["SupportsDistributedTraining"] is True
     channels = {c["Name"]: c for c in training["TrainingChannels"]}
-    for name in ("train", "val"):
-        assert channels[name]["IsRequired"] and set(channels[name]["SupportedInputModes"]) == {"File", "FastFile"}
+    for name, required in (("train", True), ("val", False)):  # without val the job holds images out of train
+        assert channels[name]["IsRequired"] is required
+        assert set(channels[name]["SupportedInputModes"]) == {"File", "FastFile"}
         assert "image/jpeg" in channels[name]["SupportedContentTypes"]
 
 

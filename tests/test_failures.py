@@ -19,11 +19,12 @@ def failed(base, **env) -> str:
     return reason
 
 
-def test_missing_val_channel(tmp_path, tiny_hyperparameters):
+def test_a_val_channel_that_is_a_file_not_a_folder(tmp_path, tiny_hyperparameters):
     base = make_job(tmp_path, tiny_hyperparameters)
     shutil.rmtree(base / "input" / "data" / "val")
+    (base / "input" / "data" / "val").write_bytes(b"x")
     reason = failed(base)
-    assert "'val' channel is missing" in reason and "input channel" in reason
+    assert "'val' channel is missing: a file, not a folder, is at" in reason and "input channel" in reason
 
 
 def test_empty_train_channel(tmp_path, tiny_hyperparameters):
@@ -127,3 +128,28 @@ def test_no_weights_in_the_image_and_no_network(tmp_path, tiny_hyperparameters, 
     base = make_job(tmp_path, {**tiny_hyperparameters, "pretrained_path": ""})
     reason = failed(base, HF_HOME=str(tmp_path / "empty_cache"), HF_HUB_OFFLINE=offline)
     assert "No ImageNet weights for model 'test_efficientnet'" in reason and "pretrained_path" in reason
+
+
+def test_weights_in_the_pretrained_channel_are_the_start(tmp_path, tiny_hyperparameters, tiny_weights):
+    base = make_job(tmp_path, {**tiny_hyperparameters, "pretrained_path": ""})
+    channel = base / "input" / "data" / "pretrained" / "nested"
+    channel.mkdir(parents=True)
+    shutil.copy(tiny_weights["safetensors"], channel / "mine.safetensors")
+    result = run_train(base, HF_HOME=str(tmp_path / "empty_cache"))  # no weights in the "image"
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Starting from the 'pretrained' channel's weights: {channel / 'mine.safetensors'}" in result.stdout
+    two = make_job(tmp_path / "two", {**tiny_hyperparameters, "pretrained_path": ""})
+    shutil.copytree(base / "input" / "data" / "pretrained", two / "input" / "data" / "pretrained")
+    (two / "input" / "data" / "pretrained" / "second.pth").write_bytes(b"x")
+    assert "must hold one timm weights file (.pth, .pt, .bin, .pth.tar, .safetensors); it holds 2 among" in \
+        failed(two)
+    both = make_job(tmp_path / "both", tiny_hyperparameters)  # pretrained_path set as well
+    shutil.copytree(base / "input" / "data" / "pretrained", both / "input" / "data" / "pretrained")
+    assert "Both pretrained_path" in failed(both) and "Give one" in failure_reason(both)
+
+
+def test_pretrained_path_none_trains_from_random_weights_and_says_what_that_needs(tmp_path, tiny_hyperparameters):
+    base = make_job(tmp_path, {**tiny_hyperparameters, "pretrained_path": "None"})
+    result = run_train(base, HF_HOME=str(tmp_path / "empty_cache"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "WARNING pretrained_path=none: training 'test_efficientnet' from random weights" in result.stdout

@@ -397,11 +397,36 @@ def test_help_prints_usage_and_starts_nothing(command, tmp_path):
     executable = Path(sys.executable).with_name(command)
     result = subprocess.run([str(executable), "--help"], env={**os.environ, "SAGEMAKER_BASE_DIR": str(tmp_path)},
                             capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0 and result.stdout.startswith(f"usage: {command} [-h]"), result
+    assert result.returncode == 0 and result.stdout.startswith(f"usage: {command} [-h | --version"), result
     assert "SAGEMAKER_BASE_DIR" in result.stdout and "exit status" in result.stdout
     assert list(tmp_path.iterdir()) == []  # nothing read, nothing written
     wrong = subprocess.run([str(executable), "--epochs", "3"], capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "unexpected arguments: --epochs 3" in wrong.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "serve", "predict", "export-onnx"])
+def test_every_command_says_its_version(command):
+    from efficientnet_train import __version__
+
+    result = subprocess.run([str(Path(sys.executable).with_name(command)), "--version"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == f"{command} {__version__}", result
+
+
+def test_train_lists_its_hyperparameters_and_the_models_the_image_has_weights_for(tmp_path):
+    from efficientnet_train.hyperparameters import SCHEMA
+
+    train = str(Path(sys.executable).with_name("train"))
+    listing = subprocess.run([train, "--hyperparameters"], capture_output=True, text=True, timeout=60).stdout
+    assert all(f"\n{hp.name} (default " in listing for hp in SCHEMA) and "The listing" in listing
+    hub = tmp_path / "hub" / "models--timm--efficientnet_b3.ra2_in1k" / "snapshots" / "abc"
+    hub.mkdir(parents=True)
+    (hub / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "hub" / "models--timm--efficientnet_b3.ra2_in1k" / "refs").mkdir()
+    (tmp_path / "hub" / "models--timm--efficientnet_b3.ra2_in1k" / "refs" / "main").write_text("abc")
+    result = subprocess.run([train, "--help"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "HF_HOME": str(tmp_path)})
+    assert "models with ImageNet weights in this image" in result.stdout and "efficientnet_b3.ra2_in1k" in result.stdout
 
 
 def test_a_user_error_prints_its_reason_alone_unless_debugging(tmp_path):

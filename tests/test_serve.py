@@ -393,6 +393,21 @@ def test_predict_writes_a_csv_that_matches_the_server(server, job, tmp_path):
             served["probabilities"], rel=1e-5, abs=1e-7)
 
 
+def test_predict_reads_a_model_tar_gz_and_writes_to_standard_output(job, tmp_path):
+    archive = job / "model" / "model.tar.gz"  # packed as SageMaker would: the job ran outside it
+    image = val_image(job, "ants", ".png")
+    result = subprocess.run([PREDICT_COMMAND, str(image), "--model-dir", str(archive), "-o", "-", "--workers", "0"],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0][:3] == ["image", "label_1", "probability_1"] and rows[1][0] == str(image)
+    assert list(tmp_path.iterdir()) == []  # nothing written beside it, the archive's files gone with their scratch
+    help_text = " ".join(subprocess.run([PREDICT_COMMAND, "--help"], capture_output=True, text=True,
+                                        timeout=60).stdout.split())  # argparse wraps at the terminal's width
+    assert "predictions.csv in the current folder" in help_text and "model.tar.gz of a `train` job" in help_text
+    assert "images classified at once" in help_text and "--version" in help_text
+
+
 def test_predict_into_a_folder_says_so_before_reading_any_image(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"never read")
     result = subprocess.run([PREDICT_COMMAND, str(tmp_path / "a.jpg"), "--model-dir", str(tmp_path / "no-model"),
@@ -610,7 +625,8 @@ def test_a_connection_that_never_sends_anything_is_closed_by_the_server(server):
     assert server.request("GET", "/ping")[0] == 200
 
 
-def test_a_refused_request_leaves_one_escaped_line_in_the_log(server):
+def test_a_refused_request_leaves_one_escaped_line_in_the_log(fresh_server):
+    server = fresh_server  # the shared one may have used up its lines for the minute on the other bad requests
     assert server.invoke(b"not an image", "text/plain")[0] == 415
     assert server.invoke(b"{}", "application/json", path="/x%0Avalidation:acc_1=99")[0] == 404
     wanted = ("Refused POST /invocations: 415 Unsupported Media Type, body 12 bytes: Content-Type text/plain",
