@@ -27,7 +27,7 @@ FALSE_WORDS = frozenset({"false", "f", "no", "n", "off", "0"})
 LR_REFERENCE_BATCH = 256
 LR_EXHAUSTED = 1e-3  # early stopping ends a run whose learning rate fell below this share of its peak
 # For the schedule, warmup and early stopping, an epoch of a small set lasts at least this many updates
-# (train.schedule_epoch_updates says why).
+# (optimisation.schedule_epoch_updates says why).
 MIN_SCHEDULE_EPOCH_UPDATES = 50
 MAX_ECHOED = 60  # characters of a bad name or value that an error repeats
 AUTO = "auto"  # the default of a number the job chooses itself (recipe.py): any number in range sets it by hand

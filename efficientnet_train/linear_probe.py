@@ -5,20 +5,30 @@ backbone's gradients come from a head that knows nothing, and those early gradie
 pretrained features (Kumar et al., "Fine-Tuning can Distort Pretrained Features", ICLR 2022). Fitting the
 head first on the frozen features, as a linear probe, and then fine-tuning everything avoids that;
 and a job validated from that head on can never end worse than its own linear probe.
+
+Here too the choices the job makes from the probe (recipe.py): `start` fits the probe, measures how its
+classifier answers each part of the training recipe, and hands back the record (args.yml's `linear_probe`, kept in
+the checkpoint) from which a new or resumed job takes its recipe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import random
 import time
-from types import SimpleNamespace
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import distributed
 from .checkpoints import stop_here
-from .model import set_batchnorm_training
+from .data import ModelInput, dataset_of, decode_side, eval_transform, train_transform
+from .engine import data_loader
+from .model import set_batchnorm_training, set_regularisation
+from .recipe import Recipe, choose, training_size_config
 
 log = logging.getLogger("efficientnet_train")
 
@@ -28,8 +38,7 @@ log = logging.getLogger("efficientnet_train")
 PROBE_IMAGES_PER_CLASS = 200
 PROBE_MAX_IMAGES = 10_000
 # The measurements after the probe (recipe.py) each score its head on this many of its images, a like number a
-# class (one each of as many classes where there are more): each costs a forward pass (two passes over
-# hymenoptera's 245 images took 26 s of a 5-epoch run's 245 s on the 2-core CPU), and ~128 images resolve
+# class (one each of as many classes where there are more): each costs a forward pass, and ~128 images resolve
 # 'nine in ten answers kept' to a few points.
 MEASURED_IMAGES = 128
 LBFGS_ITERATIONS = 300
@@ -71,7 +80,38 @@ def features_of(model: torch.nn.Module, loader, to_input, autocast, stop=None) -
             distributed.rows_of_all(torch.cat(labels), loader.dataset))
 
 
-def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, loss_fn, stop=None) -> SimpleNamespace:
+@dataclass(frozen=True)
+class Head:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    loss: float  # the training loss at the fit
+
+
+@dataclass(frozen=True)
+class ProbeFit:
+    """A probe put in the model's classifier: its training loss, its top-1 (%) on the images it was fitted on, how
+    many they were, the features' width and the seconds spent on them and on the regression."""
+    loss: float
+    top1: float
+    images: int
+    features: int
+    extract_seconds: float
+    fit_seconds: float
+
+
+@dataclass(frozen=True)
+class ProbeStart:
+    """Epoch 0: the probe fitted and `choices`, recipe.choose's record of the measurements and the settings chosen."""
+    fit: ProbeFit
+    choices: dict
+
+    def record(self, val_top1: float, val_loss: float, seconds: float) -> dict:
+        """args.yml's and the checkpoint's `linear_probe`, once the probe has been validated: what resume reads."""
+        return {"acc_1": val_top1, "loss": val_loss, "images": self.fit.images, "seconds": round(seconds, 1),
+                **self.choices}
+
+
+def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, loss_fn, stop=None) -> Head:
     """Multinomial logistic regression by full-batch LBFGS: the training loss (label smoothing and class weights
     included, so fine-tuning starts at its own optimum for the head) plus an L2 penalty of 1/n, as
     scikit-learn's LogisticRegression (C=1) regularises, on the features as the network makes them. Not
@@ -99,11 +139,11 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, los
         loss = float(loss_fn(features @ weight.T + bias, labels))
     if not math.isfinite(loss):  # never the case with finite features; a zero head is then the safe start
         weight.zero_(), bias.zero_()
-    return SimpleNamespace(weight=weight, bias=bias, loss=loss)
+    return Head(weight, bias, loss)
 
 
 def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_classes: int, loss_fn,
-                     stop=None, stop_by_batch=None) -> SimpleNamespace:
+                     stop=None, stop_by_batch=None) -> ProbeFit:
     """Put a linear probe in `model`'s classifier, the same on every process; returns its training loss, its
     top-1 (%) on the images it was fitted on, how many they were and the time it took. Interrupted within a batch
     or an LBFGS step by `stop_by_batch`, between the phases by `stop` (one that all processes agree on)."""
@@ -121,8 +161,8 @@ def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_cla
         classifier.bias.copy_(head.bias)
     distributed.broadcast_tensors([classifier.weight, classifier.bias])  # LBFGS may round apart on other GPUs
     fitted_top1 = 100 * float((classifier(features).argmax(dim=1) == labels).float().mean())
-    return SimpleNamespace(loss=head.loss, top1=fitted_top1, images=len(labels), features=features.shape[1],
-                           extract_seconds=extracted - started, fit_seconds=time.monotonic() - extracted)
+    return ProbeFit(loss=head.loss, top1=fitted_top1, images=len(labels), features=features.shape[1],
+                    extract_seconds=extracted - started, fit_seconds=time.monotonic() - extracted)
 
 
 @torch.no_grad()
@@ -151,3 +191,62 @@ def probe_top1(model: torch.nn.Module, loader, to_input, autocast, batch_statist
     return 100 * right / seen if seen else None
 
 
+
+
+def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp, *, workers: int,
+          device: torch.device, to_input: ModelInput, autocast, loss_fn, rank: distributed.Rank, stop) -> ProbeStart:
+    """Fit the classifier on the frozen features of (a capped sample of) the training images, seen as validation
+    sees them, each process extracting a share; then, for the choices left to the job, score it on those images as
+    fine-tuning would see them under each part of the recipe (`recipe` is the one the model is set up with now).
+    A stop is acted on at the next batch in one process, and between the phases and measurements in several,
+    where all must stop at the same point."""
+    classes = len(channel.classes)
+    sample = probe_sample(channel.samples, classes, hp.seed)
+    measured = [sample[i] for i in probe_sample([channel.samples[i] for i in sample], classes, hp.seed,
+                                                MEASURED_IMAGES)]
+
+    def share_of(images: list[int], transform, side: int = decode_side(data_config, training=False), **batching):
+        chosen = torch.utils.data.Subset(dataset_of(channel, transform, hp.max_unusable_fraction, workers, side),
+                                         images)
+        return data_loader(torch.utils.data.Subset(chosen, range(rank.rank, len(images), rank.world_size)),
+                           workers, device, hp.seed + rank.rank, batch_size=hp.batch_size, **batching)
+
+    by_batch = None if rank.distributed else stop
+    log.info("Linear probe: the frozen features of %d training images", len(sample))
+    fit = fit_linear_probe(model, share_of(sample, eval_transform(data_config)), to_input, autocast, classes,
+                           loss_fn, stop, by_batch)
+
+    def measure(view: Recipe, kind: str) -> float | None:
+        stop_here(stop)
+        with random_numbers_untouched(device):  # measuring must not change what training draws
+            if kind == "batch_statistics":  # shuffled: a batch of one class has statistics no training batch has
+                return probe_top1(model, share_of(measured, eval_transform(data_config), shuffle=True), to_input,
+                                  autocast, batch_statistics=True, stop=by_batch)
+            if kind == "regularisation":
+                set_regularisation(model, view.drop, view.drop_connect)
+                try:
+                    return probe_top1(model, share_of(measured, eval_transform(data_config)), to_input, autocast,
+                                      dropout=True, stop=by_batch)
+                finally:
+                    set_regularisation(model, recipe.drop, recipe.drop_connect)
+            sized = training_size_config(data_config, view)
+            return probe_top1(model, share_of(measured, train_transform(sized, view.aa, view.hflip, view.crop_scale),
+                                              decode_side(sized, True, view.crop_scale)),
+                              ModelInput(sized, device, view.reprob, hp.remode), autocast, stop=by_batch)
+
+    log.info("Linear probe: measuring which parts of the training recipe keep its answers, on %d of its images",
+             len(measured))
+    return ProbeStart(fit, choose(hp, fit.top1, measure))
+
+
+@contextlib.contextmanager
+def random_numbers_untouched(device: torch.device):
+    """Python's, NumPy's and torch's generators as they were before, whatever the block draws (crops, RandAugment and
+    dropout draw from them in this process, and in the loader's workers from their own)."""
+    python, numpy = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)

@@ -1,44 +1,116 @@
-"""`train`: the SageMaker training job, from image folders to a fine-tuned EfficientNet."""
+"""`train`: the SageMaker training job, from image folders to a fine-tuned EfficientNet.
+
+The job's story: `prepare` checks what can be checked without the model (once per host), `run` trains in each
+process (epoch 0 the linear probe, then fine-tuning, validating and keeping the best model after each epoch), and
+`finish` writes what the buyer keeps. The epoch loop is engine.py's, the optimizer and schedule optimisation.py's,
+the probe and the recipe it chooses linear_probe.py's and recipe.py's, the machine's arithmetic resources.py's.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
-import platform
-import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 
-from . import __version__, distributed, hyperparameters, outputs, report
-from .calibration import calibrated, fit_temperature, top_label_ece
+from . import distributed, hyperparameters, linear_probe, outputs, report
+from .calibration import calibrate
 from .checkpoints import (CHECKPOINT_NAME, Interrupted, Progress, StopRequest, check_resumable, load_latest_state,
-                          restore_training_state, room_for_checkpoints, save_state, stop_here, training_state)
-from .data import (ModelInput, TrainBatches, check_channels_differ, copies_across, dataset_of, decode_side,
-                   eval_transform, report_load_failures, resolve_data_config, scan_channel, train_transform,
-                   warn_about_copies, warn_about_thin_classes)
+                          restore_training_state, room_for_checkpoints, save_state, training_state)
+from .data import (Channel, ImageDataset, ModelInput, TrainBatches, check_channels_differ, copies_across,
+                   dataset_of, decode_side, eval_transform, report_load_failures, resolve_data_config, scan_channel,
+                   train_transform, warn_about_copies, warn_about_thin_classes)
+from .engine import Evaluation, data_loader, evaluate, seed_everything, train_one_epoch
 from .errors import JobError
 from .failures import explained
 from .holdout import held_out_rows, hold_out
-from .linear_probe import MEASURED_IMAGES, fit_linear_probe, probe_sample, probe_top1
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
-from .model import (autocast_for, checkpoint_of, create_model, predict_log_probabilities, pretrained_source,
-                    read_model_channel,
-                    save_checkpoint, set_batchnorm_training, set_regularisation)
-from .recipe import Recipe, choose, decisions, recipe_for, training_size_config
+from .model import autocast_for, checkpoint_of, create_model, pretrained_source, read_model_channel, save_checkpoint
+from .model import set_regularisation
+from .optimisation import class_weights, create_optimizer, create_schedule, early_stop_reason, training_tools
+from .recipe import Recipe, decisions, recipe_for, training_size_config
+from .resources import (SlowDataWarning, data_loading_workers_for, describe, fitted_batch_size, output_sizes,
+                        process_started_at, versions)
 from .sagemaker import DEBUG_VARIABLE, SageMakerEnvironment
 from .untrusted import shown, shown_lines
 
 log = logging.getLogger("efficientnet_train")
-PROGRESS_EVERY_S = 60  # a line within long epochs too, so a buyer sees the job is alive and how fast it goes
+
+
+@dataclass
+class Job:
+    """What `prepare` checked, once per host, before any training process starts."""
+    hp: object  # hyperparameters.parse's namespace; batch_size and pretrained_path as the job resolved them
+    ignored: list
+    train_channel: Channel
+    val_channel: Channel
+    held_out: list | None  # the rows of held_out_validation.csv, where val was held out of train
+    copies: list
+    resumed: tuple | None  # (path, state) of the newest checkpoint
+    startup: report.StartUp
+
+
+@dataclass
+class Session:
+    """What every epoch of one process uses, made once by `set_up`."""
+    hp: object
+    rank: distributed.Rank
+    classes: list
+    train_channel: Channel
+    device: torch.device
+    autocast: object
+    model: torch.nn.Module
+    trained: torch.nn.Module  # what the optimizer steps: the model, wrapped for DDP in a distributed job
+    ema: object
+    scaler: object
+    loss_fn: torch.nn.Module
+    probe_first: bool  # a new head is fitted as a linear probe first; a previous job's head for these labels is kept
+    resolved_data_config: dict
+    workers: int
+    val_data: ImageDataset
+    val_loader: torch.utils.data.DataLoader
+    val_input: ModelInput
+    slow_data: SlowDataWarning
+    args: dict  # args.yml, filled in as the job learns more
+    title: str
+
+
+@dataclass(frozen=True)
+class FineTuning:
+    """What fine-tuning trains with under one recipe: the training images at its size and augmentation, the optimizer
+    and its schedule. Made again, before any update, when the probe's measurements change the recipe."""
+    recipe: Recipe
+    data_config: dict
+    train_data: ImageDataset
+    train_loader: torch.utils.data.DataLoader
+    train_input: ModelInput
+    eval_hflip: bool
+    lr: float
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    schedule_epoch: int
+
+    def record(self) -> dict:
+        return {**self.recipe.record(), "effective_lr": self.lr, "effective_eval_hflip": self.eval_hflip,
+                "data_config": self.data_config, "updates_per_epoch": len(self.train_loader),
+                "schedule_epoch_updates": self.schedule_epoch}
+
+
+@dataclass(frozen=True)
+class EpochTraining:
+    """An epoch's training: its mean loss, data wait, images and time, the candidates for the best model (name:
+    network), and in epoch 0 the probe."""
+    loss: float
+    data_wait: float
+    images: int
+    candidates: dict
+    seconds: float
+    probe: linear_probe.ProbeStart | None = None
 
 
 def main() -> int:
@@ -68,7 +140,7 @@ def main() -> int:
     return 1
 
 
-def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp) -> SimpleNamespace:
+def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp) -> Job:
     """Everything that can be checked without the model is, first, once per host: a broken tree fails in
     seconds, before any training process starts."""
     hp, ignored = hyperparameters.parse(env.read_hyperparameters())
@@ -118,20 +190,28 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
                         f"the best model ({outputs.megabytes(model_bytes)}) and the copy replacing it"),
         env.checkpoint_dir: room_for_checkpoints(env.checkpoint_dir, checkpoint_bytes)})
     startup.done("checking the data and the disk (checkpoints and free space)")
-    return SimpleNamespace(hp=hp, ignored=ignored, train_channel=train_channel, val_channel=val_channel,
-                           held_out=held_out, copies=copies, resumed=resumed, startup=startup)
+    return Job(hp=hp, ignored=ignored, train_channel=train_channel, val_channel=val_channel, held_out=held_out,
+               copies=copies, resumed=resumed, startup=startup)
 
 
-def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank = distributed.SINGLE) -> None:
+def run(env: SageMakerEnvironment, job: Job, rank: distributed.Rank = distributed.SINGLE) -> None:
     """Train in this process: the only one, or one of `rank.world_size` (then only rank 0 writes)."""
     stop = StopRequest().install()
     if rank.distributed:
         stop = distributed.AgreedStop(stop)
-    t = set_up(env, job, rank)
-    hp, args = t.hp, t.args
-    progress, summary, best, stop_reason = resume(t, job, rank)
+    # Rank 0's checkpoint for all: another host's checkpoint folder may be empty or behind. Handed over, not kept
+    # twice in memory: resume() loads it into the model and the optimizer.
+    resumed, job.resumed = distributed.broadcast_object(job.resumed, rank), None
+    s = set_up(env, job, resumed is not None, rank)
+    hp, args = s.hp, s.args
+    # A resumed job takes the recipe its probe chose; a new one the listing's until its probe has chosen.
+    probe_record = resumed[1].get("linear_probe") if resumed else None
+    tuning = fine_tuning(s, recipe_for(hp, probe_record["recipe"] if probe_record else None))
+    args.update(tuning.record(), **({"linear_probe": probe_record} if probe_record else {}))
+    progress, summary, best, stop_reason = resume(s, tuning, resumed, rank)
+    del resumed
     if rank.is_main:
-        outputs.write_labels(env.model_dir, t.classes)
+        outputs.write_labels(env.model_dir, s.classes)
         if job.held_out is not None:
             outputs.write_held_out(env.model_dir, job.held_out)
         outputs.write_args(env.model_dir, args)
@@ -139,43 +219,54 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
             log_settings(args)
         if best.checkpoint is not None:  # a restarted spot job's model/ starts empty
             save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, best.checkpoint)
-        write_epoch_outputs(env.model_dir, summary, best.record, t.classes, t.title)
+        write_epoch_outputs(env.model_dir, summary, best.record, s.classes, s.title)
 
     def save_progress() -> Path | None:
         if not rank.is_main:
             return None
         return save_state(env.checkpoint_dir, training_state(
-            progress=progress, **t.trainables, summary=summary, best=best.record, best_model=best.checkpoint,
+            progress=progress, **trainables(s, tuning), summary=summary, best=best.record, best_model=best.checkpoint,
             finished=stop_reason, linear_probe=args.get("linear_probe"), hyperparameters=vars(hp),
-            classes=t.classes, train_images=len(job.train_channel.samples), world_size=rank.world_size))
+            classes=s.classes, train_images=len(job.train_channel.samples), world_size=rank.world_size))
 
     started, epoch_seconds, startup = time.monotonic(), [], job.startup
     try:
         while stop_reason is None and progress.epoch <= hp.epochs:
             epoch, epoch_started = progress.epoch, time.monotonic()
-            trained = (probe_epoch(t, rank, startup, stop) if epoch == 0 else
-                       train_epoch(t, progress, stop, startup, rank))
-            startup = None if epoch else startup  # said once per process: a resumed job says its own start-up again
-            results = validate(t, trained.candidates, stop, rank)
+            if epoch == 0:
+                trained = probe_epoch(s, tuning.recipe, rank, stop)
+                chosen_recipe = recipe_for(hp, trained.probe.choices["recipe"])
+                if chosen_recipe != tuning.recipe:
+                    tuning = fine_tuning(s, chosen_recipe)
+                    args.update(tuning.record())
+                startup.done(f"fitting the linear probe on {trained.images} images")
+            else:
+                trained = train_epoch(s, tuning, progress, stop, startup, rank)
+                startup = None  # said once per process: a resumed job says its own start-up again
+            results = validate(s, tuning, trained.candidates, stop, rank)
             if startup is not None:
                 startup.done("validating the linear probe")
             chosen = max(results, key=lambda name: (results[name].top1, -results[name].loss))
             result, seconds = results[chosen], time.monotonic() - epoch_started
             epoch_seconds += [seconds] if epoch else []
             # The classifier's (the highest with layer_decay); nothing was trained at it in the probe's epoch 0.
-            lr_now = max(group["lr"] for group in t.optimizer.param_groups) if epoch else 0.0
-            log_epoch(t, epoch, results, chosen, lr_now, trained, seconds, time.monotonic() - started, epoch_seconds)
-            if epoch == 0 and rank.is_main:  # after the probe chose the recipe, which the settings then show
-                log_settings(args)
+            lr_now = max(group["lr"] for group in tuning.optimizer.param_groups) if epoch else 0.0
+            log_epoch(s, tuning, epoch, results, chosen, lr_now, trained, seconds, time.monotonic() - started,
+                      epoch_seconds)
+            if trained.probe is not None:
+                args["linear_probe"] = trained.probe.record(result.top1, result.loss, trained.seconds)
+                log_probe(trained.probe, result, trained.seconds)
+                if rank.is_main:  # after the probe chose the recipe, which the settings then show
+                    log_settings(args)
             summary.append(summary_row(epoch, trained.loss, result, lr_now))
-            args["failed_during_training"] = report_load_failures(epoch, [t.train_data, t.val_data])
+            args["failed_during_training"] = report_load_failures(epoch, [tuning.train_data, s.val_data])
             if best.beaten_by(result):
-                best.take(epoch, result, chosen, trained.candidates[chosen], t, env.model_dir, rank.is_main)
+                best.take(epoch, result, chosen, trained.candidates[chosen], s, tuning, env.model_dir, rank.is_main)
             if rank.is_main:
-                write_epoch_outputs(env.model_dir, summary, best.record, t.classes, t.title)
+                write_epoch_outputs(env.model_dir, summary, best.record, s.classes, s.title)
             if hp.early_stopping:
-                stop_reason = early_stop_reason(epoch, best.record["epoch"], lr_now, t.lr, hp,
-                                                t.schedule_epoch / len(t.train_loader))
+                stop_reason = early_stop_reason(epoch, best.record["epoch"], lr_now, tuning.lr, hp,
+                                                tuning.schedule_epoch / len(tuning.train_loader))
             progress = Progress(epoch + 1)
             save_progress()
             if stop_reason:
@@ -191,10 +282,10 @@ def run(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank 
         else:  # saved before stop_reason is set: a restarted job must carry on from that batch, not finish
             path = save_progress()
             log.info("Stopped by %s in epoch %d after %d of %d batches; saved %s, which a restarted job resumes "
-                     "from.", stop.signal_name, progress.epoch, progress.step, len(t.train_loader), path)
+                     "from.", stop.signal_name, progress.epoch, progress.step, len(tuning.train_loader), path)
         stop_reason = f"stopped by {stop.signal_name}"
     except Exception as exc:  # out of memory, a data-loading worker killed: the reason says what to change
-        raise explained(exc, hp.batch_size, t.workers, (t.train_data, t.val_data))
+        raise explained(exc, hp.batch_size, s.workers, (tuning.train_data, s.val_data))
     if rank.is_main:
         finish(env, args, summary, best.record, stop_reason or "epochs done", time.monotonic() - started)
 
@@ -204,9 +295,9 @@ def log_settings(args: dict) -> None:
     log.info("Resolved settings (all of them in %s):\n%s", outputs.ARGS_FILE, shown_lines(text))
 
 
-def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Rank) -> SimpleNamespace:
-    """Everything an epoch needs, made once: the device, the model, the data, the optimizer and its schedule,
-    and the settings args.yml records."""
+def set_up(env: SageMakerEnvironment, job: Job, resuming: bool, rank: distributed.Rank) -> Session:
+    """Everything every epoch needs, made once: the device, the model, the validation data, the loss and the
+    weights' average, and the settings args.yml records."""
     hp, train_channel, val_channel = job.hp, job.train_channel, job.val_channel
     classes = train_channel.classes
     if rank.distributed:
@@ -219,9 +310,7 @@ def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Ra
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed image sizes: cuDNN times its kernels once, keeps the fastest
     autocast, amp_dtype = autocast_for(device)
-    # Rank 0's checkpoint for all: another host's checkpoint folder may be empty or behind.
-    job.resumed = distributed.broadcast_object(job.resumed, rank)
-    start = None if job.resumed else read_model_channel(env.channel_dir("model"))
+    start = None if resuming else read_model_channel(env.channel_dir("model"))
     # At the strongest dropout and drop-connect the recipe may choose: the probe's measurements may lower them.
     listing = recipe_for(hp)
     model = create_model(hp.model, classes, hp.pretrained_path, listing.drop, listing.drop_connect,
@@ -233,7 +322,6 @@ def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Ra
                           decode_side(data_config, training=False))
     # Every rank a different share, each image exactly once (no padding): the summed counts are the val set's.
     val_share = torch.utils.data.Subset(val_data, range(rank.rank, len(val_data), rank.world_size))
-    val_loader = data_loader(val_share, workers, device, hp.seed + rank.rank, batch_size=hp.batch_size)
     loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_channel) if hp.balance_classes else None,
                                         label_smoothing=hp.smoothing).to(device)
     ema, scaler = training_tools(model, hp, amp_dtype)
@@ -251,112 +339,101 @@ def set_up(env: SageMakerEnvironment, job: SimpleNamespace, rank: distributed.Ra
             "val_copies_of_train_images": {"count": len(job.copies), "first": [
                 {"val": v, "train": t} for v, t in job.copies[:20]]},
             "training_job_name": env.training_job_name, "versions": versions()}
-    t = SimpleNamespace(
+    return Session(
         hp=hp, rank=rank, classes=classes, train_channel=train_channel, device=device, autocast=autocast, model=model,
         # Gradients averaged over all processes after each backward; parameters start as rank 0's.
         trained=torch.nn.parallel.DistributedDataParallel(model) if rank.distributed else model,
-        # A new head is fitted as a linear probe first (epoch 0); a previous job's head for the same labels is kept.
-        probe_first=not job.resumed and (start is None or start[1]["labels"] != classes),
-        resolved_data_config=data_config, workers=workers, val_data=val_data, val_loader=val_loader,
-        val_input=ModelInput(data_config, device), loss_fn=loss_fn, ema=ema,
-        trainables=dict(model=model, ema=ema, scaler=scaler),
+        ema=ema, scaler=scaler, loss_fn=loss_fn,
+        probe_first=not resuming and (start is None or start[1]["labels"] != classes),
+        resolved_data_config=data_config, workers=workers, val_data=val_data,
+        val_loader=data_loader(val_share, workers, device, hp.seed + rank.rank, batch_size=hp.batch_size),
+        val_input=ModelInput(data_config, device),
         slow_data=SlowDataWarning(workers, hp.workers, rank.per_host, device.type == "cuda", rank.is_main),
         args=args, title=f"{hp.model} on {len(classes)} classes, {env.training_job_name or 'local run'}")
-    # A resumed job makes the choices its probe's measurements made; a new one makes them again after its probe.
-    use_recipe(t, recipe_for(hp, (job.resumed[1].get("linear_probe") or {}).get("recipe") if job.resumed else None))
-    return t
 
 
-def use_recipe(t: SimpleNamespace, recipe: Recipe) -> None:
-    """Make what fine-tuning trains with under `recipe`: the training images at its size and augmentation, the
-    optimizer and its schedule. Made again, before any update, when the probe's measurements change the recipe."""
-    from timm.scheduler import create_scheduler_v2
-
-    hp, rank = t.hp, t.rank
-    t.recipe, t.data_config = recipe, training_size_config(t.resolved_data_config, recipe)
-    t.train_data = dataset_of(t.train_channel,
-                              train_transform(t.data_config, recipe.aa, recipe.hflip, recipe.crop_scale),
-                              hp.max_unusable_fraction, t.workers, decode_side(t.data_config, True, recipe.crop_scale))
-    t.train_loader = data_loader(t.train_data, t.workers, t.device, hp.seed + rank.rank,
-                                 batch_sampler=TrainBatches(len(t.train_data), hp.batch_size, hp.seed, rank.world_size,
-                                                            rank.rank))
-    t.train_input = ModelInput(t.data_config, t.device, recipe.reprob, hp.remode)
-    set_regularisation(t.model, recipe.drop, recipe.drop_connect)
-    t.eval_hflip = hp.eval_hflip and recipe.hflip > 0  # a model never shown mirror images can't be asked about them
-    t.lr = hyperparameters.scaled_lr(recipe.lr, hp.batch_size, rank.world_size)
-    t.optimizer = create_optimizer(t.model, hp, t.lr, recipe.opt)
-    # Stepping every update makes warmup and decay smooth even with a handful of steps per epoch.
-    t.schedule_epoch = schedule_epoch_updates(hp, len(t.train_loader))
-    t.scheduler, _ = create_scheduler_v2(
-        t.optimizer, sched=hp.sched, num_epochs=hp.epochs * len(t.train_loader) / t.schedule_epoch,
-        decay_epochs=hp.decay_epochs, decay_rate=hp.decay_rate, warmup_lr=hp.warmup_lr,
-        warmup_epochs=hp.warmup_epochs, step_on_epochs=False, updates_per_epoch=t.schedule_epoch)
-    t.trainables.update(optimizer=t.optimizer, scheduler=t.scheduler)
-    t.args.update(recipe.record(), effective_lr=t.lr, effective_eval_hflip=t.eval_hflip, data_config=t.data_config,
-                  updates_per_epoch=len(t.train_loader), schedule_epoch_updates=t.schedule_epoch)
+def fine_tuning(s: Session, recipe: Recipe) -> FineTuning:
+    """What fine-tuning trains with under `recipe`; sets the model's dropout and drop-connect to the recipe's."""
+    hp, rank = s.hp, s.rank
+    data_config = training_size_config(s.resolved_data_config, recipe)
+    train_data = dataset_of(s.train_channel, train_transform(data_config, recipe.aa, recipe.hflip, recipe.crop_scale),
+                            hp.max_unusable_fraction, s.workers, decode_side(data_config, True, recipe.crop_scale))
+    train_loader = data_loader(train_data, s.workers, s.device, hp.seed + rank.rank,
+                               batch_sampler=TrainBatches(len(train_data), hp.batch_size, hp.seed, rank.world_size,
+                                                          rank.rank))
+    set_regularisation(s.model, recipe.drop, recipe.drop_connect)
+    lr = hyperparameters.scaled_lr(recipe.lr, hp.batch_size, rank.world_size)
+    optimizer = create_optimizer(s.model, hp, lr, recipe.opt)
+    scheduler, schedule_epoch = create_schedule(optimizer, hp, len(train_loader))
+    return FineTuning(recipe=recipe, data_config=data_config, train_data=train_data, train_loader=train_loader,
+                      train_input=ModelInput(data_config, s.device, recipe.reprob, hp.remode),
+                      # a model never shown mirror images can't be asked about them
+                      eval_hflip=hp.eval_hflip and recipe.hflip > 0,
+                      lr=lr, optimizer=optimizer, scheduler=scheduler, schedule_epoch=schedule_epoch)
 
 
-def resume(t: SimpleNamespace, job: SimpleNamespace, rank: distributed.Rank):
+def trainables(s: Session, tuning: FineTuning) -> dict:
+    """What a checkpoint saves and a resumed job loads in place."""
+    return dict(model=s.model, ema=s.ema, scaler=s.scaler, optimizer=tuning.optimizer, scheduler=tuning.scheduler)
+
+
+def resume(s: Session, tuning: FineTuning, resumed: tuple | None, rank: distributed.Rank):
     """Where training starts: the checkpoint's place and records when resuming, else epoch 0 (the linear probe)
     or 1. Returns the progress, the summary rows, the best model and why training had finished, if it had."""
-    if not job.resumed:
-        return Progress(0 if t.probe_first else 1), [], BestModel(), None
-    (path, state), job.resumed = job.resumed, None  # not kept twice in memory
-    progress = restore_training_state(state, **t.trainables)
-    if state.get("linear_probe"):
-        t.args["linear_probe"] = state["linear_probe"]
+    if not resumed:
+        return Progress(0 if s.probe_first else 1), [], BestModel(), None
+    path, state = resumed
+    progress = restore_training_state(state, **trainables(s, tuning))
     if rank.rank:
-        seed_everything(t.hp.seed + rank.rank + 1000 * progress.epoch)  # the saved RNG states are rank 0's
-    t.args["resumed_from"] = (f"{path} (epoch {progress.epoch}, after {progress.step} of {len(t.train_loader)} "
-                              f"batches)")
+        seed_everything(s.hp.seed + rank.rank + 1000 * progress.epoch)  # the saved RNG states are rank 0's
+    s.args["resumed_from"] = (f"{path} (epoch {progress.epoch}, after {progress.step} of "
+                              f"{len(tuning.train_loader)} batches)")
     best = BestModel(state["best"], state["best_model"])
     log.info("Resuming from checkpoint %s: epoch %d, after %d of its %d batches; %s", path, progress.epoch,
-             progress.step, len(t.train_loader), "no best model yet" if best.record is None else
+             progress.step, len(tuning.train_loader), "no best model yet" if best.record is None else
              f"best so far top-1 {best.record['top1']:.4f}% at epoch {best.record['epoch']}")
     return progress, state["summary"], best, state["finished"]
 
 
-def probe_epoch(t: SimpleNamespace, rank: distributed.Rank, startup: report.StartUp,
-                stop: StopRequest) -> SimpleNamespace:
-    """Epoch 0: the new classifier fitted as a linear probe on the frozen features."""
+def probe_epoch(s: Session, recipe: Recipe, rank: distributed.Rank, stop: StopRequest) -> EpochTraining:
+    """Epoch 0: the new classifier fitted as a linear probe on the frozen features, and the recipe's choices."""
     started = time.monotonic()
-    probe = linear_probe(t, rank, stop)
-    if t.ema is not None:
-        t.ema.set(t.model)
-    recipe = recipe_for(t.hp, probe.measured["recipe"])
-    if recipe != t.recipe:
-        use_recipe(t, recipe)
-    startup.done(f"fitting the linear probe on {probe.images} images")
-    return SimpleNamespace(loss=probe.loss, data_wait=0.0, images=probe.images, candidates={"probe": t.model},
-                           seconds=time.monotonic() - started, probe=probe)
+    probe = linear_probe.start(s.model, s.train_channel, s.resolved_data_config, recipe, s.hp, workers=s.workers,
+                               device=s.device, to_input=s.val_input, autocast=s.autocast, loss_fn=s.loss_fn,
+                               rank=rank, stop=stop)
+    if s.ema is not None:
+        s.ema.set(s.model)
+    return EpochTraining(loss=probe.fit.loss, data_wait=0.0, images=probe.fit.images, candidates={"probe": s.model},
+                         seconds=time.monotonic() - started, probe=probe)
 
 
-def train_epoch(t: SimpleNamespace, progress: Progress, stop: StopRequest, startup: report.StartUp | None,
-                rank: distributed.Rank) -> SimpleNamespace:
+def train_epoch(s: Session, tuning: FineTuning, progress: Progress, stop: StopRequest,
+                startup: report.StartUp | None, rank: distributed.Rank) -> EpochTraining:
     """The rest of `progress.epoch`'s training; its candidates for the best model: the raw weights and the EMA."""
     started, seen_before = time.monotonic(), progress.seen
-    loss, data_wait = train_one_epoch(t.trained, t.train_loader, t.train_input, t.loss_fn, t.optimizer, t.scheduler,
-                                      t.ema, t.trainables["scaler"], t.autocast, progress, stop, startup, t.slow_data,
-                                      t.recipe.freeze_batchnorm, t.hp.clip_grad, t.hp.clip_mode)
-    t.slow_data.check(data_wait, time.monotonic() - started, f"epoch {progress.epoch}'s training")
-    return SimpleNamespace(loss=loss, data_wait=data_wait, images=(progress.seen - seen_before) * rank.world_size,
-                           candidates={"raw": t.model, **({"ema": t.ema.module} if t.ema else {})},
-                           seconds=time.monotonic() - started, probe=None)
+    loss, data_wait = train_one_epoch(s.trained, tuning.train_loader, tuning.train_input, s.loss_fn, tuning.optimizer,
+                                      tuning.scheduler, s.ema, s.scaler, s.autocast, progress, stop, startup,
+                                      s.slow_data, tuning.recipe.freeze_batchnorm, s.hp.clip_grad, s.hp.clip_mode)
+    s.slow_data.check(data_wait, time.monotonic() - started, f"epoch {progress.epoch}'s training")
+    return EpochTraining(loss=loss, data_wait=data_wait, images=(progress.seen - seen_before) * rank.world_size,
+                         candidates={"raw": s.model, **({"ema": s.ema.module} if s.ema else {})},
+                         seconds=time.monotonic() - started)
 
 
-def validate(t: SimpleNamespace, candidates: dict, stop: StopRequest, rank: distributed.Rank) -> dict:
+def validate(s: Session, tuning: FineTuning, candidates: dict, stop: StopRequest,
+             rank: distributed.Rank) -> dict[str, Evaluation]:
     """Every candidate's validation results, the same on every process."""
     for net in candidates.values():
         distributed.broadcast_buffers(net)
     # Ranks may hold different val shares, so not interruptible by batch there: validation is short.
-    return evaluate(candidates, t.val_loader, t.val_input, t.autocast, len(t.classes), t.eval_hflip,
+    return evaluate(candidates, s.val_loader, s.val_input, s.autocast, len(s.classes), tuning.eval_hflip,
                     None if rank.distributed else stop)
 
 
-def log_epoch(t: SimpleNamespace, epoch: int, results: dict, chosen: str, lr_now: float, trained: SimpleNamespace,
-              seconds: float, elapsed: float, epoch_seconds: list[float]) -> None:
-    """The epoch's line, which SageMaker's metric regexes read; the probe's own line after epoch 0."""
-    hp, result = t.hp, results[chosen]
+def log_epoch(s: Session, tuning: FineTuning, epoch: int, results: dict, chosen: str, lr_now: float,
+              trained: EpochTraining, seconds: float, elapsed: float, epoch_seconds: list[float]) -> None:
+    """The epoch's line, which SageMaker's metric regexes read."""
+    hp, result = s.hp, results[chosen]
     log.info("epoch %d/%d %s lr=%.8f weights=%s%s images/s=%.1f training=%.0fs data_wait=%.1fs "
              "validation=%.0fs elapsed=%.0fs left<=%s", epoch, hp.epochs,
              metric_line({TRAIN_LOSS: trained.loss, VAL_LOSS: result.loss, VAL_ACC_1: result.top1,
@@ -366,23 +443,24 @@ def log_epoch(t: SimpleNamespace, epoch: int, results: dict, chosen: str, lr_now
              trained.images / max(trained.seconds, 1e-6), trained.seconds, trained.data_wait,
              seconds - trained.seconds, elapsed,
              report.duration((hp.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)) if epoch_seconds else "?")
-    if trained.probe is not None:
-        probe = trained.probe
-        t.args["linear_probe"] = {"acc_1": result.top1, "loss": result.loss, "images": probe.images,
-                                  "seconds": round(trained.seconds, 1), **probe.measured}
-        log.info("Linear probe (epoch 0): validation top-1 %.2f%%, loss %.4f; fitted on the frozen features (%d) of "
-                 "%d training images in %.1f s: features %.1f s, logistic regression %.1f s", result.top1,
-                 result.loss, probe.features, probe.images, trained.seconds, probe.extract_seconds, probe.fit_seconds)
-        for line in decisions(probe.measured):
-            log.info("Recipe (auto): %s", line)
-    if t.device.type == "cuda" and epoch and len(epoch_seconds) == 1:
+    if s.device.type == "cuda" and epoch and len(epoch_seconds) == 1:
         log.info("Peak GPU memory: %.1f GiB of %.1f GiB (batch_size=%d, img_size=%d)",
-                 torch.cuda.max_memory_reserved(t.device) / 2**30,
-                 torch.cuda.get_device_properties(t.device).total_memory / 2**30, hp.batch_size,
-                 t.data_config["train_input_size"][-1])
+                 torch.cuda.max_memory_reserved(s.device) / 2**30,
+                 torch.cuda.get_device_properties(s.device).total_memory / 2**30, hp.batch_size,
+                 tuning.data_config["train_input_size"][-1])
 
 
-def summary_row(epoch: int, train_loss: float, result: SimpleNamespace, lr_now: float) -> dict:
+def log_probe(probe: linear_probe.ProbeStart, result: Evaluation, seconds: float) -> None:
+    """The probe's own line after epoch 0's, and a line for each choice it made."""
+    fit = probe.fit
+    log.info("Linear probe (epoch 0): validation top-1 %.2f%%, loss %.4f; fitted on the frozen features (%d) of "
+             "%d training images in %.1f s: features %.1f s, logistic regression %.1f s", result.top1,
+             result.loss, fit.features, fit.images, seconds, fit.extract_seconds, fit.fit_seconds)
+    for line in decisions(probe.choices):
+        log.info("Recipe (auto): %s", line)
+
+
+def summary_row(epoch: int, train_loss: float, result: Evaluation, lr_now: float) -> dict:
     return {"epoch": epoch, "train_loss": f"{train_loss:.6f}", "eval_loss": f"{result.loss:.6f}",
             "eval_top1": f"{result.top1:.6f}", "eval_top5": f"{result.top5:.6f}", "lr": f"{lr_now:.10f}"}
 
@@ -395,19 +473,19 @@ class BestModel:
     def __init__(self, record: dict | None = None, checkpoint: dict | None = None):
         self.record, self.checkpoint = record, checkpoint
 
-    def beaten_by(self, result: SimpleNamespace) -> bool:
+    def beaten_by(self, result: Evaluation) -> bool:
         return self.record is None or (result.top1, -result.loss) > (self.record["top1"], -self.record["loss"])
 
-    def take(self, epoch: int, result: SimpleNamespace, weights: str, net: torch.nn.Module, t: SimpleNamespace,
-             model_dir: Path, write: bool) -> None:
-        calibration = calibrate(result, len(t.classes))
+    def take(self, epoch: int, result: Evaluation, weights: str, net: torch.nn.Module, s: Session,
+             tuning: FineTuning, model_dir: Path, write: bool) -> None:
+        calibration = calibrate(result.log_probabilities, result.targets, len(s.classes))
         self.record = {"epoch": epoch, "top1": result.top1, "loss": result.loss, "weights": weights,
-                       "per_class": dict(zip(t.classes, result.per_class)), "confusion": result.confusion,
+                       "per_class": dict(zip(s.classes, result.per_class)), "confusion": result.confusion,
                        "calibration": calibration}
-        self.checkpoint = checkpoint_of(net, arch=t.hp.model, epoch=epoch, metric=result.top1, metric_name=VAL_ACC_1,
-                                        weights=weights, labels=t.classes, num_classes=len(t.classes),
-                                        data_config=t.data_config, eval_hflip=t.eval_hflip,
-                                        temperature=calibration["temperature"], args=t.args)
+        self.checkpoint = checkpoint_of(net, arch=s.hp.model, epoch=epoch, metric=result.top1, metric_name=VAL_ACC_1,
+                                        weights=weights, labels=s.classes, num_classes=len(s.classes),
+                                        data_config=tuning.data_config, eval_hflip=tuning.eval_hflip,
+                                        temperature=calibration["temperature"], args=s.args)
         if write:
             save_checkpoint(model_dir / outputs.BEST_MODEL_FILE, self.checkpoint)
         # Not "validation:acc_1=": SageMaker's regex would record the value a second time.
@@ -456,427 +534,6 @@ def finish(env: SageMakerEnvironment, args: dict, summary: list[dict], best: dic
         # SageMaker packs model/ itself; a plain `docker run` should still hand over the same artifact.
         log.info("Packed %s", outputs.pack_model(env.model_dir))
 
-
-def linear_probe(t: SimpleNamespace, rank: distributed.Rank, stop: StopRequest) -> SimpleNamespace:
-    """Fit the classifier on the frozen features of (a capped sample of) the training images, seen as validation
-    sees them, each process extracting a share; then, for the choices left to the job, score it on those images as
-    fine-tuning would see them (recipe.py). A stop is acted on at the next batch in one process, and between the
-    phases and measurements in several, where all must stop at the same point."""
-    hp, channel, config, classes = t.hp, t.train_channel, t.resolved_data_config, len(t.train_channel.classes)
-    sample = probe_sample(channel.samples, classes, hp.seed)
-    measured = [sample[i] for i in probe_sample([channel.samples[i] for i in sample], classes, hp.seed,
-                                                MEASURED_IMAGES)]
-
-    def share_of(images: list[int], transform, side: int = decode_side(config, training=False), **batching):
-        chosen = torch.utils.data.Subset(dataset_of(channel, transform, hp.max_unusable_fraction, t.workers, side),
-                                         images)
-        return data_loader(torch.utils.data.Subset(chosen, range(rank.rank, len(images), rank.world_size)),
-                           t.workers, t.device, hp.seed + rank.rank, batch_size=hp.batch_size, **batching)
-
-    by_batch = None if rank.distributed else stop
-    log.info("Linear probe: the frozen features of %d training images", len(sample))
-    probe = fit_linear_probe(t.model, share_of(sample, eval_transform(config)), t.val_input, t.autocast,
-                             classes, t.loss_fn, stop, by_batch)
-
-    def measure(view: Recipe, kind: str) -> float | None:
-        stop_here(stop)
-        with random_numbers_untouched(t.device):  # measuring must not change what training draws
-            if kind == "batch_statistics":  # shuffled: a batch of one class has statistics no training batch has
-                return probe_top1(t.model, share_of(measured, eval_transform(config), shuffle=True), t.val_input,
-                                  t.autocast, batch_statistics=True, stop=by_batch)
-            if kind == "regularisation":
-                set_regularisation(t.model, view.drop, view.drop_connect)
-                try:
-                    return probe_top1(t.model, share_of(measured, eval_transform(config)), t.val_input, t.autocast,
-                                      dropout=True, stop=by_batch)
-                finally:
-                    set_regularisation(t.model, t.recipe.drop, t.recipe.drop_connect)
-            sized = training_size_config(config, view)
-            return probe_top1(t.model, share_of(measured, train_transform(sized, view.aa, view.hflip, view.crop_scale),
-                                                decode_side(sized, True, view.crop_scale)),
-                              ModelInput(sized, t.device, view.reprob, hp.remode), t.autocast, stop=by_batch)
-
-    log.info("Linear probe: measuring which parts of the training recipe keep its answers, on %d of its images",
-             len(measured))
-    probe.measured = choose(hp, probe.top1, measure)
-    return probe
-
-
-@contextlib.contextmanager
-def random_numbers_untouched(device: torch.device):
-    """Python's, NumPy's and torch's generators as they were before, whatever the block draws (crops, RandAugment and
-    dropout draw from them in this process, and in the loader's workers from their own)."""
-    python, numpy = random.getstate(), np.random.get_state()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            yield
-    finally:
-        random.setstate(python)
-        np.random.set_state(numpy)
-
-
-def calibrate(result: SimpleNamespace, num_classes: int) -> dict:
-    """The temperature that calibrates a model's validation answers, and what it changes: plain numbers, for
-    args.yml and the checkpoint."""
-    temperature = fit_temperature(result.log_probabilities, result.targets)
-    scaled = calibrated(result.log_probabilities, temperature)
-    confidence = scaled.exp().max(dim=1).values
-    per_class = torch.bincount(result.targets, weights=confidence, minlength=num_classes) / \
-        torch.bincount(result.targets, minlength=num_classes).clamp(min=1)
-    return {"temperature": temperature, "ece_before": top_label_ece(result.log_probabilities, result.targets),
-            "ece_after": top_label_ece(scaled, result.targets),
-            "loss_after": float(F.nll_loss(scaled, result.targets)) if len(result.targets) else float("nan"),
-            "per_class_confidence": per_class.tolist()}
-
-
-def schedule_epoch_updates(hp, updates_per_epoch: int) -> int:
-    """The updates an epoch lasts for the learning-rate schedule, warmup and early stopping: a pass over the
-    training set, but at least MIN_SCHEDULE_EPOCH_UPDATES, as far as `epochs` leaves room for the warmup and
-    the first decay. On a set of a few hundred images a pass is ten updates: decays every 2.4 of them would
-    end the run after ~25 updates at a useful rate, before rmsproptf's step size has even grown."""
-    run = hp.epochs * updates_per_epoch
-    room = run / max(hp.warmup_epochs + hp.decay_epochs, 1.0)
-    return max(updates_per_epoch, min(hyperparameters.MIN_SCHEDULE_EPOCH_UPDATES, round(room)))
-
-
-def training_tools(model: torch.nn.Module, hp, amp_dtype: torch.dtype | None):
-    """The weights' moving average (EMA, if asked for) and, for float16 only, the gradient scaler: what the job
-    trains with besides the optimizer, and what scripts/benchmark_speed.py times."""
-    # Warmup makes the average follow the weights early on; without it, decay 0.9999 keeps the
-    # random classifier head for thousands of steps, far longer than a small data set trains.
-    ema = model_ema(model, decay=hp.model_ema_decay, use_warmup=True) if hp.model_ema else None
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    return ema, scaler
-
-
-def model_ema(model: torch.nn.Module, **settings):
-    """timm's ModelEmaV3, updating the same tensors with the same arithmetic, but from lists of them made at the
-    first update. timm's own update walks both models' state_dict() every step: for efficientnet_b3 about 1,150
-    detach calls and 78 copies of BatchNorm's one-number batch counters, 1,227 operations of the main thread's
-    time per step against 2, time that a fast GPU spends waiting at the listing's batch size. The lists hold the
-    tensors themselves, which loading a checkpoint and the optimizer change in place."""
-    from timm.utils import ModelEmaV3
-
-    class ModelEma(ModelEmaV3):
-        tensors = None
-
-        def apply_update_(self, model, decay):
-            if self.tensors is None:
-                pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
-                averaged = [pair for pair in pairs if pair[0].is_floating_point()]
-                copied = [pair for pair in pairs if not pair[0].is_floating_point()]  # the batch counters
-                self.tensors = ([ours for ours, _ in averaged], [theirs for _, theirs in averaged],
-                                [ours for ours, _ in copied], [theirs for _, theirs in copied])
-            averages, sources, counters, counts = self.tensors
-            self._foreach_lerp_(averages, sources, weight=1. - decay)
-            if counters:
-                torch._foreach_copy_(counters, counts)
-
-    return ModelEma(model, **settings)
-
-
-def output_sizes(hp, num_classes: int) -> tuple[int, int]:
-    """The bytes of the best model and of one checkpoint: the weights, their average (EMA), the best model and the
-    optimizer's state, from the model on the meta device: no memory, 0.2 s for efficientnet_b3."""
-    import timm
-
-    with torch.device("meta"):
-        model = timm.create_model(hp.model, num_classes=num_classes)
-    weights = tensor_bytes(model.state_dict().values())
-    optimizer_state = tensor_bytes(model.parameters()) * optimizer_state_per_weight(hp)
-    return weights, weights * (2 + hp.model_ema) + round(optimizer_state)
-
-
-def optimizer_state_per_weight(hp) -> float:
-    """Bytes of optimizer state per byte of weights: 1 for SGD (auto's), 2 for RMSprop and Adam, 3 for MADGRAD, ...
-    Measured by one step of the real optimizer on a tiny stand-in model, as the state only exists after a step, and
-    some optimizers' steps cannot run on the meta device; a step of efficientnet_l2 itself would take 8 GB."""
-    import timm
-
-    stand_in = timm.create_model("test_efficientnet", num_classes=2)
-    for weight in stand_in.parameters():
-        weight.grad = torch.zeros_like(weight)
-    recipe = recipe_for(hp)
-    optimizer = create_optimizer(stand_in, hp, hyperparameters.scaled_lr(recipe.lr, hp.batch_size), recipe.opt)
-    optimizer.step()
-    state = tensor_bytes(value for weight_state in optimizer.state.values() for value in weight_state.values())
-    return state / tensor_bytes(stand_in.parameters())
-
-
-def tensor_bytes(values) -> int:
-    return sum(value.numel() * value.element_size() for value in values if torch.is_tensor(value))
-
-
-def create_optimizer(model: torch.nn.Module, hp, lr: float, opt: str) -> torch.optim.Optimizer:
-    """timm's optimizer `opt`; with layer_decay < 1 the classifier gets lr and each block below it less,
-    so the new head learns at full speed while the pretrained features only adapt."""
-    from timm.optim import create_optimizer_v2
-
-    return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=hp.weight_decay,
-                               eps=hp.opt_eps, layer_decay=hp.layer_decay if hp.layer_decay < 1 else None)
-
-
-def fitted_batch_size(batch_size: int, train_images: int, processes: int = 1) -> int:
-    """`batch_size`, or a process's share of the training set where that is smaller: every training step takes a
-    full batch in each process (a short last batch would be a noisy step), so a larger batch would never train. A
-    small first set with the default batch trains with what there is, saying so; below two images a process (what
-    BatchNorm needs to normalise a batch) no batch makes sense, and the job fails."""
-    share = train_images // processes
-    among = f", shared among {processes} training processes (one per GPU)" if processes > 1 else ""
-    if share < 2:
-        raise JobError(f"The training set is too small to train on: {train_images} usable images in 'train'{among} "
-                       f"leave fewer than 2 a batch, and a training step needs at least 2. Add training images"
-                       f"{' or use fewer GPUs' if processes > 1 else ''}.")
-    if batch_size > share:
-        log.warning("batch_size=%d is larger than the training set (%d usable images in 'train'%s): training with "
-                    "batches of %d, the largest that fits (the learning rate scales with it).", batch_size,
-                    train_images, among, share)
-    return min(batch_size, share)
-
-
-def early_stop_reason(epoch: int, best_epoch: int, lr_now: float, peak_lr: float, hp,
-                      passes_per_schedule_epoch: float = 1.0) -> str | None:
-    """Why to stop after `epoch`, if it is time to; patience and warmup count epochs of the schedule, each
-    `passes_per_schedule_epoch` passes over the training set (more than one on a small set)."""
-    patience = math.ceil(hp.early_stopping_patience * passes_per_schedule_epoch - 1e-9)
-    if epoch - best_epoch >= patience:
-        return (f"no better model for {patience} epochs (early_stopping_patience={hp.early_stopping_patience}"
-                + (f", of {passes_per_schedule_epoch:.3g} passes each on this small training set)"
-                   if passes_per_schedule_epoch > 1 else ")"))
-    if epoch > hp.warmup_epochs * passes_per_schedule_epoch and \
-            lr_now <= peak_lr * hyperparameters.LR_EXHAUSTED * (1 + 1e-6):
-        return (f"the learning rate has decayed to {lr_now:.3g}, 1/{1 / hyperparameters.LR_EXHAUSTED:.0f} "
-                f"of its peak {peak_lr:.3g} or less, so further epochs would change little")
-    return None
-
-
-def class_weights(channel) -> torch.Tensor:
-    """Inverse class frequency, normalised so that a balanced data set gets weights of 1."""
-    counts = torch.tensor(list(channel.images_per_class().values()), dtype=torch.float)
-    return counts.sum() / (len(counts) * counts.clamp(min=1))
-
-
-def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, scheduler, ema, scaler, autocast,
-                    progress: Progress, stop: StopRequest, startup: report.StartUp | None = None,
-                    slow_data: SlowDataWarning | None = None, frozen_batchnorm: bool = False, clip_grad: float = 0.0,
-                    clip_mode: str = "agc") -> tuple[float, float]:
-    """Train the rest of `progress.epoch` (all of it unless resuming), counting batches in `progress`;
-    given the job's start-up so far, say where the time to the first step went. Returns the mean training
-    loss and the seconds spent waiting for the loader's next batch (beyond the first; the longest wait of any
-    process, as the others wait for the slowest at every step): more than a small share of the epoch means the
-    GPU waits on JPEG decoding and augmentation."""
-    if startup is not None:
-        startup.done("setting up training")
-    model.train()
-    if frozen_batchnorm:  # normalised as the pretrained network was (BatchNorm's scales and shifts still train)
-        set_batchnorm_training(model, False)
-    loader.batch_sampler.start_epoch(progress.epoch, skip_batches=progress.step)
-    device = to_input.device
-    loss_sum = torch.tensor(progress.loss_sum, device=device)  # no .item() per step: a sync would stall the GPU
-    started, first_step, last_report = time.monotonic(), progress.step, time.monotonic()
-    data_wait, asked = 0.0, None  # from the second batch on: the first one waits for the workers to (re)start
-    for images, targets in loader:
-        if asked is not None:
-            data_wait += time.monotonic() - asked
-        elif startup is not None:
-            startup.done("first batch (the loader's workers starting)")
-        images, targets = to_input(images), targets.to(device, non_blocking=True)
-        loss = train_step(model, images, targets, loss_fn, optimizer, scaler, autocast, clip_grad, clip_mode)
-        progress.step += 1
-        num_updates = (progress.epoch - 1) * len(loader) + progress.step
-        if ema is not None:
-            ema.update(model, step=num_updates)
-        scheduler.step_update(num_updates)
-        loss_sum += loss.detach() * len(targets)
-        progress.seen += len(targets)
-        if startup is not None:
-            loss.item()  # waits for the GPU, once
-            startup.done("first step (CUDA loading and cuDNN timing the kernels)" if device.type == "cuda"
-                         else "first step")
-            log.info(startup.line())
-            startup = None
-        if time.monotonic() - last_report >= PROGRESS_EVERY_S:
-            last_report = time.monotonic()
-            rate = (progress.step - first_step) * len(targets) / (last_report - started)
-            log.info("epoch %d: %d/%d batches, %.1f images/s, waiting for data %.0f%% of the time, epoch's training "
-                     "done in ~%s", progress.epoch, progress.step, len(loader), rate,
-                     100 * data_wait / (last_report - started),
-                     report.duration((len(loader) - progress.step) * len(targets) / max(rate, 1e-6)))
-            if slow_data is not None:
-                slow_data.check(data_wait, last_report - started, f"epoch {progress.epoch} so far")
-        if stop:  # before the next batch is loaded, so a resumed run draws the same random numbers
-            progress.loss_sum = loss_sum.item()
-            raise Interrupted
-        asked = time.monotonic()
-    progress.loss_sum = loss_sum.item()
-    totals = distributed.sum_over_ranks(torch.tensor([progress.loss_sum, progress.seen], dtype=torch.float64,
-                                                     device=device))
-    mean_loss = (totals[0] / totals[1].clamp(min=1)).item()
-    data_wait = distributed.max_over_ranks(torch.tensor([data_wait], dtype=torch.float64, device=device)).item()
-    if not np.isfinite(mean_loss):
-        raise JobError(f"Training diverged in epoch {progress.epoch}: the training loss is {mean_loss}. Lower lr "
-                       f"(it is scaled to the batch size from a batch of {hyperparameters.LR_REFERENCE_BATCH}) "
-                       f"or raise warmup_epochs.")
-    return mean_loss, data_wait
-
-
-def train_step(model, images, targets, loss_fn, optimizer, scaler, autocast, clip_grad: float = 0.0,
-               clip_mode: str = "agc") -> torch.Tensor:
-    """One update of the weights on one batch, its gradient clipped first if `clip_grad`; the loss stays on the
-    device (reading it would wait for it)."""
-    from timm.utils import dispatch_clip_grad
-
-    with autocast():
-        loss = loss_fn(model(images), targets)
-    optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:  # float16: scaled so that small gradients do not underflow
-        scaler.scale(loss).backward()
-        if clip_grad:
-            scaler.unscale_(optimizer)  # clipped as they are, not as scaled
-            dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        loss.backward()
-        if clip_grad:
-            dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
-        optimizer.step()
-    return loss
-
-
-@torch.no_grad()
-def evaluate(models: dict[str, torch.nn.Module], loader, to_input: ModelInput, autocast, num_classes: int,
-             mirror: bool, stop: StopRequest | None = None) -> dict[str, SimpleNamespace]:
-    """Loss, top-1/top-5 accuracy, confusion matrix and log probabilities of each model on the whole val set (of
-    all processes). One pass over the images for all the models: decoding them is often the slow part."""
-    from timm.utils import accuracy
-
-    device = to_input.device
-    top_k = min(5, num_classes)  # top-5 over fewer than 5 classes would fail; it is then over all of them
-    for model in models.values():
-        model.eval()
-    # Per model: loss, top-1 and top-k summed over images, and true x predicted counts; one sync at the end.
-    sums = {name: torch.zeros(3, device=device) for name in models}
-    confusion = {name: torch.zeros(num_classes * num_classes, dtype=torch.long, device=device) for name in models}
-    answers = {name: [torch.zeros(0, num_classes, device=device)] for name in models}  # for calibration
-    labels = [torch.zeros(0, dtype=torch.long, device=device)]
-    for images, targets in loader:
-        if stop:
-            raise Interrupted
-        images, targets = to_input(images), targets.to(device, non_blocking=True)
-        labels.append(targets)
-        for name, model in models.items():
-            with autocast():
-                log_probabilities = predict_log_probabilities(model, images, mirror)
-            answers[name].append(log_probabilities)
-            top1, topk = accuracy(log_probabilities, targets, topk=(1, top_k))  # percentages of this batch
-            sums[name] += torch.stack([F.nll_loss(log_probabilities, targets, reduction="sum"),
-                                       top1 * len(targets), topk * len(targets)])
-            confusion[name] += torch.bincount(targets * num_classes + log_probabilities.argmax(dim=1),
-                                              minlength=num_classes * num_classes)
-    targets = distributed.rows_of_all(torch.cat(labels), loader.dataset).cpu()
-    return {name: _evaluation(distributed.sum_over_ranks(sums[name]), distributed.sum_over_ranks(confusion[name]),
-                              num_classes, distributed.rows_of_all(torch.cat(answers[name]), loader.dataset).cpu(),
-                              targets) for name in models}
-
-
-def _evaluation(sums: torch.Tensor, confusion: torch.Tensor, num_classes: int, log_probabilities: torch.Tensor,
-                targets: torch.Tensor) -> SimpleNamespace:
-    loss, top1, top5 = (sums / confusion.sum()).tolist()  # over every image of the val set, once
-    confusion = confusion.view(num_classes, num_classes).tolist()
-    per_class = [100 * row[index] / sum(row) if sum(row) else None for index, row in enumerate(confusion)]
-    return SimpleNamespace(loss=loss, top1=top1, top5=top5, per_class=per_class, confusion=confusion,
-                           log_probabilities=log_probabilities, targets=targets)
-
-
-def data_loader(dataset, workers: int, device: torch.device, seed: int, **batching) -> torch.utils.data.DataLoader:
-    """The job's loaders: pinned memory for the GPU, workers kept from epoch to epoch, and a random generator
-    of their own (drawing from the global one would shift it, and a resumed run would differ)."""
-    return torch.utils.data.DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
-                                       persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
-                                       **batching)
-
-
-def data_loading_workers_for(hp, processes_on_this_host: int) -> int:
-    """`workers` as given, or for -1 (the default) as many as the cores allow."""
-    return hp.workers if hp.workers >= 0 else data_loading_workers(processes_on_this_host)
-
-
-def data_loading_workers(processes_on_this_host: int) -> int:
-    """Every CPU core this job may use, but one for each training process, shared among the processes."""
-    return max(usable_cores() // processes_on_this_host - 1, 0)
-
-
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-class SlowDataWarning:
-    """Says once, at the first progress line or epoch end that shows it, that training spends more than
-    `SHARE` of its time waiting for the loaders' next batch, and what to change: on a GPU that share of the
-    bill buys nothing. Within a minute of the first step, not after a long first epoch."""
-
-    SHARE, MIN_SECONDS = 0.1, 1.0
-
-    def __init__(self, workers: int, workers_asked: int, processes_on_this_host: int, gpu: bool, speaks: bool):
-        self.workers, self.workers_asked, self.processes, self.gpu = workers, workers_asked, processes_on_this_host, gpu
-        self.pending = speaks  # only rank 0 speaks: every rank's loaders are alike
-
-    def check(self, waited: float, seconds: float, what: str) -> None:
-        if self.pending and waited > max(self.SHARE * seconds, self.MIN_SECONDS):
-            self.pending = False
-            log.warning(self.advice(waited, seconds, what))
-
-    def advice(self, waited: float, seconds: float, what: str) -> str:
-        idle = "the GPU stood idle" if self.gpu else "training stood still"
-        loaders = (f"{self.workers} data-loading worker process{'es' if self.workers > 1 else ''}" if self.workers
-                   else "the training process itself (workers=0)")
-        said = (f"Training waited for data {waited:.0f} s of the {seconds:.0f} s of {what} ({waited / seconds:.0%}): "
-                f"{idle} while {loaders} decoded and augmented images. ")
-        possible, cores = data_loading_workers(self.processes), usable_cores()
-        host = f"{cores} core{'s' if cores != 1 else ''}, {self.processes} training process" + \
-            ("es" if self.processes != 1 else "")
-        if self.workers < possible:
-            return said + (f"workers={self.workers_asked} is set; set workers=-1 (the default) to use {possible} on "
-                           f"this host ({host}).")
-        return said + (f"Loading already has every core but one per training process ({host}): choose "
-                       f"an instance type with more vCPUs for each GPU, or make each image cheaper to load: aa=none "
-                       f"(no RandAugment), a smaller img_size, or images stored nearer the training size (large "
-                       f"PNGs are decoded in full; JPEGs already at a reduced scale).")
-
-
-def process_started_at() -> float:
-    """When this process started (its imports included), as time.time() counts."""
-    try:
-        with open("/proc/self/stat") as f:  # field 22: clock ticks after boot; the name may hold spaces
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime"))
-        return boot + ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError, StopIteration):
-        return time.time()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.device_count()} x {torch.cuda.get_device_name(0)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
-
-
-def versions() -> dict[str, str]:
-    import PIL
-    import timm
-    import torchvision
-
-    return {"efficientnet_train": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__), "timm": timm.__version__, "pillow": PIL.__version__,
-            "numpy": np.__version__, "cuda": torch.version.cuda or "none"}
 
 
 if __name__ == "__main__":

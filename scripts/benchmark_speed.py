@@ -47,8 +47,9 @@ from efficientnet_train.data import (ModelInput, TrainBatches, class_folders, da
                                      resolve_data_config, scan_channel, train_transform)
 from efficientnet_train.model import MEMORY_FORMAT, autocast_for, create_model  # noqa: E402
 from efficientnet_train.recipe import recipe_for, training_size_config  # noqa: E402
-from efficientnet_train.train import (create_optimizer, data_loader, data_loading_workers_for,  # noqa: E402
-                                      train_step, training_tools)
+from efficientnet_train.engine import data_loader, train_step  # noqa: E402
+from efficientnet_train.optimisation import create_optimizer, training_tools  # noqa: E402
+from efficientnet_train.resources import data_loading_workers_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # The listing's example set: https://download.pytorch.org/tutorial/hymenoptera_data.zip, unzipped into data/.
@@ -127,7 +128,7 @@ def sync(device: torch.device) -> None:
 
 def training_setup(hp, weights: Path, classes: list[str], device: torch.device,
                    cudnn_benchmark: bool = True) -> SimpleNamespace:
-    """The model, optimizer, EMA and loss as train.py makes them, and `step(images, targets)`: train.train_step
+    """The model, optimizer, EMA and loss as train.py makes them, and `step(images, targets)`: engine.train_step
     and the EMA update, as train_one_epoch runs them (less the loss sum and scheduler update, which cost next to
     nothing)."""
     autocast, amp_dtype = autocast_for(device)

@@ -44,7 +44,8 @@ def main() -> int:
     from efficientnet_train.data import ModelInput, dataset_of, decode_side, eval_transform, resolve_data_config, scan_channel
     from efficientnet_train.linear_probe import fit_linear_probe
     from efficientnet_train.model import create_model, set_batchnorm_training
-    from efficientnet_train.train import create_optimizer, train_step
+    from efficientnet_train.engine import train_step
+    from efficientnet_train.optimisation import create_optimizer
 
     weights = lite_weights(options.weights_dir, 0)
     hp, _ = schema.parse({"model": MODEL, "pretrained_path": str(weights)})

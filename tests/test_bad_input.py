@@ -25,7 +25,7 @@ import yaml
 from PIL import Image, ImageFile
 
 from conftest import failure_reason, make_job, run_train, write_files, write_images
-from efficientnet_train import data, failures, hyperparameters, train
+from efficientnet_train import data, failures, hyperparameters, resources, train
 from efficientnet_train.data import (ImageDataset, Skip, UnusableData, check_channels_differ, copies_across, dataset_of,
                                      probe_image, report_load_failures, scan_channel, warn_about_copies,
                                      warn_about_thin_classes)
@@ -409,7 +409,7 @@ def test_a_loader_worker_killed_by_a_signal_names_the_file_and_the_fix(tmp_path)
 
 # ---- the environment: memory, disk, GPU -------------------------------------------------------------
 
-def evaluate():  # named like train.evaluate: the reason says the failure was in validation
+def evaluate():  # named like engine.evaluate: the reason says the failure was in validation
     raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
@@ -469,11 +469,11 @@ def test_wrong_types_and_ranges_name_the_key_the_value_and_what_is_allowed(name,
 
 
 def test_batch_size_larger_than_the_training_set_trains_with_the_largest_that_fits(caplog):
-    assert train.fitted_batch_size(64, 38) == 38 and train.fitted_batch_size(38, 38) == 38
+    assert resources.fitted_batch_size(64, 38) == 38 and resources.fitted_batch_size(38, 38) == 38
     assert "batch_size=64 is larger than the training set (38 usable images in 'train'): training with batches " \
            "of 38" in caplog.text
     with pytest.raises(JobError, match="too small to train on: 1 usable images"):
-        train.fitted_batch_size(32, 1)
+        resources.fitted_batch_size(32, 1)
 
 
 # ---- end to end: `train` on broken trees ---------------------------------------------------------------
@@ -578,7 +578,7 @@ def test_the_disk_space_estimate_matches_the_real_checkpoints(messy_job):
 
     base = messy_job[0]
     hp, _ = hyperparameters.parse({"model": "test_efficientnet"})  # the messy job's optimizer and EMA: defaults
-    model_bytes, checkpoint_bytes = train.output_sizes(hp, 2)
+    model_bytes, checkpoint_bytes = resources.output_sizes(hp, 2)
     # Within 10% for this tiny model, where each tensor's few hundred bytes of file format weigh more than they
     # do in efficientnet_b3 (there the estimate is 0.4% short of a real checkpoint's 216 MB).
     assert model_bytes == pytest.approx((base / "model" / "model_best.pth.tar").stat().st_size, rel=0.1)
@@ -594,7 +594,7 @@ def test_the_disk_space_estimate_matches_the_real_checkpoints(messy_job):
 @pytest.mark.parametrize("opt", hyperparameters.OPTIMIZERS)
 def test_each_optimizers_state_is_sized_by_a_real_step(opt):
     hp, _ = hyperparameters.parse({"model": "test_efficientnet", "opt": opt})
-    model_bytes, checkpoint_bytes = train.output_sizes(hp, 2)
+    model_bytes, checkpoint_bytes = resources.output_sizes(hp, 2)
     # The weights, their average and the best model; then 0 to 3 weight-sized buffers of the optimizer's own.
     buffers = checkpoint_bytes / model_bytes - 3
     assert -0.1 < buffers < 3.1
@@ -602,7 +602,7 @@ def test_each_optimizers_state_is_sized_by_a_real_step(opt):
     if opt in expected:  # slightly less: BatchNorm's running statistics are weights without optimizer state
         assert buffers == pytest.approx(expected[opt], abs=0.15)
     no_ema, _ = hyperparameters.parse({"model": "test_efficientnet", "opt": opt, "model_ema": "false"})
-    assert train.output_sizes(no_ema, 2) == (model_bytes, checkpoint_bytes - model_bytes)
+    assert resources.output_sizes(no_ema, 2) == (model_bytes, checkpoint_bytes - model_bytes)
 
 
 def test_too_little_disk_space_fails_before_the_model_is_built_and_says_how_much_is_needed(

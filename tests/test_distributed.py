@@ -44,7 +44,7 @@ def evaluate_alone(model_dir: Path, val_dir: Path):
 
     from efficientnet_train.data import ModelInput, dataset_of, eval_transform, scan_channel
     from efficientnet_train.model import autocast_for, load_trained_model
-    from efficientnet_train.train import evaluate
+    from efficientnet_train.engine import evaluate
 
     model, checkpoint = load_trained_model(model_dir / "model_best.pth.tar")
     channel = scan_channel("val", val_dir, classes=checkpoint["labels"])

@@ -322,7 +322,7 @@ def test_before_the_probe_auto_is_the_listings_recipe_with_sgd_and_the_training_
 def test_a_frozen_batchnorm_keeps_its_statistics_while_everything_else_trains(frozen):
     from timm.scheduler import create_scheduler_v2
 
-    from efficientnet_train import train
+    from efficientnet_train import engine
     from efficientnet_train.checkpoints import Progress, StopRequest
     from efficientnet_train.data import ModelInput, TrainBatches
 
@@ -333,8 +333,8 @@ def test_a_frozen_batchnorm_keeps_its_statistics_while_everything_else_trains(fr
     before = {name: value.clone() for name, value in model.state_dict().items()}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler, _ = create_scheduler_v2(optimizer, sched="step", num_epochs=1, decay_epochs=1, updates_per_epoch=4)
-    loader = train.data_loader(images, 0, torch.device("cpu"), 0, batch_sampler=TrainBatches(16, 4, seed=0))
-    train.train_one_epoch(model, loader, ModelInput({"mean": [0.5] * 3, "std": [0.5] * 3}, torch.device("cpu")),
+    loader = engine.data_loader(images, 0, torch.device("cpu"), 0, batch_sampler=TrainBatches(16, 4, seed=0))
+    engine.train_one_epoch(model, loader, ModelInput({"mean": [0.5] * 3, "std": [0.5] * 3}, torch.device("cpu")),
                           torch.nn.CrossEntropyLoss(), optimizer, scheduler, None, None, contextlib.nullcontext,
                           Progress(), StopRequest(), frozen_batchnorm=frozen)
     after = model.state_dict()

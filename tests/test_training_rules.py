@@ -13,7 +13,8 @@ import torch
 from efficientnet_train.data import Channel
 from efficientnet_train.hyperparameters import parse
 from efficientnet_train.model import predict_log_probabilities
-from efficientnet_train.train import class_weights, create_optimizer, early_stop_reason, train_step
+from efficientnet_train.engine import train_step
+from efficientnet_train.optimisation import class_weights, create_optimizer, early_stop_reason
 
 
 def rules(**overrides):
@@ -83,7 +84,7 @@ def test_weight_average_is_timms_with_two_operations_a_step_and_survives_a_resum
     from timm.utils import ModelEmaV3
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from efficientnet_train.train import model_ema
+    from efficientnet_train.optimisation import model_ema
 
     torch.manual_seed(0)
     model = timm.create_model("test_efficientnet", num_classes=3)
@@ -140,7 +141,7 @@ def test_mirrored_prediction_averages_an_image_and_its_mirror():
 
 
 def test_data_loading_workers_use_every_core_but_one_per_gpu(monkeypatch):
-    from efficientnet_train.train import data_loading_workers
+    from efficientnet_train.resources import data_loading_workers
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))  # ml.p3.2xlarge: 8 vCPUs, 1 GPU
     assert data_loading_workers(1) == 7
@@ -156,7 +157,7 @@ def test_slow_data_is_said_once_with_what_to_change(monkeypatch, caplog):
     cheaper images."""
     import logging
 
-    from efficientnet_train.train import SlowDataWarning
+    from efficientnet_train.resources import SlowDataWarning
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)))  # ml.p3.2xlarge: 8 vCPUs, 1 GPU
 
@@ -192,7 +193,7 @@ def test_slow_data_is_said_once_with_what_to_change(monkeypatch, caplog):
 
 def test_batch_size_is_per_process_and_fitted_to_each_process_share(caplog):
     from efficientnet_train.errors import JobError
-    from efficientnet_train.train import fitted_batch_size
+    from efficientnet_train.resources import fitted_batch_size
 
     assert fitted_batch_size(18, 36, processes=2) == 18 and "larger" not in caplog.text
     assert fitted_batch_size(19, 36, processes=2) == 18
@@ -285,7 +286,7 @@ def test_an_epoch_reports_its_wait_for_data_and_progress_lines_say_it(monkeypatc
 
     from timm.scheduler import create_scheduler_v2
 
-    from efficientnet_train import report, train
+    from efficientnet_train import engine, report, resources
     from efficientnet_train.checkpoints import Progress, StopRequest
     from efficientnet_train.data import ModelInput, TrainBatches
     from efficientnet_train.model import autocast_for
@@ -302,15 +303,15 @@ def test_an_epoch_reports_its_wait_for_data_and_progress_lines_say_it(monkeypatc
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler, _ = create_scheduler_v2(optimizer, sched="step", num_epochs=1, decay_epochs=1, updates_per_epoch=4)
-    loader = train.data_loader(SlowImages(), 0, device, 0, batch_sampler=TrainBatches(8, 2, seed=0))
-    monkeypatch.setattr(train, "PROGRESS_EVERY_S", 0)
-    monkeypatch.setattr(train.SlowDataWarning, "MIN_SECONDS", 0.0)
+    loader = engine.data_loader(SlowImages(), 0, device, 0, batch_sampler=TrainBatches(8, 2, seed=0))
+    monkeypatch.setattr(engine, "PROGRESS_EVERY_S", 0)
+    monkeypatch.setattr(resources.SlowDataWarning, "MIN_SECONDS", 0.0)
     startup = report.StartUp(time.time() - 10)
     with caplog.at_level(logging.INFO, logger="efficientnet_train"):
-        loss, data_wait = train.train_one_epoch(
+        loss, data_wait = engine.train_one_epoch(
             model, loader, ModelInput({"mean": [0.5] * 3, "std": [0.5] * 3}, device), torch.nn.CrossEntropyLoss(),
             optimizer, scheduler, None, None, autocast_for(device)[0], Progress(), StopRequest(),
-            startup=startup, slow_data=train.SlowDataWarning(0, 0, 1, gpu=False, speaks=True))
+            startup=startup, slow_data=resources.SlowDataWarning(0, 0, 1, gpu=False, speaks=True))
     assert loss > 0 and 0.1 <= data_wait < 1.0  # three batches after the first, 0.04 s each
     first_step = [r.getMessage() for r in caplog.records if r.getMessage().startswith("First training step")]
     assert first_step == [startup.line()] and re.fullmatch(

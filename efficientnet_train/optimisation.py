@@ -1,0 +1,100 @@
+"""What the weights are updated by: timm's optimizer and learning-rate schedule, the weights' moving average (EMA),
+the gradient scaler, the loss's class weights, and when early stopping ends a run."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import hyperparameters
+
+
+def create_optimizer(model: torch.nn.Module, hp, lr: float, opt: str) -> torch.optim.Optimizer:
+    """timm's optimizer `opt`; with layer_decay < 1 the classifier gets lr and each block below it less,
+    so the new head learns at full speed while the pretrained features only adapt."""
+    from timm.optim import create_optimizer_v2
+
+    return create_optimizer_v2(model, opt=opt, lr=lr, weight_decay=hp.weight_decay,
+                               eps=hp.opt_eps, layer_decay=hp.layer_decay if hp.layer_decay < 1 else None)
+
+
+def create_schedule(optimizer: torch.optim.Optimizer, hp, updates_per_epoch: int):
+    """timm's scheduler `hp.sched`, stepped every update (smooth warmup and decay even with a handful of steps an
+    epoch), over schedule epochs of `schedule_epoch_updates`. Returns the scheduler and its epoch's updates."""
+    from timm.scheduler import create_scheduler_v2
+
+    schedule_epoch = schedule_epoch_updates(hp, updates_per_epoch)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=hp.sched, num_epochs=hp.epochs * updates_per_epoch / schedule_epoch,
+        decay_epochs=hp.decay_epochs, decay_rate=hp.decay_rate, warmup_lr=hp.warmup_lr,
+        warmup_epochs=hp.warmup_epochs, step_on_epochs=False, updates_per_epoch=schedule_epoch)
+    return scheduler, schedule_epoch
+
+
+def schedule_epoch_updates(hp, updates_per_epoch: int) -> int:
+    """The updates an epoch lasts for the learning-rate schedule, warmup and early stopping: a pass over the
+    training set, but at least MIN_SCHEDULE_EPOCH_UPDATES, as far as `epochs` leaves room for the warmup and
+    the first decay: on a set of a few hundred images a pass is about ten updates, and decays every 2.4 passes
+    would end the run after a few dozen updates at a useful rate (docs/quality.md)."""
+    run = hp.epochs * updates_per_epoch
+    room = run / max(hp.warmup_epochs + hp.decay_epochs, 1.0)
+    return max(updates_per_epoch, min(hyperparameters.MIN_SCHEDULE_EPOCH_UPDATES, round(room)))
+
+
+def training_tools(model: torch.nn.Module, hp, amp_dtype: torch.dtype | None):
+    """The weights' moving average (EMA, if asked for) and, for float16 only, the gradient scaler: what the job
+    trains with besides the optimizer."""
+    # Warmup makes the average follow the weights early on; without it, decay 0.9999 keeps the
+    # random classifier head for thousands of steps, far longer than a small data set trains.
+    ema = model_ema(model, decay=hp.model_ema_decay, use_warmup=True) if hp.model_ema else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    return ema, scaler
+
+
+def model_ema(model: torch.nn.Module, **settings):
+    """timm's ModelEmaV3, updating the same tensors with the same arithmetic, but from lists of them made at the
+    first update: timm's own update walks both models' state_dict() every step, a thousand small operations of
+    the main thread that a fast GPU waits for (docs/benchmarks.md). The lists hold the tensors themselves, which
+    loading a checkpoint and the optimizer change in place."""
+    from timm.utils import ModelEmaV3
+
+    class ModelEma(ModelEmaV3):
+        tensors = None
+
+        def apply_update_(self, model, decay):
+            if self.tensors is None:
+                pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+                averaged = [pair for pair in pairs if pair[0].is_floating_point()]
+                copied = [pair for pair in pairs if not pair[0].is_floating_point()]  # the batch counters
+                self.tensors = ([ours for ours, _ in averaged], [theirs for _, theirs in averaged],
+                                [ours for ours, _ in copied], [theirs for _, theirs in copied])
+            averages, sources, counters, counts = self.tensors
+            self._foreach_lerp_(averages, sources, weight=1. - decay)
+            if counters:
+                torch._foreach_copy_(counters, counts)
+
+    return ModelEma(model, **settings)
+
+
+def early_stop_reason(epoch: int, best_epoch: int, lr_now: float, peak_lr: float, hp,
+                      passes_per_schedule_epoch: float = 1.0) -> str | None:
+    """Why to stop after `epoch`, if it is time to; patience and warmup count epochs of the schedule, each
+    `passes_per_schedule_epoch` passes over the training set (more than one on a small set)."""
+    patience = math.ceil(hp.early_stopping_patience * passes_per_schedule_epoch - 1e-9)
+    if epoch - best_epoch >= patience:
+        return (f"no better model for {patience} epochs (early_stopping_patience={hp.early_stopping_patience}"
+                + (f", of {passes_per_schedule_epoch:.3g} passes each on this small training set)"
+                   if passes_per_schedule_epoch > 1 else ")"))
+    if epoch > hp.warmup_epochs * passes_per_schedule_epoch and \
+            lr_now <= peak_lr * hyperparameters.LR_EXHAUSTED * (1 + 1e-6):
+        return (f"the learning rate has decayed to {lr_now:.3g}, 1/{1 / hyperparameters.LR_EXHAUSTED:.0f} "
+                f"of its peak {peak_lr:.3g} or less, so further epochs would change little")
+    return None
+
+
+def class_weights(channel) -> torch.Tensor:
+    """Inverse class frequency, normalised so that a balanced data set gets weights of 1."""
+    counts = torch.tensor(list(channel.images_per_class().values()), dtype=torch.float)
+    return counts.sum() / (len(counts) * counts.clamp(min=1))
+
