@@ -1,7 +1,7 @@
 """Image bytes from outside to RGB pixels, bounded in time and memory before decoding starts.
 
-Every image a job or the endpoint reads comes through `decode_image`, and training's header check asks
-`decode_problem` the same question before the first epoch, so a file that would take seconds or gigabytes
+Every image a job or the endpoint reads comes through `decode_image`, and training's header check (`check_image`,
+for every file of a channel before the model is built) asks `decode_problem` the same question, so a file that would take seconds or gigabytes
 to decode is refused, with the reason, wherever it arrives. What decoding costs is known from the header
 for every format but one case: a progressive JPEG keeps a coefficient buffer of its full size even when it
 decodes at 1/8 scale, and walks every block of it once per scan, so a 555 KB file repeating one 120-byte
@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import stat
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -31,6 +34,7 @@ DECODE_MIN_SIDE = 2048
 # block on the 2-core CPU, so this is one to two seconds. Encoders write 6 to 12 scans: 12 scans of an
 # 89-megapixel (Pillow's limit) 4:2:0 photo are 25 million.
 MAX_SCAN_BLOCKS = 30_000_000
+CHECK_THREADS = 32  # header reads wait on the disk, or on S3 under FastFile: many at once
 _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
                 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
                 8: Image.Transpose.ROTATE_90}
@@ -220,3 +224,96 @@ def _eight_bit(image: Image.Image) -> Image.Image:
     np.rint(pixels, out=pixels)
     np.clip(pixels, 0, 255, out=pixels)
     return Image.fromarray(pixels.astype(np.uint8))
+
+
+class Unusable:
+    """Why a file can't be used as an image, as the log and args.yml count them."""
+
+    EMPTY = "empty"
+    UNREADABLE = "cannot be read"
+    UNSUPPORTED = "unsupported format"
+    CORRUPT = "truncated or corrupt"
+    TOO_LARGE = "too large"
+
+
+# ---- header checks: before the first epoch, every file of a channel ------------------------------------------
+
+
+def check_images(paths: list[str]) -> list[tuple[str, str] | None]:
+    """`check_image` of each path, many at once: 100,000 files take seconds, not minutes."""
+    chunks = [paths[start:start + 256] for start in range(0, len(paths), 256)]
+    if len(chunks) <= 1:
+        return [check_image(path) for path in paths]
+    with ThreadPoolExecutor(max_workers=CHECK_THREADS) as pool:
+        return [problem for chunk in pool.map(lambda chunk: [check_image(p) for p in chunk], chunks)
+                for problem in chunk]
+
+
+def check_image(path: str) -> tuple[str, str] | None:
+    """Why a file can't be used as a training image, or None: from its header and last bytes alone; only a
+    file whose end looks cut short is decoded, to tell a truncated file from one with bytes after its end."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # opening a named pipe would wait for a writer forever
+            return Unusable.UNREADABLE, "not a regular file (a named pipe, socket or device)"
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                return Unusable.EMPTY, "0 bytes"
+            head = f.read(16)
+            f.seek(0)
+            problem, image_format = _header_problem(f, head)
+            if problem or _ends_completely(f, size, image_format, head):
+                return problem
+    except OSError as exc:  # a broken link, no permission, an I/O error of a network file system
+        return Unusable.UNREADABLE, exc.strerror or str(exc)
+    try:
+        load_image(path)
+    except (UnreadableImage, OSError) as exc:
+        return Unusable.CORRUPT, str(exc.__cause__ or exc)
+    except Exception as exc:  # noqa: BLE001 - a decoder tripping over odd bytes: the file is the problem
+        return Unusable.CORRUPT, f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _header_problem(f: BinaryIO, head: bytes) -> tuple[tuple[str, str] | None, str]:
+    try:
+        with Image.open(f, formats=IMAGE_FORMATS) as image:
+            image_format = image.format
+            too_costly = decode_problem(image, f)  # what decoding would cost, as decode_image will judge it
+    except UnidentifiedImageError:
+        return (Unusable.UNSUPPORTED, _what_else(head)), ""
+    except Image.DecompressionBombError:
+        return (Unusable.TOO_LARGE, f"more than twice the {Image.MAX_IMAGE_PIXELS} pixels an image may have; not "
+                                f"decoded (a decompression bomb?)"), ""
+    except Exception as exc:  # noqa: BLE001 - Pillow's plugins report bad headers in many types
+        return (Unusable.CORRUPT, f"bad header: {type(exc).__name__}: {exc}"), ""
+    if too_costly:
+        return (Unusable.TOO_LARGE, too_costly), ""
+    return None, image_format
+
+
+def _what_else(head: bytes) -> str:
+    if head[4:8] == b"ftyp":
+        return "HEIC/HEIF or AVIF data (phone photos): convert it to JPEG"
+    if head.lstrip().startswith(b"<"):
+        return "an HTML or XML page, not an image (a failed download?)"
+    if head.startswith(b"%PDF"):
+        return "a PDF document"
+    return "the data is not JPEG, PNG, GIF, BMP, WebP or TIFF"
+
+
+def _ends_completely(f: BinaryIO, size: int, image_format: str, head: bytes) -> bool:
+    """Whether the file ends with its format's end marker; formats without one pass here, and a file cut
+    short is then found when training decodes it."""
+    f.seek(max(0, size - 64))
+    tail = f.read()
+    if image_format in ("JPEG", "MPO"):
+        return b"\xff\xd9" in tail
+    if image_format == "PNG":
+        return b"IEND" in tail
+    if image_format == "GIF":
+        return tail.rstrip(b"\0").endswith(b";")
+    if image_format == "WEBP":
+        return size >= int.from_bytes(head[4:8], "little") + 8
+    return True
+

@@ -12,7 +12,7 @@ import os
 import random
 from dataclasses import replace
 
-from .data import Channel
+from .channels import Channel
 from .errors import JobError
 from .untrusted import listed, shown
 

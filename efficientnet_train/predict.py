@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .data import IMAGE_EXTENSIONS
+from .channels import IMAGE_EXTENSIONS
 from .decoding import UnreadableImage, load_image
 from .errors import JobError
 from .inference import Classifier, model_files

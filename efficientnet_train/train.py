@@ -22,9 +22,10 @@ from . import distributed, hyperparameters, linear_probe, outputs, report
 from .calibration import calibrate
 from .checkpoints import (CHECKPOINT_NAME, Interrupted, Progress, StopRequest, check_resumable, load_latest_state,
                           restore_training_state, room_for_checkpoints, save_state, training_state)
-from .data import (Channel, ImageDataset, ModelInput, TrainBatches, check_channels_differ, copies_across,
-                   dataset_of, decode_side, eval_transform, report_load_failures, resolve_data_config, scan_channel,
-                   train_transform, warn_about_copies, warn_about_thin_classes)
+from .channels import (Channel, check_channels_differ, copies_across, scan_channel, warn_about_copies,
+                       warn_about_thin_classes)
+from .data import (ImageDataset, ModelInput, TrainBatches, dataset_of, decode_side, eval_transform,
+                   report_load_failures, resolve_data_config, train_transform)
 from .engine import Evaluation, data_loader, evaluate, seed_everything, train_one_epoch
 from .errors import JobError
 from .failures import explained

@@ -42,8 +42,8 @@ def linear_probe(folder: Path, weights: Path, hyperparameters: dict) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from efficientnet_train.calibration import top_label_ece
-    from efficientnet_train.data import (ModelInput, dataset_of, decode_side, eval_transform, resolve_data_config,
-                                         scan_channel)
+    from efficientnet_train.channels import scan_channel
+    from efficientnet_train.data import ModelInput, dataset_of, decode_side, eval_transform, resolve_data_config
 
     started = time.monotonic()
     model = timm.create_model(MODEL, num_classes=0)  # the pooled features, as the job's classifier sees them

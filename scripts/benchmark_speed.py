@@ -43,8 +43,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as train.py: nothing here may re
 import torch  # noqa: E402
 
 from efficientnet_train import hyperparameters  # noqa: E402
-from efficientnet_train.data import (ModelInput, TrainBatches, class_folders, dataset_of, decode_side,  # noqa: E402
-                                     resolve_data_config, scan_channel, train_transform)
+from efficientnet_train.channels import class_folders, scan_channel
+from efficientnet_train.data import (ModelInput, TrainBatches, dataset_of, decode_side, resolve_data_config,
+                                     train_transform)
 from efficientnet_train.model import MEMORY_FORMAT, autocast_for, create_model  # noqa: E402
 from efficientnet_train.recipe import recipe_for, training_size_config  # noqa: E402
 from efficientnet_train.engine import data_loader, train_step  # noqa: E402

@@ -43,8 +43,8 @@ def main() -> int:
     options = parser.parse_intermixed_args()
 
     from efficientnet_train import hyperparameters as schema
-    from efficientnet_train.data import (ModelInput, dataset_of, eval_transform, resolve_data_config, scan_channel,
-                                         train_transform)
+    from efficientnet_train.channels import scan_channel
+    from efficientnet_train.data import ModelInput, dataset_of, eval_transform, resolve_data_config, train_transform
     from efficientnet_train.linear_probe import fit_linear_probe
     from efficientnet_train.model import create_model, set_batchnorm_training
     from efficientnet_train.recipe import recipe_for

@@ -41,7 +41,8 @@ def main() -> int:
     from timm.utils.agc import unitwise_norm
 
     from efficientnet_train import hyperparameters as schema
-    from efficientnet_train.data import ModelInput, dataset_of, decode_side, eval_transform, resolve_data_config, scan_channel
+    from efficientnet_train.channels import scan_channel
+    from efficientnet_train.data import ModelInput, dataset_of, decode_side, eval_transform, resolve_data_config
     from efficientnet_train.linear_probe import fit_linear_probe
     from efficientnet_train.model import create_model, set_batchnorm_training
     from efficientnet_train.engine import train_step

@@ -26,9 +26,10 @@ from PIL import Image, ImageFile
 
 from conftest import failure_reason, make_job, run_train, write_files, write_images
 from efficientnet_train import data, failures, hyperparameters, resources, train
-from efficientnet_train.data import (ImageDataset, Skip, UnusableData, check_channels_differ, copies_across, dataset_of,
-                                     probe_image, report_load_failures, scan_channel, warn_about_copies,
-                                     warn_about_thin_classes)
+from efficientnet_train.channels import (Skip, check_channels_differ, copies_across, scan_channel,
+                                         warn_about_copies, warn_about_thin_classes)
+from efficientnet_train.data import ImageDataset, UnusableData, dataset_of, report_load_failures
+from efficientnet_train.decoding import check_image
 from efficientnet_train.decoding import decode_image
 from efficientnet_train.errors import JobError
 from efficientnet_train.metrics import metric_definitions
@@ -147,7 +148,7 @@ def test_a_bomb_is_refused_from_its_header_and_never_decoded(tmp_path, monkeypat
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
     (tmp_path / "bomb.png").write_bytes(png_claiming(30000, 30000))
     started = time.monotonic()
-    assert probe_image(str(tmp_path / "bomb.png"))[0] == Skip.TOO_LARGE
+    assert check_image(str(tmp_path / "bomb.png"))[0] == Skip.TOO_LARGE
     with pytest.raises(data.UnreadableImage, match="too large"):
         decode_image(png_claiming(30000, 30000))
     assert time.monotonic() - started < 1
@@ -207,12 +208,12 @@ def test_scan_uses_every_readable_kind_and_names_why_the_rest_is_skipped(tmp_pat
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # refused all the same
 def test_unreadable_files_say_why(tmp_path):
     write_files(tmp_path, {**UNUSABLE, "iphone.jpg": UNUSABLE["iphone.heic"]})
-    assert "HEIC/HEIF or AVIF data (phone photos): convert it to JPEG" in probe_image(str(tmp_path / "iphone.jpg"))[1]
-    assert "HTML" in probe_image(str(tmp_path / "page.jpg"))[1]
-    assert "truncated" in probe_image(str(tmp_path / "cut.jpg"))[1]
-    assert "not decoded" in probe_image(str(tmp_path / "bomb.png"))[1]
+    assert "HEIC/HEIF or AVIF data (phone photos): convert it to JPEG" in check_image(str(tmp_path / "iphone.jpg"))[1]
+    assert "HTML" in check_image(str(tmp_path / "page.jpg"))[1]
+    assert "truncated" in check_image(str(tmp_path / "cut.jpg"))[1]
+    assert "not decoded" in check_image(str(tmp_path / "bomb.png"))[1]
     (tmp_path / "big.png").write_bytes(png_claiming(10000, 10000))  # over the limit, under twice it
-    assert "10000x10000 pixels" in probe_image(str(tmp_path / "big.png"))[1]
+    assert "10000x10000 pixels" in check_image(str(tmp_path / "big.png"))[1]
 
 
 def test_heic_files_are_unsupported_images_that_count(tmp_path):

@@ -42,7 +42,8 @@ def evaluate_alone(model_dir: Path, val_dir: Path):
     """The saved model evaluated in this one process on the whole val set, as validation does it."""
     import torch
 
-    from efficientnet_train.data import ModelInput, dataset_of, eval_transform, scan_channel
+    from efficientnet_train.channels import scan_channel
+    from efficientnet_train.data import ModelInput, dataset_of, eval_transform
     from efficientnet_train.model import autocast_for, load_trained_model
     from efficientnet_train.engine import evaluate
 

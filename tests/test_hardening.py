@@ -25,7 +25,8 @@ from PIL import Image
 from conftest import write_files, write_images
 from efficientnet_train import checkpoints, hyperparameters, outputs, untrusted
 from efficientnet_train.checkpoints import REQUIRED_KEYS, load_latest_state
-from efficientnet_train.data import Skip, probe_image, scan_channel
+from efficientnet_train.channels import Skip, scan_channel
+from efficientnet_train.decoding import check_image
 from efficientnet_train.decoding import UnreadableImage, decode_image
 from efficientnet_train.errors import JobError
 from efficientnet_train.metrics import metric_definitions
@@ -313,7 +314,7 @@ def test_a_progressive_jpeg_repeating_a_scan_is_refused_in_milliseconds_wherever
     assert seconds < 1, seconds
     (tmp_path / "ants").mkdir()
     (tmp_path / "ants" / "bomb.jpg").write_bytes(bomb)
-    reason, detail = probe_image(str(tmp_path / "ants" / "bomb.jpg"))  # training's header check, as predict's load
+    reason, detail = check_image(str(tmp_path / "ants" / "bomb.jpg"))  # training's header check, as predict's load
     assert reason == Skip.TOO_LARGE and "306 scans" in detail
     assert decode_image(saved(Image.new("RGB", (640, 480), (9, 99, 199)), "JPEG", progressive=True)).size == (640, 480)
 
@@ -543,7 +544,7 @@ def test_at_a_thousand_classes_the_log_lists_a_few_dozen_entries_and_args_yml_ev
     """The log grew about 4 lines a class (3,101 lines of settings at 1,000 classes, 10 KB lines listing every
     class); each list the log shows now stops after a few dozen entries and says how many there are."""
     from efficientnet_train import report
-    from efficientnet_train.data import Channel
+    from efficientnet_train.channels import Channel
 
     classes = [f"class{i:04d}" for i in range(1000)]
     args = {"classes": classes, "train_images_per_class": {name: 2 for name in classes}, "lr": 0.016}

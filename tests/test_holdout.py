@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import failure_reason, make_job, run_train
-from efficientnet_train.data import Channel
+from efficientnet_train.channels import Channel
 from efficientnet_train.errors import JobError
 from efficientnet_train.holdout import hold_out
 
@@ -68,7 +68,7 @@ def test_a_job_without_val_trains_and_says_what_it_held_out(tmp_path, tiny_hyper
 
 
 def test_train_pointed_at_the_data_sets_root_without_val_is_the_same_layout_mistake():
-    from efficientnet_train.data import check_channels_differ
+    from efficientnet_train.channels import check_channels_differ
 
     train, val = hold_out(channel({"train": 10, "val": 5}), 0.2, seed=42)
     with pytest.raises(JobError) as info:

@@ -124,7 +124,8 @@ def test_best_checkpoint_loads_safely_and_with_plain_timm(finished_job):
 
 def test_saved_model_scores_what_the_summary_says(finished_job):
     """The weights kept are the ones that earned the best metric (EMA or raw), with the same preprocessing."""
-    from efficientnet_train.data import ImageDataset, ModelInput, eval_transform, scan_channel
+    from efficientnet_train.channels import scan_channel
+    from efficientnet_train.data import ImageDataset, ModelInput, eval_transform
     from efficientnet_train.model import load_trained_model, predict_log_probabilities
 
     base, _ = finished_job

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from efficientnet_train.data import Channel
+from efficientnet_train.channels import Channel
 from efficientnet_train.hyperparameters import parse
 from efficientnet_train.model import predict_log_probabilities
 from efficientnet_train.engine import train_step
