@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import random
 import re
-import signal
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,47 +40,6 @@ class Progress:
     step: int = 0
     loss_sum: float = 0.0
     seen: int = 0
-
-
-class StopRequest:
-    """SIGTERM (StopTrainingJob, a spot interruption, `docker stop`) or Ctrl-C asks training to stop.
-
-    The handler only sets a flag, which every long phase checks between batches (the linear probe's features, its
-    fit and measurements, training, validation): nothing is ever half-written, and a second signal changes nothing.
-    """
-
-    def __init__(self) -> None:
-        self.signal_name: str | None = None
-        self.repeats = 0
-
-    def install(self) -> "StopRequest":
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self._received)
-        return self
-
-    def _received(self, signum: int, _frame) -> None:
-        name = signal.Signals(signum).name
-        if self.signal_name:
-            self.repeats += 1
-            if self.repeats == 1:  # said once: a sender that repeats itself would fill the log
-                log.warning("%s received while already stopping: nothing changes", name)
-            return
-        self.signal_name = name
-        log.warning("%s received: stopping at the next batch (training's progress is saved in a checkpoint once "
-                    "training has begun)", name)
-
-    def __bool__(self) -> bool:
-        return self.signal_name is not None
-
-
-def stop_here(stop) -> None:
-    """Raise Interrupted if a stop was asked for (`stop` may be None: not interruptible there)."""
-    if stop:
-        raise Interrupted
-
-
-class Interrupted(Exception):
-    """Raised at a safe point (between batches) once a stop was requested."""
 
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-\d{5}-\d{7}\.pth\.tar")

@@ -3,9 +3,10 @@ signal's handler, `--help`)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
+
+from .stopping import STOP_SIGNALS, exit_now  # no torch: cheap, and there before a signal can arrive
 
 
 def _usage(text: str) -> int | None:
@@ -42,10 +43,20 @@ def train() -> int:
     # StopTrainingJob (or spot interruption) during the imports or the data scan, minutes for a large data set,
     # went unheard until training began, or until SIGKILL 120 s later. Nothing is written before training starts,
     # so stopping then is immediate; training installs its own handler, which saves a checkpoint first.
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in STOP_SIGNALS:
         signal.signal(signum, _stop_during_start_up)
     from .train import main
 
+    return main()
+
+
+def predict() -> int:
+    # Before the imports, as for train: a Ctrl-C while torch loads ends the command with a line, not a traceback.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _stop_before_predicting)
+    from .predict import STOP, main
+
+    STOP.install()  # from here on a stop ends it between batches, removing a half-written CSV
     return main()
 
 
@@ -55,19 +66,20 @@ def serve() -> int:
     asked = _usage(SERVE_USAGE)
     if asked is not None:
         return asked
+    for signum in STOP_SIGNALS:  # until gunicorn installs its own, which stop the workers gracefully
+        signal.signal(signum, _stop_before_serving)
     from .serve import main
 
     return main()
 
 
 def _stop_during_start_up(signum: int, _frame) -> None:
-    """Exit here and now. Not by raising: the handler runs wherever the main thread is, which may be Python called
-    back from a C++ extension being imported, where an exception becomes std::terminate and SIGABRT."""
-    try:
-        sys.stdout.flush()  # the log lines so far; may be refused if the signal landed inside a write
-    except BaseException:  # noqa: BLE001 - a reentrant write: those lines are lost, the message below is not
-        pass
-    name = signal.Signals(signum).name
-    os.write(sys.stdout.fileno(), f"Stopped by {name} during start-up, before training began: nothing to "
-                                  f"save.\n".encode())
-    os._exit(0)
+    exit_now(f"Stopped by {signal.Signals(signum).name} during start-up, before training began: nothing to save.", 0)
+
+
+def _stop_before_predicting(signum: int, _frame) -> None:
+    exit_now(f"Stopped by {signal.Signals(signum).name} before any image was read: nothing written.", 128 + signum)
+
+
+def _stop_before_serving(signum: int, _frame) -> None:
+    exit_now(f"Stopped by {signal.Signals(signum).name} while starting, before serving.", 0)

@@ -29,6 +29,7 @@ from torch.multiprocessing.spawn import ProcessException
 
 from .errors import JobError
 from .sagemaker import Hosts, SageMakerEnvironment
+from .stopping import exit_now
 
 log = logging.getLogger("efficientnet_train")
 FAILURE_KEY = "first-failure"
@@ -157,6 +158,10 @@ class _Stopper:
             self._send(signal.Signals[self.signal_name])
 
     def _received(self, signum: int, _frame) -> None:
+        if signum == signal.SIGINT and self.signal_name == "SIGINT":  # a second Ctrl-C: the way out of a slow stop
+            self._send(signal.SIGKILL)
+            exit_now("SIGINT received again: stopping every training process at once, without saving; a restarted "
+                     "job resumes from the last checkpoint, if any.", 128 + signal.SIGINT)
         self.signal_name = signal.Signals(signum).name
         log.warning("%s received: %s", self.signal_name,
                     "passing it on to the training processes" if self.processes else "stopping")

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .checkpoints import stop_here
+from .stopping import stop_here
 from .data import ModelInput, dataset_of, decode_side, eval_transform, train_transform
 from .engine import data_loader
 from .model import set_batchnorm_training, set_regularisation

@@ -26,9 +26,11 @@ from .errors import JobError
 from .inference import Classifier, model_files
 from .outputs import check_output_file
 from .sagemaker import ServingEnvironment
+from .stopping import StopFlag, Stopped, ignore_stop_signals
 from .untrusted import csv_cell
 
 log = logging.getLogger("efficientnet_train.predict")
+STOP = StopFlag()  # SIGTERM or SIGINT, checked between batches
 
 
 def find_images(inputs: list[Path]) -> list[Path]:
@@ -71,9 +73,11 @@ def predict(classifier: Classifier, paths: list[Path], top_k: int, batch_size: i
     from tqdm import tqdm
 
     loader = torch.utils.data.DataLoader(ImageFiles(paths, classifier.preprocess, classifier.decode_side),
-                                         batch_size=batch_size, num_workers=workers, collate_fn=_collate)
+                                         batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                                         worker_init_fn=ignore_stop_signals)  # a group's stop is the command's
     with tqdm(total=len(paths), unit="image", disable=not progress, file=sys.stderr) as bar:
         for items in loader:
+            STOP.check()
             readable = [(index, tensor) for index, tensor, _ in items if tensor is not None]
             predictions = {}
             if readable:
@@ -184,10 +188,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     k = min(options.top_k, len(classifier.labels))
     rows = predict(classifier, paths, k, options.batch_size, options.workers)
-    if options.output == "-":
-        written, failures = write_csv(rows, sys.stdout, k)
-    else:
-        written, failures = write_atomically(Path(options.output), lambda output: write_csv(rows, output, k))
+    try:
+        if options.output == "-":
+            written, failures = write_csv(rows, sys.stdout, k)
+        else:
+            written, failures = write_atomically(Path(options.output), lambda output: write_csv(rows, output, k))
+    except Stopped as stop:  # a stop signal to the `predict` command (STOP, installed by commands.predict)
+        kept = " (the earlier one is kept)" if options.output != "-" and Path(options.output).exists() else ""
+        log.error("Stopped by %s before every image was classified: %s", stop.signal_name,
+                  "the rows so far went to standard output" if options.output == "-" else
+                  f"{options.output} was not written{kept}")
+        return stop.exit_code
     for failure in failures:
         log.warning("Skipped %s", failure)
     log.info("Wrote %d predictions to %s%s", written, options.output,

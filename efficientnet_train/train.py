@@ -20,8 +20,8 @@ import yaml
 
 from . import distributed, hyperparameters, linear_probe, outputs, report
 from .calibration import calibrate
-from .checkpoints import (CHECKPOINT_NAME, Interrupted, Progress, StopRequest, check_resumable, load_latest_state,
-                          restore_training_state, room_for_checkpoints, save_state, training_state)
+from .checkpoints import (CHECKPOINT_NAME, Progress, check_resumable, load_latest_state, restore_training_state,
+                          room_for_checkpoints, save_state, training_state)
 from .channels import (Channel, check_channels_differ, copies_across, scan_channel, warn_about_copies,
                        warn_about_thin_classes)
 from .data import (ImageDataset, ModelInput, TrainBatches, dataset_of, decode_side, eval_transform,
@@ -38,6 +38,7 @@ from .recipe import Recipe, decisions, recipe_for, training_size_config
 from .resources import (SlowDataWarning, data_loading_workers_for, describe, fitted_batch_size, output_sizes,
                         process_started_at, versions)
 from .sagemaker import DEBUG_VARIABLE, SageMakerEnvironment
+from .stopping import Interrupted, StopRequest
 from .untrusted import shown, shown_lines
 
 log = logging.getLogger("efficientnet_train")
@@ -197,7 +198,9 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
 
 def run(env: SageMakerEnvironment, job: Job, rank: distributed.Rank = distributed.SINGLE) -> None:
     """Train in this process: the only one, or one of `rank.world_size` (then only rank 0 writes)."""
-    stop = StopRequest().install()
+    # A distributed job's training processes hear a terminal's Ctrl-C twice (from it, and passed on by the launcher,
+    # whose own second Ctrl-C ends them all at once).
+    stop = StopRequest(at_once_on_second_interrupt=not rank.distributed).install()
     if rank.distributed:
         stop = distributed.AgreedStop(stop)
     # Rank 0's checkpoint for all: another host's checkpoint folder may be empty or behind. Handed over, not kept

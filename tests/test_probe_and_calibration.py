@@ -323,7 +323,8 @@ def test_a_frozen_batchnorm_keeps_its_statistics_while_everything_else_trains(fr
     from timm.scheduler import create_scheduler_v2
 
     from efficientnet_train import engine
-    from efficientnet_train.checkpoints import Progress, StopRequest
+    from efficientnet_train.checkpoints import Progress
+    from efficientnet_train.stopping import StopRequest
     from efficientnet_train.data import ModelInput, TrainBatches
 
     torch.manual_seed(0)

@@ -9,6 +9,8 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
@@ -22,9 +24,10 @@ RESUMABLE = {"epochs": "3", "batch_size": "2", "warmup_epochs": "1", "early_stop
 
 
 def start_train(base, **env) -> subprocess.Popen:
+    """The job in a process group of its own, as a terminal or `timeout` starts a command."""
     environ = {key: value for key, value in os.environ.items() if key != "TRAINING_JOB_NAME"}
     return subprocess.Popen([TRAIN_COMMAND], env={**environ, "SAGEMAKER_BASE_DIR": str(base), **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def run_until(job: subprocess.Popen, pattern: str) -> str:
@@ -143,9 +146,98 @@ def test_sigterm_in_each_phase_of_the_probe_stops_at_once_and_says_what_was_save
         assert checkpoints(base / "checkpoints") == ["checkpoint-00001-0000000.pth.tar"]
 
 
+# Each signal on a line of its phase, sent to the whole process group as Ctrl-C, `timeout` and `kill -- -PGID` send
+# it: the job's data-loading workers (workers=2) get it too.
+GROUP_STOPS = [("SIGTERM", r"Linear probe: the frozen features", "the probe's features"),
+               ("SIGINT", r"Linear probe: measuring", "the probe's measurements and its validation"),
+               ("SIGTERM", r"First training step", "training"), ("SIGINT", r"First training step", "training")]
+
+
+@pytest.mark.parametrize("name, line, phase", GROUP_STOPS, ids=[f"{n} in {p}" for n, _, p in GROUP_STOPS])
+def test_a_stop_sent_to_the_whole_process_group_stops_the_job_cleanly(tmp_path, tiny_hyperparameters, name, line,
+                                                                      phase):
+    """A worker killed by the group's SIGTERM failed the job, blaming a file, with no model.tar.gz. The workers now
+    leave the stop to the job, which stops as for a signal to itself."""
+    base = make_job(tmp_path, {**tiny_hyperparameters, "batch_size": "2", "epochs": "3", "workers": "2"})
+    job = start_train(base)
+    log = run_until(job, line)
+    started = time.monotonic()
+    os.killpg(job.pid, getattr(signal, name))
+    log += job.communicate(timeout=120)[0]
+    assert job.returncode == 0 and time.monotonic() - started < 30, log[-3000:]
+    assert "Traceback" not in log and "Training failed" not in log and "worker process" not in log, log[-3000:]
+    assert log.count(f"{name} received") == 1 and "already stopping" not in log
+    assert yaml.safe_load((base / "model" / "args.yml").read_text())["stop_reason"] == f"stopped by {name}"
+    if phase == "training":  # the probe is the best model so far: packed, as at the end of a job
+        assert re.search(rf"Stopped by {name} (in|after) epoch 1", log), log[-3000:]
+        assert (base / "model" / "model.tar.gz").exists()
+
+
+@pytest.mark.parametrize("at_once", [True, False])
+def test_a_second_ctrl_c_stops_at_once_saying_so(at_once):
+    """The way out of a stop that takes too long; not in a distributed job's training processes, which hear one
+    Ctrl-C twice (from the terminal, and passed on by the launcher)."""
+    program = textwrap.dedent(f"""
+        import logging, signal, sys
+        from efficientnet_train.stopping import StopRequest
+        logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(levelname)s %(message)s")
+        stop = StopRequest(at_once_on_second_interrupt={at_once}).install()
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        print("still stopping: stopped", bool(stop))
+    """)
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in result.stderr
+    if at_once:
+        assert result.returncode == 130 and "SIGINT received again: stopping at once, without saving" in result.stdout
+        assert "still stopping" not in result.stdout
+    else:
+        assert result.returncode == 0 and "still stopping: stopped True" in result.stdout
+        assert "SIGINT received while already stopping: nothing changes" in result.stdout
+
+
+def test_a_second_ctrl_c_to_a_distributed_launcher_ends_its_training_processes_too():
+    """The first is passed on (a training process stops at its next batch); the second kills them and ends."""
+    program = textwrap.dedent("""
+        import multiprocessing, signal, sys, time
+        from efficientnet_train.distributed import _Stopper
+
+        def training():  # a training process busy with its stop: deaf to more signals
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            time.sleep(600)
+
+        child = multiprocessing.get_context("fork").Process(target=training)
+        child.start()
+        time.sleep(1)
+        stopper = _Stopper()
+        stopper.forward_to([child])
+        print(child.pid, flush=True)
+        signal.raise_signal(signal.SIGINT)
+        time.sleep(0.5)
+        print("alive after one:", child.is_alive(), flush=True)
+        signal.raise_signal(signal.SIGINT)
+        print("not reached")
+    """)
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 130 and "not reached" not in result.stdout, result
+    assert "alive after one: True" in result.stdout
+    assert "SIGINT received again: stopping every training process at once" in result.stdout
+    child, deadline = int(result.stdout.split()[0]), time.monotonic() + 10
+    while time.monotonic() < deadline and not finished(child):
+        time.sleep(0.1)
+    assert finished(child)
+
+
+def finished(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in "ZX"  # a zombie has ended
+    except FileNotFoundError:
+        return True
+
+
 def test_each_long_loop_of_the_probe_stops_at_its_next_step_once_a_stop_is_asked_for():
     from efficientnet_train import linear_probe
-    from efficientnet_train.checkpoints import Interrupted, StopRequest
+    from efficientnet_train.stopping import Interrupted, StopRequest
 
     stop = StopRequest()
     stop.signal_name = "SIGTERM"

@@ -67,7 +67,8 @@ class Server:
         environ.update(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(self.port), SERVE_THREADS="4", **env)
         self.log = log_dir / f"serve-{self.port}.log"
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen([SERVE_COMMAND], env=environ, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen([SERVE_COMMAND], env=environ, stdout=log, stderr=subprocess.STDOUT,
+                                            start_new_session=True)  # its own group, as a terminal starts it
 
     def wait_until_ready(self, timeout: float = 60) -> "Server":
         deadline = time.monotonic() + timeout
@@ -360,6 +361,47 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(job, tmp_path):
         running.stop()
     log = running.log.read_text()
     assert "Traceback" not in log, log
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_stop_sent_to_the_whole_process_group_ends_serve_cleanly_at_any_moment(job, tmp_path, name):
+    """Ctrl-C in a terminal reaches gunicorn's master and its workers: while Python starts, while the model loads,
+    and while serving, serve ends with exit 0 and no traceback."""
+    for delay in (0.3, 1.5, None):  # None: once it answers
+        running = Server(job, tmp_path)
+        try:
+            if delay is None:
+                running.wait_until_ready()
+            else:
+                time.sleep(delay)
+            os.killpg(running.process.pid, getattr(signal, name))
+            assert running.process.wait(timeout=30) == 0, running.log.read_text()
+        finally:
+            running.stop()
+        log = running.log.read_text()
+        assert "Traceback" not in log and "Error" not in log, (delay, log)
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_stop_sent_to_predicts_process_group_ends_it_without_a_traceback_or_a_half_written_csv(job, tmp_path,
+                                                                                                  name):
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(400):
+        Image.new("RGB", (8, 8), (index % 256, 0, 0)).save(images / f"{index:03d}.png")
+    output = tmp_path / "out" / "predictions.csv"
+    output.parent.mkdir()
+    process = subprocess.Popen([PREDICT_COMMAND, str(images), "--model-dir", str(job / "model"), "-o", str(output),
+                                "--workers", "2", "--batch-size", "1"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not list(output.parent.iterdir()) and time.monotonic() < deadline:  # its temporary file: predicting
+        time.sleep(0.05)
+    os.killpg(process.pid, getattr(signal, name))
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + getattr(signal, name), stderr
+    assert f"Stopped by {name} before every image was classified: {output} was not written" in stderr
+    assert "Traceback" not in stderr and list(output.parent.iterdir()) == []
 
 
 def test_serve_without_a_model_says_what_is_missing(tmp_path):

@@ -287,7 +287,8 @@ def test_an_epoch_reports_its_wait_for_data_and_progress_lines_say_it(monkeypatc
     from timm.scheduler import create_scheduler_v2
 
     from efficientnet_train import engine, report, resources
-    from efficientnet_train.checkpoints import Progress, StopRequest
+    from efficientnet_train.checkpoints import Progress
+    from efficientnet_train.stopping import StopRequest
     from efficientnet_train.data import ModelInput, TrainBatches
     from efficientnet_train.model import autocast_for
 
