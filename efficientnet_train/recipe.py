@@ -39,7 +39,7 @@ CLIPPED_SGD_LR = 0.064  # lr=auto for sgd with adaptive clipping: the rate its p
 PARTS = (
     (("freeze_batchnorm",), ((False,), (True,)), "batch_statistics"),  # frozen: the probe's own view of the images
     (("hflip",), ((0.5,), (0.0,)), "transform"),
-    (("crop_scale",), ((0.25,), (0.5,), (1.0,)), "transform"),
+    (("crop_scale",), ((0.25,), (0.5,)), "transform"),  # never off: the panel trained better on half crops
     (("aa",), (("rand-m9-mstd0.5",), ("rand-m5-mstd0.5",), ("none",)), "transform"),
     (("reprob",), ((0.2,), (0.0,)), "transform"),
     (("drop", "drop_connect"), ((0.3, 0.2), (0.15, 0.1), (0.0, 0.0)), "regularisation"),

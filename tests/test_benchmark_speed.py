@@ -1,4 +1,4 @@
-"""scripts/benchmark_speed.py --quick end to end, so the benchmark keeps working as the product changes."""
+"""benchmarks/benchmark_speed.py --quick end to end, so the benchmark keeps working as the product changes."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_quick_benchmark_measures_every_part(tmp_path):
     # One thread: the numbers do not matter here, and OpenMP threads fighting other tests for the cores
     # can make a 2-core machine ten times slower.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_speed.py"), "--quick",
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "benchmark_speed.py"), "--quick",
                              "--data", str(tmp_path / "data"), "--json", str(tmp_path / "speed.json"),
                              "--parts", "model,loader,job,scan,loop"],
                             env=env, capture_output=True, text=True, timeout=300)
@@ -99,7 +99,7 @@ def test_timms_train_script_runs_on_the_jobs_images_with_the_jobs_settings(tmp_p
         for index, label in enumerate(("ants", "bees")):
             write_jpegs(tmp_path / "data" / split / label, count, seed=index + 10 * (split == "val"))
     (tmp_path / "train.py").write_text(FAKE_TIMM_TRAIN)
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark_speed.py"), "--quick", "--epochs", "2",
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "benchmark_speed.py"), "--quick", "--epochs", "2",
                              "--data", str(tmp_path / "data"), "--json", str(tmp_path / "speed.json"),
                              "--parts", "timm", "--timm-train", str(tmp_path / "train.py")],
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)

@@ -37,7 +37,7 @@ from efficientnet_train.untrusted import LABEL_RULE, shown, shown_lines
 
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 from measure_decode_cost import decode_cost as measured_decode_cost, saved, scan_bomb  # noqa: E402
 
 
@@ -384,7 +384,7 @@ def test_scripts_empty_only_folders_they_made(tmp_path):
 
 
 def test_no_script_puts_a_shell_variable_into_python_source_or_unescaped_json():
-    for script in sorted((REPO / "scripts").glob("*.sh")):
+    for script in sorted([*(REPO / "scripts").glob("*.sh"), *(REPO / "benchmarks").glob("*.sh")]):
         text = script.read_text()
         for snippet in re.findall(r"""-c\s+"([^"]*)\"""", text):
             assert "$" not in snippet, (script.name, snippet)  # pass values as sys.argv instead

@@ -8,7 +8,7 @@ rate (after a 5-update warmup), with the job's layer-wise rates (layer_decay) an
 setting is OPT:LR[:CLIP], LR per batch of batch_size images (not per 256), CLIP the adaptive clipping
 factor (clip_mode=agc) or none:
 
-    python scripts/diagnose_update_stability.py /tmp/panel/digits30 sgd:0.0005 sgd:0.002:0.01 sgd:0.008:0.01
+    python benchmarks/diagnose_update_stability.py /tmp/panel/digits30 sgd:0.0005 sgd:0.002:0.01 sgd:0.008:0.01
 
 It prints how the first update's gradient compares with the weights, unit by unit, then each setting's
 per-update training losses and its validation top-1 and loss after the last update.

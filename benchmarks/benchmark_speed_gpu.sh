@@ -14,9 +14,9 @@
 #   graphs (a) under torch.compile's reduce-overhead mode (CUDA graphs), only when named: does replaying the
 #          step's kernels beat launching them one by one, and after how long compiling (4 min)
 #
-#   bash scripts/benchmark_speed_gpu.sh DATA_DIR OUT_DIR        # DATA_DIR holds train/ and val/ (hymenoptera)
-#   STEPS="loop job timm" TIMM_TRAIN=path/to/timm/train.py bash scripts/benchmark_speed_gpu.sh DATA_DIR OUT_DIR
-#   EXTRA="--quick" N=64 bash scripts/benchmark_speed_gpu.sh ...  # the same steps, tiny model and set: try it on a CPU
+#   bash benchmarks/benchmark_speed_gpu.sh DATA_DIR OUT_DIR        # DATA_DIR holds train/ and val/ (hymenoptera)
+#   STEPS="loop job timm" TIMM_TRAIN=path/to/timm/train.py bash benchmarks/benchmark_speed_gpu.sh DATA_DIR OUT_DIR
+#   EXTRA="--quick" N=64 bash benchmarks/benchmark_speed_gpu.sh ...  # the same steps, tiny model and set: try it on a CPU
 set -uo pipefail
 DATA=${1:?DATA_DIR holding train/ and val/}
 OUT=${2:?OUT_DIR for the logs and JSON files}

@@ -5,7 +5,7 @@ Each draw gives N images confidences from Beta(A, 1) (mean A / (A + 1): 6 gives 
 each answer right with exactly its confidence, and measures the job's own top-label ECE (calibration.py: 10
 equal-width bins).
 
-    python scripts/ece_noise_floor.py 57 153 240 500
+    python benchmarks/ece_noise_floor.py 57 153 240 500
 """
 
 from __future__ import annotations

@@ -8,9 +8,9 @@ top-label ECE). The job runs as a buyer would run it, at pure defaults: only mod
 anything after the options as key=value. The table also goes to --out; the jobs' logs and summary files stay in
 WORK/<set>/.
 
-    python scripts/benchmark_quality.py --sets digits30 --skip-job
-    python scripts/benchmark_quality.py --sets digits30 --epochs 3
-    python scripts/benchmark_quality.py --work /tmp/quality lr=0.004
+    python benchmarks/benchmark_quality.py --sets digits30 --skip-job
+    python benchmarks/benchmark_quality.py --sets digits30 --epochs 3
+    python benchmarks/benchmark_quality.py --work /tmp/quality lr=0.004
 """
 
 from __future__ import annotations

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import yaml
 
-from lite_weights import convert
+# The demo's builders of real weights and digit folders live with the demo, in scripts/: every benchmark imports
+# this module first, so this is the one place that finds them.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from lite_weights import convert  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 # The listing's example data set (ants and bees photos, from PyTorch's transfer-learning tutorial).

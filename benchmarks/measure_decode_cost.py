@@ -2,7 +2,7 @@
 `decode_image` (with the endpoint's limits) answered, the peak memory it added and the time it took,
 each in a fresh process. The table goes to docs/security.md.
 
-    python scripts/measure_decode_cost.py [--work DIR] [--only NAME,...]
+    python benchmarks/measure_decode_cost.py [--work DIR] [--only NAME,...]
 
 The cases: the ones an attack would pick (a progressive JPEG repeating one scan, progressive JPEGs whose
 full-size coefficient buffer dwarfs what they decode to, transparent and 16-bit images at the pixel cap)

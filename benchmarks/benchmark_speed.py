@@ -11,13 +11,13 @@
   timm, only when asked (--parts timm --timm-train PATH): timm's reference train.py on (c)'s images with the
       product's resolved settings, for (c) against it (on a CPU through a shim that only points it at the CPU)
 
-    python scripts/benchmark_speed.py                                   # efficientnet_b3, its own size, batch 32
-    python scripts/benchmark_speed.py --model tf_efficientnet_lite0 --img-size 224 --train-images 256 --epochs 1
-    python scripts/benchmark_speed.py --compile --json speed.json --hp aa=none --hp workers=4
-    python scripts/benchmark_speed.py --parts model --compile reduce-overhead   # CUDA graphs: less launching
-    python scripts/benchmark_speed.py --quick                           # tiny model, seconds (the test runs this)
-    python scripts/benchmark_speed.py --parts model,loop --train-images 4096   # on a GPU: what the loop loses
-    python scripts/benchmark_speed.py --parts job,timm --timm-train pytorch-image-models/train.py
+    python benchmarks/benchmark_speed.py                                   # efficientnet_b3, its own size, batch 32
+    python benchmarks/benchmark_speed.py --model tf_efficientnet_lite0 --img-size 224 --train-images 256 --epochs 1
+    python benchmarks/benchmark_speed.py --compile --json speed.json --hp aa=none --hp workers=4
+    python benchmarks/benchmark_speed.py --parts model --compile reduce-overhead   # CUDA graphs: less launching
+    python benchmarks/benchmark_speed.py --quick                           # tiny model, seconds (the test runs this)
+    python benchmarks/benchmark_speed.py --parts model,loop --train-images 4096   # on a GPU: what the loop loses
+    python benchmarks/benchmark_speed.py --parts job,timm --timm-train pytorch-image-models/train.py
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ probe (the package's own code, Lite0's ImageNet weights) and scores that head, w
 - the val set after one epoch of training-mode forward passes that only update BatchNorm's running
   averages: what epoch 1's validation would see if the weights had not moved at all.
 
-    python scripts/diagnose_probe_start.py /tmp/panel/digits30 img_size=64 hflip=0
-    python scripts/diagnose_probe_start.py /tmp/panel/hymenoptera
+    python benchmarks/diagnose_probe_start.py /tmp/panel/digits30 img_size=64 hflip=0
+    python benchmarks/diagnose_probe_start.py /tmp/panel/hymenoptera
 
 FOLDER holds train/ and val/ (or validation/) class folders; "loss" is the training loss (label smoothing
 included). Extra key=value pairs are the job's

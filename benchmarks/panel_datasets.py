@@ -1,8 +1,8 @@
 """Build the panel of small real-image data sets that defaults are judged on, as image folders
 `OUT_DIR/<set>/{train,val}/<class>/<image>.png`; every set is the same on every run (fixed seeds).
 
-    python scripts/panel_datasets.py /tmp/panel
-    python scripts/panel_datasets.py /tmp/panel --sets digits30,stamps
+    python benchmarks/panel_datasets.py /tmp/panel
+    python benchmarks/panel_datasets.py /tmp/panel --sets digits30,stamps
 
 The sets and where their images come from:
 
@@ -38,8 +38,8 @@ import numpy as np
 from PIL import Image
 
 import panel_debian_sets
-from digits_folders import load_digits, save_digits, write_digits
-from local_job import HYMENOPTERA, HYMENOPTERA_HOW
+from local_job import HYMENOPTERA, HYMENOPTERA_HOW  # first: it finds scripts/, where digits_folders lives
+from digits_folders import load_digits, save_digits, write_digits  # noqa: E402
 
 STAMPS = Path("/usr/share/tuxpaint/stamps")
 # Folders of Tux Paint's tree with 11 or more stamps, each a class with its sub-folders: a folder's cartoon/

@@ -3,10 +3,10 @@
 Each client thread keeps one connection and posts the same image back to back for the whole
 run; a separate thread asks /ping four times a second, to show it stays fast under load.
 
-    python scripts/load_test.py --base /tmp/serve-bench/opt_ml            # starts serve on that model
-    python scripts/load_test.py --url http://127.0.0.1:8080 --duration 10 # a server already running
-    SERVE_MAX_BATCH_SIZE=1 python scripts/load_test.py --base ...         # the server's settings pass through
-    python scripts/load_test.py --base ... --concurrency 0 --slow-clients 16 --idle-clients 100 --duration 10
+    python benchmarks/load_test.py --base /tmp/serve-bench/opt_ml            # starts serve on that model
+    python benchmarks/load_test.py --url http://127.0.0.1:8080 --duration 10 # a server already running
+    SERVE_MAX_BATCH_SIZE=1 python benchmarks/load_test.py --base ...         # the server's settings pass through
+    python benchmarks/load_test.py --base ... --concurrency 0 --slow-clients 16 --idle-clients 100 --duration 10
 
 --slow-clients holds that many connections that sent a request's headers and 2 of its 5,000 body bytes,
 --idle-clients that many that sent nothing, for each level: /ping must stay fast all the same.
