@@ -38,7 +38,7 @@ from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as train.py: nothing here may reach a hub
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the commands: nothing here may reach a hub
 
 import torch  # noqa: E402
 

@@ -3,10 +3,15 @@ signal's handler, `--help`)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
 from .stopping import STOP_SIGNALS, exit_now  # no torch: cheap, and there before a signal can arrive
+
+# Marketplace jobs and endpoints run without a network: weights come from the image or a channel, and a model file
+# never needs a hub. Set before anything imports timm (huggingface_hub reads it on import); the image sets it too.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def _usage(text: str) -> int | None:
@@ -57,6 +62,12 @@ def predict() -> int:
     from .predict import STOP, main
 
     STOP.install()  # from here on a stop ends it between batches, removing a half-written CSV
+    return main()
+
+
+def export_onnx() -> int:
+    from .export_onnx import main
+
     return main()
 
 

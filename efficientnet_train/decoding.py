@@ -1,11 +1,12 @@
 """Image bytes from outside to RGB pixels, bounded in time and memory before decoding starts.
 
 Every image a job or the endpoint reads comes through `decode_image`, and training's header check (`check_image`,
-for every file of a channel before the model is built) asks `decode_problem` the same question, so a file that would take seconds or gigabytes
-to decode is refused, with the reason, wherever it arrives. What decoding costs is known from the header
-for every format but one case: a progressive JPEG keeps a coefficient buffer of its full size even when it
-decodes at 1/8 scale, and walks every block of it once per scan, so a 555 KB file repeating one 120-byte
-scan 2,000 times costs a minute of one core. Its scans are counted and its buffer sized before decoding.
+for every file of a channel before the model is built) asks `decode_problem` the same question, so a file that
+would take seconds or gigabytes to decode is refused, with the reason, wherever it arrives. What decoding costs
+is known from the header for every format but one case: a progressive JPEG keeps a coefficient buffer of its full
+size even when it decodes at 1/8 scale, and walks every block of it once per scan, so a small file repeating one
+scan thousands of times costs a minute of one core (docs/security.md). Its scans are counted and its buffer sized
+before decoding.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
 # large: the same picture for a model that sees at most 1024 pixels, for a fraction of the time and memory.
 # Training and validation ask for less: just what their crops need (`data.decode_side`).
 DECODE_MIN_SIDE = 2048
-# A progressive JPEG's scans times the 8x8 blocks of its full size: each scan walks every block, 40-80 ns a
-# block on the 2-core CPU, so this is one to two seconds. Encoders write 6 to 12 scans: 12 scans of an
-# 89-megapixel (Pillow's limit) 4:2:0 photo are 25 million.
+# A progressive JPEG's scans times the 8x8 blocks of its full size: each scan walks every block, so this bounds
+# the decode to a second or two (docs/security.md). Encoders write 6 to 12 scans: 12 scans of an 89-megapixel
+# (Pillow's limit) 4:2:0 photo are 25 million.
 MAX_SCAN_BLOCKS = 30_000_000
 CHECK_THREADS = 32  # header reads wait on the disk, or on S3 under FastFile: many at once
 _ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,

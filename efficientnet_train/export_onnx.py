@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -120,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="the ONNX file (default: model.onnx in the current folder)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     options = parser.parse_args(argv)
-    os.environ["HF_HUB_OFFLINE"] = "1"  # as serve and predict: a model file never makes the job reach the network
     try:
         import onnxruntime  # noqa: F401 - the check needs it; say so before the export's time is spent
     except ImportError:
@@ -139,5 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m: as the installed command, offline and with its stop handling
+    from efficientnet_train.commands import export_onnx
+
+    sys.exit(export_onnx())

@@ -202,8 +202,7 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
     where all must stop at the same point."""
     classes = len(channel.classes)
     sample = probe_sample(channel.samples, classes, hp.seed)
-    measured = [sample[i] for i in probe_sample([channel.samples[i] for i in sample], classes, hp.seed,
-                                                MEASURED_IMAGES)]
+    scored = [sample[i] for i in probe_sample([channel.samples[i] for i in sample], classes, hp.seed, MEASURED_IMAGES)]
 
     def share_of(images: list[int], transform, side: int = decode_side(data_config, training=False), **batching):
         chosen = torch.utils.data.Subset(dataset_of(channel, transform, hp.max_unusable_fraction, workers, side),
@@ -220,22 +219,22 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
         stop_here(stop)
         with random_numbers_untouched(device):  # measuring must not change what training draws
             if kind == "batch_statistics":  # shuffled: a batch of one class has statistics no training batch has
-                return probe_top1(model, share_of(measured, eval_transform(data_config), shuffle=True), to_input,
+                return probe_top1(model, share_of(scored, eval_transform(data_config), shuffle=True), to_input,
                                   autocast, batch_statistics=True, stop=by_batch)
             if kind == "regularisation":
                 set_regularisation(model, view.drop, view.drop_connect)
                 try:
-                    return probe_top1(model, share_of(measured, eval_transform(data_config)), to_input, autocast,
+                    return probe_top1(model, share_of(scored, eval_transform(data_config)), to_input, autocast,
                                       dropout=True, stop=by_batch)
                 finally:
                     set_regularisation(model, recipe.drop, recipe.drop_connect)
             sized = training_size_config(data_config, view)
-            return probe_top1(model, share_of(measured, train_transform(sized, view.aa, view.hflip, view.crop_scale),
+            return probe_top1(model, share_of(scored, train_transform(sized, view.aa, view.hflip, view.crop_scale),
                                               decode_side(sized, True, view.crop_scale)),
                               ModelInput(sized, device, view.reprob, hp.remode), autocast, stop=by_batch)
 
     log.info("Linear probe: measuring which parts of the training recipe keep its answers, on %d of its images",
-             len(measured))
+             len(scored))
     return ProbeStart(fit, choose(hp, fit.top1, measure))
 
 

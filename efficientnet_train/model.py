@@ -22,8 +22,8 @@ log = logging.getLogger("efficientnet_train")
 
 CHECKPOINT_VERSION = 1
 # Convolutions run faster on images and weights stored channels-last, on a GPU (cuDNN, bf16 above all) and
-# on a CPU (oneDNN): the 2-core CPU trains tf_efficientnet_lite0 1.75x and efficientnet_b3 (160 px) 1.6x as
-# fast (README, Speed). Every model and input batch of training, validation and serving is kept in it.
+# on a CPU (oneDNN) (docs/benchmarks.md). Every model and input batch of training, validation and serving is kept
+# in it.
 MEMORY_FORMAT = torch.channels_last
 
 
@@ -252,7 +252,7 @@ def predict_log_probabilities(model: torch.nn.Module, images: torch.Tensor, mirr
     """Log class probabilities of a batch: the one definition of a prediction, for validation and serving.
 
     With `mirror`, each image's probabilities are averaged with its left-right mirror image's, which
-    training's random flips taught the model to see as the same picture (hymenoptera, Lite2: 96.7 -> 97.4%).
+    training's random flips taught the model to see as the same picture (docs/defaults.md has the gain).
     The temperature (fitted after training, 1 during it) calibrates them without changing any argmax.
     """
     if not mirror:

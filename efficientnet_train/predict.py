@@ -148,7 +148,6 @@ def write_atomically(path: Path, write):
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ["HF_HUB_OFFLINE"] = "1"
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         settings = ServingEnvironment.from_environ()
@@ -206,5 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if written else 1
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m: as the installed command, offline and with its stop handling
+    from efficientnet_train.commands import predict
+
+    sys.exit(predict())

@@ -5,8 +5,8 @@ training images under each part of the training recipe.
 After the probe the classifier sits at its optimum on features taken in evaluation mode from the evaluation view.
 Fine-tuning then trains on another view of the same images: BatchNorm on batch statistics, random crops, mirror
 images, RandAugment, random erasing, dropout and drop-connect. Where one of these makes the classifier answer
-wrongly, the first epoch's gradients come from wrong answers and undo what the probe found (digit scans: 91% at
-the probe, 69% after epoch 1). So each part is measured in turn, the probe's classifier scored on the part applied
+wrongly, the first epoch's gradients come from wrong answers and undo what the probe found (docs/quality.md). So
+each part is measured in turn, the probe's classifier scored on the part applied
 to a sample of its training images, and one rule picks each: **the strongest setting under which the classifier
 still answers nine in ten of the images it answers right** (KEEPS). Settings are tried strongest first; the
 gentlest is taken without a measurement. Each part is measured on top of the ones chosen before it, in the order
@@ -152,8 +152,8 @@ def _shown(value) -> str:
 
 
 def training_size_config(data_config: dict, recipe: Recipe) -> dict:
-    """`data_config` with the size this recipe trains at: the evaluation size with frozen BatchNorm (digits at 64 px
-    evaluated at 74: 87.8%, at 64: 96.4%), else the training size it has."""
+    """`data_config` with the size this recipe trains at: the evaluation size with frozen BatchNorm (its statistics
+    are the evaluation view's; docs/quality.md), else the training size it has."""
     if not recipe.freeze_batchnorm:
         return data_config
     return {**data_config, "train_input_size": list(data_config["input_size"])}

@@ -527,7 +527,6 @@ def gunicorn_options(settings: ServingEnvironment) -> dict:
 
 
 def main() -> int:
-    os.environ["HF_HUB_OFFLINE"] = "1"  # endpoints of Marketplace models have no network
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         settings = ServingEnvironment.from_environ()
@@ -561,5 +560,7 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m: as the installed command, offline and with its stop handling
+    from efficientnet_train.commands import serve
+
+    sys.exit(serve())

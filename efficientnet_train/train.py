@@ -67,7 +67,7 @@ class Session:
     device: torch.device
     autocast: object
     model: torch.nn.Module
-    trained: torch.nn.Module  # what the optimizer steps: the model, wrapped for DDP in a distributed job
+    stepped: torch.nn.Module  # what a training step runs: the model, wrapped for DDP in a distributed job
     ema: object
     scaler: object
     loss_fn: torch.nn.Module
@@ -116,9 +116,6 @@ class EpochTraining:
 
 
 def main() -> int:
-    # Marketplace jobs run without a network: weights come from the image or pretrained_path, never a
-    # hub. Set before anything imports timm (and with it huggingface_hub, which reads this on import).
-    os.environ["HF_HUB_OFFLINE"] = "1"
     logging.basicConfig(stream=sys.stdout, level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     startup = report.StartUp(process_started_at())
     startup.done("Python and imports")
@@ -316,8 +313,8 @@ def set_up(env: SageMakerEnvironment, job: Job, resuming: bool, rank: distribute
     autocast, amp_dtype = autocast_for(device)
     start = None if resuming else read_model_channel(env.channel_dir("model"))
     # At the strongest dropout and drop-connect the recipe may choose: the probe's measurements may lower them.
-    listing = recipe_for(hp)
-    model = create_model(hp.model, classes, hp.pretrained_path, listing.drop, listing.drop_connect,
+    strongest = recipe_for(hp)
+    model = create_model(hp.model, classes, hp.pretrained_path, strongest.drop, strongest.drop_connect,
                          start=start).to(device)
     job.startup.done(f"building the model on the {'GPU' if device.type == 'cuda' else 'CPU'}")
     data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
@@ -346,7 +343,7 @@ def set_up(env: SageMakerEnvironment, job: Job, resuming: bool, rank: distribute
     return Session(
         hp=hp, rank=rank, classes=classes, train_channel=train_channel, device=device, autocast=autocast, model=model,
         # Gradients averaged over all processes after each backward; parameters start as rank 0's.
-        trained=torch.nn.parallel.DistributedDataParallel(model) if rank.distributed else model,
+        stepped=torch.nn.parallel.DistributedDataParallel(model) if rank.distributed else model,
         ema=ema, scaler=scaler, loss_fn=loss_fn,
         probe_first=not resuming and (start is None or start[1]["labels"] != classes),
         resolved_data_config=data_config, workers=workers, val_data=val_data,
@@ -415,7 +412,7 @@ def train_epoch(s: Session, tuning: FineTuning, progress: Progress, stop: StopRe
                 startup: report.StartUp | None, rank: distributed.Rank) -> EpochTraining:
     """The rest of `progress.epoch`'s training; its candidates for the best model: the raw weights and the EMA."""
     started, seen_before = time.monotonic(), progress.seen
-    loss, data_wait = train_one_epoch(s.trained, tuning.train_loader, tuning.train_input, s.loss_fn, tuning.optimizer,
+    loss, data_wait = train_one_epoch(s.stepped, tuning.train_loader, tuning.train_input, s.loss_fn, tuning.optimizer,
                                       tuning.scheduler, s.ema, s.scaler, s.autocast, progress, stop, startup,
                                       s.slow_data, tuning.recipe.freeze_batchnorm, s.hp.clip_grad, s.hp.clip_mode)
     s.slow_data.check(data_wait, time.monotonic() - started, f"epoch {progress.epoch}'s training")
@@ -521,8 +518,8 @@ def finish(env: SageMakerEnvironment, args: dict, summary: list[dict], best: dic
     outputs.write_args(env.model_dir, args)
     classes = list(best["per_class"])
     log.info("Done in %s after %d epochs (%s). Best model: epoch %d, top-1 accuracy %.4f%% (%s weights), "
-             "saved to %s", report.duration(seconds), args["epochs_completed"], stop_reason, best["epoch"], best["top1"],
-             best["weights"], env.model_dir / outputs.BEST_MODEL_FILE)
+             "saved to %s", report.duration(seconds), args["epochs_completed"], stop_reason, best["epoch"],
+             best["top1"], best["weights"], env.model_dir / outputs.BEST_MODEL_FILE)
     calibration = best["calibration"]
     log.info("Calibration: the best model's log probabilities are divided by a temperature of %.4f fitted on the "
              "validation set (stored in the model, applied when serving): top-label ECE %.4f -> %.4f, "
@@ -540,5 +537,7 @@ def finish(env: SageMakerEnvironment, args: dict, summary: list[dict], best: dic
 
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # python -m: as the installed command, offline and with its stop handling
+    from efficientnet_train.commands import train
+
+    sys.exit(train())
