@@ -22,85 +22,23 @@ from . import distributed, hyperparameters, linear_probe, outputs, report
 from .calibration import calibrate
 from .checkpoints import (CHECKPOINT_NAME, Progress, check_resumable, load_latest_state, restore_training_state,
                           room_for_checkpoints, save_state, training_state)
-from .channels import (Channel, check_channels_differ, copies_across, scan_channel, warn_about_copies,
-                       warn_about_thin_classes)
-from .data import (ImageDataset, ModelInput, TrainBatches, dataset_of, decode_side, eval_transform,
-                   report_load_failures, resolve_data_config, train_transform)
-from .engine import Evaluation, data_loader, evaluate, seed_everything, train_one_epoch
+from .channels import check_channels_differ, copies_across, scan_channel, warn_about_copies, warn_about_thin_classes
+from .data import report_load_failures
+from .engine import Evaluation, evaluate, seed_everything, train_one_epoch
 from .errors import JobError
 from .failures import explained
 from .holdout import held_out_rows, hold_out
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
-from .model import autocast_for, checkpoint_of, create_model, pretrained_source, read_model_channel, save_checkpoint
-from .model import set_regularisation
-from .optimisation import class_weights, create_optimizer, create_schedule, early_stop_reason, training_tools
-from .recipe import Recipe, decisions, recipe_for, training_size_config
-from .resources import (SlowDataWarning, data_loading_workers_for, describe, fitted_batch_size, output_sizes,
-                        process_started_at, versions)
+from .model import checkpoint_of, pretrained_source, save_checkpoint
+from .optimisation import early_stop_reason
+from .recipe import Recipe, decisions, recipe_for
+from .resources import fitted_batch_size, output_sizes, process_started_at
 from .sagemaker import DEBUG_VARIABLE, SageMakerEnvironment
+from .session import FineTuning, Job, Session, fine_tuning, set_up, trainables
 from .stopping import Interrupted, StopRequest
 from .untrusted import shown, shown_lines
 
 log = logging.getLogger("efficientnet_train")
-
-
-@dataclass
-class Job:
-    """What `prepare` checked, once per host, before any training process starts."""
-    hp: object  # hyperparameters.parse's namespace; batch_size and pretrained_path as the job resolved them
-    ignored: list
-    train_channel: Channel
-    val_channel: Channel
-    held_out: list | None  # the rows of held_out_validation.csv, where val was held out of train
-    copies: list
-    resumed: tuple | None  # (path, state) of the newest checkpoint
-    startup: report.StartUp
-
-
-@dataclass
-class Session:
-    """What every epoch of one process uses, made once by `set_up`."""
-    hp: object
-    rank: distributed.Rank
-    classes: list
-    train_channel: Channel
-    device: torch.device
-    autocast: object
-    model: torch.nn.Module
-    stepped: torch.nn.Module  # what a training step runs: the model, wrapped for DDP in a distributed job
-    ema: object
-    scaler: object
-    loss_fn: torch.nn.Module
-    probe_first: bool  # a new head is fitted as a linear probe first; a previous job's head for these labels is kept
-    resolved_data_config: dict
-    workers: int
-    val_data: ImageDataset
-    val_loader: torch.utils.data.DataLoader
-    val_input: ModelInput
-    slow_data: SlowDataWarning
-    args: dict  # args.yml, filled in as the job learns more
-    title: str
-
-
-@dataclass(frozen=True)
-class FineTuning:
-    """What fine-tuning trains with under one recipe: the training images at its size and augmentation, the optimizer
-    and its schedule. Made again, before any update, when the probe's measurements change the recipe."""
-    recipe: Recipe
-    data_config: dict
-    train_data: ImageDataset
-    train_loader: torch.utils.data.DataLoader
-    train_input: ModelInput
-    eval_hflip: bool
-    lr: float
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    schedule_epoch: int
-
-    def record(self) -> dict:
-        return {**self.recipe.record(), "effective_lr": self.lr, "effective_eval_hflip": self.eval_hflip,
-                "data_config": self.data_config, "updates_per_epoch": len(self.train_loader),
-                "schedule_epoch_updates": self.schedule_epoch}
 
 
 @dataclass(frozen=True)
@@ -212,15 +150,7 @@ def run(env: SageMakerEnvironment, job: Job, rank: distributed.Rank = distribute
     progress, summary, best, stop_reason = resume(s, tuning, resumed, rank)
     del resumed
     if rank.is_main:
-        outputs.write_labels(env.model_dir, s.classes)
-        if job.held_out is not None:
-            outputs.write_held_out(env.model_dir, job.held_out)
-        outputs.write_args(env.model_dir, args)
-        if progress.epoch > 0:  # resumed after the probe: the recipe is the one it chose
-            log_settings(args)
-        if best.checkpoint is not None:  # a restarted spot job's model/ starts empty
-            save_checkpoint(env.model_dir / outputs.BEST_MODEL_FILE, best.checkpoint)
-        write_epoch_outputs(env.model_dir, summary, best.record, s.classes, s.title)
+        write_first_outputs(env.model_dir, job, s, progress, summary, best)
 
     def save_progress() -> Path | None:
         if not rank.is_main:
@@ -291,91 +221,24 @@ def run(env: SageMakerEnvironment, job: Job, rank: distributed.Rank = distribute
         finish(env, args, summary, best.record, stop_reason or "epochs done", time.monotonic() - started)
 
 
+def write_first_outputs(model_dir: Path, job: Job, s: Session, progress: Progress, summary: list[dict],
+                        best: "BestModel") -> None:
+    """model/ before the first epoch: the labels, the held-out images, the settings, and for a resumed job its best
+    model and records so far (a restarted spot job's model/ starts empty)."""
+    outputs.write_labels(model_dir, s.classes)
+    if job.held_out is not None:
+        outputs.write_held_out(model_dir, job.held_out)
+    outputs.write_args(model_dir, s.args)
+    if progress.epoch > 0:  # resumed after the probe: the recipe is the one it chose
+        log_settings(s.args)
+    if best.checkpoint is not None:
+        save_checkpoint(model_dir / outputs.BEST_MODEL_FILE, best.checkpoint)
+    write_epoch_outputs(model_dir, summary, best.record, s.classes, s.title)
+
+
 def log_settings(args: dict) -> None:
     text = yaml.safe_dump(report.capped(args), sort_keys=False, allow_unicode=True)
     log.info("Resolved settings (all of them in %s):\n%s", outputs.ARGS_FILE, shown_lines(text))
-
-
-def set_up(env: SageMakerEnvironment, job: Job, resuming: bool, rank: distributed.Rank) -> Session:
-    """Everything every epoch needs, made once: the device, the model, the validation data, the loss and the
-    weights' average, and the settings args.yml records."""
-    hp, train_channel, val_channel = job.hp, job.train_channel, job.val_channel
-    classes = train_channel.classes
-    if rank.distributed:
-        job.startup.done(f"starting training process {rank.rank + 1} of {rank.world_size}")
-    seed_everything(hp.seed + rank.rank)  # other dropout and augmentation in each process
-    device = torch.device("cuda", rank.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cpu" and rank.is_main:
-        log.warning("No GPU found (torch.cuda.is_available() is False): training on the CPU, many times slower. "
-                    "Choose a GPU instance type (ml.g5, ml.g6, ml.p3, ...) for more than a small test.")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed image sizes: cuDNN times its kernels once, keeps the fastest
-    autocast, amp_dtype = autocast_for(device)
-    start = None if resuming else read_model_channel(env.channel_dir("model"))
-    # At the strongest dropout and drop-connect the recipe may choose: the probe's measurements may lower them.
-    strongest = recipe_for(hp)
-    model = create_model(hp.model, classes, hp.pretrained_path, strongest.drop, strongest.drop_connect,
-                         start=start).to(device)
-    job.startup.done(f"building the model on the {'GPU' if device.type == 'cuda' else 'CPU'}")
-    data_config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
-    workers = data_loading_workers_for(hp, rank.per_host)
-    val_data = dataset_of(val_channel, eval_transform(data_config), hp.max_unusable_fraction, workers,
-                          decode_side(data_config, training=False))
-    # Every rank a different share, each image exactly once (no padding): the summed counts are the val set's.
-    val_share = torch.utils.data.Subset(val_data, range(rank.rank, len(val_data), rank.world_size))
-    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_channel) if hp.balance_classes else None,
-                                        label_smoothing=hp.smoothing).to(device)
-    ema, scaler = training_tools(model, hp, amp_dtype)
-    args = {**vars(hp),
-            "ignored_hyperparameters": job.ignored, "classes": classes, "num_classes": len(classes),
-            "global_batch_size": hp.batch_size * rank.world_size,
-            "checkpoint_dir": str(env.checkpoint_dir),
-            "processes": rank.world_size, "effective_workers": workers, "device": describe(device),
-            "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
-            "train_images": len(train_channel.samples), "val_images": len(val_channel.samples),
-            "train_images_per_class": train_channel.images_per_class(),
-            "val_images_per_class": val_channel.images_per_class(),
-            "skipped_files": {ch.name: ch.skipped_summary() for ch in (train_channel, val_channel)},
-            "val_held_out_of_train": job.held_out is not None,
-            "val_copies_of_train_images": {"count": len(job.copies), "first": [
-                {"val": v, "train": t} for v, t in job.copies[:20]]},
-            "training_job_name": env.training_job_name, "versions": versions()}
-    return Session(
-        hp=hp, rank=rank, classes=classes, train_channel=train_channel, device=device, autocast=autocast, model=model,
-        # Gradients averaged over all processes after each backward; parameters start as rank 0's.
-        stepped=torch.nn.parallel.DistributedDataParallel(model) if rank.distributed else model,
-        ema=ema, scaler=scaler, loss_fn=loss_fn,
-        probe_first=not resuming and (start is None or start[1]["labels"] != classes),
-        resolved_data_config=data_config, workers=workers, val_data=val_data,
-        val_loader=data_loader(val_share, workers, device, hp.seed + rank.rank, batch_size=hp.batch_size),
-        val_input=ModelInput(data_config, device),
-        slow_data=SlowDataWarning(workers, hp.workers, rank.per_host, device.type == "cuda", rank.is_main),
-        args=args, title=f"{hp.model} on {len(classes)} classes, {env.training_job_name or 'local run'}")
-
-
-def fine_tuning(s: Session, recipe: Recipe) -> FineTuning:
-    """What fine-tuning trains with under `recipe`; sets the model's dropout and drop-connect to the recipe's."""
-    hp, rank = s.hp, s.rank
-    data_config = training_size_config(s.resolved_data_config, recipe)
-    train_data = dataset_of(s.train_channel, train_transform(data_config, recipe.aa, recipe.hflip, recipe.crop_scale),
-                            hp.max_unusable_fraction, s.workers, decode_side(data_config, True, recipe.crop_scale))
-    train_loader = data_loader(train_data, s.workers, s.device, hp.seed + rank.rank,
-                               batch_sampler=TrainBatches(len(train_data), hp.batch_size, hp.seed, rank.world_size,
-                                                          rank.rank))
-    set_regularisation(s.model, recipe.drop, recipe.drop_connect)
-    lr = hyperparameters.scaled_lr(recipe.lr, hp.batch_size, rank.world_size)
-    optimizer = create_optimizer(s.model, hp, lr, recipe.opt)
-    scheduler, schedule_epoch = create_schedule(optimizer, hp, len(train_loader))
-    return FineTuning(recipe=recipe, data_config=data_config, train_data=train_data, train_loader=train_loader,
-                      train_input=ModelInput(data_config, s.device, recipe.reprob, hp.remode),
-                      # a model never shown mirror images can't be asked about them
-                      eval_hflip=hp.eval_hflip and recipe.hflip > 0,
-                      lr=lr, optimizer=optimizer, scheduler=scheduler, schedule_epoch=schedule_epoch)
-
-
-def trainables(s: Session, tuning: FineTuning) -> dict:
-    """What a checkpoint saves and a resumed job loads in place."""
-    return dict(model=s.model, ema=s.ema, scaler=s.scaler, optimizer=tuning.optimizer, scheduler=tuning.scheduler)
 
 
 def resume(s: Session, tuning: FineTuning, resumed: tuple | None, rank: distributed.Rank):

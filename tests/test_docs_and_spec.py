@@ -227,3 +227,16 @@ def test_the_readme_is_short_and_every_doc_says_who_it_is_for():
     for doc in sorted((REPO / "docs").glob("*.md")):
         first_paragraph = doc.read_text().split("\n\n")[1]
         assert first_paragraph.startswith("For "), doc.name
+
+
+def test_the_repository_map_names_every_module_and_script():
+    """docs/repository.md is where a newcomer starts: a room it does not list is a room nobody finds."""
+    text = (REPO / "docs" / "repository.md").read_text()
+    listed = set(re.findall(r"`([\w./-]+)`", text))
+    missing = [f"efficientnet_train/{p.name}" for p in (REPO / "efficientnet_train").glob("*.py")
+               if p.name != "__init__.py" and f"efficientnet_train/{p.name}" not in listed and p.name not in listed]
+    missing += [f"{folder}/{p.name}" for folder in ("scripts", "benchmarks") for p in (REPO / folder).iterdir()
+                if p.suffix in (".py", ".sh") and p.name not in listed and not p.name.startswith("aws_")]
+    assert not missing, f"docs/repository.md does not list {missing}"
+    readme = (REPO / "benchmarks" / "README.md").read_text()
+    assert not [p.name for p in (REPO / "benchmarks").iterdir() if p.suffix in (".py", ".sh") and p.name not in readme]
