@@ -29,8 +29,7 @@ from efficientnet_train import data, failures, hyperparameters, resources, train
 from efficientnet_train.channels import (Skip, check_channels_differ, copies_across, scan_channel,
                                          warn_about_copies, warn_about_thin_classes)
 from efficientnet_train.data import ImageDataset, UnusableData, dataset_of, report_load_failures
-from efficientnet_train.decoding import check_image
-from efficientnet_train.decoding import decode_image
+from efficientnet_train.decoding import check_image, decode_image
 from efficientnet_train.errors import JobError
 from efficientnet_train.metrics import metric_definitions
 

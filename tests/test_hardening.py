@@ -26,19 +26,16 @@ from conftest import write_files, write_images
 from efficientnet_train import checkpoints, hyperparameters, outputs, untrusted
 from efficientnet_train.checkpoints import REQUIRED_KEYS, load_latest_state
 from efficientnet_train.channels import Skip, scan_channel
-from efficientnet_train.decoding import check_image
-from efficientnet_train.decoding import UnreadableImage, decode_image
+from efficientnet_train.decoding import UnreadableImage, check_image, decode_image
 from efficientnet_train.errors import JobError
 from efficientnet_train.metrics import metric_definitions
 from efficientnet_train.model import archive_member, read_model_channel
 from efficientnet_train.sagemaker import SageMakerEnvironment
 from efficientnet_train.serve import HttpError, MicroBatcher
 from efficientnet_train.untrusted import LABEL_RULE, shown, shown_lines
-
+from measure_decode_cost import decode_cost as measured_decode_cost, saved, scan_bomb  # benchmarks/ (pythonpath)
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from measure_decode_cost import decode_cost as measured_decode_cost, saved, scan_bomb  # noqa: E402
 
 
 class Foreign:

@@ -27,7 +27,6 @@ from botocore.response import StreamingBody
 from botocore.stub import Stubber
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
 os.environ.setdefault("SAGEMAKER_SUPPRESS_V2_WARNING", "1")
 
 import aws_deploy  # noqa: E402

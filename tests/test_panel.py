@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "benchmarks"))
+from panel_datasets import build, counts  # benchmarks/, on pytest's pythonpath
 
-from panel_datasets import build, counts  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_digits_sets_have_their_sizes_and_are_the_same_every_time(tmp_path):

@@ -228,7 +228,6 @@ def test_a_normal_image_beside_the_costliest_accepted_one_is_answered_within_sec
     normal one beside it; a bomb beyond the limit is refused at once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from measure_decode_cost import scan_bomb
 
     at_the_limit = scan_bomb(4096, 108)  # 114 scans of 262,144 blocks: 29.9 million, under the 30 million
