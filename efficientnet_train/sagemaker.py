@@ -162,6 +162,27 @@ class SageMakerEnvironment:
         """Where the processes of a distributed job meet, on the first host; torchrun's name and default."""
         return _positive_int(self.environ, "MASTER_PORT", 29500)
 
+    def input_mode(self, channel: str) -> str:
+        """How SageMaker gives the channel: "File" (a folder; also FastFile's), or "Pipe" (a FIFO a pass)."""
+        path = self.base_dir / "input" / "config" / "inputdataconfig.json"
+        if not path.exists():
+            return "File"
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+            mode = (config.get(channel) or {}).get("TrainingInputMode", "File")
+        except (ValueError, AttributeError) as exc:
+            raise JobError(f"{path} is not SageMaker's input data config ({type(exc).__name__}: {exc}).") from exc
+        return "Pipe" if mode == "Pipe" else "File"
+
+    def pipe(self, channel: str) -> Path:
+        """The FIFO of a Pipe-mode channel's first pass; a job that reads it once opens no other."""
+        return self.base_dir / "input" / "data" / f"{channel}_0"
+
+    def spool_dir(self, channel: str) -> Path:
+        """Where a Pipe-mode channel's images are written once, to train from with random access: on the training
+        volume (VolumeSizeInGB), beside the channels."""
+        return self.base_dir / "input" / "spool" / channel
+
     def channel_dir(self, name: str) -> Path:
         override = self.environ.get(f"SM_CHANNEL_{name.upper()}")
         return Path(override) if override else self.base_dir / "input" / "data" / name

@@ -27,10 +27,15 @@ TRAINING_INSTANCE_TYPES = ["ml.p3.2xlarge", "ml.p3.8xlarge", "ml.p3.16xlarge", "
                            "ml.g5.xlarge", "ml.g5.2xlarge", "ml.g5.12xlarge", "ml.m5.2xlarge", "ml.c5.4xlarge"]
 
 
-def _channel(name: str, description: str, required: bool = True, content_types=IMAGE_CONTENT_TYPES) -> dict:
+# A Ground Truth augmented manifest, streamed in Pipe mode with RecordWrapperType RecordIO (manifests.py).
+RECORDIO_CONTENT_TYPE = "application/x-recordio"
+
+
+def _channel(name: str, description: str, required: bool = True, content_types=IMAGE_CONTENT_TYPES,
+             pipe: bool = False) -> dict:
     return {"Name": name, "Description": description, "IsRequired": required,
-            "SupportedContentTypes": content_types, "SupportedCompressionTypes": ["None"],
-            "SupportedInputModes": ["File", "FastFile"]}
+            "SupportedContentTypes": content_types + ([RECORDIO_CONTENT_TYPE] if pipe else []),
+            "SupportedCompressionTypes": ["None"], "SupportedInputModes": ["File", "FastFile"] + (["Pipe"] * pipe)}
 
 
 def algorithm_spec() -> dict:
@@ -45,10 +50,13 @@ def algorithm_spec() -> dict:
             "SupportsDistributedTraining": True,  # one process per GPU of every instance: distributed.py
             "MetricDefinitions": metric_definitions(),
             "TrainingChannels": [
-                _channel("train", "Training images: train/<label>/<image>. The folder names are the labels."),
+                _channel("train", "Training images: train/<label>/<image>, the folder names the labels; or in Pipe "
+                                  "mode a Ground Truth image classification manifest (AttributeNames source-ref, "
+                                  "LABEL, LABEL-metadata; RecordIO).", pipe=True),
                 _channel("val", "Optional validation images: val/<label>/<image>, with labels that are also in "
-                                "train. Without it the job holds out val_fraction of each class of train.",
-                         required=False),
+                                "train, or a Ground Truth manifest as for train. Without it the job holds out "
+                                "val_fraction of each class of train.",
+                         required=False, pipe=True),
                 _channel("model", "Optional: a previous job's model.tar.gz to continue training from "
                                   "(incremental training); a changed label set gets a new classifier head.",
                          required=False, content_types=["application/x-tar", "application/gzip"]),

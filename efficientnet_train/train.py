@@ -28,6 +28,7 @@ from .engine import Evaluation, evaluate, seed_everything, train_one_epoch
 from .errors import JobError
 from .failures import explained
 from .holdout import held_out_rows, hold_out
+from .manifests import images_folder
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
 from .model import checkpoint_of, pretrained_source, save_checkpoint
 from .optimisation import early_stop_reason
@@ -88,15 +89,15 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
     if from_channel != hp.pretrained_path:
         hp.pretrained_path = from_channel  # args.yml says so
         log.info("Starting from the 'pretrained' channel's weights: %s", shown(from_channel, 300))
-    train_channel = scan_channel("train", env.channel_dir("train"), max_unusable_fraction=hp.max_unusable_fraction)
+    train_channel = scan_channel("train", images_folder(env, "train"), max_unusable_fraction=hp.max_unusable_fraction)
     log.info(train_channel.inventory())
     classes = train_channel.classes
     if len(classes) < 2:
         raise JobError(f"The 'train' channel has one class ({classes[0]}); a classifier needs at least two. "
                        f"Add a folder of images for each other label to {train_channel.root}.")
     held_out = None
-    if env.channel_dir("val").exists():
-        val_channel = scan_channel("val", env.channel_dir("val"), classes=classes,
+    if env.channel_dir("val").exists() or env.input_mode("val") == "Pipe":
+        val_channel = scan_channel("val", images_folder(env, "val"), classes=classes,
                                    max_unusable_fraction=hp.max_unusable_fraction)
         log.info(val_channel.inventory())
     else:

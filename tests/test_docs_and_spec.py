@@ -147,8 +147,8 @@ def test_spec_is_consistent_where_the_service_model_cannot_say():
     channels = {c["Name"]: c for c in training["TrainingChannels"]}
     for name, required in (("train", True), ("val", False)):  # without val the job holds images out of train
         assert channels[name]["IsRequired"] is required
-        assert set(channels[name]["SupportedInputModes"]) == {"File", "FastFile"}
-        assert "image/jpeg" in channels[name]["SupportedContentTypes"]
+        assert set(channels[name]["SupportedInputModes"]) == {"File", "FastFile", "Pipe"}  # Pipe: Ground Truth
+        assert {"image/jpeg", "application/x-recordio"} <= set(channels[name]["SupportedContentTypes"])
 
 
 def test_validation_profile_fits_the_algorithm_it_validates():

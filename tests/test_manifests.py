@@ -1,0 +1,142 @@
+"""Ground Truth manifests streamed in Pipe mode: RecordIO records through a FIFO, as SageMaker writes them."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import COLOURS, make_job, read_summary, run_train
+from efficientnet_train.errors import JobError
+from efficientnet_train.manifests import RECORDIO_MAGIC, records, spool
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 20  # only its signature matters to the spool
+
+
+def recordio(*payloads: bytes, split_at_magic: bool = True) -> bytes:
+    """MXNet RecordIO as dmlc writes it: a record whose data holds the magic number is split there, with
+    continuation flags 1 (first), 2 (middle), 3 (last); each part padded to 4 bytes."""
+    magic = struct.pack("<I", RECORDIO_MAGIC)
+    out = b""
+    for payload in payloads:
+        parts = payload.split(magic) if split_at_magic else [payload]
+        for index, part in enumerate(parts):
+            flag = 0 if len(parts) == 1 else 1 if index == 0 else 3 if index == len(parts) - 1 else 2
+            out += magic + struct.pack("<I", (flag << 29) | len(part)) + part + b"\x00" * (-len(part) % 4)
+    return out
+
+
+def ground_truth(images: list[tuple[bytes, int, str]], metadata: bool = True) -> bytes:
+    """The stream of a single-label image classification job's output manifest with AttributeNames
+    ["source-ref", "animal"(, "animal-metadata")]: the image's bytes, its class index, its metadata."""
+    payloads = []
+    for data, index, name in images:
+        payloads += [data, json.dumps(index).encode()]
+        if metadata:
+            payloads.append(json.dumps({"class-name": name, "confidence": 0.95,
+                                        "type": "groundtruth/image-classification", "job-name": "labeling-job/animals",
+                                        "human-annotated": "yes",
+                                        "creation-date": "2026-11-30T10:00:00.000000"}).encode())
+    return recordio(*payloads)
+
+
+def test_records_are_read_whole_across_padding_and_continuations():
+    magic = struct.pack("<I", RECORDIO_MAGIC)
+    payloads = [b"a", b"", b"four", b"x" * 7 + magic + b"y" + magic + b"z", magic]
+    assert list(records(io.BytesIO(recordio(*payloads)), "test")) == payloads
+
+
+@pytest.mark.parametrize("stream, reason", [
+    (b"\x00" * 8, "does not start with RecordIO's magic number"),
+    (recordio(b"abcdef")[:-4], "ended in the middle of a record"),
+])
+def test_a_stream_that_is_not_recordio_says_so(stream, reason):
+    with pytest.raises(JobError, match=reason):
+        list(records(io.BytesIO(stream), "test"))
+
+
+def test_a_single_label_stream_is_spooled_into_class_folders_named_by_its_metadata(tmp_path):
+    counts = spool(io.BytesIO(ground_truth([(PNG, 1, "bees"), (PNG, 0, "ants"), (PNG, 1, "bees")])), "test", tmp_path)
+    assert counts == {"ants": 1, "bees": 2}
+    assert sorted(p.name for p in (tmp_path / "bees").iterdir()) == ["00000001.png", "00000003.png"]
+
+
+def test_without_metadata_the_classes_are_named_by_their_indices(tmp_path, caplog):
+    assert spool(io.BytesIO(ground_truth([(PNG, 1, ""), (PNG, 0, "")], metadata=False)), "test", tmp_path) == \
+        {"0": 1, "1": 1}
+    assert "Add the label attribute's '-metadata' to AttributeNames" in caplog.text
+
+
+@pytest.mark.parametrize("stream, reason", [
+    (recordio(PNG, b"[0, 2]"), "is a list of classes"),  # a multi-label job's output
+    (recordio(PNG, PNG, b"0"), "has no label record after it"),
+    (recordio(b"0", PNG), "where an image \\(the bytes of source-ref\\) was expected"),
+    (recordio(PNG), "the last image \\(record 1\\) has no label record"),
+    (recordio(PNG, b"\"cat\""), "not a class index"),
+    (recordio(b"GIF88\x00\xff\xfe"), "neither an image this job reads"),
+    (ground_truth([(PNG, 0, "../escape")]), "cannot be a class name"),
+    (ground_truth([(PNG, 0, "ants"), (PNG, 0, "bees")]), "earlier records 'ants'"),
+    (ground_truth([(PNG, 0, "ants"), (PNG, 1, "ants")]), "two class indices are both named"),
+    (recordio(), "held no images"),
+])
+def test_a_stream_that_is_no_single_label_manifest_fails_with_the_record_and_the_fix(tmp_path, stream, reason):
+    with pytest.raises(JobError, match=reason) as info:
+        spool(io.BytesIO(stream), "the 'train' channel", tmp_path / "spool")
+    assert "the 'train' channel" in str(info.value)
+
+
+def stream_into_fifo(path: Path, data: bytes) -> threading.Thread:
+    """SageMaker's side of Pipe mode: the channel's FIFO, written as soon as the job opens it."""
+    os.mkfifo(path)
+
+    def write() -> None:
+        with open(path, "wb") as fifo:  # blocks until the job opens its end
+            fifo.write(data)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_ground_truth_manifest_streamed_in_pipe_mode_trains_as_the_same_images_in_folders(tmp_path,
+                                                                                             tiny_hyperparameters):
+    folders = make_job(tmp_path / "folders", tiny_hyperparameters)
+    assert run_train(folders).returncode == 0
+    piped = make_job(tmp_path / "piped", tiny_hyperparameters, with_data=False)
+    classes = sorted(COLOURS)
+    config = {channel: {"TrainingInputMode": "Pipe", "RecordWrapperType": "RecordIO",
+                        "ContentType": "application/x-recordio", "S3DistributionType": "FullyReplicated"}
+              for channel in ("train", "val")}
+    (piped / "input" / "config" / "inputdataconfig.json").write_text(json.dumps(config))
+    (piped / "input" / "data").mkdir(parents=True)
+    writers = []
+    for channel in ("train", "val"):  # manifest order: each class's images in their folder's order
+        images = [(path.read_bytes(), index, name) for index, name in enumerate(classes)
+                  for path in sorted((folders / "input" / "data" / channel / name).iterdir())]
+        writers.append(stream_into_fifo(piped / "input" / "data" / f"{channel}_0", ground_truth(images)))
+    result = run_train(piped)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "images of 3 classes spooled to" in result.stdout
+    assert json.loads((piped / "model" / "labels.json").read_text()) == \
+        json.loads((folders / "model" / "labels.json").read_text())
+    assert read_summary(piped / "model") == read_summary(folders / "model")  # bit for bit on the CPU
+    for writer in writers:
+        writer.join(timeout=10)
+
+
+def test_a_spool_folder_holding_someone_elses_files_is_left_alone(tmp_path, tiny_hyperparameters):
+    base = make_job(tmp_path, tiny_hyperparameters, with_data=False)
+    config = base / "input" / "config" / "inputdataconfig.json"
+    config.write_text(json.dumps({"train": {"TrainingInputMode": "Pipe"}}))
+    theirs = base / "input" / "spool" / "train" / "notes.txt"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_text("mine")
+    result = run_train(base)
+    assert result.returncode == 1 and "already holds files this job did not write" in result.stdout
+    assert theirs.read_text() == "mine"
+
