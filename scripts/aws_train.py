@@ -41,6 +41,10 @@ def parse_args(argv):
     parser.add_argument("--pretrained", help="S3 key of one timm weights file to start from (the 'pretrained' "
                                              "channel), for a model whose weights the image lacks")
     parser.add_argument("--model", help="optional S3 URI of a previous job's model.tar.gz (the 'model' channel)")
+    parser.add_argument("--label-attribute", metavar="LABEL",
+                        help="--train and --val are SageMaker Ground Truth output manifests (output.manifest) of an "
+                             "image classification labelling job whose label attribute is LABEL: streamed in Pipe "
+                             "mode (source-ref, LABEL, LABEL-metadata), no copying into folders")
     parser.add_argument("--output", required=True, help="S3 prefix for the job's model and checkpoints")
     parser.add_argument("--instance-type", default=aws_kit.DEFAULT_TRAINING_INSTANCE)
     parser.add_argument("--instance-count", type=int, default=1,
@@ -100,9 +104,18 @@ def inputs(args) -> dict:
 
     # The input mode goes on each channel: the SDK's AlgorithmEstimator refuses an estimator-wide FastFile.
     mode = None if args.input_mode == "File" else args.input_mode
-    channels = {"train": TrainingInput(args.train, input_mode=mode)}
+
+    def images(uri: str) -> TrainingInput:
+        if not args.label_attribute:
+            return TrainingInput(uri, input_mode=mode)
+        # A Ground Truth manifest: SageMaker streams each line's image, label and metadata as RecordIO records.
+        return TrainingInput(uri, s3_data_type="AugmentedManifestFile", input_mode="Pipe", record_wrapping="RecordIO",
+                             content_type="application/x-recordio", attribute_names=[
+                                 "source-ref", args.label_attribute, f"{args.label_attribute}-metadata"])
+
+    channels = {"train": images(args.train)}
     if args.val:
-        channels["val"] = TrainingInput(args.val, input_mode=mode)
+        channels["val"] = images(args.val)
     if args.model:
         channels["model"] = TrainingInput(args.model)
     if args.pretrained:

@@ -204,6 +204,19 @@ def test_train_on_the_image_sends_spot_checkpoints_metrics_and_both_channels(cap
     assert "Training job: j1" in capsys.readouterr().out
 
 
+def test_train_from_ground_truth_manifests_streams_them_in_pipe_mode():
+    with FakeAWS() as aws:
+        aws.answer("create_training_job", {"TrainingJobArn": f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:training-job/j3"})
+        aws_train.main(["--image-uri", IMAGE, "--role", ROLE, "--train", f"{S3}/gt/output.manifest", "--output", OUTPUT,
+                        "--job-name", "j3", "--label-attribute", "animal"], session=aws.session)
+    train = channels(aws.request("CreateTrainingJob"))["train"]
+    assert train["InputMode"] == "Pipe" and train["RecordWrapperType"] == "RecordIO"
+    assert train["ContentType"] == "application/x-recordio"
+    source = train["DataSource"]["S3DataSource"]
+    assert source["S3DataType"] == "AugmentedManifestFile" and source["S3Uri"] == f"{S3}/gt/output.manifest"
+    assert source["AttributeNames"] == ["source-ref", "animal", "animal-metadata"]
+
+
 def test_train_on_a_marketplace_subscription_uses_the_algorithm_and_its_defaults():
     with FakeAWS() as aws:
         aws.answer("describe_algorithm", described_algorithm())
