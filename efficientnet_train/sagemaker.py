@@ -50,6 +50,8 @@ reads:
   input/data/val/<label>/<image>       validation images ($SM_CHANNEL_VAL); without them, val_fraction of train
   input/data/model/                    optional: a previous job's model.tar.gz, to continue ($SM_CHANNEL_MODEL)
   input/data/pretrained/               optional: one timm weights file to start from ($SM_CHANNEL_PRETRAINED)
+  input/data/train_0, val_0            in Pipe mode (input/config/inputdataconfig.json): a Ground Truth manifest
+                                       streamed as RecordIO (source-ref, label, metadata), spooled to input/spool/
   input/config/checkpointconfig.json   where checkpoints go (else checkpoints/); a restart resumes from them
   input/config/resourceconfig.json     the instances of a multi-instance job
 
@@ -64,7 +66,8 @@ writes:
 environment: SAGEMAKER_BASE_DIR, SM_CHANNEL_<NAME>, TRAINING_JOB_NAME, MASTER_PORT (29500),
   TRAIN_PEER_TIMEOUT_S (600), {DEBUG_VARIABLE}=1 (print the traceback of a user error too)
 
-exit status: 0 trained, or stopped by SIGTERM (a checkpoint is saved: run again to resume); 1 failed."""
+exit status: 0 trained, or stopped by SIGTERM or Ctrl-C (a checkpoint is saved: run again to resume); 130 after a
+  second Ctrl-C (stopped at once, nothing more saved); 1 failed."""
 
 SERVE_USAGE = f"""usage: serve [-h | --version]
 
@@ -82,7 +85,7 @@ environment: SAGEMAKER_BASE_DIR, SAGEMAKER_BIND_TO_PORT (8080), SAGEMAKER_BATCH 
   SAGEMAKER_MAX_PAYLOAD_IN_MB (6), SAGEMAKER_MODEL_SERVER_WORKERS (1), SERVE_THREADS (16), SERVE_TOP_K (5),
   SERVE_MAX_BATCH_SIZE (32)
 
-exit status: 0 after SIGTERM (requests in flight are finished); 1 when the model cannot be loaded."""
+exit status: 0 after SIGTERM or Ctrl-C (requests in flight are finished); 1 when the model cannot be loaded."""
 
 
 @dataclass(frozen=True)
