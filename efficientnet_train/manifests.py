@@ -10,6 +10,7 @@ names the index. So an image is one record followed by its label's and, optional
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -204,6 +205,14 @@ def images_folder(env: SageMakerEnvironment, channel: str) -> Path:
     (target / SPOOL_MARK).touch()
     where = f"the '{channel}' channel (Pipe mode, {env.pipe(channel)})"
     log.info("Reading %s into %s", where, target)
-    with open(env.pipe(channel), "rb") as stream:
-        spool(stream, where, target)
+    try:
+        with open(env.pipe(channel), "rb") as stream:
+            spool(stream, where, target)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise JobError(f"The training volume filled up while {where} was spooled to {target}: the images need "
+                       f"the room of the data set itself. Give the job more storage: a larger VolumeSizeInGB "
+                       f"(volume_size in the SDK) on instance types with EBS volumes (ml.p3, ml.c5, ml.m5), a larger "
+                       f"instance size on those with fixed NVMe storage (ml.g4dn, ml.g5, ml.p3dn, ml.p4d).") from exc
     return target

@@ -140,3 +140,23 @@ def test_a_spool_folder_holding_someone_elses_files_is_left_alone(tmp_path, tiny
     assert result.returncode == 1 and "already holds files this job did not write" in result.stdout
     assert theirs.read_text() == "mine"
 
+
+
+def test_a_full_volume_while_spooling_names_the_channel_and_the_fix(tmp_path, monkeypatch):
+    from efficientnet_train import manifests
+    from efficientnet_train.sagemaker import SageMakerEnvironment
+
+    base = tmp_path / "opt_ml"
+    (base / "input" / "config").mkdir(parents=True)
+    config = {"train": {"TrainingInputMode": "Pipe"}}
+    (base / "input" / "config" / "inputdataconfig.json").write_text(json.dumps(config))
+    (base / "input" / "data").mkdir()
+    (base / "input" / "data" / "train_0").write_bytes(ground_truth([(PNG, 0, "ants")]))  # a file stands in for the FIFO
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(JobError, match="The training volume filled up while the 'train' channel") as info:
+        manifests.images_folder(SageMakerEnvironment(base), "train")
+    assert "VolumeSizeInGB" in str(info.value)
