@@ -90,24 +90,26 @@ def spool(stream: BinaryIO, where: str, target: Path) -> dict[str, int]:
     names: dict[int, str] = {}
     counts: dict[int, int] = {}
     started = said = time.monotonic()
-    pending: bytes | None = None  # an image waiting for its label
+    images = 0
+    pending: tuple[bytes, str] | None = None  # an image waiting for its label, and its file name suffix
     labelled: int | None = None  # the class of the image just labelled, whose metadata may come next
     number = 0
     for number, data in enumerate(records(stream, where), 1):
         suffix = image_suffix(data)
         if suffix is not None:
             if pending is not None:
-                raise JobError(f"{where}: image {sum(counts.values()) + 1} (record {number - 1}) has no label record "
-                               f"after it; {ATTRIBUTES_HOW}.")
-            pending, labelled = data, None
+                raise JobError(f"{where}: image {images + 1} (record {number - 1}) has no label record after it; "
+                               f"{ATTRIBUTES_HOW}.")
+            pending, labelled = (data, suffix), None
             continue
         value = _json(data, where, number)
         if pending is not None:  # the label of the image before it
-            labelled = _class_index(value, where, number, sum(counts.values()) + 1)
+            labelled = _class_index(value, where, number, images + 1)
             counts[labelled] = counts.get(labelled, 0) + 1
+            images += 1
             folder = target / f".class-{labelled}"  # named when the stream has said every class's name
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{sum(counts.values()):08d}{image_suffix(pending)}").write_bytes(pending)
+            (folder / f"{images:08d}{pending[1]}").write_bytes(pending[0])
             pending = None
         elif labelled is not None and isinstance(value, dict) and "class-name" in value:  # the label's metadata
             _name_class(names, labelled, value["class-name"], where, number)
@@ -117,7 +119,7 @@ def spool(stream: BinaryIO, where: str, target: Path) -> dict[str, int]:
                            f"source-ref) was expected; {ATTRIBUTES_HOW}.")
         if time.monotonic() - said >= PROGRESS_EVERY_S:
             said = time.monotonic()
-            log.info("%s: %d images spooled in %.0f s", where, sum(counts.values()), said - started)
+            log.info("%s: %d images spooled in %.0f s", where, images, said - started)
     if pending is not None:
         raise JobError(f"{where}: the last image (record {number}) has no label record after it; {ATTRIBUTES_HOW}.")
     if not counts:
@@ -135,7 +137,7 @@ def spool(stream: BinaryIO, where: str, target: Path) -> dict[str, int]:
         name = names.get(index, str(index))
         (target / f".class-{index}").rename(target / name)
         spooled[name] = counts[index]
-    log.info("%s: %d images of %d classes spooled to %s in %.0f s", where, sum(counts.values()), len(counts), target,
+    log.info("%s: %d images of %d classes spooled to %s in %.0f s", where, images, len(counts), target,
              time.monotonic() - started)
     return spooled
 
