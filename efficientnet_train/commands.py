@@ -48,8 +48,7 @@ def train() -> int:
     # StopTrainingJob (or spot interruption) during the imports or the data scan, minutes for a large data set,
     # went unheard until training began, or until SIGKILL 120 s later. Nothing is written before training starts,
     # so stopping then is immediate; training installs its own handler, which saves a checkpoint first.
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _stop_during_start_up)
+    _install(_stop_during_start_up)
     from .train import main
 
     return main()
@@ -57,8 +56,7 @@ def train() -> int:
 
 def predict() -> int:
     # Before the imports, as for train: a Ctrl-C while torch loads ends the command with a line, not a traceback.
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _stop_before_predicting)
+    _install(_stop_before_predicting)
     from .predict import STOP, main
 
     STOP.install()  # from here on a stop ends it between batches, removing a half-written CSV
@@ -77,20 +75,28 @@ def serve() -> int:
     asked = _usage(SERVE_USAGE)
     if asked is not None:
         return asked
-    for signum in STOP_SIGNALS:  # until gunicorn installs its own, which stop the workers gracefully
-        signal.signal(signum, _stop_before_serving)
+    _install(_stop_before_serving)  # until gunicorn installs its own, which stop the workers gracefully
     from .serve import main
 
     return main()
 
 
-def _stop_during_start_up(signum: int, _frame) -> None:
-    exit_now(f"Stopped by {signal.Signals(signum).name} during start-up, before training began: nothing to save.", 0)
+def _stopping_at_once(then: str, exit_code, stream=None):
+    """A handler for a command's start-up, before it installs its own: a stop ends the process at once, saying
+    "Stopped by SIGNAL " + `then`, with `exit_code(signum)`."""
+    def stop(signum: int, _frame) -> None:
+        exit_now(f"Stopped by {signal.Signals(signum).name} {then}", exit_code(signum), stream)
+
+    return stop
 
 
-def _stop_before_predicting(signum: int, _frame) -> None:
-    exit_now(f"Stopped by {signal.Signals(signum).name} before any image was read: nothing written.", 128 + signum)
+def _install(handler) -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
 
 
-def _stop_before_serving(signum: int, _frame) -> None:
-    exit_now(f"Stopped by {signal.Signals(signum).name} while starting, before serving.", 0)
+_stop_during_start_up = _stopping_at_once("during start-up, before training began: nothing to save.", lambda _: 0)
+# predict's standard output may be its CSV (-o -): the message goes with its log, to standard error.
+_stop_before_predicting = _stopping_at_once("before any image was read: nothing written.", lambda signum: 128 + signum,
+                                            stream=sys.stderr)
+_stop_before_serving = _stopping_at_once("while starting, before serving.", lambda _: 0)

@@ -72,14 +72,16 @@ def ignore_stop_signals(_worker_id: int | None = None) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def exit_now(message: str, code: int) -> None:
-    """Write `message` and end the process here and now. Not by raising: a handler runs wherever the main thread is,
-    which may be Python called back from a C++ extension, where an exception becomes std::terminate and SIGABRT."""
+def exit_now(message: str, code: int, stream=None) -> None:
+    """Write `message` to `stream` (standard output, the log, unless said) and end the process here and now. Not by
+    raising: a handler runs wherever the main thread is, which may be Python called back from a C++ extension, where
+    an exception becomes std::terminate and SIGABRT."""
+    stream = stream or sys.stdout
     try:
-        sys.stdout.flush()  # the log lines so far; may be refused if the signal landed inside a write
+        stream.flush()  # the lines so far; may be refused if the signal landed inside a write
     except BaseException:  # noqa: BLE001 - a reentrant write: those lines are lost, the message below is not
         pass
-    os.write(sys.stdout.fileno(), f"{message}\n".encode())
+    os.write(stream.fileno(), f"{message}\n".encode())
     os._exit(code)
 
 
