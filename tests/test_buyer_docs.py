@@ -208,6 +208,15 @@ def check_transform(job: dict, model: dict):
     assert job["TransformResources"]["InstanceType"] in INFERENCE["SupportedTransformInstanceTypes"]
 
 
+def answer_packaged_model(aws, package: str, model: str) -> None:
+    """The SDK's way from a training job of an algorithm to a model: the job's model location, a model package
+    (waited for, then looked up twice), a model."""
+    aws.answer("describe_training_job", described_job())
+    aws.answer("create_model_package", {"ModelPackageArn": f"{ARN}:model-package/{package}"})
+    for _ in range(3):
+        aws.answer("describe_model_package", described_package())
+    aws.answer("create_model", {"ModelArn": f"{ARN}:model/{model}"})
+
 
 def test_the_sdk_program_trains_deploys_classifies_and_transforms(aws, capsys):
     aws.answer("describe_algorithm", {**described_algorithm(), "ProductId": PRODUCT})  # a subscription
@@ -215,12 +224,7 @@ def test_the_sdk_program_trains_deploys_classifies_and_transforms(aws, capsys):
     aws.answer("describe_training_job", described_job())  # fit() waits, then prints the log
     aws.answer_logs("describe_log_streams", {"logStreams": []})
     aws.answer("describe_training_job", described_job())  # est.model_data
-    # deploy(): the model's location, a model package (waited for, looked up twice), a model, the endpoint
-    aws.answer("describe_training_job", described_job())
-    aws.answer("create_model_package", {"ModelPackageArn": f"{ARN}:model-package/p"})
-    for _ in range(3):
-        aws.answer("describe_model_package", described_package())
-    aws.answer("create_model", {"ModelArn": f"{ARN}:model/m"})
+    answer_packaged_model(aws, "p", "m")  # deploy(): then the endpoint
     aws.answer("create_endpoint_config", {"EndpointConfigArn": f"{ARN}:endpoint-config/ep"})
     aws.answer("create_endpoint", {"EndpointArn": f"{ARN}:endpoint/ep"})
     aws.answer("describe_endpoint", described_endpoint())
@@ -234,12 +238,8 @@ def test_the_sdk_program_trains_deploys_classifies_and_transforms(aws, capsys):
     aws.answer("delete_model", {})
     aws.answer("delete_endpoint_config", {})
     aws.answer("delete_endpoint", {})
-    # transformer(): a model package and a model of its own; transform() waits, then prints the log
-    aws.answer("describe_training_job", described_job())
-    aws.answer("create_model_package", {"ModelPackageArn": f"{ARN}:model-package/p2"})
-    for _ in range(3):
-        aws.answer("describe_model_package", described_package())
-    aws.answer("create_model", {"ModelArn": f"{ARN}:model/m2"})
+    answer_packaged_model(aws, "p2", "m2")  # transformer(): a package and a model of its own
+    # transform() waits, then prints the log
     aws.answer("create_transform_job", {"TransformJobArn": f"{ARN}:transform-job/t"})
     aws.answer("describe_transform_job", described_transform())
     aws.answer_logs("describe_log_streams", {"logStreams": []})
