@@ -20,6 +20,7 @@ from .channels import Channel, examples
 from .decoding import DECODE_MIN_SIDE, UnreadableImage, load_image
 from .errors import JobError
 from .model import MEMORY_FORMAT
+from .stopping import ignore_stop_signals, stop_signals_held
 from .untrusted import shown
 
 log = logging.getLogger("efficientnet_train")
@@ -137,6 +138,18 @@ def report_load_failures(epoch: int, datasets: list[ImageDataset]) -> dict:
                         "images of their class: %s", epoch, len(failed), dataset.channel, examples(failed, 5))
             report[dataset.channel] = {"count": len(failed), "examples": failed[:10]}
     return report
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker processes leave a stop sent to the whole process group (Ctrl-C in a terminal,
+    `timeout`, `kill -- -PGID`) to the main process, from their first instant."""
+
+    def __init__(self, dataset, **options) -> None:
+        super().__init__(dataset, worker_init_fn=ignore_stop_signals, **options)
+
+    def __iter__(self):
+        with stop_signals_held():  # workers start here (or on the first iteration, if persistent)
+            return super().__iter__()
 
 
 class TrainBatches(torch.utils.data.Sampler):

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from . import distributed, hyperparameters, report
 from .checkpoints import Progress
-from .stopping import Interrupted, StopRequest, ignore_stop_signals
-from .data import ModelInput
+from .stopping import Interrupted, StopRequest
+from .data import Loader, ModelInput
 from .errors import JobError
 from .model import predict_log_probabilities, set_batchnorm_training
 from .resources import SlowDataWarning
@@ -172,13 +172,12 @@ def _evaluation(sums: torch.Tensor, confusion: torch.Tensor, num_classes: int, l
                       log_probabilities=log_probabilities, targets=targets)
 
 
-def data_loader(dataset, workers: int, device: torch.device, seed: int, **batching) -> torch.utils.data.DataLoader:
+def data_loader(dataset, workers: int, device: torch.device, seed: int, **batching) -> Loader:
     """The job's loaders: pinned memory for the GPU, workers kept from epoch to epoch, and a random generator
     of their own (drawing from the global one would shift it, and a resumed run would differ). The workers leave
     a stop signal sent to the whole process group to the job."""
-    return torch.utils.data.DataLoader(dataset, num_workers=workers, pin_memory=device.type == "cuda",
-                                       persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed),
-                                       worker_init_fn=ignore_stop_signals, **batching)
+    return Loader(dataset, num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                  generator=torch.Generator().manual_seed(seed), **batching)
 
 
 def seed_everything(seed: int) -> None:

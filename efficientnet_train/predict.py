@@ -21,12 +21,13 @@ import torch
 
 from . import __version__
 from .channels import IMAGE_EXTENSIONS
+from .data import Loader
 from .decoding import UnreadableImage, load_image
 from .errors import JobError
 from .inference import Classifier, model_files
 from .outputs import check_output_file
 from .sagemaker import ServingEnvironment
-from .stopping import StopFlag, Stopped, ignore_stop_signals
+from .stopping import StopFlag, Stopped
 from .untrusted import csv_cell
 
 log = logging.getLogger("efficientnet_train.predict")
@@ -72,9 +73,8 @@ def predict(classifier: Classifier, paths: list[Path], top_k: int, batch_size: i
     """Yields (path, prediction) for each readable image and (path, error) for each other, in order."""
     from tqdm import tqdm
 
-    loader = torch.utils.data.DataLoader(ImageFiles(paths, classifier.preprocess, classifier.decode_side),
-                                         batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                                         worker_init_fn=ignore_stop_signals)  # a group's stop is the command's
+    loader = Loader(ImageFiles(paths, classifier.preprocess, classifier.decode_side), batch_size=batch_size,
+                    num_workers=workers, collate_fn=_collate)
     with tqdm(total=len(paths), unit="image", disable=not progress, file=sys.stderr) as bar:
         for items in loader:
             STOP.check()

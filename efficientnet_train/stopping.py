@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from contextlib import contextmanager
 
 log = logging.getLogger("efficientnet_train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -64,12 +65,26 @@ def stop_here(stop) -> None:
         raise Interrupted
 
 
+@contextmanager
+def stop_signals_held():
+    """Hold SIGTERM and SIGINT back (blocked, not lost) while processes are started: they inherit the block, so a
+    stop sent to the group waits in each until it has run `ignore_stop_signals`; the main process gets its own on
+    leaving. torch gives a new loader worker a SIGTERM handler that ends it, and a group stop landing before its
+    worker_init_fn killed it, failing the job instead of stopping it (seen on a loaded 2-core machine)."""
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 def ignore_stop_signals(_worker_id: int | None = None) -> None:
     """A child's first act (a DataLoader's worker_init_fn): leave SIGTERM and SIGINT to the main process, which
     stops the child itself. It still ends when the main process does: the loader tells it to, or it sees its
-    parent gone."""
+    parent gone. A stop held back while it started (`stop_signals_held`) is dropped here, once ignored."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 def exit_now(message: str, code: int, stream=None) -> None:
