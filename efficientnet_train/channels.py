@@ -34,6 +34,7 @@ class Skip(Unusable):
 
     NOT_AN_IMAGE = "not an image file"  # by its extension (.txt, .csv, ...): the only reason that is not "unusable"
     OUTSIDE_CLASSES = "not in a class folder"
+    MISSING = "not found"  # named by a manifest, not in the channel
 
 
 @dataclass(frozen=True)
@@ -127,7 +128,7 @@ def class_folders(root: Path) -> list[str]:
     return _listing(root)[0]
 
 
-def _is_image_name(name: str) -> bool:
+def is_image_name(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
@@ -171,7 +172,7 @@ def scan_channel(name: str, root: Path, classes: list[str] | None = None,
     _refuse_nesting_one_level_too_deep(name, root, folders, loose, classes)
     classes = _classes_of(name, folders, classes)
     channel = Channel(name, root, list(classes), ignored=[shown(n) for n in ignored])
-    channel.skipped += [SkippedFile(shown(file), None, Skip.OUTSIDE_CLASSES if _is_image_name(file)
+    channel.skipped += [SkippedFile(shown(file), None, Skip.OUTSIDE_CLASSES if is_image_name(file)
                                     else Skip.NOT_AN_IMAGE) for file in loose]
     candidates = []
     label_index = {label: index for index, label in enumerate(classes)}
@@ -180,7 +181,7 @@ def scan_channel(name: str, root: Path, classes: list[str] | None = None,
         files, hidden = _files_under(root / label, label, walked)
         channel.ignored += [shown(os.path.join(label, n)) for n in hidden]
         for path in files:
-            if _is_image_name(path):
+            if is_image_name(path):
                 candidates.append((path, label))
             else:
                 reason = Skip.UNSUPPORTED if path.lower().endswith(UNSUPPORTED_IMAGE_EXTENSIONS) else Skip.NOT_AN_IMAGE
@@ -208,18 +209,20 @@ def _channel_layout(name: str, root: Path) -> tuple[list[str], list[str], list[s
     if not folders:
         where = f"it holds only files ({', '.join(shown(f) for f in loose[:3])}...)" if loose else "it is empty"
         raise JobError(f"The '{name}' channel at {root} has no class folders: {where}. Put each image in a "
-                       f"folder named after its label: {name}/<label>/<image>.jpg.")
+                       f"folder named after its label: {name}/<label>/<image>.jpg, or label them in a manifest "
+                       f"at the channel's root ({name}/labels.jsonl, one JSON line an image: "
+                       f"{{\"source-ref\": \"<image>.jpg\", \"label\": \"<label>\"}}).")
     return folders, loose, ignored
 
 
 def _refuse_nesting_one_level_too_deep(name: str, root: Path, folders: list[str], loose: list[str],
                                        classes: list[str] | None) -> None:
     """`train/train/ants/...` or `train/photos/ants/...`: the commonest upload mistake, a folder too many."""
-    if len(folders) != 1 or any(_is_image_name(file) for file in loose):
+    if len(folders) != 1 or any(is_image_name(file) for file in loose):
         return
     only = root / folders[0]
     inner_folders, inner_files, _ = _listing(only)
-    if not inner_folders or any(_is_image_name(file) for file in inner_files):
+    if not inner_folders or any(is_image_name(file) for file in inner_files):
         return
     if classes is not None and (folders[0] in classes or not set(inner_folders) & set(classes)):
         return  # a validation channel that holds one class, in sub-folders

@@ -22,12 +22,13 @@ from . import distributed, hyperparameters, linear_probe, outputs, report
 from .calibration import calibrate
 from .checkpoints import (CHECKPOINT_NAME, Progress, check_resumable, load_latest_state, restore_training_state,
                           room_for_checkpoints, save_state, training_state)
-from .channels import check_channels_differ, copies_across, scan_channel, warn_about_copies, warn_about_thin_classes
+from .channels import check_channels_differ, copies_across, warn_about_copies, warn_about_thin_classes
 from .data import report_load_failures
 from .engine import Evaluation, evaluate, seed_everything, train_one_epoch
 from .errors import JobError
 from .failures import explained
 from .holdout import held_out_rows, hold_out
+from .label_manifest import scan
 from .manifests import images_folder
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
 from .model import checkpoint_of, pretrained_source, save_checkpoint
@@ -89,7 +90,7 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
     if from_channel != hp.pretrained_path:
         hp.pretrained_path = from_channel  # args.yml says so
         log.info("Starting from the 'pretrained' channel's weights: %s", shown(from_channel, 300))
-    train_channel = scan_channel("train", images_folder(env, "train"), max_unusable_fraction=hp.max_unusable_fraction)
+    train_channel = scan("train", images_folder(env, "train"), max_unusable_fraction=hp.max_unusable_fraction)
     log.info(train_channel.inventory())
     classes = train_channel.classes
     if len(classes) < 2:
@@ -97,8 +98,8 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
                        f"Add a folder of images for each other label to {train_channel.root}.")
     held_out = None
     if env.channel_dir("val").exists() or env.input_mode("val") == "Pipe":
-        val_channel = scan_channel("val", images_folder(env, "val"), classes=classes,
-                                   max_unusable_fraction=hp.max_unusable_fraction)
+        val_channel = scan("val", images_folder(env, "val"), classes=classes,
+                           max_unusable_fraction=hp.max_unusable_fraction)
         log.info(val_channel.inventory())
     else:
         train_channel, val_channel = hold_out(train_channel, hp.val_fraction, hp.seed)

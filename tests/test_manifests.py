@@ -1,4 +1,5 @@
-"""Ground Truth manifests streamed in Pipe mode: RecordIO records through a FIFO, as SageMaker writes them."""
+"""Ground Truth manifests: streamed in Pipe mode (RecordIO records through a FIFO, as SageMaker writes them), or a
+manifest file in the channel, beside its images (File mode, local runs)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import COLOURS, make_job, read_summary, run_train
+from conftest import COLOURS, TINY_MODEL, make_job, read_summary, run_train
 from efficientnet_train.errors import JobError
 from efficientnet_train.manifests import RECORDIO_MAGIC, records, spool
 
@@ -103,10 +104,22 @@ def stream_into_fifo(path: Path, data: bytes) -> threading.Thread:
     return thread
 
 
-def test_a_ground_truth_manifest_streamed_in_pipe_mode_trains_as_the_same_images_in_folders(tmp_path,
-                                                                                             tiny_hyperparameters):
-    folders = make_job(tmp_path / "folders", tiny_hyperparameters)
+@pytest.fixture(scope="module")
+def folders_job(tmp_path_factory, tiny_weights) -> Path:
+    """A tiny job trained from class folders, which the same images given by a manifest must match."""
+    folders = make_job(tmp_path_factory.mktemp("folders"), tiny_job(tiny_weights))
     assert run_train(folders).returncode == 0
+    return folders
+
+
+def tiny_job(tiny_weights) -> dict[str, str]:
+    return {"epochs": "1", "batch_size": "8", "model": TINY_MODEL, "pretrained_path": str(tiny_weights["pth"]),
+            "img_size": "32", "workers": "0"}
+
+
+def test_a_ground_truth_manifest_streamed_in_pipe_mode_trains_as_the_same_images_in_folders(tmp_path, folders_job,
+                                                                                             tiny_hyperparameters):
+    folders = folders_job
     piped = make_job(tmp_path / "piped", tiny_hyperparameters, with_data=False)
     classes = sorted(COLOURS)
     config = {channel: {"TrainingInputMode": "Pipe", "RecordWrapperType": "RecordIO",
@@ -160,3 +173,89 @@ def test_a_full_volume_while_spooling_names_the_channel_and_the_fix(tmp_path, mo
     with pytest.raises(JobError, match="The training volume filled up while the 'train' channel") as info:
         manifests.images_folder(SageMakerEnvironment(base), "train")
     assert "VolumeSizeInGB" in str(info.value)
+
+
+# --- a manifest file in the channel (File mode) ---------------------------------------------------------------
+
+def test_a_manifest_beside_the_images_trains_as_the_same_images_in_folders(tmp_path, folders_job,
+                                                                            tiny_hyperparameters):
+    """train: a Ground Truth output.manifest whose S3 keys end in the copied photos/ folder; val: one written by hand,
+    with class names and relative paths. Lines in the folders' order: the same samples, the same run."""
+    labelled = make_job(tmp_path / "labelled", tiny_hyperparameters, with_data=False)
+    classes = sorted(COLOURS)
+    for channel, manifest in (("train", "output.manifest"), ("val", "labels.jsonl")):
+        root = labelled / "input" / "data" / channel
+        (root / "photos").mkdir(parents=True)
+        lines = []
+        for index, name in enumerate(classes):
+            for number, path in enumerate(sorted((folders_job / "input" / "data" / channel / name).iterdir())):
+                copy = root / "photos" / f"{name[0]}{number:03d}{path.suffix}"
+                copy.write_bytes(path.read_bytes())
+                lines.append({"source-ref": f"s3://bucket/labelling/{copy.relative_to(root)}", "animal": index,
+                              "animal-metadata": {"class-name": name, "type": "groundtruth/image-classification",
+                                                  "confidence": 0.9}} if channel == "train" else
+                             {"source-ref": str(copy.relative_to(root)), "label": name})
+        (root / manifest).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = run_train(labelled)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "'train' channel is labelled by its manifest output.manifest (label attribute 'animal')" in result.stdout
+    assert (labelled / "model" / "labels.json").read_text() == (folders_job / "model" / "labels.json").read_text()
+    assert read_summary(labelled / "model") == read_summary(folders_job / "model")
+
+
+def write_channel(root: Path, lines: list, images: tuple[str, ...] = ("a.png", "b.png", "c.png")) -> Path:
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for name in images:
+        Image.new("RGB", (8, 8), (len(name) * 40, 0, 0)).save(root / name)
+    (root / "output.manifest").write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n"
+                                                  for line in lines))
+    return root
+
+
+@pytest.mark.parametrize("lines, reason", [
+    ([{"source-ref": "a.png", "label": [0, 2]}], "line 1 gives its image a list of labels"),
+    ([{"source-ref": "a.png", "label": "x"}, {"source-ref": "b.png"}], "line 2 has no label attribute"),
+    ([{"source-ref": "a.png", "label": "x", "other": "y"}], "line 1 has the label attributes label, other"),
+    ([{"source-ref": "a.png", "label": "x"}, {"source-ref": "b.png", "kind": "y"}],
+     "line 2 labels by 'kind', earlier lines by 'label'"),
+    (["{not json"], "line 1 is not a JSON object"),
+    ([{"label": "x"}], "line 1 has no 'source-ref'"),
+    ([{"source-ref": "a.png", "label": {"x": 1}}], "line 1: its label .* is neither a class index nor a class name"),
+    ([{"source-ref": "a.png", "label": 1, "label-metadata": {"class-name": "x\nvalidation:acc_1=99"}}],
+     "names class 1 .*, which cannot be a class name"),
+    ([{"source-ref": "a.png", "label": 0, "label-metadata": {"class-name": "x"}},
+      {"source-ref": "b.png", "label": 0, "label-metadata": {"class-name": "y"}}], "line 2 names class 0 'y', earlier"),
+    ([{"source-ref": "../a.png", "label": "x"}, {"source-ref": "s3://b/k/missing.png", "label": "y"}],
+     "None of the 2 images .* can be used"),
+    ([], "names no images: it is empty"),
+])
+def test_a_manifest_that_cannot_label_the_channel_says_which_line_and_why(tmp_path, lines, reason):
+    from efficientnet_train.label_manifest import scan
+
+    with pytest.raises(JobError, match=reason):
+        scan("train", write_channel(tmp_path / "train", lines))
+
+
+def test_a_manifest_resolves_s3_keys_to_the_copied_images_and_counts_the_ones_it_lacks(tmp_path):
+    from efficientnet_train.label_manifest import scan
+
+    root = write_channel(tmp_path / "train", [
+        {"source-ref": "s3://bucket/jobs/x/a.png", "animal": 1, "animal-metadata": {"class-name": "bees"}},
+        {"source-ref": "s3://bucket/jobs/x/b.png", "animal": 0, "animal-metadata": {"class-name": "ants"}},
+        {"source-ref": "c.png", "animal": 1}, {"source-ref": "s3://bucket/gone.png", "animal": 0},
+        {"source-ref": "s3://bucket", "animal": 0},
+        {"source-ref": "notes.txt", "animal": 0}])
+    (root / "notes.txt").write_text("not an image")
+    channel = scan("train", root)
+    assert channel.classes == ["ants", "bees"]
+    assert channel.samples == [(str(root / "a.png"), 1), (str(root / "b.png"), 0), (str(root / "c.png"), 1)]
+    assert [(s.path, s.reason) for s in channel.skipped] == [("s3://bucket/gone.png", "not found"),
+                                                             ("s3://bucket", "not found"),
+                                                             ("notes.txt", "not an image file")]
+    with pytest.raises(JobError, match="labels that are not in 'train': cats"):
+        scan("val", write_channel(tmp_path / "val", [{"source-ref": "a.png", "label": "cats"}]), classes=["ants"])
+    (root / "more.jsonl").write_text("")
+    with pytest.raises(JobError, match="holds 2 manifests"):
+        scan("train", root)
