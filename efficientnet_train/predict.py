@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -88,19 +90,21 @@ def predict(classifier: Classifier, paths: list[Path], top_k: int, batch_size: i
             bar.update(len(items))
 
 
-def write_csv(rows, output, k: int) -> tuple[int, list[str]]:
-    """image, label_1, probability_1, ..., label_k, probability_k; returns the count and the failures."""
+def write_csv(rows, output, k: int, multi_label: bool = False) -> tuple[int, list[str]]:
+    """image, label_1, probability_1, ..., label_k, probability_k, and for a multi-label model predicted_labels
+    (a JSON list: a label may hold any character); returns the count and the failures."""
     writer = csv.writer(output, lineterminator="\n")
     writer.writerow(["image"] + [f"{column}_{rank}" for rank in range(1, k + 1)
-                                 for column in ("label", "probability")])
+                                 for column in ("label", "probability")] + (["predicted_labels"] if multi_label else []))
     written, failures = 0, []
     for path, prediction in rows:
         if isinstance(prediction, str):
             failures.append(f"{path}: {prediction}")
             continue
         cells = [value for pair in zip(prediction["labels"], prediction["probabilities"]) for value in pair]
+        predicted = [csv_cell(json.dumps(prediction["predicted_labels"], ensure_ascii=False))] if multi_label else []
         writer.writerow([csv_cell(str(path))] + [repr(cell) if isinstance(cell, float) else csv_cell(cell)
-                                                 for cell in cells])
+                                                 for cell in cells] + predicted)
         written += 1
     return written, failures
 
@@ -189,15 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = predict(classifier, paths, k, options.batch_size, options.workers)
     try:
         if options.output == "-":
-            written, failures = write_csv(rows, sys.stdout, k)
+            written, failures = write_csv(rows, sys.stdout, k, classifier.multi_label)
         else:
-            written, failures = write_atomically(Path(options.output), lambda output: write_csv(rows, output, k))
+            written, failures = write_atomically(Path(options.output),
+                                                 lambda output: write_csv(rows, output, k, classifier.multi_label))
     except Stopped as stop:  # a stop signal to the `predict` command (STOP, installed by commands.predict)
         kept = " (the earlier one is kept)" if options.output != "-" and Path(options.output).exists() else ""
         log.error("Stopped by %s before every image was classified: %s", stop.signal_name,
                   "the rows so far went to standard output" if options.output == "-" else
                   f"{options.output} was not written{kept}")
         return stop.exit_code
+    except BrokenPipeError:  # `predict photos/ -o - | head`: the reader has all it wanted
+        rows.close()  # ends the loader's workers now, not at an exit that waited on them
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit would fail again
+        log.info("Standard output was closed before every image was classified: stopped")
+        return 128 + signal.SIGPIPE  # as a command killed by SIGPIPE, what a shell pipeline expects
     for failure in failures:
         log.warning("Skipped %s", failure)
     log.info("Wrote %d predictions to %s%s", written, options.output,

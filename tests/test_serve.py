@@ -403,6 +403,22 @@ def test_a_stop_sent_to_predicts_process_group_ends_it_without_a_traceback_or_a_
     assert "Traceback" not in stderr and list(output.parent.iterdir()) == []
 
 
+def test_predict_to_a_pipe_its_reader_closes_ends_at_once_without_a_traceback(job, tmp_path):
+    """`predict photos/ -o - | head`: a traceback, then a hang on the loader's workers, until this was handled."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(1000):  # rows of more bytes than a pipe holds: the writer meets the closed end
+        Image.new("RGB", (8, 8), (index % 256, 0, 0)).save(images / f"{index:04d}.png")
+    process = subprocess.Popen([PREDICT_COMMAND, str(images), "--model-dir", str(job / "model"), "-o", "-",
+                                "--workers", "2", "--batch-size", "1"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert process.stdout.readline().startswith("image,label_1,probability_1")
+    process.stdout.close()  # as `head -1` does once it has its line
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGPIPE, stderr
+    assert "Traceback" not in stderr and "Standard output was closed before every image was classified" in stderr
+
+
 def test_serve_without_a_model_says_what_is_missing(tmp_path):
     result = subprocess.run([SERVE_COMMAND], env={**os.environ, "SAGEMAKER_BASE_DIR": str(tmp_path)},
                             capture_output=True, text=True, timeout=60)
