@@ -31,35 +31,41 @@ def fit_temperature(log_probabilities: torch.Tensor, targets: torch.Tensor) -> f
     log_probabilities, targets = log_probabilities.detach().float().cpu(), targets.detach().cpu()
     if len(targets) == 0:
         return 1.0
+    temperature = minimising_temperature(lambda t: F.nll_loss((log_probabilities / t).log_softmax(dim=1), targets))
+    right = int((log_probabilities.argmax(dim=1) == targets).sum())
+    return no_surer_than(temperature, right, len(targets),
+                         lambda t: float((log_probabilities / t).softmax(dim=1).max(dim=1).values.mean()))
+
+
+def no_surer_than(temperature: float, right: int, answers: int, mean_confidence) -> float:
+    """With every validation answer right the likelihood wants certainty (T -> 0); claim no more than Laplace's
+    rule of succession allows for `right` of `answers`, (k + 1) / (n + 2), as the mean confidence
+    (`mean_confidence(t)`, falling as t rises): the lowest temperature that keeps to it, if `temperature` does not."""
+    most = (right + 1) / (answers + 2)
+    if mean_confidence(temperature) <= most:
+        return temperature
+    sharper, softer = temperature, TEMPERATURE_RANGE[1]
+    for _ in range(40):
+        middle = (sharper * softer) ** 0.5
+        sharper, softer = (middle, softer) if mean_confidence(middle) > most else (sharper, middle)
+    return softer
+
+
+def minimising_temperature(loss_at) -> float:
+    """The temperature in TEMPERATURE_RANGE that minimises `loss_at(temperature)`, by LBFGS on its logarithm; 1 if
+    the loss is not finite."""
     log_t = torch.zeros(1, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, line_search_fn="strong_wolfe")
 
-    def nll() -> torch.Tensor:
+    def loss() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.nll_loss((log_probabilities / log_t.exp()).log_softmax(dim=1), targets)
-        loss.backward()
-        return loss
+        value = loss_at(log_t.exp())
+        value.backward()
+        return value
 
-    optimizer.step(nll)
-    low, high = TEMPERATURE_RANGE
-    temperature = float(log_t.detach().exp().clamp(low, high))
-    if not torch.isfinite(torch.tensor(temperature)):
-        return 1.0
-    # With every validation answer right the likelihood wants certainty (T -> 0); claim no more than Laplace's
-    # rule of succession allows for k right of n, (k + 1) / (n + 2), as the mean confidence.
-    right = int((log_probabilities.argmax(dim=1) == targets).sum())
-    most = (right + 1) / (len(targets) + 2)
-
-    def mean_confidence(t: float) -> float:
-        return float((log_probabilities / t).softmax(dim=1).max(dim=1).values.mean())
-
-    if mean_confidence(temperature) > most:
-        sharper, softer = temperature, high  # mean confidence falls as the temperature rises
-        for _ in range(40):
-            middle = (sharper * softer) ** 0.5
-            sharper, softer = (middle, softer) if mean_confidence(middle) > most else (sharper, middle)
-        temperature = softer
-    return temperature
+    optimizer.step(loss)
+    temperature = float(log_t.detach().exp().clamp(*TEMPERATURE_RANGE))
+    return temperature if torch.isfinite(torch.tensor(temperature)) else 1.0
 
 
 def top_label_ece(log_probabilities: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> float:

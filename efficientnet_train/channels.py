@@ -50,17 +50,19 @@ class SkippedFile:
 
 @dataclass
 class Channel:
-    """One input channel: its images, their labels and what was found there."""
+    """One input channel: its images, their labels and what was found there. An image's label is a class index, or
+    in a multi-label channel a tuple of them (any number, none included)."""
 
     name: str
     root: Path
     classes: list[str]
-    samples: list[tuple[str, int]] = field(default_factory=list)
+    samples: list[tuple[str, int | tuple[int, ...]]] = field(default_factory=list)
+    multi_label: bool = False
     skipped: list[SkippedFile] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)  # hidden and system files and folders, relative to root
 
     def images_per_class(self) -> dict[str, int]:
-        counts = Counter(label for _, label in self.samples)
+        counts = Counter(one for _, label in self.samples for one in (label if self.multi_label else (label,)))
         return {name: counts[index] for index, name in enumerate(self.classes)}
 
     def formats(self) -> dict[str, int]:

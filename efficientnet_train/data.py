@@ -20,6 +20,7 @@ from .channels import Channel, examples
 from .decoding import DECODE_MIN_SIDE, UnreadableImage, load_image
 from .errors import JobError
 from .model import MEMORY_FORMAT
+from .multilabel import multi_hot
 from .stopping import ignore_stop_signals, stop_signals_held
 from .untrusted import shown
 
@@ -43,14 +44,18 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples: list[tuple[str, int]], transform, channel: str = "", classes: list[str] | None = None,
-                 allowed_failures: int | None = None, workers: int = 0, min_side: int = DECODE_MIN_SIDE):
+                 allowed_failures: int | None = None, workers: int = 0, min_side: int = DECODE_MIN_SIDE,
+                 multi_label: bool = False):
         self.samples, self.transform, self.channel, self.min_side = samples, transform, channel, min_side
-        self.classes, self.allowed_failures = classes, allowed_failures
-        labels = np.array([label for _, label in samples], dtype=np.int64)
-        order = np.argsort(labels, kind="stable")
-        groups = np.split(order, np.flatnonzero(np.diff(labels[order])) + 1) if len(order) else []
-        self.members = {int(labels[group[0]]): group for group in groups}  # each class's sample indices
-        self.position = np.empty(len(labels), dtype=np.int64)  # each sample's place among its class's
+        self.classes, self.allowed_failures, self.multi_label = classes, allowed_failures, multi_label
+        # Images of the same label stand in for each other; in a multi-label set, those of the same set of labels.
+        groups_of: dict = {}
+        self.group = np.array([groups_of.setdefault(label, len(groups_of)) if multi_label else label
+                               for _, label in samples], dtype=np.int64)
+        order = np.argsort(self.group, kind="stable")
+        groups = np.split(order, np.flatnonzero(np.diff(self.group[order])) + 1) if len(order) else []
+        self.members = {int(self.group[group[0]]): group for group in groups}  # each group's sample indices
+        self.position = np.empty(len(samples), dtype=np.int64)  # each sample's place among its group's
         for group in groups:
             self.position[group] = np.arange(len(group))
         # Shared with the loader's worker processes: which files failed, and which each worker is reading
@@ -63,10 +68,10 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         label = self.samples[index][1]
-        for candidate in self._same_class(index, label):
+        for candidate in self._same_class(index, int(self.group[index])):
             image = self._load(candidate)
             if image is not None:
-                return image, label
+                return image, multi_hot(label, len(self.classes)) if self.multi_label else label
         raise UnusableData(f"Every image of class {self._class_name(label)} in the '{self.channel}' channel failed "
                            f"to load during training (e.g. {shown(self.samples[index][0])}; the log lists "
                            f"them). Replace those files with readable JPEG or PNG images.")
@@ -107,7 +112,9 @@ class ImageDataset(torch.utils.data.Dataset):
                                f"it. For example: {path} ({why[:200]}); {examples(others, 3)}. Replace or remove "
                                f"those files, or raise max_unusable_fraction to train on the rest.")
 
-    def _class_name(self, label: int) -> str:
+    def _class_name(self, label) -> str:
+        if self.multi_label:
+            return "+".join(self.classes[one] for one in label) or "(no label)"
         return repr(self.classes[label]) if self.classes else str(label)
 
     def failed_files(self) -> list[str]:
@@ -125,7 +132,7 @@ def dataset_of(channel: Channel, transform, max_unusable_fraction: float | None 
     allowed = None if max_unusable_fraction is None else \
         int(max_unusable_fraction * channel.image_files()) - len(channel.unusable())
     return ImageDataset(channel.samples, transform, channel=channel.name, classes=channel.classes,
-                        allowed_failures=allowed, workers=workers, min_side=min_side)
+                        allowed_failures=allowed, workers=workers, min_side=min_side, multi_label=channel.multi_label)
 
 
 def report_load_failures(epoch: int, datasets: list[ImageDataset]) -> dict:

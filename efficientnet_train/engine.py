@@ -12,12 +12,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import distributed, hyperparameters, report
+from . import distributed, hyperparameters, multilabel, report
 from .checkpoints import Progress
 from .stopping import Interrupted, StopRequest
 from .data import Loader, ModelInput
 from .errors import JobError
-from .model import predict_log_probabilities, set_batchnorm_training
+from .model import predict_label_logits, predict_log_probabilities, set_batchnorm_training
 from .resources import SlowDataWarning
 
 log = logging.getLogger("efficientnet_train")
@@ -116,9 +116,10 @@ def train_step(model, images, targets, loss_fn, optimizer, scaler, autocast, cli
 
 @torch.no_grad()
 def evaluate(models: dict[str, torch.nn.Module], loader, to_input: ModelInput, autocast, num_classes: int,
-             mirror: bool, stop: StopRequest | None = None) -> dict[str, Evaluation]:
+             mirror: bool, stop: StopRequest | None = None, multi_label: bool = False) -> dict[str, Evaluation]:
     """Loss, top-1/top-5 accuracy, confusion matrix and log probabilities of each model on the whole val set (of
-    all processes). One pass over the images for all the models: decoding them is often the slow part."""
+    all processes); for several labels an image, loss, mAP and the logits. One pass over the images for all the
+    models: decoding them is often the slow part."""
     from timm.utils import accuracy
 
     device = to_input.device
@@ -129,7 +130,8 @@ def evaluate(models: dict[str, torch.nn.Module], loader, to_input: ModelInput, a
     sums = {name: torch.zeros(3, device=device) for name in models}
     confusion = {name: torch.zeros(num_classes * num_classes, dtype=torch.long, device=device) for name in models}
     answers = {name: [torch.zeros(0, num_classes, device=device)] for name in models}  # for calibration
-    labels = [torch.zeros(0, dtype=torch.long, device=device)]
+    labels = [torch.zeros(0, num_classes, device=device) if multi_label else torch.zeros(0, dtype=torch.long,
+                                                                                          device=device)]
     for images, targets in loader:
         if stop:
             raise Interrupted
@@ -137,6 +139,9 @@ def evaluate(models: dict[str, torch.nn.Module], loader, to_input: ModelInput, a
         labels.append(targets)
         for name, model in models.items():
             with autocast():
+                if multi_label:
+                    answers[name].append(predict_label_logits(model, images, mirror))
+                    continue
                 log_probabilities = predict_log_probabilities(model, images, mirror)
             answers[name].append(log_probabilities)
             top1, topk = accuracy(log_probabilities, targets, topk=(1, top_k))  # percentages of this batch
@@ -145,6 +150,9 @@ def evaluate(models: dict[str, torch.nn.Module], loader, to_input: ModelInput, a
             confusion[name] += torch.bincount(targets * num_classes + log_probabilities.argmax(dim=1),
                                               minlength=num_classes * num_classes)
     targets = distributed.rows_of_all(torch.cat(labels), loader.dataset).cpu()
+    if multi_label:  # every row on every process: the metrics from them, not from sums
+        return {name: _multi_label_evaluation(distributed.rows_of_all(torch.cat(answers[name]), loader.dataset).cpu(),
+                                              targets) for name in models}
     return {name: _evaluation(distributed.sum_over_ranks(sums[name]), distributed.sum_over_ranks(confusion[name]),
                               num_classes, distributed.rows_of_all(torch.cat(answers[name]), loader.dataset).cpu(),
                               targets) for name in models}
@@ -153,14 +161,22 @@ def evaluate(models: dict[str, torch.nn.Module], loader, to_input: ModelInput, a
 @dataclass(frozen=True)
 class Evaluation:
     """One model's results on the whole val set: its loss, top-1 and top-5 (%), top-1 of each class (None for a
-    class without images), true x predicted counts, and its log probabilities and the labels, for calibration."""
+    class without images), true x predicted counts, and its log probabilities and the labels, for calibration.
+    For several labels an image: top-1 is multilabel.hits' share, top5 and the counts None, per class each label's
+    average precision, `mean_ap` their mean, and the logits and multi-hot labels instead."""
     loss: float
     top1: float
-    top5: float
+    top5: float | None
     per_class: list
-    confusion: list
+    confusion: list | None
     log_probabilities: torch.Tensor
     targets: torch.Tensor
+    mean_ap: float | None = None
+
+    @property
+    def score(self) -> float:
+        """What the best model is chosen by: top-1, or for several labels an image mAP."""
+        return self.top1 if self.mean_ap is None else self.mean_ap
 
 
 def _evaluation(sums: torch.Tensor, confusion: torch.Tensor, num_classes: int, log_probabilities: torch.Tensor,
@@ -170,6 +186,14 @@ def _evaluation(sums: torch.Tensor, confusion: torch.Tensor, num_classes: int, l
     per_class = [100 * row[index] / sum(row) if sum(row) else None for index, row in enumerate(confusion)]
     return Evaluation(loss=loss, top1=top1, top5=top5, per_class=per_class, confusion=confusion,
                       log_probabilities=log_probabilities, targets=targets)
+
+
+def _multi_label_evaluation(logits: torch.Tensor, targets: torch.Tensor) -> Evaluation:
+    per_label = multilabel.average_precisions(logits, targets)
+    images = max(len(targets), 1)
+    return Evaluation(loss=float(multilabel.loss_function()(logits, targets)) if len(targets) else 0.0,
+                      top1=100 * float(multilabel.hits(logits, targets)) / images, top5=None, per_class=per_label,
+                      confusion=None, log_probabilities=logits, targets=targets, mean_ap=multilabel.mean_ap(per_label))
 
 
 def data_loader(dataset, workers: int, device: torch.device, seed: int, **batching) -> Loader:

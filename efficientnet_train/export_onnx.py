@@ -31,7 +31,7 @@ from . import __version__
 from .errors import JobError
 from .data import ModelInput
 from .inference import model_files, read_labels
-from .model import load_trained_model, predict_log_probabilities
+from .model import load_trained_model, predict_label_logits, predict_log_probabilities
 from .outputs import BEST_MODEL_FILE, atomic_write, check_output_file
 
 OPSET = 18
@@ -40,14 +40,18 @@ TOLERANCE = 1e-4  # largest difference in any probability between onnxruntime an
 
 class CalibratedClassifier(torch.nn.Module):
     """uint8 images (the evaluation transform's output) to calibrated probabilities: validation's input
-    (ModelInput) and prediction (predict_log_probabilities), traced into the graph."""
+    (ModelInput) and prediction (predict_log_probabilities; for several labels an image predict_label_logits and
+    each label's sigmoid), traced into the graph."""
 
-    def __init__(self, model: torch.nn.Module, data_config: dict, mirror: bool, temperature: float):
+    def __init__(self, model: torch.nn.Module, data_config: dict, mirror: bool, temperature: float,
+                 multi_label: bool = False):
         super().__init__()
-        self.model, self.mirror, self.temperature = model.eval(), mirror, temperature
+        self.model, self.mirror, self.temperature, self.multi_label = model.eval(), mirror, temperature, multi_label
         self.to_input = ModelInput(data_config, torch.device("cpu"))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.multi_label:
+            return predict_label_logits(self.model, self.to_input(images), self.mirror, self.temperature).sigmoid()
         return predict_log_probabilities(self.model, self.to_input(images), self.mirror, self.temperature).exp()
 
 
@@ -61,14 +65,18 @@ def export(source: Path, output: Path) -> dict:
     config = checkpoint["data_config"]
     wrapper = CalibratedClassifier(model.float(), config,
                                    bool(checkpoint.get("eval_hflip", False)),
-                                   float(checkpoint.get("temperature", 1.0))).eval()
+                                   float(checkpoint.get("temperature", 1.0)),
+                                   bool(checkpoint.get("multi_label", False))).eval()
     size = tuple(config["input_size"])
     example = torch.randint(0, 256, (2, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     metadata = {"labels": json.dumps(labels, ensure_ascii=False), "input": f"uint8 [batch, {size[0]}, {size[1]}, "
                 f"{size[2]}] RGB", "preprocessing": json.dumps({key: config[key] for key in (
                     "input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std") if key in config}),
                 "architecture": checkpoint["arch"], "temperature": repr(wrapper.temperature),
-                "mirror_average": str(wrapper.mirror).lower(), "epoch": str(checkpoint.get("epoch"))}
+                "mirror_average": str(wrapper.mirror).lower(), "epoch": str(checkpoint.get("epoch")),
+                # several labels an image: sigmoid probabilities, each label's threshold for saying yes
+                **({"multi_label": "true", "thresholds": json.dumps(checkpoint["thresholds"])}
+                   if wrapper.multi_label else {})}
     proto = _exported(wrapper, example)
     for key, value in metadata.items():
         entry = proto.metadata_props.add()

@@ -17,7 +17,7 @@ from PIL import Image
 
 from .data import ModelInput, decode_side, eval_transform
 from .errors import JobError
-from .model import archive_member, autocast_for, load_trained_model, predict_log_probabilities
+from .model import archive_member, autocast_for, load_trained_model, predict_label_logits, predict_log_probabilities
 from .outputs import BEST_MODEL_FILE, LABELS_FILE
 from .untrusted import shown
 
@@ -38,6 +38,9 @@ class Classifier:
         self.mirror = bool(checkpoint.get("eval_hflip", False))
         # Fitted on the validation set after training; models saved before calibration existed have none.
         self.temperature = float(checkpoint.get("temperature", 1.0))
+        # Several labels an image: a probability each, and each label's threshold for saying yes.
+        self.multi_label = bool(checkpoint.get("multi_label", False))
+        self.thresholds = torch.tensor(checkpoint["thresholds"], dtype=torch.float) if self.multi_label else None
         self.autocast, _ = autocast_for(self.device)  # validation's precision: a GPU serves what it validated
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -45,23 +48,41 @@ class Classifier:
 
     @torch.inference_mode()
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Class probabilities, one row per preprocessed image, on the CPU."""
+        """Class probabilities (each label's, for several labels an image), one row per preprocessed image, on the
+        CPU."""
         images = self.to_input(images)
         with self.autocast():
+            if self.multi_label:
+                return predict_label_logits(self.model, images, self.mirror, self.temperature).sigmoid().cpu()
             log_probabilities = predict_log_probabilities(self.model, images, self.mirror, self.temperature)
         return log_probabilities.exp().cpu()
 
     def top_k(self, probabilities: torch.Tensor, k: int) -> list[dict]:
-        """The k likeliest labels of each row, likeliest first: {"labels": [...], "probabilities": [...]}."""
+        """The k likeliest labels of each row, likeliest first: {"labels": [...], "probabilities": [...]}; for
+        several labels an image also "predicted_labels", those at or above their thresholds, likeliest first."""
         values, indices = probabilities.topk(min(k, len(self.labels)), dim=1)
-        return [{"labels": [self.labels[i] for i in row_indices], "probabilities": row_values}
-                for row_values, row_indices in zip(values.tolist(), indices.tolist())]
+        answers = [{"labels": [self.labels[i] for i in row_indices], "probabilities": row_values}
+                   for row_values, row_indices in zip(values.tolist(), indices.tolist())]
+        if self.multi_label:
+            for answer, predicted in zip(answers, self.predicted_labels(probabilities)):
+                answer["predicted_labels"] = predicted
+        return answers
 
     def verbose(self, probabilities: torch.Tensor) -> list[dict]:
         """Every label with its probability, in the labels' order, and the likeliest: SageMaker JumpStart's image
-        classifiers' answer ({"labels", "probabilities", "predicted_label"})."""
+        classifiers' answer ({"labels", "probabilities", "predicted_label"}); for several labels an image,
+        "predicted_labels" instead, those at or above their thresholds."""
+        if self.multi_label:
+            return [{"labels": self.labels, "probabilities": row, "predicted_labels": predicted}
+                    for row, predicted in zip(probabilities.tolist(), self.predicted_labels(probabilities))]
         return [{"labels": self.labels, "probabilities": row, "predicted_label": self.labels[index]}
                 for row, index in zip(probabilities.tolist(), probabilities.argmax(dim=1).tolist())]
+
+    def predicted_labels(self, probabilities: torch.Tensor) -> list[list[str]]:
+        """Each row's labels at or above their thresholds, likeliest first."""
+        said = probabilities >= self.thresholds
+        return [[self.labels[i] for i in row.argsort(descending=True).tolist() if yes[i]]
+                for row, yes in zip(probabilities, said)]
 
 
 def check_model_dir(model_dir: Path) -> None:

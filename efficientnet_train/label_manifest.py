@@ -1,15 +1,16 @@
 """A channel labelled by a manifest instead of by folders: a JSON Lines file at the channel's root, as SageMaker
 Ground Truth writes it (its `output.manifest`, copied beside the images), or written by hand.
 
-Each line names an image and its label:
+Each line names an image and its labels:
 
     {"source-ref": "s3://bucket/photos/0001.jpg", "animals": 1, "animals-metadata": {"class-name": "dog", ...}}
-    {"source-ref": "photos/0002.jpg", "label": "cat"}
+    {"source-ref": "photos/0002.jpg", "animals": [0, 2], "animals-metadata": {"class-map": {"0": "cat", "2": "car"}}}
+    {"source-ref": "photos/0003.jpg", "labels": ["dog", "car"]}
 
 `source-ref` is a path relative to the channel, or an S3 URI whose key ends in one (the image copied with its
 folders, or some of them); the label attribute, the line's one key besides `source-ref` and `*-metadata`, is a class
-index named by the metadata's `class-name` (or `class-map`), or a class name. A list of labels (a multi-label job's
-output) is refused, by line: this version trains one label an image.
+index named by the metadata's `class-name` (or `class-map`), a class name, or a list of either (a multi-label
+job's output): a list makes the channel multi-label, each image with any number of the classes (multilabel.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from .channels import Channel, Skip, SkippedFile, check_unusable_share, is_image_name, scan_channel
@@ -161,15 +163,12 @@ def scan_manifest(name: str, root: Path, manifest: Path, classes: list[str] | No
     lines = _Lines(manifest, name).read()
     log.info("The '%s' channel is labelled by its manifest %s (label attribute '%s'), not by folders", name,
              shown(manifest.name, 100), shown(lines.attribute, 60))
-    labelled = []
+    labelled, multi = [], False
     for number, reference, value in lines.rows:
-        names, multi = lines.labels_of(number, value)
-        if multi:
-            raise JobError(f"{lines.where(number)} gives its image a list of labels (a multi-label labelling job's "
-                           f"output, or a list written by hand): this version trains one label an image. Give each "
-                           f"line one label, a class index or name.")
-        labelled.append((number, reference, names[0]))
-    found = sorted({label for _, _, label in labelled})
+        names, listed_value = lines.labels_of(number, value)
+        multi = multi or listed_value
+        labelled.append((number, reference, names))
+    found = sorted({label for _, _, names in labelled for label in names})
     if classes is None:
         classes = found
     else:
@@ -179,9 +178,9 @@ def scan_manifest(name: str, root: Path, manifest: Path, classes: list[str] | No
                            f"{listed(shown(u, 60) for u in unknown)}. The model can only learn labels it is trained "
                            f"on.")
     index = {label: position for position, label in enumerate(classes)}
-    channel = Channel(name, root, list(classes))
+    channel = Channel(name, root, list(classes), multi_label=multi)
     candidates = []
-    for number, reference, label in labelled:
+    for number, reference, names in labelled:
         path = _resolve(root, reference)
         if path is None:
             channel.skipped.append(SkippedFile(shown(reference), None, Skip.MISSING,
@@ -189,7 +188,8 @@ def scan_manifest(name: str, root: Path, manifest: Path, classes: list[str] | No
         elif not is_image_name(path):
             channel.skipped.append(SkippedFile(shown(os.path.relpath(path, root)), None, Skip.NOT_AN_IMAGE))
         else:
-            candidates.append((path, index[label]))
+            label = tuple(sorted({index[label] for label in names})) if multi else index[names[0]]
+            candidates.append((path, label))
     for (path, label), problem in zip(candidates, check_images([path for path, _ in candidates])):
         if problem is None:
             channel.samples.append((path, label))
@@ -209,10 +209,18 @@ def scan_manifest(name: str, root: Path, manifest: Path, classes: list[str] | No
     return channel
 
 
-def scan(name: str, root: Path, classes: list[str] | None = None,
-         max_unusable_fraction: float | None = None) -> Channel:
-    """A channel's images and labels: from its manifest if it has one at its root, else from its class folders."""
+def scan(name: str, root: Path, classes: list[str] | None = None, max_unusable_fraction: float | None = None,
+         multi_label: bool = False) -> Channel:
+    """A channel's images and labels: from its manifest if it has one at its root, else from its class folders.
+    A validation channel of a multi-label `train` (`multi_label`) may give one label an image (folders, say)."""
     manifest = manifest_in(root) if root.is_dir() else None
     if manifest is None:
-        return scan_channel(name, root, classes, max_unusable_fraction)
-    return scan_manifest(name, root, manifest, classes, max_unusable_fraction)
+        channel = scan_channel(name, root, classes, max_unusable_fraction)
+    else:
+        channel = scan_manifest(name, root, manifest, classes, max_unusable_fraction)
+    if multi_label and not channel.multi_label:
+        return replace(channel, samples=[(path, (label,)) for path, label in channel.samples], multi_label=True)
+    if channel.multi_label and classes is not None and not multi_label:
+        raise JobError(f"The '{name}' channel's manifest gives images lists of labels, but 'train' gives one label an "
+                       f"image: a model answers one way or the other. Label both channels the same way.")
+    return channel

@@ -28,6 +28,7 @@ from .stopping import stop_here
 from .data import ModelInput, dataset_of, decode_side, eval_transform, train_transform
 from .engine import data_loader
 from .model import set_batchnorm_training, set_regularisation
+from .multilabel import hits
 from .recipe import Recipe, choose, training_size_config
 
 log = logging.getLogger("efficientnet_train")
@@ -50,8 +51,8 @@ def probe_sample(samples: list[tuple[str, int]], num_classes: int, seed: int,
     random quota of them, at least one a class but `max_images` in all; the same on every process."""
     quota = max(1, min(PROBE_IMAGES_PER_CLASS, max_images // num_classes))
     by_class: dict[int, list[int]] = {}
-    for index, (_, label) in enumerate(samples):
-        by_class.setdefault(label, []).append(index)
+    for index, (_, label) in enumerate(samples):  # several labels: counted under the first, -1 for none
+        by_class.setdefault((label[0] if label else -1) if isinstance(label, tuple) else label, []).append(index)
     generator = torch.Generator().manual_seed(seed)
     chosen = []
     for members in by_class.values():
@@ -64,13 +65,16 @@ def probe_sample(samples: list[tuple[str, int]], num_classes: int, seed: int,
 
 
 @torch.no_grad()
-def features_of(model: torch.nn.Module, loader, to_input, autocast, stop=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features (what the classifier sees) and labels of every image of the Subset that `loader`'s
-    processes share among them, on each process. Interrupted between batches once `stop` is asked for."""
+def features_of(model: torch.nn.Module, loader, to_input, autocast, stop=None,
+                multi_label: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (what the classifier sees) and labels (multi-hot for several an image) of every image of the
+    Subset that `loader`'s processes share among them, on each process. Interrupted between batches once `stop`
+    is asked for."""
     model.eval()
     device = next(model.parameters()).device
     features = [torch.zeros(0, model.get_classifier().in_features, device=device)]
-    labels = [torch.zeros(0, dtype=torch.long, device=device)]
+    labels = [torch.zeros(0, model.get_classifier().out_features, device=device) if multi_label else
+              torch.zeros(0, dtype=torch.long, device=device)]
     for images, targets in loader:
         stop_here(stop)
         with autocast():
@@ -117,7 +121,7 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, los
     scikit-learn's LogisticRegression (C=1) regularises, on the features as the network makes them. Not
     standardised: a feature with little spread in the probe's images would get a weight that fine-tuning
     blows up as soon as it varies (timm's tiny test model overflowed in its first epoch)."""
-    features, labels = features.float(), labels.long()
+    features, labels = features.float(), labels.float() if labels.dim() == 2 else labels.long()  # multi-hot: BCE
     mean = features.mean(dim=0)  # centred, for LBFGS's sake only: the unpenalised bias takes the mean back
     centred = features - mean
     weight = torch.zeros(num_classes, features.shape[1], device=features.device, requires_grad=True)
@@ -143,12 +147,12 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, los
 
 
 def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_classes: int, loss_fn,
-                     stop=None, stop_by_batch=None) -> ProbeFit:
+                     stop=None, stop_by_batch=None, multi_label: bool = False) -> ProbeFit:
     """Put a linear probe in `model`'s classifier, the same on every process; returns its training loss, its
     top-1 (%) on the images it was fitted on, how many they were and the time it took. Interrupted within a batch
     or an LBFGS step by `stop_by_batch`, between the phases by `stop` (one that all processes agree on)."""
     started = time.monotonic()
-    features, labels = features_of(model, loader, to_input, autocast, stop_by_batch)
+    features, labels = features_of(model, loader, to_input, autocast, stop_by_batch, multi_label)
     stop_here(stop)
     extracted = time.monotonic()
     log.info("Linear probe: fitting the classifier on %d features of %d images (logistic regression)",
@@ -160,7 +164,7 @@ def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_cla
         classifier.weight.copy_(head.weight)
         classifier.bias.copy_(head.bias)
     distributed.broadcast_tensors([classifier.weight, classifier.bias])  # LBFGS may round apart on other GPUs
-    fitted_top1 = 100 * float((classifier(features).argmax(dim=1) == labels).float().mean())
+    fitted_top1 = 100 * float(hits(classifier(features), labels)) / max(len(labels), 1)
     return ProbeFit(loss=head.loss, top1=fitted_top1, images=len(labels), features=features.shape[1],
                     extract_seconds=extracted - started, fit_seconds=time.monotonic() - extracted)
 
@@ -182,7 +186,7 @@ def probe_top1(model: torch.nn.Module, loader, to_input, autocast, batch_statist
         if len(targets) > 1 or not batch_statistics:
             with autocast():
                 logits = model(to_input(images))
-            counts[0] += (logits.argmax(dim=1) == targets.to(device)).sum()
+            counts[0] += hits(logits, targets.to(device))
             counts[1] += len(targets)
     for buffer, value in zip(model.buffers(), saved):
         buffer.copy_(value)
@@ -213,7 +217,7 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
     by_batch = None if rank.distributed else stop
     log.info("Linear probe: the frozen features of %d training images", len(sample))
     fit = fit_linear_probe(model, share_of(sample, eval_transform(data_config)), to_input, autocast, classes,
-                           loss_fn, stop, by_batch)
+                           loss_fn, stop, by_batch, channel.multi_label)
 
     def measure(view: Recipe, kind: str) -> float | None:
         stop_here(stop)

@@ -1,11 +1,13 @@
 """Data labelled with SageMaker Ground Truth, streamed in Pipe mode: an augmented manifest's records, read once from
-the channel's FIFO and spooled to the instance's storage as class folders, which the job then scans and trains
-from like any other channel (random access, every epoch, the same checks).
+the channel's FIFO and spooled to the instance's storage as class folders (for a multi-label job, its images and a
+manifest of their labels), which the job then scans and trains from like any other channel (random access, every
+epoch, the same checks).
 
 SageMaker streams each manifest line's attributes, in the channel's `AttributeNames` order, as MXNet RecordIO
 records: for `source-ref` the image's bytes, for the label attribute its JSON value (a class index; a list of
 them for a multi-label job), and for `<label attribute>-metadata`, if named, its JSON object, whose `class-name`
-names the index. So an image is one record followed by its label's and, optionally, its metadata's.
+names the index (`class-map` the indices of a list). So an image is one record followed by its label's and,
+optionally, its metadata's.
 """
 
 from __future__ import annotations
@@ -86,13 +88,15 @@ def image_suffix(data: bytes) -> str | None:
 def spool(stream: BinaryIO, where: str, target: Path) -> dict[str, int]:
     """Write the images of a Ground Truth stream into `target/<class name>/`, numbered in the stream's order; return
     how many images each class got. Class names come from the metadata records (`class-name`), else are the class
-    indices, with a warning."""
+    indices, with a warning. A multi-label stream (each label a list of class indices, named by the metadata's
+    `class-map`) is written as `target/images/` and the manifest `target/labels.jsonl` (label_manifest.py)."""
     names: dict[int, str] = {}
     counts: dict[int, int] = {}
     started = said = time.monotonic()
     images = 0
     pending: tuple[bytes, str] | None = None  # an image waiting for its label, and its file name suffix
     labelled: int | None = None  # the class of the image just labelled, whose metadata may come next
+    multi: list[tuple[str, list[int]]] | None = None  # a multi-label stream's (image file, its class indices)
     number = 0
     for number, data in enumerate(records(stream, where), 1):
         suffix = image_suffix(data)
@@ -103,7 +107,21 @@ def spool(stream: BinaryIO, where: str, target: Path) -> dict[str, int]:
             pending, labelled = (data, suffix), None
             continue
         value = _json(data, where, number)
-        if pending is not None:  # the label of the image before it
+        if pending is not None and (isinstance(value, list) or multi is not None):  # several labels an image
+            if multi is None and images:
+                raise JobError(f"{where}: image {images + 1}'s label (record {number}) is a list of classes, the "
+                               f"images before it had one: give one labelling job's output.")
+            multi = [] if multi is None else multi
+            indices = [_class_index(one, where, number, images + 1) for one in _listed(value, where, number)]
+            images += 1
+            name = f"images/{images:08d}{pending[1]}"
+            (target / "images").mkdir(parents=True, exist_ok=True)
+            (target / name).write_bytes(pending[0])
+            multi.append((name, indices))
+            for index in indices:
+                counts[index] = counts.get(index, 0) + 1
+            pending, labelled = None, -1
+        elif pending is not None:  # the label of the image before it
             labelled = _class_index(value, where, number, images + 1)
             counts[labelled] = counts.get(labelled, 0) + 1
             images += 1
@@ -111,7 +129,11 @@ def spool(stream: BinaryIO, where: str, target: Path) -> dict[str, int]:
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{images:08d}{pending[1]}").write_bytes(pending[0])
             pending = None
-        elif labelled is not None and isinstance(value, dict) and "class-name" in value:  # the label's metadata
+        elif labelled == -1 and isinstance(value, dict) and isinstance(value.get("class-map"), dict):
+            for index, class_name in value["class-map"].items():
+                _name_class(names, _class_index(index, where, number, images), class_name, where, number)
+            labelled = None
+        elif labelled is not None and labelled >= 0 and isinstance(value, dict) and "class-name" in value:
             _name_class(names, labelled, value["class-name"], where, number)
             labelled = None
         else:
@@ -122,7 +144,7 @@ def spool(stream: BinaryIO, where: str, target: Path) -> dict[str, int]:
             log.info("%s: %d images spooled in %.0f s", where, images, said - started)
     if pending is not None:
         raise JobError(f"{where}: the last image (record {number}) has no label record after it; {ATTRIBUTES_HOW}.")
-    if not counts:
+    if not images:
         raise JobError(f"{where} held no images: the manifest is empty, or {ATTRIBUTES_HOW}.")
     if names and set(counts) - set(names):
         unnamed = sorted(set(counts) - set(names))
@@ -132,6 +154,14 @@ def spool(stream: BinaryIO, where: str, target: Path) -> dict[str, int]:
         log.warning("%s streamed no label metadata: the classes are named by their indices (%s). Add the label "
                     "attribute's '-metadata' to AttributeNames to name them as the labelling job did.", where,
                     ", ".join(map(str, sorted(counts))))
+    if multi is not None:
+        lines = [{"source-ref": name, "labels": [names.get(index, str(index)) for index in indices]}
+                 for name, indices in multi]
+        (target / MULTI_LABEL_MANIFEST).write_text("".join(json.dumps(line, ensure_ascii=False) + "\n"
+                                                           for line in lines), encoding="utf-8")
+        log.info("%s: %d images with several labels each, of %d classes, spooled to %s in %.0f s", where, images,
+                 len(counts), target, time.monotonic() - started)
+        return {names.get(index, str(index)): count for index, count in sorted(counts.items())}
     spooled = {}
     for index in sorted(counts):
         name = names.get(index, str(index))
@@ -153,12 +183,16 @@ def _json(data: bytes, where: str, number: int):
                        f"TIFF) nor a label's JSON (it starts {shown(data[:16], 80)}); {ATTRIBUTES_HOW}.") from None
 
 
+def _listed(value, where: str, number: int) -> list:
+    if not isinstance(value, list):
+        raise JobError(f"{where}: record {number} is {_described(value)} where the images before it had lists of "
+                       f"classes: give one labelling job's output.")
+    return value
+
+
 def _class_index(value, where: str, number: int, image: int) -> int:
     if isinstance(value, str) and value.strip().isdigit():  # written as "1" by some tools
         value = int(value)
-    if isinstance(value, list):
-        raise JobError(f"{where}: image {image}'s label (record {number}) is a list of classes, {shown(value, 80)}: "
-                       f"a multi-label labelling job's output. This algorithm trains one label an image.")
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 100_000:
         raise JobError(f"{where}: image {image}'s label (record {number}) is {_described(value)}, not a class index "
                        f"(0, 1, 2, ...) as an image classification labelling job writes it; {ATTRIBUTES_HOW}.")
@@ -189,7 +223,8 @@ def _described(value) -> str:
     return f"a JSON {type(value).__name__} ({shown(value, 80)})"
 
 
-SPOOL_MARK = ".efficientnet-train-spool"  # a spool folder this job wrote, and may write again
+SPOOL_MARK = ".efficientnet-train-spool"
+MULTI_LABEL_MANIFEST = "labels.jsonl"  # a spool folder this job wrote, and may write again
 
 
 def images_folder(env: SageMakerEnvironment, channel: str) -> Path:

@@ -262,6 +262,16 @@ def predict_log_probabilities(model: torch.nn.Module, images: torch.Tensor, mirr
     return calibrated(probabilities.view(2, -1, probabilities.shape[1]).mean(dim=0).log(), temperature)
 
 
+def predict_label_logits(model: torch.nn.Module, images: torch.Tensor, mirror: bool,
+                         temperature: float = 1.0) -> torch.Tensor:
+    """For several labels an image: each label's logit (its probability is the sigmoid), averaged with the mirror
+    image's with `mirror`, divided by the calibration's temperature; the one definition, as above."""
+    logits = model(torch.cat([images, images.flip(3)]) if mirror else images).float()
+    if mirror:
+        logits = logits.view(2, -1, logits.shape[1]).mean(dim=0)
+    return logits / temperature
+
+
 def checkpoint_of(model: torch.nn.Module, **metadata: Any) -> dict:
     """A timm-layout checkpoint of plain types, loadable with torch.load(weights_only=True)."""
     # A copy even on the CPU, where .cpu() would alias the weights that training goes on changing.
@@ -301,6 +311,10 @@ def load_trained_model(path: Path) -> tuple[torch.nn.Module, dict]:
     if not isinstance(arch, str) or arch not in efficientnet_models():
         raise JobError(f"{not_ours}: its architecture '{shown(arch, 100)}' is not one of timm's EfficientNets, "
                        f"which this product trains (and loads without the network).")
+    thresholds = checkpoint.get("thresholds") if checkpoint.get("multi_label") else []
+    if not isinstance(thresholds, list) or (checkpoint.get("multi_label") and (
+            len(thresholds) != len(checkpoint["labels"]) or not all(isinstance(t, float) for t in thresholds))):
+        raise JobError(f"{not_ours}: it is a multi-label model without a threshold (a number) for each label.")
     model = timm.create_model(arch, num_classes=len(checkpoint["labels"]))
     try:
         model.load_state_dict(checkpoint["state_dict"])

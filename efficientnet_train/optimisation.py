@@ -1,5 +1,5 @@
 """What the weights are updated by: timm's optimizer and learning-rate schedule, the weights' moving average (EMA),
-the gradient scaler, the loss's class weights, and when early stopping ends a run."""
+the gradient scaler, the loss and its class weights, and when early stopping ends a run."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from . import hyperparameters
+from . import hyperparameters, multilabel
 
 
 def create_optimizer(model: torch.nn.Module, hp, lr: float, opt: str) -> torch.optim.Optimizer:
@@ -98,3 +98,15 @@ def class_weights(channel) -> torch.Tensor:
     counts = torch.tensor(list(channel.images_per_class().values()), dtype=torch.float)
     return counts.sum() / (len(counts) * counts.clamp(min=1))
 
+
+
+def loss_function(channel, hp) -> torch.nn.Module:
+    """The training loss: cross-entropy with label smoothing, classes weighted for balance_classes; for a
+    multi-label channel, binary cross-entropy summed over the labels, positives weighted for balance_classes
+    (multilabel.py; no smoothing: it would move every absent label's target off 0)."""
+    if channel.multi_label:
+        counts = torch.tensor(list(channel.images_per_class().values()), dtype=torch.float)
+        return multilabel.loss_function(multilabel.positive_weights(counts, len(channel.samples))
+                                        if hp.balance_classes else None)
+    return torch.nn.CrossEntropyLoss(weight=class_weights(channel) if hp.balance_classes else None,
+                                     label_smoothing=hp.smoothing)

@@ -24,6 +24,7 @@ MODEL_FILES = (ARGS_FILE, LABELS_FILE, BEST_MODEL_FILE, SUMMARY_FILE, METRICS_PL
 HELD_OUT_FILE = "held_out_validation.csv"  # only where a job without a 'val' channel held images out of 'train'
 ARCHIVE_FILE = "model.tar.gz"
 SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
+MULTI_LABEL_SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_map", "lr")
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
@@ -181,7 +182,8 @@ def write_args(model_dir: Path, args: dict) -> str:
 def write_summary(model_dir: Path, rows: list[dict]) -> None:
     """The whole table each epoch: tiny, and a rewrite can't leave a torn row."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SUMMARY_COLUMNS, lineterminator="\n")
+    columns = MULTI_LABEL_SUMMARY_COLUMNS if rows and "eval_map" in rows[0] else SUMMARY_COLUMNS
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text(model_dir / SUMMARY_FILE, buffer.getvalue())
@@ -194,7 +196,7 @@ def pack_model(model_dir: Path) -> Path:
     def write(f: BinaryIO) -> None:
         with tarfile.open(fileobj=f, mode="w:gz") as tar:
             for name in (*MODEL_FILES, HELD_OUT_FILE):
-                if name != HELD_OUT_FILE or (model_dir / name).exists():
+                if name not in (HELD_OUT_FILE, CONFUSION_FILE) or (model_dir / name).exists():  # not always made
                     tar.add(model_dir / name, arcname=name)
 
     atomic_write(archive, write)

@@ -94,8 +94,8 @@ def write_csv(rows, output, k: int, multi_label: bool = False) -> tuple[int, lis
     """image, label_1, probability_1, ..., label_k, probability_k, and for a multi-label model predicted_labels
     (a JSON list: a label may hold any character); returns the count and the failures."""
     writer = csv.writer(output, lineterminator="\n")
-    writer.writerow(["image"] + [f"{column}_{rank}" for rank in range(1, k + 1)
-                                 for column in ("label", "probability")] + (["predicted_labels"] if multi_label else []))
+    ranks = [f"{column}_{rank}" for rank in range(1, k + 1) for column in ("label", "probability")]
+    writer.writerow(["image", *ranks] + (["predicted_labels"] if multi_label else []))
     written, failures = 0, []
     for path, prediction in rows:
         if isinstance(prediction, str):

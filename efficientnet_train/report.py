@@ -110,6 +110,28 @@ def per_class_table(classes: list[str], confusion: list[list[int]], confidence: 
     return "\n".join(lines)
 
 
+def per_label_table(labels: list[str], average_precision: list[float | None], calibration: dict) -> str:
+    """For several labels an image: each label's validation images, average precision, threshold, and precision,
+    recall and F1 at it; the labels of lowest AP first where there are many."""
+    scores, cut = calibration["per_label"], calibration["thresholds"]
+    order = list(range(len(labels)))
+    if len(labels) > LOG_LIST_MAX:
+        order = sorted(order, key=lambda i: 101.0 if average_precision[i] is None else average_precision[i])
+        order = order[:LOG_LIST_MAX]
+    width = max(len("label"), *(len(labels[i]) for i in order))
+    lines = [f"{'label':<{width}}  images      AP  threshold  precision  recall      F1"]
+    for i in order:
+        cells = [f"{value:{size}.1f}%" if value is not None else " " * (size - 1) + "- " for value, size in
+                 ((average_precision[i], 6), (scores[i]["precision"], 8), (scores[i]["recall"], 5),
+                  (scores[i]["f1"], 5))]
+        lines.append(f"{labels[i]:<{width}}  {scores[i]['support']:6d}  {cells[0]}  {cut[i]:9.3f}  {cells[1]}  "
+                     f"{cells[2]}  {cells[3]}")
+    if len(labels) > len(order):
+        lines.append(f"... the {len(order)} of lowest AP of {len(labels):,} labels; every label's scores are in "
+                     f"args.yml (best_per_label_ap, calibration.per_label)")
+    return "\n".join(lines)
+
+
 def confusion_text(classes: list[str], confusion: list[list[int]]) -> str:
     if len(classes) > LOG_MATRIX_MAX_CLASSES:
         mistakes = sorted(((count, classes[t], classes[p]) for t, row in enumerate(confusion)
@@ -153,9 +175,13 @@ def plot_metrics(path: Path, summary: list[dict], best_epoch: int | None, title:
     loss.plot(epochs, [float(row["train_loss"]) for row in summary], "o-", label="train:loss")
     loss.plot(epochs, [float(row["eval_loss"]) for row in summary], "o-", label="validation:loss")
     loss.set(xlabel="epoch", ylabel="loss", title="Loss")
-    accuracy.plot(epochs, [float(row["eval_top1"]) for row in summary], "o-", label="validation:acc_1")
-    accuracy.plot(epochs, [float(row["eval_top5"]) for row in summary], "o-", label="validation:acc_5")
-    accuracy.set(xlabel="epoch", ylabel="accuracy (%)", title="Validation accuracy")
+    if summary and "eval_map" in summary[0]:  # several labels an image
+        accuracy.plot(epochs, [float(row["eval_map"]) for row in summary], "o-", label="validation:mAP")
+        accuracy.set(xlabel="epoch", ylabel="mean average precision (%)", title="Validation mAP")
+    else:
+        accuracy.plot(epochs, [float(row["eval_top1"]) for row in summary], "o-", label="validation:acc_1")
+        accuracy.plot(epochs, [float(row["eval_top5"]) for row in summary], "o-", label="validation:acc_5")
+        accuracy.set(xlabel="epoch", ylabel="accuracy (%)", title="Validation accuracy")
     for axes in (loss, accuracy):
         if best_epoch is not None:
             axes.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best (epoch {best_epoch})")

@@ -16,7 +16,7 @@ from .data import (ImageDataset, ModelInput, TrainBatches, dataset_of, decode_si
                    resolve_data_config, train_transform)
 from .engine import data_loader, seed_everything
 from .model import autocast_for, create_model, read_model_channel, set_regularisation
-from .optimisation import class_weights, create_optimizer, create_schedule, training_tools
+from .optimisation import create_optimizer, loss_function, create_schedule, training_tools
 from .recipe import Recipe, recipe_for, training_size_config
 from .resources import SlowDataWarning, data_loading_workers_for, describe, versions
 from .sagemaker import SageMakerEnvironment
@@ -111,11 +111,11 @@ def set_up(env: SageMakerEnvironment, job: Job, resuming: bool, rank: distribute
                           decode_side(data_config, training=False))
     # Every rank a different share, each image exactly once (no padding): the summed counts are the val set's.
     val_share = torch.utils.data.Subset(val_data, range(rank.rank, len(val_data), rank.world_size))
-    loss_fn = torch.nn.CrossEntropyLoss(weight=class_weights(train_channel) if hp.balance_classes else None,
-                                        label_smoothing=hp.smoothing).to(device)
+    loss_fn = loss_function(train_channel, hp).to(device)
     ema, scaler = training_tools(model, hp, amp_dtype)
     args = {**vars(hp),
             "ignored_hyperparameters": job.ignored, "classes": classes, "num_classes": len(classes),
+            "multi_label": train_channel.multi_label,
             "global_batch_size": hp.batch_size * rank.world_size,
             "checkpoint_dir": str(env.checkpoint_dir),
             "processes": rank.world_size, "effective_workers": workers, "device": describe(device),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 from .hyperparameters import sagemaker_hyperparameter_specs
-from .metrics import VAL_ACC_1, metric_definitions
+from .metrics import VAL_ACC_1, VAL_MAP, metric_definitions
 
 TRAINING_IMAGE_PLACEHOLDER = "<TRAINING_IMAGE_URI>"
 # Today the same image as training (started with `serve`); its own placeholder lets a slimmer one replace it.
@@ -64,7 +64,9 @@ def algorithm_spec() -> dict:
                                        "to start from instead of the ImageNet weights in the image.",
                          required=False, content_types=["application/octet-stream"]),
             ],
-            "SupportedTuningJobObjectiveMetrics": [{"Type": "Maximize", "MetricName": VAL_ACC_1}],
+            # validation:mAP for several labels an image, whose jobs log no acc_1
+            "SupportedTuningJobObjectiveMetrics": [{"Type": "Maximize", "MetricName": VAL_ACC_1},
+                                                   {"Type": "Maximize", "MetricName": VAL_MAP}],
         },
         "InferenceSpecification": inference_specification(),
         "ValidationSpecification": validation_specification(),

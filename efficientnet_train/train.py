@@ -2,8 +2,9 @@
 
 The job's story: `prepare` checks what can be checked without the model (once per host), `run` trains in each
 process (epoch 0 the linear probe, then fine-tuning, validating and keeping the best model after each epoch), and
-`finish` writes what the buyer keeps. The epoch loop is engine.py's, the optimizer and schedule optimisation.py's,
-the probe and the recipe it chooses linear_probe.py's and recipe.py's, the machine's arithmetic resources.py's.
+`finish` (best_model.py's, with the best model so far) writes what the buyer keeps. The epoch loop is engine.py's,
+the optimizer and schedule optimisation.py's, the probe and the recipe it chooses linear_probe.py's and recipe.py's,
+the machine's arithmetic resources.py's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import yaml
 
 from . import distributed, hyperparameters, linear_probe, outputs, report
-from .calibration import calibrate
+from .best_model import BestModel, finish, score_of, summary_row, write_epoch_outputs
 from .checkpoints import (CHECKPOINT_NAME, Progress, check_resumable, load_latest_state, restore_training_state,
                           room_for_checkpoints, save_state, training_state)
 from .channels import check_channels_differ, copies_across, warn_about_copies, warn_about_thin_classes
@@ -30,8 +31,8 @@ from .failures import explained
 from .holdout import held_out_rows, hold_out
 from .label_manifest import scan
 from .manifests import images_folder
-from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, TRAIN_LOSS, metric_line
-from .model import checkpoint_of, pretrained_source, save_checkpoint
+from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, VAL_MAP, TRAIN_LOSS, metric_line
+from .model import pretrained_source, save_checkpoint
 from .optimisation import early_stop_reason
 from .recipe import Recipe, decisions, recipe_for
 from .resources import fitted_batch_size, output_sizes, process_started_at
@@ -99,7 +100,7 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
     held_out = None
     if env.channel_dir("val").exists() or env.input_mode("val") == "Pipe":
         val_channel = scan("val", images_folder(env, "val"), classes=classes,
-                           max_unusable_fraction=hp.max_unusable_fraction)
+                           max_unusable_fraction=hp.max_unusable_fraction, multi_label=train_channel.multi_label)
         log.info(val_channel.inventory())
     else:
         train_channel, val_channel = hold_out(train_channel, hp.val_fraction, hp.seed)
@@ -179,7 +180,7 @@ def run(env: SageMakerEnvironment, job: Job, rank: distributed.Rank = distribute
             results = validate(s, tuning, trained.candidates, stop, rank)
             if startup is not None:
                 startup.done("validating the linear probe")
-            chosen = max(results, key=lambda name: (results[name].top1, -results[name].loss))
+            chosen = max(results, key=lambda name: (results[name].score, -results[name].loss))
             result, seconds = results[chosen], time.monotonic() - epoch_started
             epoch_seconds += [seconds] if epoch else []
             # The classifier's (the highest with layer_decay); nothing was trained at it in the probe's epoch 0.
@@ -187,7 +188,8 @@ def run(env: SageMakerEnvironment, job: Job, rank: distributed.Rank = distribute
             log_epoch(s, tuning, epoch, results, chosen, lr_now, trained, seconds, time.monotonic() - started,
                       epoch_seconds)
             if trained.probe is not None:
-                args["linear_probe"] = trained.probe.record(result.top1, result.loss, trained.seconds)
+                args["linear_probe"] = {**trained.probe.record(result.top1, result.loss, trained.seconds),
+                                        **({"mAP": result.mean_ap} if result.mean_ap is not None else {})}
                 log_probe(trained.probe, result, trained.seconds)
                 if rank.is_main:  # after the probe chose the recipe, which the settings then show
                     log_settings(args)
@@ -257,7 +259,8 @@ def resume(s: Session, tuning: FineTuning, resumed: tuple | None, rank: distribu
     best = BestModel(state["best"], state["best_model"])
     log.info("Resuming from checkpoint %s: epoch %d, after %d of its %d batches; %s", path, progress.epoch,
              progress.step, len(tuning.train_loader), "no best model yet" if best.record is None else
-             f"best so far top-1 {best.record['top1']:.4f}% at epoch {best.record['epoch']}")
+             f"best so far {'mAP' if 'mean_ap' in best.record else 'top-1'} {score_of(best.record):.4f}% at epoch "
+             f"{best.record['epoch']}")
     return progress, state["summary"], best, state["finished"]
 
 
@@ -293,7 +296,7 @@ def validate(s: Session, tuning: FineTuning, candidates: dict, stop: StopRequest
         distributed.broadcast_buffers(net)
     # Ranks may hold different val shares, so not interruptible by batch there: validation is short.
     return evaluate(candidates, s.val_loader, s.val_input, s.autocast, len(s.classes), tuning.eval_hflip,
-                    None if rank.distributed else stop)
+                    None if rank.distributed else stop, s.train_channel.multi_label)
 
 
 def log_epoch(s: Session, tuning: FineTuning, epoch: int, results: dict, chosen: str, lr_now: float,
@@ -302,10 +305,12 @@ def log_epoch(s: Session, tuning: FineTuning, epoch: int, results: dict, chosen:
     hp, result = s.hp, results[chosen]
     log.info("epoch %d/%d %s lr=%.8f weights=%s%s images/s=%.1f training=%.0fs data_wait=%.1fs "
              "validation=%.0fs elapsed=%.0fs left<=%s", epoch, hp.epochs,
-             metric_line({TRAIN_LOSS: trained.loss, VAL_LOSS: result.loss, VAL_ACC_1: result.top1,
-                          VAL_ACC_5: result.top5}),
+             metric_line({TRAIN_LOSS: trained.loss, VAL_LOSS: result.loss,
+                          **({VAL_MAP: result.mean_ap} if result.mean_ap is not None else
+                             {VAL_ACC_1: result.top1, VAL_ACC_5: result.top5})}),
              lr_now, chosen, "" if len(results) == 1 else
-             " (" + ", ".join(f"{name} acc_1={r.top1:.2f}" for name, r in results.items()) + ")",
+             " (" + ", ".join(f"{name} {'mAP' if r.mean_ap is not None else 'acc_1'}={r.score:.2f}"
+                              for name, r in results.items()) + ")",
              trained.images / max(trained.seconds, 1e-6), trained.seconds, trained.data_wait,
              seconds - trained.seconds, elapsed,
              report.duration((hp.epochs - epoch) * sum(epoch_seconds) / len(epoch_seconds)) if epoch_seconds else "?")
@@ -319,87 +324,12 @@ def log_epoch(s: Session, tuning: FineTuning, epoch: int, results: dict, chosen:
 def log_probe(probe: linear_probe.ProbeStart, result: Evaluation, seconds: float) -> None:
     """The probe's own line after epoch 0's, and a line for each choice it made."""
     fit = probe.fit
-    log.info("Linear probe (epoch 0): validation top-1 %.2f%%, loss %.4f; fitted on the frozen features (%d) of "
-             "%d training images in %.1f s: features %.1f s, logistic regression %.1f s", result.top1,
+    log.info("Linear probe (epoch 0): validation %s %.2f%%, loss %.4f; fitted on the frozen features (%d) of "
+             "%d training images in %.1f s: features %.1f s, logistic regression %.1f s",
+             "top-1" if result.mean_ap is None else "mAP", result.score,
              result.loss, fit.features, fit.images, seconds, fit.extract_seconds, fit.fit_seconds)
     for line in decisions(probe.choices):
         log.info("Recipe (auto): %s", line)
-
-
-def summary_row(epoch: int, train_loss: float, result: Evaluation, lr_now: float) -> dict:
-    return {"epoch": epoch, "train_loss": f"{train_loss:.6f}", "eval_loss": f"{result.loss:.6f}",
-            "eval_top1": f"{result.top1:.6f}", "eval_top5": f"{result.top5:.6f}", "lr": f"{lr_now:.10f}"}
-
-
-class BestModel:
-    """The best model so far: its `record` (epoch, accuracy, per class, confusion, calibration) and its
-    `checkpoint`, which rank 0 writes to model/ as soon as it is found. Better: a higher top-1, or the same with
-    a lower validation loss."""
-
-    def __init__(self, record: dict | None = None, checkpoint: dict | None = None):
-        self.record, self.checkpoint = record, checkpoint
-
-    def beaten_by(self, result: Evaluation) -> bool:
-        return self.record is None or (result.top1, -result.loss) > (self.record["top1"], -self.record["loss"])
-
-    def take(self, epoch: int, result: Evaluation, weights: str, net: torch.nn.Module, s: Session,
-             tuning: FineTuning, model_dir: Path, write: bool) -> None:
-        calibration = calibrate(result.log_probabilities, result.targets, len(s.classes))
-        self.record = {"epoch": epoch, "top1": result.top1, "loss": result.loss, "weights": weights,
-                       "per_class": dict(zip(s.classes, result.per_class)), "confusion": result.confusion,
-                       "calibration": calibration}
-        self.checkpoint = checkpoint_of(net, arch=s.hp.model, epoch=epoch, metric=result.top1, metric_name=VAL_ACC_1,
-                                        weights=weights, labels=s.classes, num_classes=len(s.classes),
-                                        data_config=tuning.data_config, eval_hflip=tuning.eval_hflip,
-                                        temperature=calibration["temperature"], args=s.args)
-        if write:
-            save_checkpoint(model_dir / outputs.BEST_MODEL_FILE, self.checkpoint)
-        # Not "validation:acc_1=": SageMaker's regex would record the value a second time.
-        log.info("New best model: epoch %d, top-1 accuracy %.4f%% (%s weights); temperature %.3f takes its "
-                 "calibration error (top-label ECE) from %.4f to %.4f", epoch, result.top1, weights,
-                 calibration["temperature"], calibration["ece_before"], calibration["ece_after"])
-
-
-def write_epoch_outputs(model_dir: Path, summary: list[dict], best: dict | None, classes: list[str],
-                        title: str) -> None:
-    """What a stopped job leaves beside its best model, rewritten every epoch."""
-    outputs.write_summary(model_dir, summary)
-    if best is not None:
-        report.plot_metrics(model_dir / outputs.METRICS_PLOT_FILE, summary, best["epoch"], title)
-        report.write_confusion_csv(model_dir / outputs.CONFUSION_FILE, classes, best["confusion"])
-
-
-def finish(env: SageMakerEnvironment, args: dict, summary: list[dict], best: dict | None, stop_reason: str,
-           seconds: float) -> None:
-    args.update(epochs_completed=sum(int(row["epoch"]) > 0 for row in summary), stop_reason=stop_reason)  # not 0
-    if best is None:
-        outputs.write_args(env.model_dir, args)
-        log.info("No epoch finished, so there is no model yet.")
-        return
-    scores = report.class_scores(best["confusion"])
-    args.update(best_epoch=best["epoch"], best_acc_1=best["top1"], best_weights=best["weights"],
-                best_per_class_acc_1=best["per_class"], best_macro_f1=report.macro_f1(scores),
-                best_per_class_scores=dict(zip(best["per_class"], scores)), calibration=best["calibration"])
-    outputs.write_args(env.model_dir, args)
-    classes = list(best["per_class"])
-    log.info("Done in %s after %d epochs (%s). Best model: epoch %d, top-1 accuracy %.4f%% (%s weights), "
-             "saved to %s", report.duration(seconds), args["epochs_completed"], stop_reason, best["epoch"],
-             best["top1"], best["weights"], env.model_dir / outputs.BEST_MODEL_FILE)
-    calibration = best["calibration"]
-    log.info("Calibration: the best model's log probabilities are divided by a temperature of %.4f fitted on the "
-             "validation set (stored in the model, applied when serving): top-label ECE %.4f -> %.4f, "
-             "validation loss %.4f -> %.4f", calibration["temperature"], calibration["ece_before"],
-             calibration["ece_after"], best["loss"], calibration["loss_after"])
-    log.info("Best model per class (validation; confidence: mean calibrated probability of its answers; macro F1, "
-             "the mean of the classes' F1: %s):\n%s", "-" if args["best_macro_f1"] is None else
-             f"{args['best_macro_f1']:.1f}%", report.per_class_table(classes, best["confusion"],
-                                                                    calibration["per_class_confidence"]))
-    log.info("Best model's confusion matrix (also in %s and, as curves, %s):\n%s", outputs.CONFUSION_FILE,
-             outputs.METRICS_PLOT_FILE, report.confusion_text(classes, best["confusion"]))
-    if env.training_job_name is None:
-        # SageMaker packs model/ itself; a plain `docker run` should still hand over the same artifact.
-        log.info("Packed %s", outputs.pack_model(env.model_dir))
-
 
 
 if __name__ == "__main__":  # python -m: as the installed command, offline and with its stop handling

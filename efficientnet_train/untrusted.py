@@ -39,7 +39,7 @@ def is_label(name: str) -> bool:
     """Whether a class folder's name may become a label (LABEL_RULE): labels go into answers, labels.json and log
     lines as they are."""
     return (bool(name) and not any(is_unsafe(c) for c in name)
-            and not any(metric in name.lower() for metric in METRIC_NAMES))
+            and not any(metric.lower() in name.lower() for metric in METRIC_NAMES))
 
 
 def _escaped(character: str) -> str:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Start a hyperparameter tuning job that maximises validation:acc_1.
+"""Start a hyperparameter tuning job that maximises validation:acc_1 (--objective validation:mAP for data of several
+labels an image, whose jobs log that instead).
 
     python scripts/aws_tune.py --algorithm-arn ARN --role ROLE_ARN \\
         --train s3://BUCKET/data/train --val s3://BUCKET/data/val --output s3://BUCKET/efficientnet \\
@@ -36,6 +37,9 @@ def parse_args(argv):
     parser.add_argument("--range", action="append", default=[], dest="ranges", metavar="NAME=MIN:MAX[:log]|NAME=A,B",
                         help="a hyperparameter to search (repeat); replaces the default set")
     parser.add_argument("--no-early-stopping", action="store_true", help="let every training job run to its end")
+    parser.add_argument("--objective", default=aws_kit.OBJECTIVE_METRIC, choices=aws_kit.OBJECTIVE_METRICS,
+                        help="the metric to maximise (default %(default)s; validation:mAP for several labels an "
+                             "image)")
     tune_args, train_argv = parser.parse_known_args(argv)
     try:
         overrides = dict(aws_kit.parse_range(text) for text in tune_args.ranges) or None
@@ -65,7 +69,7 @@ def main(argv=None, session=None) -> int:
     est.checkpoint_s3_uri = None
     tuner = HyperparameterTuner(
         est,
-        objective_metric_name=aws_kit.OBJECTIVE_METRIC,
+        objective_metric_name=tune_args.objective,
         objective_type="Maximize",
         hyperparameter_ranges=aws_kit.sdk_ranges(tune_args.ranges),
         metric_definitions=None if args.algorithm_arn else aws_kit.metric_definitions(),
@@ -74,7 +78,7 @@ def main(argv=None, session=None) -> int:
         early_stopping_type="Off" if tune_args.no_early_stopping else "Auto",
     )
     tuner.fit(aws_train.inputs(args), job_name=name, wait=args.wait)
-    print(f"Tuning job: {name}, searching {', '.join(tune_args.ranges)} for the highest {aws_kit.OBJECTIVE_METRIC}")
+    print(f"Tuning job: {name}, searching {', '.join(tune_args.ranges)} for the highest {tune_args.objective}")
     print(f"Follow it: aws sagemaker describe-hyper-parameter-tuning-job --hyper-parameter-tuning-job-name {name}")
     return 0
 

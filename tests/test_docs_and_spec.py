@@ -21,13 +21,14 @@ def test_spec_declares_every_hyperparameter_and_metric():
     training = json.loads(spec.render())["TrainingSpecification"]
     assert [h["Name"] for h in training["SupportedHyperParameters"]] == [h.name for h in hyperparameters.SCHEMA]
     assert [m["Name"] for m in training["MetricDefinitions"]] == list(metrics.METRIC_NAMES)
-    assert training["SupportedTuningJobObjectiveMetrics"] == [{"Type": "Maximize", "MetricName": "validation:acc_1"}]
+    assert training["SupportedTuningJobObjectiveMetrics"] == [{"Type": "Maximize", "MetricName": "validation:acc_1"},
+                                                             {"Type": "Maximize", "MetricName": "validation:mAP"}]
     assert {c["Name"]: c["IsRequired"] for c in training["TrainingChannels"]} == {"train": True, "val": False, "model": False,
                                                                                    "pretrained": False}
 
 
 def test_metric_regexes_take_plain_decimals_only():
-    line = metrics.metric_line({name: value for name, value in zip(metrics.METRIC_NAMES, (0.00001, 2.5, 91.5, 100))})
+    line = metrics.metric_line({name: value for name, value in zip(metrics.METRIC_NAMES, (0.00001, 2.5, 91.5, 100, 88.25))})
     assert "e-" not in line
     for definition in metrics.metric_definitions():
         match = re.search(definition["Regex"], line)

@@ -187,7 +187,7 @@ def test_train_on_the_image_sends_spot_checkpoints_metrics_and_both_channels(cap
     assert algorithm["TrainingImage"] == IMAGE and "AlgorithmName" not in algorithm
     assert algorithm["MetricDefinitions"] == aws_kit.metric_definitions()
     assert {m["Name"] for m in algorithm["MetricDefinitions"]} == {
-        "train:loss", "validation:loss", "validation:acc_1", "validation:acc_5"}
+        "train:loss", "validation:loss", "validation:acc_1", "validation:acc_5", "validation:mAP"}
     assert job["HyperParameters"] == {"epochs": "30", "lr": "0.008"}
     assert job["EnableManagedSpotTraining"] is True
     assert job["CheckpointConfig"] == {"S3Uri": f"{OUTPUT}/j1/checkpoints"}

@@ -67,6 +67,17 @@ def test_a_single_label_stream_is_spooled_into_class_folders_named_by_its_metada
     assert sorted(p.name for p in (tmp_path / "bees").iterdir()) == ["00000001.png", "00000003.png"]
 
 
+def test_a_multi_label_stream_is_spooled_as_images_and_a_manifest_of_their_labels(tmp_path):
+    metadata = {"class-map": {"0": "ants", "2": "wasps"}, "type": "groundtruth/image-classification-multilabel"}
+    stream = recordio(PNG, b"[0, 2]", json.dumps(metadata).encode(), PNG, b"[]", PNG, b"[2]",
+                      json.dumps({"class-map": {"2": "wasps"}}).encode())
+    assert spool(io.BytesIO(stream), "test", tmp_path) == {"ants": 1, "wasps": 2}
+    lines = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
+    assert lines == [{"source-ref": "images/00000001.png", "labels": ["ants", "wasps"]},
+                     {"source-ref": "images/00000002.png", "labels": []},
+                     {"source-ref": "images/00000003.png", "labels": ["wasps"]}]
+
+
 def test_without_metadata_the_classes_are_named_by_their_indices(tmp_path, caplog):
     assert spool(io.BytesIO(ground_truth([(PNG, 1, ""), (PNG, 0, "")], metadata=False)), "test", tmp_path) == \
         {"0": 1, "1": 1}
@@ -74,7 +85,8 @@ def test_without_metadata_the_classes_are_named_by_their_indices(tmp_path, caplo
 
 
 @pytest.mark.parametrize("stream, reason", [
-    (recordio(PNG, b"[0, 2]"), "is a list of classes"),  # a multi-label job's output
+    (recordio(PNG, b"[0, 2]", PNG, b"1"), "record 4 is a JSON int .* where the images before it had lists"),
+    (recordio(PNG, b"1", PNG, b"[0, 2]"), "image 2's label \\(record 4\\) is a list of classes, the images before"),
     (recordio(PNG, PNG, b"0"), "has no label record after it"),
     (recordio(b"0", PNG), "where an image \\(the bytes of source-ref\\) was expected"),
     (recordio(PNG), "the last image \\(record 1\\) has no label record"),
@@ -215,7 +227,6 @@ def write_channel(root: Path, lines: list, images: tuple[str, ...] = ("a.png", "
 
 
 @pytest.mark.parametrize("lines, reason", [
-    ([{"source-ref": "a.png", "label": [0, 2]}], "line 1 gives its image a list of labels"),
     ([{"source-ref": "a.png", "label": "x"}, {"source-ref": "b.png"}], "line 2 has no label attribute"),
     ([{"source-ref": "a.png", "label": "x", "other": "y"}], "line 1 has the label attributes label, other"),
     ([{"source-ref": "a.png", "label": "x"}, {"source-ref": "b.png", "kind": "y"}],
