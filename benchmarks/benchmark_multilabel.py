@@ -10,6 +10,7 @@ evaluation preprocessing; both scored by mAP over the labels on val (the job's o
 
     python benchmarks/benchmark_multilabel.py --work /tmp/multilabel
     python benchmarks/benchmark_multilabel.py --work /tmp/multilabel --skip-job
+    python benchmarks/benchmark_multilabel.py --work /tmp/multilabel --calibration MODEL_DIR
 """
 
 from __future__ import annotations
@@ -106,17 +107,60 @@ def linear_probe(folder: Path, weights: Path) -> dict:
     return {"map": multilabel.mean_ap(per_label), "seconds": time.monotonic() - started, "labels": len(train.classes)}
 
 
+def temperatures(model_dir: Path, folder: Path) -> dict[str, tuple[float, float]]:
+    """One temperature for every label (the job's), one a label, or none: the ECE over every label's probability and
+    the binary cross-entropy on one half of val with temperatures fitted on the other, both ways, averaged."""
+    import torch
+    import torch.nn.functional as F
+
+    from efficientnet_train import multilabel
+    from efficientnet_train.data import dataset_of
+    from efficientnet_train.inference import Classifier
+    from efficientnet_train.label_manifest import scan
+    from efficientnet_train.model import predict_label_logits
+
+    classifier = Classifier(model_dir, torch.device("cpu"))
+    val = scan("val", folder / "val", classifier.labels, multi_label=True)
+    logits, targets = [], []
+    with torch.no_grad():
+        for images, labels in torch.utils.data.DataLoader(
+                dataset_of(val, classifier.transform, min_side=classifier.decode_side), batch_size=32):
+            logits.append(predict_label_logits(classifier.model, classifier.to_input(images), classifier.mirror))
+            targets.append(labels)
+    logits, targets = torch.cat(logits), torch.cat(targets)
+    half = len(targets) // 2
+    folds = [(slice(0, half), slice(half, None)), (slice(half, None), slice(0, half))]
+    scores: dict[str, list[tuple[float, float]]] = {"none": [], "one": [], "per label": []}
+    for fit, test in folds:
+        one = multilabel.fit_temperature(logits[fit], targets[fit])
+        per_label = torch.tensor([multilabel.fit_temperature(logits[fit][:, [j]], targets[fit][:, [j]])
+                                  for j in range(targets.shape[1])])
+        for name, temperature in (("none", 1.0), ("one", one), ("per label", per_label)):
+            p = (logits[test] / temperature).sigmoid()
+            scores[name].append((multilabel.label_ece(p, targets[test]),
+                                 float(F.binary_cross_entropy(p, targets[test], reduction="sum")) / len(p)))
+    return {name: tuple(float(np.mean(values)) for values in zip(*pairs)) for name, pairs in scores.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "panel",
                         help="where panel_datasets.py wrote the digits set (built there if missing)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "multilabel")
     parser.add_argument("--skip-job", action="store_true", help="the baseline only")
+    parser.add_argument("--calibration", type=Path, metavar="MODEL_DIR",
+                        help="only compare one temperature with one a label for this job's model (model_best.pth.tar, "
+                             "labels.json) on the set's val")
     parser.add_argument("hyperparameters", nargs="*", help="more hyperparameters as key=value")
     options = parser.parse_args()
     folder = options.work / "set"
     if not (folder / "val" / "labels.jsonl").exists():
         build(folder, options.data)
+    if options.calibration:
+        for name, (ece, loss) in temperatures(options.calibration, folder).items():
+            print(f"temperature {name}: ECE over every label's probability {ece:.4f}, BCE summed over labels "
+                  f"{loss:.4f} (fitted on one half of val, measured on the other, both ways)")
+        return 0
     weights = lite_weights(options.work / "weights", 0)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; set in {folder}", flush=True)
     probe = linear_probe(folder, weights)

@@ -4,7 +4,8 @@
 #
 #   bash scripts/local_train.sh DATA_DIR [key=value ...]
 #
-# DATA_DIR holds train/<label>/<image> and val/<label>/<image>; they are mounted read-only as the
+# DATA_DIR holds train/<label>/<image> and, optionally, val/<label>/<image> (or images and a
+# manifest of their labels, train/output.manifest; docs/data.md); they are mounted read-only as the
 # 'train' and 'val' channels. Each key=value becomes a hyperparameter (a string, as SageMaker
 # writes them). A pretrained_path that names a file on this machine is mounted as a 'weights'
 # channel and rewritten to its path inside the container. Environment:
@@ -24,9 +25,8 @@ DATA=$(realpath "$1")
 shift
 IMAGE=${IMAGE:-efficientnet-train:latest}
 WORK=$(realpath -m "${WORK:-$REPO/demo_run/local_train/opt_ml}")
-for split in train val; do
-    [ -d "$DATA/$split" ] || { echo "$DATA/$split is missing: DATA_DIR needs train/ and val/ folders" >&2; exit 2; }
-done
+[ -d "$DATA/train" ] || {
+    echo "$DATA/train is missing: DATA_DIR needs a train/ folder (val/ is optional)" >&2; exit 2; }
 # shellcheck source=container_engine.sh
 source "$REPO/scripts/container_engine.sh"
 
@@ -34,7 +34,8 @@ source "$REPO/scripts/container_engine.sh"
 source "$REPO/scripts/run_dir.sh"
 fresh_run_dir "$WORK" || { echo "(WORK=$WORK)" >&2; exit 2; }
 mkdir -p "$WORK/input/config" "$WORK/input/data" "$WORK/model" "$WORK/output"
-mounts=(-v "$WORK:/opt/ml" -v "$DATA/train:/opt/ml/input/data/train:ro" -v "$DATA/val:/opt/ml/input/data/val:ro")
+mounts=(-v "$WORK:/opt/ml" -v "$DATA/train:/opt/ml/input/data/train:ro")
+[ -d "$DATA/val" ] && mounts+=(-v "$DATA/val:/opt/ml/input/data/val:ro")  # else the job holds val_fraction out
 pairs=()
 for pair in "$@"; do
     [[ "$pair" == *=* ]] || { echo "Not key=value: $pair" >&2; exit 2; }
