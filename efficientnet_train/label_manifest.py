@@ -32,6 +32,7 @@ MANIFEST_SUFFIXES = (".manifest", ".jsonl")
 MAX_LINE_BYTES = 1 << 20
 MAX_LINES = 10_000_000
 MAX_CLASSES = 100_000
+MAX_KEY_PARTS = 64  # folders in a source-ref: each end of an S3 key is looked up, so a line costs at most this many
 
 
 def manifest_in(root: Path) -> Path | None:
@@ -62,7 +63,8 @@ class _Lines:
 
     def read(self) -> "_Lines":
         with open(self.path, "rb") as f:
-            for number, line in enumerate(f, 1):
+            # A line read at most one byte past its bound: a file of one endless line is not read whole into memory.
+            for number, line in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
                 if number > MAX_LINES:
                     raise JobError(f"{self.where(number)}: more than {MAX_LINES:,} lines; split the data set.")
                 if len(line) > MAX_LINE_BYTES:
@@ -145,7 +147,7 @@ def _resolve(root: Path, reference: str) -> str | None:
     that exists). None if it names none, or leads out of the channel."""
     key = reference.partition("://")[2].partition("/")[2] if "://" in reference else reference  # less the bucket
     parts = [part for part in key.split("/") if part]
-    if not parts or any(part in (".", "..") for part in parts):
+    if not parts or len(parts) > MAX_KEY_PARTS or any(part in (".", "..") for part in parts):
         return None
     for start in range(len(parts)):
         candidate = root.joinpath(*parts[start:])

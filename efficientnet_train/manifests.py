@@ -223,8 +223,8 @@ def _described(value) -> str:
     return f"a JSON {type(value).__name__} ({shown(value, 80)})"
 
 
-SPOOL_MARK = ".efficientnet-train-spool"
-MULTI_LABEL_MANIFEST = "labels.jsonl"  # a spool folder this job wrote, and may write again
+SPOOL_MARK = ".efficientnet-train-spool"  # a spool folder this job wrote, and may write again
+MULTI_LABEL_MANIFEST = "labels.jsonl"  # a multi-label stream's labels, beside its images in the spool
 
 
 def images_folder(env: SageMakerEnvironment, channel: str) -> Path:

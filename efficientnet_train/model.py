@@ -311,10 +311,11 @@ def load_trained_model(path: Path) -> tuple[torch.nn.Module, dict]:
     if not isinstance(arch, str) or arch not in efficientnet_models():
         raise JobError(f"{not_ours}: its architecture '{shown(arch, 100)}' is not one of timm's EfficientNets, "
                        f"which this product trains (and loads without the network).")
-    thresholds = checkpoint.get("thresholds") if checkpoint.get("multi_label") else []
-    if not isinstance(thresholds, list) or (checkpoint.get("multi_label") and (
-            len(thresholds) != len(checkpoint["labels"]) or not all(isinstance(t, float) for t in thresholds))):
-        raise JobError(f"{not_ours}: it is a multi-label model without a threshold (a number) for each label.")
+    if checkpoint.get("multi_label"):
+        thresholds = checkpoint.get("thresholds")
+        if not (isinstance(thresholds, list) and len(thresholds) == len(checkpoint["labels"])
+                and all(isinstance(t, float) for t in thresholds)):
+            raise JobError(f"{not_ours}: it is a multi-label model without a threshold (a number) for each label.")
     model = timm.create_model(arch, num_classes=len(checkpoint["labels"]))
     try:
         model.load_state_dict(checkpoint["state_dict"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import report
 from .calibration import ECE_BINS, minimising_temperature, no_surer_than
 
 
@@ -109,11 +110,6 @@ def micro_f1(probabilities: torch.Tensor, targets: torch.Tensor, cut: list[float
     return 200 * tp / max(int(said.sum()) + int(truth.sum()), 1)
 
 
-def macro_f1(scores: list[dict]) -> float | None:
-    measured = [score["f1"] for score in scores if score["support"]]
-    return sum(measured) / len(measured) if measured else None
-
-
 def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """The temperature dividing every logit that minimises the binary cross-entropy on these images, no surer on
     average of each yes or no than the share of them it gets right allows (calibration.no_surer_than)."""
@@ -152,4 +148,4 @@ def calibrate(logits: torch.Tensor, targets: torch.Tensor) -> dict:
             "loss_after": float(loss_function()(logits.float() / temperature, targets.float()))
             if len(targets) else float("nan"),
             "thresholds": cut, "per_label": scores, "micro_f1": micro_f1(after, targets, cut),
-            "macro_f1": macro_f1(scores)}
+            "macro_f1": report.macro_f1([score for score in scores if score["support"]])}

@@ -241,6 +241,8 @@ def write_channel(root: Path, lines: list, images: tuple[str, ...] = ("a.png", "
     ([{"source-ref": "../a.png", "label": "x"}, {"source-ref": "s3://b/k/missing.png", "label": "y"}],
      "None of the 2 images .* can be used"),
     ([], "names no images: it is empty"),
+    (["{" + " " * (2 << 20) + "}"], "line 1: longer than 1 MB"),
+    ([{"source-ref": "s3://b/" + "d/" * 100 + "a.png", "label": "x"}], "None of the 1 images"),  # 100 folders deep
 ])
 def test_a_manifest_that_cannot_label_the_channel_says_which_line_and_why(tmp_path, lines, reason):
     from efficientnet_train.label_manifest import scan
