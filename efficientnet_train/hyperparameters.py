@@ -255,7 +255,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    "Keep an exponential moving average (EMA) of the weights; the best of the EMA and the "
                    "raw weights is kept."),
     Hyperparameter("model_ema_decay", float, 0.9999,
-                   "Decay of the weights' moving average; it warms up, so short runs still track.",
+                   "Decay of the weights' moving average. Until it is reached, the average is the plain mean of the "
+                   "starting weights and of every update since (the decay after n updates is n/(n+1)).",
                    minimum=0, maximum=0.99999, tunable=True),
     Hyperparameter("opt", str, "auto",
                    "Optimizer (timm's names). auto = sgd (Nesterov momentum), whose steps shrink with the gradient "

@@ -45,9 +45,12 @@ def schedule_epoch_updates(hp, updates_per_epoch: int) -> int:
 def training_tools(model: torch.nn.Module, hp, amp_dtype: torch.dtype | None):
     """The weights' moving average (EMA, if asked for) and, for float16 only, the gradient scaler: what the job
     trains with besides the optimizer."""
-    # Warmup makes the average follow the weights early on; without it, decay 0.9999 keeps the
-    # random classifier head for thousands of steps, far longer than a small data set trains.
-    ema = model_ema(model, decay=hp.model_ema_decay, use_warmup=True) if hp.model_ema else None
+    # The plain mean of the starting weights (the probe's) and of every update since, until its decay reaches
+    # model_ema_decay (timm's warmup at power 1; update_after_step=-1 counts the start): the early updates that
+    # lose some of the probe's answers are averaged with it (docs/quality.md), and no fixed decay has to fit both
+    # a set of 10 updates an epoch and one of 3,000.
+    ema = model_ema(model, decay=hp.model_ema_decay, use_warmup=True, warmup_power=1.0,
+                    update_after_step=-1) if hp.model_ema else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     return ema, scaler
 

@@ -128,6 +128,29 @@ def test_weight_average_is_timms_with_two_operations_a_step_and_survives_a_resum
     assert ours_count.count == 2 and timms_count.count > 100
 
 
+def test_the_jobs_weight_average_is_the_mean_of_the_start_and_every_update_until_its_decay():
+    """The start (the probe's weights) counts as one of the averaged weights, each update as one more, until the
+    decay reaches model_ema_decay; from there it is an exponential average at that decay."""
+    import timm
+
+    from efficientnet_train.optimisation import training_tools
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3)
+    ema, _ = training_tools(model, rules(model_ema_decay="0.75"), None)
+    weights = [model.classifier.weight.detach().clone()]
+    for step in range(1, 6):
+        with torch.no_grad():
+            model.classifier.weight.add_(torch.randn_like(model.classifier.weight))
+        ema.update(model, step=step)
+        weights.append(model.classifier.weight.detach().clone())
+        if step <= 3:  # decays 1/2, 2/3, 3/4: the plain mean so far
+            assert torch.allclose(ema.module.classifier.weight, torch.stack(weights).mean(0), atol=1e-6)
+    mean_of_four = torch.stack(weights[:4]).mean(0)
+    expected = 0.75 * (0.75 * mean_of_four + 0.25 * weights[4]) + 0.25 * weights[5]  # then decay 0.75 itself
+    assert torch.allclose(ema.module.classifier.weight, expected, atol=1e-6)
+
+
 def test_mirrored_prediction_averages_an_image_and_its_mirror():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5)).eval()
