@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing.util
 import os
+import weakref
 from itertools import islice
 from typing import Iterator
 
@@ -153,10 +155,35 @@ class Loader(torch.utils.data.DataLoader):
 
     def __init__(self, dataset, **options) -> None:
         super().__init__(dataset, worker_init_fn=ignore_stop_signals, **options)
+        LIVE_LOADERS.add(self)
 
     def __iter__(self):
         with stop_signals_held():  # workers start here (or on the first iteration, if persistent)
             return super().__iter__()
+
+
+LIVE_LOADERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def shut_down_workers() -> None:
+    """At exit, end every persistent worker still running. A loader still referenced then (a reference cycle not yet
+    collected) keeps its workers, and multiprocessing's exit hook would SIGTERM them, which they ignore, and then wait
+    for them forever: a finished job that never exits. torch's own shutdown does nothing once Python is exiting, and
+    the workers are idle by then, so SIGKILL."""
+    from torch.utils.data._utils.signal_handling import _remove_worker_pids
+
+    for loader in list(LIVE_LOADERS):
+        iterator = getattr(loader, "_iterator", None)
+        if getattr(iterator, "_worker_pids_set", False):  # else torch's SIGCHLD handler calls the kill a failure
+            _remove_worker_pids(id(iterator))
+            iterator._worker_pids_set = False
+        for worker in getattr(iterator, "_workers", ()):
+            if worker.is_alive():
+                worker.kill()
+
+
+# Run by multiprocessing's exit hook before it stops and joins the worker processes.
+multiprocessing.util.Finalize(None, shut_down_workers, exitpriority=100)
 
 
 class TrainBatches(torch.utils.data.Sampler):

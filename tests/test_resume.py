@@ -196,6 +196,25 @@ def test_a_group_stop_landing_while_a_loader_worker_starts_is_left_to_the_main_p
                                          worker_init_fn=ignore_stop_signals))
 
 
+def test_a_process_exits_while_a_loader_with_persistent_workers_is_still_referenced():
+    """Its workers ignore SIGTERM, the signal multiprocessing's exit hook stops them with; unless the loader tells
+    them to end first, the process waits for them forever after its job is done."""
+    script = textwrap.dedent("""
+        import sys
+        from efficientnet_train.data import Loader
+        class Cycle:
+            pass
+        held = Cycle()
+        held.me = held  # freed only by the garbage collector, which exit does not wait for
+        held.loader = Loader(list(range(8)), batch_size=2, num_workers=2, persistent_workers=True)
+        print(sum(len(batch) for batch in held.loader), flush=True)
+        del held
+        sys.exit(0)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "8", "")
+
+
 @pytest.mark.parametrize("at_once", [True, False])
 def test_a_second_ctrl_c_stops_at_once_saying_so(at_once):
     """The way out of a stop that takes too long; not in a distributed job's training processes, which hear one
