@@ -173,11 +173,13 @@ def shut_down_workers() -> None:
     from torch.utils.data._utils.signal_handling import _remove_worker_pids
 
     for loader in list(LIVE_LOADERS):
-        iterator = getattr(loader, "_iterator", None)
-        if getattr(iterator, "_worker_pids_set", False):  # else torch's SIGCHLD handler calls the kill a failure
+        iterator = loader._iterator  # kept by the loader only while persistent workers run
+        if iterator is None:
+            continue
+        if iterator._worker_pids_set:  # else torch's SIGCHLD handler calls the kill a failure
             _remove_worker_pids(id(iterator))
             iterator._worker_pids_set = False
-        for worker in getattr(iterator, "_workers", ()):
+        for worker in iterator._workers:
             if worker.is_alive():
                 worker.kill()
 

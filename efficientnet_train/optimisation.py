@@ -45,10 +45,8 @@ def schedule_epoch_updates(hp, updates_per_epoch: int) -> int:
 def training_tools(model: torch.nn.Module, hp, amp_dtype: torch.dtype | None):
     """The weights' moving average (EMA, if asked for) and, for float16 only, the gradient scaler: what the job
     trains with besides the optimizer."""
-    # The plain mean of the starting weights (the probe's) and of every update since, until its decay reaches
-    # model_ema_decay (timm's warmup at power 1; update_after_step=-1 counts the start): the early updates that
-    # lose some of the probe's answers are averaged with it (docs/quality.md), and no fixed decay has to fit both
-    # a set of 10 updates an epoch and one of 3,000.
+    # The plain mean of the start (the probe) and every update until the decay is reached (power 1; -1 counts the
+    # start): the first updates, which lose some of the probe's answers, are averaged with it (docs/quality.md).
     ema = model_ema(model, decay=hp.model_ema_decay, use_warmup=True, warmup_power=1.0,
                     update_after_step=-1) if hp.model_ema else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
