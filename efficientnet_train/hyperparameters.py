@@ -34,7 +34,8 @@ AUTO = "auto"  # the default of a number the job chooses itself (recipe.py): any
 SMALL_SET_EPOCH = f"on small sets an epoch counts as at least {MIN_SCHEDULE_EPOCH_UPDATES} updates here"
 # How every auto part of the training recipe is chosen (recipe.py), in the words of the table.
 MEASURED = ("chosen after the linear probe: the strongest setting under which the probe's classifier still answers "
-            "nine in ten of the training images it answers right")
+            "nine in ten of the training images it answers right, blended with its neighbours where the measurement "
+            "is near that line")
 
 
 @dataclass(frozen=True)
@@ -301,8 +302,9 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    f"Epochs of linear learning-rate warmup from warmup_lr, updated every step; {SMALL_SET_EPOCH}.",
                    minimum=0, maximum=10000, tunable=True),
     Hyperparameter("hflip", float, AUTO,
-                   "Probability of mirroring a training image left-right (timm's --hflip); 0 also turns eval_hflip "
-                   f"off. auto = 0.5, or 0 where mirrored images lose the probe's answers (text, digits): {MEASURED}.",
+                   "Probability of mirroring a training image left-right (timm's --hflip); under 0.25 also turns "
+                   "eval_hflip off. auto = 0.5, or 0 where mirrored images lose the probe's answers (text, digits): "
+                   f"{MEASURED}.",
                    minimum=0, maximum=1, tunable=True),
     Hyperparameter("crop_scale", float, AUTO,
                    "Smallest share of a training image's area that a random training crop keeps; 1 = no random "

@@ -239,7 +239,7 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
 
     log.info("Linear probe: measuring which parts of the training recipe keep its answers, on %d of its images",
              len(scored))
-    return ProbeStart(fit, choose(hp, fit.top1, measure))
+    return ProbeStart(fit, choose(hp, fit.top1, measure, len(scored)))
 
 
 @contextlib.contextmanager

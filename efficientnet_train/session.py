@@ -17,7 +17,7 @@ from .data import (ImageDataset, ModelInput, TrainBatches, dataset_of, decode_si
 from .engine import data_loader, seed_everything
 from .model import autocast_for, create_model, read_model_channel, set_regularisation
 from .optimisation import create_optimizer, loss_function, create_schedule, training_tools
-from .recipe import Recipe, recipe_for, training_size_config
+from .recipe import Recipe, mirrors_at_evaluation, recipe_for, training_size_config
 from .resources import SlowDataWarning, data_loading_workers_for, describe, versions
 from .sagemaker import SageMakerEnvironment
 
@@ -157,7 +157,7 @@ def fine_tuning(s: Session, recipe: Recipe) -> FineTuning:
     return FineTuning(recipe=recipe, data_config=data_config, train_data=train_data, train_loader=train_loader,
                       train_input=ModelInput(data_config, s.device, recipe.reprob, hp.remode),
                       # a model never shown mirror images can't be asked about them
-                      eval_hflip=hp.eval_hflip and recipe.hflip > 0,
+                      eval_hflip=hp.eval_hflip and mirrors_at_evaluation(recipe),
                       lr=lr, optimizer=optimizer, scheduler=scheduler, schedule_epoch=schedule_epoch)
 
 

@@ -165,7 +165,7 @@ def test_auto_freezes_batchnorm_where_batch_statistics_lose_the_probe_and_says_s
 
 
 def test_every_part_left_to_auto_is_measured_chosen_by_one_rule_and_said_in_one_line(probed_job):
-    from efficientnet_train.recipe import KEEPS, PARTS
+    from efficientnet_train.recipe import KEEPS, PARTS, graceful, keeps_chance
 
     base, log = probed_job
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
@@ -178,11 +178,15 @@ def test_every_part_left_to_auto_is_measured_chosen_by_one_rule_and_said_in_one_
         assert [step["setting"] for step in steps] == \
             [list(s) if len(s) > 1 else s[0] for s in settings[:len(steps)]]
         assert kept in ([], steps[-1:]) and (kept or len(steps) == len(settings) - 1)
-        chosen = tuple(kept[0]["setting"] if len(names) > 1 else [kept[0]["setting"]]) if kept else settings[-1]
+        chances = [keeps_chance(step["acc_1"] / probe["training_images_acc_1"], probe["measured_images"])
+                   for step in steps]
+        assert [step["keeps_chance"] for step in steps] == [round(chance, 3) for chance in chances]
+        assert [chance >= 0.5 for chance in chances] == [step in kept for step in steps]
+        chosen = graceful(settings, chances)
         assert tuple(probe["recipe"][name] for name in names) == tuple(chosen)
         assert tuple(args[f"effective_{name}"] for name in names) == tuple(chosen)
         assert sum(f"Recipe (auto): {names[0]}=" in line for line in log.splitlines()) == 1
-    assert args["effective_eval_hflip"] is (args["effective_hflip"] > 0)
+    assert args["effective_eval_hflip"] is (args["effective_hflip"] >= 0.25)
 
 
 def assert_statistics_are_pretrained(base: Path, pretrained_weights: Path) -> None:
@@ -261,12 +265,13 @@ def test_each_part_keeps_its_strongest_setting_that_keeps_nine_in_ten_answers_me
         if kind == "batch_statistics":
             return 10.0
         if kind == "regularisation":
-            return 95.0 if view.drop < 0.3 else 50.0
-        return 100.0 - 20 * (view.crop_scale < 0.5) - 30 * (view.aa != "none") - 25 * view.reprob - 5 * view.hflip
+            return 99.0 if view.drop < 0.3 else 50.0
+        return 100.0 - 20 * (view.crop_scale < 0.5) - 30 * (view.aa != "none") - 40 * (view.hflip < 0.5)
 
-    record = choose(hyperparameters_of(), 100.0, measure)
+    record = choose(hyperparameters_of(), 100.0, measure, 128)
     assert record["recipe"] == {"freeze_batchnorm": True, "opt": "sgd", "lr": 0.064, "hflip": 0.5, "crop_scale": 0.5,
                                 "aa": "none", "reprob": 0.2, "drop": 0.15, "drop_connect": 0.1}
+    assert [step["keeps_chance"] for step in record["measured"]] == [0, 1, 0, 0, 0, 1, 0, 1]  # far from the line
     assert [(step["part"], step["setting"]) for step in record["measured"]] == [
         ("freeze_batchnorm", False), ("hflip", 0.5), ("crop_scale", 0.25), ("aa", "rand-m9-mstd0.5"), ("aa", "rand-m5-mstd0.5"), ("reprob", 0.2), ("drop+drop_connect", [0.3, 0.2]),
         ("drop+drop_connect", [0.15, 0.1])]
@@ -286,7 +291,7 @@ def test_a_value_set_by_hand_is_used_as_set_and_its_part_not_measured():
 
     seen = []
     record = choose(hyperparameters_of(freeze_batchnorm="false", aa="rand-m7-mstd0.5", drop="0.1", hflip="0"), 100.0,
-                    lambda view, kind: seen.append(view) or 100.0)
+                    lambda view, kind: seen.append(view) or 100.0, 128)
     parts = [step["part"] for step in record["measured"]]
     assert parts == ["crop_scale", "reprob"]  # the strongest kept at once; drop set by hand takes drop_connect's listing
     assert all(view.hflip == 0 and view.freeze_batchnorm is False for view in seen)
@@ -296,7 +301,34 @@ def test_a_value_set_by_hand_is_used_as_set_and_its_part_not_measured():
                         record["recipe"])
     assert (recipe.freeze_batchnorm, recipe.aa, recipe.drop, recipe.drop_connect, recipe.hflip) == \
         (False, "rand-m7-mstd0.5", 0.1, 0.2, 0.0)
-    assert choose(hyperparameters_of(), 100.0, lambda view, kind: None)["recipe"]["freeze_batchnorm"] is False
+    assert choose(hyperparameters_of(), 100.0, lambda view, kind: None, 128)["recipe"]["freeze_batchnorm"] is False
+
+
+def test_a_setting_measured_near_the_line_moves_a_little_with_each_image_never_a_whole_step():
+    from efficientnet_train.recipe import PARTS, graceful, keeps_chance
+
+    ladder = {names: settings for names, settings, _ in PARTS}
+
+    def chosen(names, *answered_of_128):  # a part's setting from its measurements, each in images of 128 right
+        return graceful(ladder[names], [keeps_chance(right / 128, 128) for right in answered_of_128])
+
+    line = 0.9 * 128  # 115.2 of 128
+    assert keeps_chance(0.9, 128) == 0.5
+    assert chosen(("reprob",), line) == (0.1,)  # on the line: halfway, from either side
+    erasing = [chosen(("reprob",), right)[0] for right in range(100, 129)]
+    assert erasing[0] == 0.0 and erasing[-1] == 0.2  # far from the line: the rule's choice
+    assert all(0 <= later - earlier < 0.04 for earlier, later in zip(erasing, erasing[1:]))  # an image: a little
+    drops = [chosen(("drop", "drop_connect"), 90, right) for right in range(100, 129)]  # 0.3/0.2 refused outright
+    assert drops[0] == (0.0, 0.0) and drops[-1] == (0.15, 0.1)
+    assert all(0 <= later[0] - earlier[0] < 0.03 for earlier, later in zip(drops, drops[1:]))  # no step anywhere
+    assert chosen(("drop", "drop_connect"), line) == (0.22, 0.15)  # between the listing's and half of it
+    # RandAugment blends its magnitude toward m9 and each op's chance (timm's p) toward none, in its own text.
+    assert chosen(("aa",), 126) == ("rand-m9-mstd0.5",) and chosen(("aa",), 90, 100) == ("none",)
+    assert chosen(("aa",), 113, 116) == ("rand-m6-mstd0.5-p0.3",)
+    assert chosen(("aa",), 90, line) == ("rand-m5-mstd0.5-p0.25",)
+    # Mirroring on the line: half the listing's rate; BatchNorm has no halfway and stays the rule's choice.
+    assert chosen(("hflip",), line) == (0.25,) and chosen(("hflip",), 100) == (0.0,)
+    assert chosen(("freeze_batchnorm",), 115) == (True,) and chosen(("freeze_batchnorm",), 116) == (False,)
 
 
 def test_before_the_probe_auto_is_the_listings_recipe_with_sgd_and_the_training_size_follows_batchnorm():
