@@ -33,9 +33,9 @@ MAX_ECHOED = 60  # characters of a bad name or value that an error repeats
 AUTO = "auto"  # the default of a number the job chooses itself (recipe.py): any number in range sets it by hand
 SMALL_SET_EPOCH = f"on small sets an epoch counts as at least {MIN_SCHEDULE_EPOCH_UPDATES} updates here"
 # How every auto part of the training recipe is chosen (recipe.py), in the words of the table.
-MEASURED = ("chosen after the linear probe: the strongest setting under which the probe's classifier still answers "
-            "nine in ten of the training images it answers right, blended with its neighbours where the measurement "
-            "is near that line")
+RULE = ("chosen after the linear probe: the strongest setting under which the probe's classifier still answers nine "
+        "in ten of the training images it answers right")
+MEASURED = f"{RULE}, blended with the gentler settings where a measurement is too near that line to decide"
 
 
 @dataclass(frozen=True)
@@ -231,8 +231,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    minimum=2, maximum=4096, tunable=True),  # BatchNorm can't train on one image
     Hyperparameter("aa", str, "auto",
                    "Augmentation policy (timm's auto_augment): v0, original, a RandAugment string such as "
-                   f"rand-m9-mstd0.5, or none. auto = rand-m9-mstd0.5 (the listing's), rand-m5-mstd0.5 or none, "
-                   f"{MEASURED}.",
+                   f"rand-m9-mstd0.5, or none. auto = rand-m9-mstd0.5 (the listing's), rand-m5-mstd0.5, none, or between "
+                   f"(a magnitude from 5 to 9, each op's chance p under 0.5), {MEASURED}.",
                    # Not tunable: a tuning job can only search ranges and category lists, not free text.
                    check=_check_auto_augment,
                    allowed_text="auto, none, v0, original, or a timm RandAugment string"),
@@ -242,8 +242,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("decay_rate", float, 0.1, "Factor the learning rate is multiplied by at each decay.",
                    minimum=0.001, maximum=1, tunable=True),
     Hyperparameter("drop", float, AUTO,
-                   f"Dropout rate before the classifier. auto = 0.3 (the listing's), 0.15 or 0, with drop_connect's "
-                   f"0.2, 0.1 or 0: {MEASURED}.", minimum=0, maximum=0.95, tunable=True),
+                   f"Dropout rate before the classifier. auto = 0.3 (the listing's), 0.15, 0 or between, with "
+                   f"drop_connect's 0.2, 0.1, 0 or between: {MEASURED}.", minimum=0, maximum=0.95, tunable=True),
     Hyperparameter("drop_connect", float, AUTO,
                    "Drop-connect (stochastic depth) rate; timm's drop_path_rate. auto: chosen with drop.",
                    minimum=0, maximum=0.95, tunable=True),
@@ -267,7 +267,7 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("opt_eps", float, 0.001, "Optimizer epsilon.", minimum=0.0000000001, maximum=1, tunable=True),
     Hyperparameter("remode", str, "pixel", "Random-erasing fill mode.", choices=("const", "rand", "pixel"),
                    tunable=True),
-    Hyperparameter("reprob", float, AUTO, f"Random-erasing probability. auto = 0.2 (the listing's) or 0, {MEASURED}.",
+    Hyperparameter("reprob", float, AUTO, f"Random-erasing probability. auto = 0.2 (the listing's), 0 or between, {MEASURED}.",
                    minimum=0, maximum=1, tunable=True),
     # Not timm's plateau: it only steps on epochs (a whole first epoch at warmup_lr), its patience outlasts early
     # stopping's, and its state is not in timm's checkpoints.
@@ -302,13 +302,13 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    f"Epochs of linear learning-rate warmup from warmup_lr, updated every step; {SMALL_SET_EPOCH}.",
                    minimum=0, maximum=10000, tunable=True),
     Hyperparameter("hflip", float, AUTO,
-                   "Probability of mirroring a training image left-right (timm's --hflip); under 0.25 also turns "
-                   "eval_hflip off. auto = 0.5, or 0 where mirrored images lose the probe's answers (text, digits): "
-                   f"{MEASURED}.",
+                   "Probability of mirroring a training image left-right (timm's --hflip); 0 also turns eval_hflip "
+                   "off. auto = 0.5, or down to 0 where mirrored images lose the probe's answers (text, digits): "
+                   f"{MEASURED}; under 0.25 it also turns eval_hflip off.",
                    minimum=0, maximum=1, tunable=True),
     Hyperparameter("crop_scale", float, AUTO,
                    "Smallest share of a training image's area that a random training crop keeps; 1 = no random "
-                   f"crop (the evaluation view). auto = 0.25 or 0.5, {MEASURED}; never 1: training on whole images "
+                   f"crop (the evaluation view). auto = 0.25, 0.5 or between, {MEASURED}; never 1: training on whole images "
                    "over-fitted where half crops trained better.",
                    minimum=0.05, maximum=1, tunable=True),
     Hyperparameter("eval_hflip", bool, True,
@@ -340,7 +340,7 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("freeze_batchnorm", str, "auto",
                    "Keep BatchNorm's pretrained (ImageNet) statistics while fine-tuning instead of normalising by "
                    "each batch's own (its scales and shifts still train); then training runs at the evaluation "
-                   f"size. auto = false (the listing's) or true, {MEASURED} with BatchNorm on batch statistics.",
+                   f"size. auto = false (the listing's) or true, {RULE} with BatchNorm on batch statistics.",
                    choices=("auto", "true", "false")),
     Hyperparameter("balance_classes", bool, False,
                    "Weight the training loss by inverse class frequency, so that every class counts as much "

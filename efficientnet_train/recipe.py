@@ -13,11 +13,12 @@ gentlest is taken without a measurement. Each part is measured on top of the one
 the training step applies them: BatchNorm (it fixes the training size), mirroring, the crop, RandAugment, random
 erasing, then dropout and drop-connect.
 
-A measurement on ~128 images has a sampling error of about 2.7 points at that line, so one image could flip a
-choice between settings. The rule degrades gracefully instead: a part whose setting is a number moves from the
-rule's choice toward each neighbour by the chance, given that error, that the measurement fell on the wrong side
-of the line (`keeps_chance`). Far from the line that is the rule's choice; on the line, halfway. BatchNorm, on or
-off, has no halfway.
+A measurement on the ~128 images the classifier answers right has a sampling error of about 2.7 points at that
+line, so one image could flip a part from one setting to the next. The rule degrades gracefully instead: each
+measured setting gets the chance, given that error, that it keeps nine in ten on the whole set (`keeps_chance`),
+and a part whose setting is a number takes each step from the gentlest setting toward the strongest by the
+chance that the step's stronger end keeps them (`blended_setting`). Far from the line that is the rule's choice;
+on it, halfway. BatchNorm, on or off, has no halfway and takes the rule's choice.
 
 The optimiser and its rate are not measured: fine-tuning from a fitted classifier needs steps that shrink with the
 gradient (sgd, with clip_grad's adaptive clipping), not rmsproptf's steps of about lr whatever the gradient; and the
@@ -54,6 +55,7 @@ PARTS = (
 LISTING = {name: settings[0][i] for names, settings, _ in PARTS for i, name in enumerate(names)}
 # RandAugment's settings as points that blend: (magnitude, chance of each op); none applies no op.
 AA_POINTS = {"rand-m9-mstd0.5": (9.0, 0.5), "rand-m5-mstd0.5": (5.0, 0.5), "none": (5.0, 0.0)}
+SURE = 0.99  # a setting this likely to keep the answers ends its part's measurements; the gentler ones count as sure
 
 
 @dataclass(frozen=True)
@@ -105,13 +107,13 @@ def auto_lr(hp, opt: str) -> float:
 
 
 def choose(hp, clean_top1: float, measure: Measure, images: int) -> dict:
-    """Measure each part left to auto, strongest setting first, up to the first under which the probe's classifier
-    answers KEEPS of what it answers right on the `images` clean ones (`clean_top1`), and blend the settings around
-    that choice by the chance that each measured setting keeps them (`graceful`); a part with a value set by hand
+    """Measure each part left to auto, strongest setting first, until one is SURE to keep KEEPS of the answers the
+    probe's classifier gives right (`clean_top1`, its top-1 on its training images as fitted), measured on `images`
+    of them; then blend the part's settings by those chances (`blended_setting`). A part with a value set by hand
     takes it (and the listing's for the rest of the part). Returns the record: every measurement made, and the
     settings chosen (`recipe`, for recipe_for)."""
     asked = recipe_for(hp)
-    answered = max(1, round(images * clean_top1 / 100))
+    answered = max(1, round(images * clean_top1 / 100))  # the images the measured share is a share of
     # Each part measured on top of those chosen before it, the later ones off: clean images, no dropout.
     view = replace(asked, hflip=0.0, crop_scale=1.0, aa="none", reprob=0.0, drop=0.0, drop_connect=0.0)
     steps = []
@@ -120,47 +122,57 @@ def choose(hp, clean_top1: float, measure: Measure, images: int) -> dict:
             view = replace(view, **{name: getattr(asked, name) for name in names})
             continue
         chances = []
-        for setting in settings[:-1]:  # the gentlest is taken unmeasured where no stronger one keeps the answers
+        for setting in settings[:-1]:  # the gentlest is never measured
             measured_as = (1.0,) if names == ("hflip",) else setting  # mirroring measured on every image
             top1 = measure(replace(view, **dict(zip(names, measured_as))), kind)
-            chances.append(1.0 if top1 is None else keeps_chance(top1 / clean_top1, answered))
+            if top1 is None:  # not measurable: the listing's setting, as before the rule
+                chance = None
+            elif clean_top1 > 0:
+                chance = keeps_chance(top1 / clean_top1, answered)
+            else:  # the classifier answers nothing right: nothing to lose
+                chance = 1.0
             steps.append({"part": "+".join(names), "setting": list(setting) if len(setting) > 1 else setting[0],
-                          "acc_1": top1, "keeps_chance": round(chances[-1], 3)})
-            if chances[-1] >= 0.5:
+                          "acc_1": top1, "keeps_chance": None if chance is None else round(chance, 3)})
+            chances.append(1.0 if chance is None else chance)
+            if chances[-1] >= SURE:
                 break
-        view = replace(view, **dict(zip(names, graceful(settings, chances))))
+        view = replace(view, **dict(zip(names, blended_setting(settings, chances))))
     return {"training_images_acc_1": clean_top1, "measured_images": images, "measured": steps,
             "recipe": {name: getattr(view, name) for name in asdict(view) if getattr(hp, name) == AUTO}}
 
 
 def keeps_chance(kept: float, answered: int) -> float:
     """The chance that a setting under which the classifier still answers the share `kept` of the `answered` images
-    it answers right keeps KEEPS of them on the whole set: the normal approximation to that share's sampling error."""
-    error = math.sqrt(KEEPS * (1 - KEEPS) / answered)
-    return 0.5 * (1 + math.erf((kept - KEEPS) / (error * math.sqrt(2))))
+    it answers right keeps KEEPS of them on the whole set: the normal approximation to that share's sampling error.
+    On a few dozen images even a share of 1 leaves some doubt, and a small set trains a little gentler."""
+    standard_error = math.sqrt(KEEPS * (1 - KEEPS) / answered)
+    return 0.5 * (1 + math.erf((kept - KEEPS) / (standard_error * math.sqrt(2))))
 
 
-def graceful(settings: tuple, chances: list[float]) -> tuple:
-    """A part's setting from the chances its measured settings (strongest first) keep the answers: the rule's
-    choice, the first whose chance is at least even (else the gentlest), moved toward the stronger setting before it
-    by that one's chance, and toward the gentler one after it by its own chance of not keeping them. A measurement
-    on the line gives the midpoint from either side, so one image moves a setting a little, never across a step.
-    BatchNorm, true or false, is the rule's choice."""
-    chosen = len(chances) - 1 if chances and chances[-1] >= 0.5 else len(settings) - 1
+def blended_setting(settings: tuple, chances: list[float]) -> tuple:
+    """A part's setting from the chances that its settings, strongest first, keep the answers (those not measured,
+    gentler than a SURE one, count as 1): from the gentlest, each step toward the strongest is taken by the chance
+    that its stronger end keeps them. A gentler setting keeps at least what a stronger one keeps, so each chance is
+    raised to the largest of those stronger than it. Where every chance is near 0 or 1 this is the rule's choice;
+    a measurement on the line puts the part halfway along that step, and one image moves it a little. BatchNorm,
+    true or false, takes the rule's choice: the strongest setting more likely than not to keep the answers."""
+    chances = list(chances) + [1.0] * (len(settings) - 1 - len(chances))
     if isinstance(settings[0][0], bool):
-        return settings[chosen]
-    points = [[coordinate for value in setting for coordinate in AA_POINTS.get(value, (value,))]
-              for setting in settings]
-    blend = list(points[chosen])
-    if chosen > 0:
-        blend = [b + chances[chosen - 1] * (stronger - p) for b, stronger, p in zip(blend, points[chosen - 1],
-                                                                                      points[chosen])]
-    if chosen < len(chances):
-        blend = [b + (1 - chances[chosen]) * (gentler - p) for b, gentler, p in zip(blend, points[chosen + 1],
-                                                                                     points[chosen])]
+        return next((setting for setting, chance in zip(settings, chances) if chance >= 0.5), settings[-1])
+    points = [_point(setting) for setting in settings]
+    blend = points[-1]
+    for i in reversed(range(len(chances))):
+        taken = max(chances[:i + 1])
+        blend = [b + taken * (stronger - gentler) for b, stronger, gentler in zip(blend, points[i], points[i + 1])]
     if isinstance(settings[0][0], str):
         return (_rand_augment(*blend),)
     return tuple(round(value, 2) for value in blend)
+
+
+def _point(setting: tuple) -> list[float]:
+    """A setting as numbers that blend: its own, or RandAugment's (magnitude, chance of each op)."""
+    return [coordinate for value in setting
+            for coordinate in (AA_POINTS[value] if isinstance(value, str) else (value,))]
 
 
 def _rand_augment(magnitude: float, chance: float) -> str:
@@ -182,18 +194,22 @@ def decisions(record: dict) -> list[str]:
         tried = [step for step in record["measured"] if step["part"] == part]
         chosen = ", ".join(f"{name}={_shown(record['recipe'][name])}" for name in names)
         seen = ", ".join(f"{'-' if step['acc_1'] is None else format(step['acc_1'], '.1f')}% at {part}="
-                         f"{_shown(step['setting'])}"
-                         + (f" (chance {step['keeps_chance']:.0%})" if "keeps_chance" in step else "") for step in tried)
-        images = f", {record['measured_images']} images" if "measured_images" in record else ""
+                         f"{_shown(step['setting'])}" + _chance_shown(step.get('keeps_chance')) for step in tried)
+        how = f"the strongest setting keeping {KEEPS:.0%} of that" + (
+            ", more likely than not" if kind == "batch_statistics"
+            else ", blended with the gentler ones by each one's chance of keeping it")
         lines.append(f"{chosen}: the probe's classifier answers {seen or 'nothing measured'} of its training images "
-                     f"right {VIEWS[kind]}, against {record['training_images_acc_1']:.1f}% as fitted; chosen: the "
-                     f"strongest setting keeping {KEEPS:.0%} of that, blended with its neighbours by each one's "
-                     f"chance of keeping it (sampling error{images})")
+                     f"right {VIEWS[kind]}, against {record['training_images_acc_1']:.1f}% as fitted; chosen: {how} "
+                     f"(sampling error of {record['measured_images']} images)")
     return lines
 
 
 VIEWS = {"batch_statistics": "(false: on each batch's statistics)", "transform": "through the training transform",
          "regularisation": "with dropout and drop-connect on"}
+
+
+def _chance_shown(chance: float | None) -> str:
+    return " (chance -)" if chance is None else f" (chance {chance:.0%})"
 
 
 def _shown(value) -> str:
@@ -204,10 +220,11 @@ def _shown(value) -> str:
     return str(value)
 
 
-def mirrors_at_evaluation(recipe: Recipe) -> bool:
-    """Whether eval_hflip averages with the mirror image: where training mirrors at least half as often as the
-    listing, which auto does exactly where mirroring's measurement keeps the answers more likely than not."""
-    return recipe.hflip >= LISTING["hflip"] / 2
+def mirrors_at_evaluation(hp, recipe: Recipe) -> bool:
+    """Whether eval_hflip may average with the mirror image: wherever training mirrors, with hflip set by hand; with
+    auto, where it mirrors at least half as often as the listing, as it does (up to rounding) where mirroring's
+    measurement is more likely than not to keep the answers."""
+    return recipe.hflip > 0 if hp.hflip != AUTO else recipe.hflip >= LISTING["hflip"] / 2
 
 
 def training_size_config(data_config: dict, recipe: Recipe) -> dict:

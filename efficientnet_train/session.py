@@ -156,8 +156,8 @@ def fine_tuning(s: Session, recipe: Recipe) -> FineTuning:
     scheduler, schedule_epoch = create_schedule(optimizer, hp, len(train_loader))
     return FineTuning(recipe=recipe, data_config=data_config, train_data=train_data, train_loader=train_loader,
                       train_input=ModelInput(data_config, s.device, recipe.reprob, hp.remode),
-                      # a model never shown mirror images can't be asked about them
-                      eval_hflip=hp.eval_hflip and mirrors_at_evaluation(recipe),
+                      # a model never (or seldom, by auto's choice) shown mirror images can't be asked about them
+                      eval_hflip=hp.eval_hflip and mirrors_at_evaluation(hp, recipe),
                       lr=lr, optimizer=optimizer, scheduler=scheduler, schedule_epoch=schedule_epoch)
 
 

@@ -165,7 +165,7 @@ def test_auto_freezes_batchnorm_where_batch_statistics_lose_the_probe_and_says_s
 
 
 def test_every_part_left_to_auto_is_measured_chosen_by_one_rule_and_said_in_one_line(probed_job):
-    from efficientnet_train.recipe import KEEPS, PARTS, graceful, keeps_chance
+    from efficientnet_train.recipe import KEEPS, PARTS, SURE, blended_setting, keeps_chance
 
     base, log = probed_job
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
@@ -174,15 +174,16 @@ def test_every_part_left_to_auto_is_measured_chosen_by_one_rule_and_said_in_one_
         part = "+".join(names)
         steps = [step for step in probe["measured"] if step["part"] == part]
         kept = [step for step in steps if step["acc_1"] >= KEEPS * probe["training_images_acc_1"]]
-        # Strongest first, up to the first that keeps nine in ten of the answers; else the gentlest, unmeasured.
         assert [step["setting"] for step in steps] == \
-            [list(s) if len(s) > 1 else s[0] for s in settings[:len(steps)]]
-        assert kept in ([], steps[-1:]) and (kept or len(steps) == len(settings) - 1)
-        chances = [keeps_chance(step["acc_1"] / probe["training_images_acc_1"], probe["measured_images"])
-                   for step in steps]
+            [list(s) if len(s) > 1 else s[0] for s in settings[:len(steps)]]  # strongest first
+        answered = round(probe["measured_images"] * probe["training_images_acc_1"] / 100)
+        chances = [keeps_chance(step["acc_1"] / probe["training_images_acc_1"], answered) for step in steps]
         assert [step["keeps_chance"] for step in steps] == [round(chance, 3) for chance in chances]
         assert [chance >= 0.5 for chance in chances] == [step in kept for step in steps]
-        chosen = graceful(settings, chances)
+        # Measured until one is SURE to keep the answers, or up to the gentlest, which is never measured.
+        assert all(chance < SURE for chance in chances[:-1])
+        assert chances[-1] >= SURE or len(steps) == len(settings) - 1
+        chosen = blended_setting(settings, chances)
         assert tuple(probe["recipe"][name] for name in names) == tuple(chosen)
         assert tuple(args[f"effective_{name}"] for name in names) == tuple(chosen)
         assert sum(f"Recipe (auto): {names[0]}=" in line for line in log.splitlines()) == 1
@@ -305,23 +306,45 @@ def test_a_value_set_by_hand_is_used_as_set_and_its_part_not_measured():
 
 
 def test_a_setting_measured_near_the_line_moves_a_little_with_each_image_never_a_whole_step():
-    from efficientnet_train.recipe import PARTS, graceful, keeps_chance
+    import re
+    from dataclasses import replace
+
+    from efficientnet_train.recipe import PARTS, SURE, blended_setting, keeps_chance, mirrors_at_evaluation, recipe_for
 
     ladder = {names: settings for names, settings, _ in PARTS}
 
-    def chosen(names, *answered_of_128):  # a part's setting from its measurements, each in images of 128 right
-        return graceful(ladder[names], [keeps_chance(right / 128, 128) for right in answered_of_128])
+    def chosen(names, *right_of_128):  # as choose measures them: strongest first, until one is SURE to keep
+        chances = []
+        for right in right_of_128:
+            chances.append(keeps_chance(right / 128, 128))
+            if chances[-1] >= SURE:
+                break
+        return blended_setting(ladder[names], chances)
+
+    def augmentation(text):  # (magnitude, each op's chance) of a RandAugment text
+        if text == "none":
+            return 5, 0.0
+        chance = re.search(r"-p([0-9.]+)", text)
+        return int(re.search(r"-m([0-9]+)", text).group(1)), float(chance.group(1)) if chance else 0.5
 
     line = 0.9 * 128  # 115.2 of 128
     assert keeps_chance(0.9, 128) == 0.5
-    assert chosen(("reprob",), line) == (0.1,)  # on the line: halfway, from either side
+    assert chosen(("reprob",), line) == (0.1,)  # on the line: halfway
     erasing = [chosen(("reprob",), right)[0] for right in range(100, 129)]
     assert erasing[0] == 0.0 and erasing[-1] == 0.2  # far from the line: the rule's choice
     assert all(0 <= later - earlier < 0.04 for earlier, later in zip(erasing, erasing[1:]))  # an image: a little
-    drops = [chosen(("drop", "drop_connect"), 90, right) for right in range(100, 129)]  # 0.3/0.2 refused outright
-    assert drops[0] == (0.0, 0.0) and drops[-1] == (0.15, 0.1)
-    assert all(0 <= later[0] - earlier[0] < 0.03 for earlier, later in zip(drops, drops[1:]))  # no step anywhere
-    assert chosen(("drop", "drop_connect"), line) == (0.22, 0.15)  # between the listing's and half of it
+    assert chosen(("drop", "drop_connect"), line, 128) == (0.22, 0.15)  # between the listing's and half of it
+    assert chosen(("drop", "drop_connect"), 90, 128) == (0.15, 0.1)
+    # Three settings: one image more under either measurement, whichever crosses the line, moves dropout by at most
+    # 0.02 and RandAugment by one step of magnitude or 0.06 of each op's chance.
+    for strongest in range(90, 129):
+        for middle in range(strongest, 129):  # a gentler setting keeps at least about as much
+            drop, aa = chosen(("drop", "drop_connect"), strongest, middle), chosen(("aa",), strongest, middle)
+            for nearby in ((strongest + 1, middle), (strongest, middle + 1)):
+                if nearby[0] <= nearby[1] <= 128:
+                    assert abs(chosen(("drop", "drop_connect"), *nearby)[0] - drop[0]) < 0.021
+                    (magnitude, chance), (m, c) = augmentation(aa[0]), augmentation(chosen(("aa",), *nearby)[0])
+                    assert abs(magnitude - m) <= 1 and abs(chance - c) < 0.061
     # RandAugment blends its magnitude toward m9 and each op's chance (timm's p) toward none, in its own text.
     assert chosen(("aa",), 126) == ("rand-m9-mstd0.5",) and chosen(("aa",), 90, 100) == ("none",)
     assert chosen(("aa",), 113, 116) == ("rand-m6-mstd0.5-p0.3",)
@@ -329,6 +352,20 @@ def test_a_setting_measured_near_the_line_moves_a_little_with_each_image_never_a
     # Mirroring on the line: half the listing's rate; BatchNorm has no halfway and stays the rule's choice.
     assert chosen(("hflip",), line) == (0.25,) and chosen(("hflip",), 100) == (0.0,)
     assert chosen(("freeze_batchnorm",), 115) == (True,) and chosen(("freeze_batchnorm",), 116) == (False,)
+    # Evaluation mirrors where auto mirrors at half the listing's rate or more, and wherever a hand-set hflip does.
+    listing = recipe_for(hyperparameters_of())
+    assert mirrors_at_evaluation(hyperparameters_of(), replace(listing, hflip=0.25))
+    assert not mirrors_at_evaluation(hyperparameters_of(), replace(listing, hflip=0.24))
+    assert mirrors_at_evaluation(hyperparameters_of(hflip="0.1"), recipe_for(hyperparameters_of(hflip="0.1")))
+
+
+def test_a_probe_that_answers_nothing_right_or_a_part_that_cannot_be_measured_leaves_the_listings_recipe():
+    from efficientnet_train.recipe import LISTING, choose
+
+    for clean, measured in ((0.0, 0.0), (100.0, None)):
+        record = choose(hyperparameters_of(), clean, lambda view, kind: measured, 128)
+        assert {name: record["recipe"][name] for name in LISTING} == LISTING
+        assert all(step["keeps_chance"] == (None if measured is None else 1.0) for step in record["measured"])
 
 
 def test_before_the_probe_auto_is_the_listings_recipe_with_sgd_and_the_training_size_follows_batchnorm():
