@@ -231,8 +231,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    minimum=2, maximum=4096, tunable=True),  # BatchNorm can't train on one image
     Hyperparameter("aa", str, "auto",
                    "Augmentation policy (timm's auto_augment): v0, original, a RandAugment string such as "
-                   f"rand-m9-mstd0.5, or none. auto = rand-m9-mstd0.5 (the listing's), rand-m5-mstd0.5, none, or between "
-                   f"(a magnitude from 5 to 9, each op's chance p under 0.5), {MEASURED}.",
+                   "rand-m9-mstd0.5, or none. auto = rand-m9-mstd0.5 (the listing's), rand-m5-mstd0.5, none, or "
+                   f"between (a magnitude from 5 to 9, each op's chance p under 0.5), {MEASURED}.",
                    # Not tunable: a tuning job can only search ranges and category lists, not free text.
                    check=_check_auto_augment,
                    allowed_text="auto, none, v0, original, or a timm RandAugment string"),
@@ -267,7 +267,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("opt_eps", float, 0.001, "Optimizer epsilon.", minimum=0.0000000001, maximum=1, tunable=True),
     Hyperparameter("remode", str, "pixel", "Random-erasing fill mode.", choices=("const", "rand", "pixel"),
                    tunable=True),
-    Hyperparameter("reprob", float, AUTO, f"Random-erasing probability. auto = 0.2 (the listing's), 0 or between, {MEASURED}.",
+    Hyperparameter("reprob", float, AUTO,
+                   f"Random-erasing probability. auto = 0.2 (the listing's), 0 or between, {MEASURED}.",
                    minimum=0, maximum=1, tunable=True),
     # Not timm's plateau: it only steps on epochs (a whole first epoch at warmup_lr), its patience outlasts early
     # stopping's, and its state is not in timm's checkpoints.
@@ -308,8 +309,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    minimum=0, maximum=1, tunable=True),
     Hyperparameter("crop_scale", float, AUTO,
                    "Smallest share of a training image's area that a random training crop keeps; 1 = no random "
-                   f"crop (the evaluation view). auto = 0.25, 0.5 or between, {MEASURED}; never 1: training on whole images "
-                   "over-fitted where half crops trained better.",
+                   f"crop (the evaluation view). auto = 0.25, 0.5 or between, {MEASURED}; never 1: training on whole "
+                   "images over-fitted where half crops trained better.",
                    minimum=0.05, maximum=1, tunable=True),
     Hyperparameter("eval_hflip", bool, True,
                    "Average each validation and served prediction over the image and its mirror image "

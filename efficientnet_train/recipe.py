@@ -194,7 +194,7 @@ def decisions(record: dict) -> list[str]:
         tried = [step for step in record["measured"] if step["part"] == part]
         chosen = ", ".join(f"{name}={_shown(record['recipe'][name])}" for name in names)
         seen = ", ".join(f"{'-' if step['acc_1'] is None else format(step['acc_1'], '.1f')}% at {part}="
-                         f"{_shown(step['setting'])}" + _chance_shown(step.get('keeps_chance')) for step in tried)
+                         f"{_shown(step['setting'])}" + _chance_shown(step['keeps_chance']) for step in tried)
         how = f"the strongest setting keeping {KEEPS:.0%} of that" + (
             ", more likely than not" if kind == "batch_statistics"
             else ", blended with the gentler ones by each one's chance of keeping it")
