@@ -7,7 +7,7 @@ hyperparameter, so the defaults are measured unless you say otherwise.
 
     python benchmarks/benchmark_hymenoptera.py --lite 0 --epochs 5
     python benchmarks/benchmark_hymenoptera.py --lite 2 --epochs 5 lr=0.004 model_ema=false
-    python benchmarks/benchmark_hymenoptera.py --limit ants=12 balance_classes=true
+    python benchmarks/benchmark_hymenoptera.py --limit ants=12 balance_classes=false
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ class Hyperparameter:
         if self.default == AUTO and self.kind in (int, float):
             return "auto, or " + Hyperparameter(self.name, self.kind, 0, "", self.minimum, self.maximum).allowed
         if self.kind is bool:
-            return "true or false"
+            return "auto, true or false" if self.default == AUTO else "true or false"
         if self.choices:
             return "one of " + ", ".join(self.choices)
         kind = "an integer" if self.kind is int else "a number"
@@ -343,9 +343,12 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    "each batch's own (its scales and shifts still train); then training runs at the evaluation "
                    f"size. auto = false (the listing's) or true, {RULE} with BatchNorm on batch statistics.",
                    choices=("auto", "true", "false")),
-    Hyperparameter("balance_classes", bool, False,
+    Hyperparameter("balance_classes", bool, AUTO,
                    "Weight the training loss by inverse class frequency, so that every class counts as much "
-                   "as the others however many images it has."),
+                   "as the others however many images it has. auto = between false and true by the chance that the "
+                   "'val' channel's class counts come from equal class shares rather than the training set's (a "
+                   "balanced 'val' beside an imbalanced 'train' gives true); false where val is held out of train "
+                   "or an image has several labels."),
     Hyperparameter("max_unusable_fraction", float, 0.1,
                    "Largest share of a channel's image files that may be unusable (corrupt, truncated, empty, "
                    "too large, unsupported format, outside a class folder) before the job fails instead of "
@@ -457,7 +460,8 @@ def sagemaker_hyperparameter_specs() -> list[dict]:
             del spec["DefaultValue"]  # the range must hold it; the job uses it when SageMaker sends nothing
         if hp.kind is bool:
             spec["Type"] = "Categorical"
-            spec["Range"] = {"CategoricalParameterRangeSpecification": {"Values": ["true", "false"]}}
+            values = ([AUTO] if hp.default == AUTO else []) + ["true", "false"]
+            spec["Range"] = {"CategoricalParameterRangeSpecification": {"Values": values}}
         elif hp.choices:
             spec["Type"] = "Categorical"
             spec["Range"] = {"CategoricalParameterRangeSpecification": {"Values": list(hp.choices)}}

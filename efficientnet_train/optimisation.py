@@ -94,20 +94,38 @@ def early_stop_reason(epoch: int, best_epoch: int, lr_now: float, peak_lr: float
     return None
 
 
-def class_weights(channel) -> torch.Tensor:
-    """Inverse class frequency, normalised so that a balanced data set gets weights of 1."""
+def balance_share(hp, train_channel, val_channel, held_out: bool) -> float:
+    """How far the training loss's class weights go from the training set's own shares (0) toward every class
+    counting the same (1, inverse frequency): balance_classes' true or false as set; auto asks which the validation
+    images' class counts are likelier under, the training set's shares or equal ones, and takes the second's
+    posterior chance (even odds before). A held-out validation set has the training set's shares by construction, and
+    several labels an image keep theirs."""
+    if hp.balance_classes != hyperparameters.AUTO:
+        return float(hp.balance_classes)
+    if held_out or train_channel.multi_label:
+        return 0.0
+    counts = torch.tensor(list(train_channel.images_per_class().values()), dtype=torch.float64).clamp(min=1)
+    val_counts = torch.tensor(list(val_channel.images_per_class().values()), dtype=torch.float64)
+    # log P(val counts | equal shares) - log P(val counts | the training shares); the multinomial's coefficient cancels
+    log_odds = float((val_counts * (counts / counts.sum() * len(counts)).log().neg()).sum())
+    return 1.0 / (1.0 + math.exp(-max(min(log_odds, 700.0), -700.0)))
+
+
+def class_weights(channel, share: float = 1.0) -> torch.Tensor:
+    """Each class's weight `share` of the way from 1 to its inverse frequency, normalised so that a balanced data set
+    gets weights of 1."""
     counts = torch.tensor(list(channel.images_per_class().values()), dtype=torch.float)
-    return counts.sum() / (len(counts) * counts.clamp(min=1))
+    return 1.0 - share + share * counts.sum() / (len(counts) * counts.clamp(min=1))
 
 
-
-def loss_function(channel, hp) -> torch.nn.Module:
-    """The training loss: cross-entropy with label smoothing, classes weighted for balance_classes; for a
-    multi-label channel, binary cross-entropy summed over the labels, positives weighted for balance_classes
-    (multilabel.py; no smoothing: it would move every absent label's target off 0)."""
+def loss_function(channel, hp, balance: float) -> torch.nn.Module:
+    """The training loss: cross-entropy with label smoothing, classes weighted `balance` of the way to counting the
+    same (balance_share); for a multi-label channel, binary cross-entropy summed over the labels, positives weighted
+    for balance_classes=true (multilabel.py; no smoothing: it would move every absent label's target off 0)."""
     if channel.multi_label:
         counts = torch.tensor(list(channel.images_per_class().values()), dtype=torch.float)
         return multilabel.loss_function(multilabel.positive_weights(counts, len(channel.samples))
-                                        if hp.balance_classes else None)
-    return torch.nn.CrossEntropyLoss(weight=class_weights(channel) if hp.balance_classes else None,
+                                        if balance else None)
+    weights = class_weights(channel, balance)
+    return torch.nn.CrossEntropyLoss(weight=None if bool((weights == 1).all()) else weights,
                                      label_smoothing=hp.smoothing)

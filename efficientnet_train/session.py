@@ -16,7 +16,7 @@ from .data import (ImageDataset, ModelInput, TrainBatches, dataset_of, decode_si
                    resolve_data_config, train_transform)
 from .engine import data_loader, seed_everything
 from .model import autocast_for, create_model, read_model_channel, set_regularisation
-from .optimisation import create_optimizer, loss_function, create_schedule, training_tools
+from .optimisation import balance_share, create_optimizer, create_schedule, loss_function, training_tools
 from .recipe import Recipe, mirrors_at_evaluation, recipe_for, training_size_config
 from .resources import SlowDataWarning, data_loading_workers_for, describe, versions
 from .sagemaker import SageMakerEnvironment
@@ -111,11 +111,18 @@ def set_up(env: SageMakerEnvironment, job: Job, resuming: bool, rank: distribute
                           decode_side(data_config, training=False))
     # Every rank a different share, each image exactly once (no padding): the summed counts are the val set's.
     val_share = torch.utils.data.Subset(val_data, range(rank.rank, len(val_data), rank.world_size))
-    loss_fn = loss_function(train_channel, hp).to(device)
+    balance = balance_share(hp, train_channel, val_channel, job.held_out is not None)
+    if hp.balance_classes == hyperparameters.AUTO and job.held_out is None and not train_channel.multi_label \
+            and rank.is_main:
+        log.info("Class balance (auto): the training loss weights each class %.3g%% of the way from 1 to its inverse "
+                 "frequency (0%% keeps the training set's class shares, 100%% makes every class count the same): the "
+                 "chance that the validation images' class counts come from equal shares rather than the training "
+                 "set's", 100 * balance)
+    loss_fn = loss_function(train_channel, hp, balance).to(device)
     ema, scaler = training_tools(model, hp, amp_dtype)
     args = {**vars(hp),
             "ignored_hyperparameters": job.ignored, "classes": classes, "num_classes": len(classes),
-            "multi_label": train_channel.multi_label,
+            "multi_label": train_channel.multi_label, "effective_balance_classes": round(balance, 4),
             "global_batch_size": hp.batch_size * rank.world_size,
             "checkpoint_dir": str(env.checkpoint_dir),
             "processes": rank.world_size, "effective_workers": workers, "device": describe(device),

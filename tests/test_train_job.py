@@ -67,6 +67,8 @@ def test_args_hold_resolved_hyperparameters_and_derived_values(finished_job):
     assert args["data_config"]["input_size"] == [3, 37, 37]  # evaluated 1.15x larger
     assert args["effective_lr"] == pytest.approx(0.1 * 8 / 256)
     assert args["train_images_per_class"] == {"ants": 12, "bees": 14, "wasps": 12}
+    # val's 6 a class fit the training shares (12, 14, 12) about as well as equal ones: balanced about halfway
+    assert 0.4 < args["effective_balance_classes"] < 0.6
     assert args["skipped_files"]["train"] == {
         "count": 1, "unusable": 0, "by_reason": {"not an image file": 1}, "per_class": {"ants": 1},
         "examples": ["ants/notes.txt (not an image file)"], "ignored_hidden_or_system": 2}
@@ -106,6 +108,7 @@ def test_log_shows_inventory_settings_and_versions(finished_job):
     assert "ignored 2 hidden or system files and folders (.DS_Store, bees/.hidden.jpg)" in log
     assert re.search(r"formats \[bmp: \d+, gif: \d+, jpeg: \d+, jpg: \d+, png: \d+, webp: \d+\]", log)
     assert "Resolved settings" in log and "timm:" in log and "device: cpu" in log
+    assert re.search(r"Class balance \(auto\): the training loss weights each class [4-6]\d(\.\d+)?% of the way", log)
     assert "Ignoring SageMaker's own hyperparameters: _tuning_objective_metric, sagemaker_program" in log
 
 

@@ -41,6 +41,49 @@ def test_class_weights_make_every_class_count_the_same():
     assert (weights * torch.tensor([100.0, 10.0])).tolist() == pytest.approx([55.0, 55.0])
 
 
+def _channels(train_counts, val_counts, multi_label=False):
+    names = [f"c{i}" for i in range(len(train_counts))]
+
+    def samples(counts):
+        return [(f"{i}-{n}", (i,) if multi_label else i) for i, count in enumerate(counts) for n in range(count)]
+
+    return (Channel("train", None, names, samples=samples(train_counts), multi_label=multi_label),
+            Channel("val", None, names, samples=samples(val_counts), multi_label=multi_label))
+
+
+def test_auto_balances_for_a_balanced_val_beside_an_imbalanced_train():
+    from efficientnet_train.optimisation import balance_share, loss_function
+
+    hp = rules()
+    train, val = _channels([100, 60, 36, 22, 13, 8, 5, 5, 5, 5], [36] * 10)
+    assert balance_share(hp, train, val, held_out=False) == 1.0
+    weights = loss_function(train, hp, 1.0).weight
+    assert (weights * torch.tensor([100.0, 60, 36, 22, 13, 8, 5, 5, 5, 5])).tolist() == pytest.approx([25.9] * 10)
+    # a val that follows the training shares: the training set's own shares, weights of 1 (no weight at all)
+    follows = _channels([100, 60, 36, 22, 13, 8, 5, 5, 5, 5], [40, 24, 14, 9, 5, 3, 2, 2, 2, 2])[1]
+    assert balance_share(hp, train, follows, held_out=False) < 1e-6
+    assert loss_function(train, hp, balance_share(hp, train, follows, held_out=False)).weight is None
+    assert balance_share(hp, train, val, held_out=True) == 0.0  # held out of train: its shares by construction
+    assert balance_share(rules(balance_classes="false"), train, val, held_out=False) == 0.0
+    assert balance_share(rules(balance_classes="true"), train, follows, held_out=False) == 1.0
+
+
+def test_auto_balance_degrades_gracefully_where_val_cannot_tell():
+    from efficientnet_train.optimisation import balance_share, loss_function
+
+    hp = rules()
+    train, val = _channels([30, 20], [3, 3])  # 6 val images: equal shares a little likelier, not sure
+    share = balance_share(hp, train, val, held_out=False)
+    assert 0.5 < share < 0.7
+    assert class_weights(train, share).tolist() == pytest.approx([1 - share + share * 50 / 60,
+                                                                   1 - share + share * 50 / 40])
+    even, even_val = _channels([30, 30], [5, 9])
+    assert balance_share(hp, even, even_val, held_out=False) == 0.5  # a balanced train: the question is moot
+    assert loss_function(even, hp, 0.5).weight is None  # and the loss is the unweighted one
+    multi = _channels([30, 20], [5, 5], multi_label=True)
+    assert balance_share(hp, *multi, held_out=False) == 0.0  # several labels an image: each label's own rate
+
+
 def test_evaluation_size_is_timms_test_view_or_larger_than_training():
     import timm
 
