@@ -46,7 +46,7 @@ def main() -> int:
     from efficientnet_train.linear_probe import fit_linear_probe
     from efficientnet_train.model import create_model, set_batchnorm_training
     from efficientnet_train.engine import train_step
-    from efficientnet_train.optimisation import create_optimizer
+    from efficientnet_train.optimisation import balance_share, create_optimizer, loss_function
 
     weights = lite_weights(options.weights_dir, 0)
     hp, _ = schema.parse({"model": MODEL, "pretrained_path": str(weights)})
@@ -58,7 +58,7 @@ def main() -> int:
     side = decode_side(config, training=False)
     clean, val_images = (dataset_of(channel, eval_transform(config), None, 0, side) for channel in (train, val))
     to_input = ModelInput(config, torch.device("cpu"))
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp.smoothing)
+    loss_fn = loss_function(train, hp, balance_share(hp, train, val, held_out=False))  # the job's own loss
 
     def loader(images, **shuffling):
         return torch.utils.data.DataLoader(images, batch_size=hp.batch_size, **shuffling)

@@ -347,8 +347,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    "Weight the training loss by inverse class frequency, so that every class counts as much "
                    "as the others however many images it has. auto = between false and true by the chance that the "
                    "'val' channel's class counts come from equal class shares rather than the training set's (a "
-                   "balanced 'val' beside an imbalanced 'train' gives true); false where val is held out of train "
-                   "or an image has several labels."),
+                   "balanced 'val' beside an imbalanced 'train' gives true once 'val' has the images to tell); false "
+                   "where val is held out of train or an image has several labels."),
     Hyperparameter("max_unusable_fraction", float, 0.1,
                    "Largest share of a channel's image files that may be unusable (corrupt, truncated, empty, "
                    "too large, unsupported format, outside a class folder) before the job fails instead of "

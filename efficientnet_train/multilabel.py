@@ -25,7 +25,7 @@ def loss_function(pos_weight: torch.Tensor | None = None) -> torch.nn.Module:
 
 
 def positive_weights(positives: torch.Tensor, images: int) -> torch.Tensor:
-    """balance_classes: each label's positives weighted by its negatives per positive (at least 1, at most 100: a
+    """balance_classes=true: each label's positives weighted by its negatives per positive (at least 1, at most 100: a
     label of a few images would otherwise dominate the loss), as BCEWithLogitsLoss's pos_weight."""
     return ((images - positives) / positives.clamp(min=1)).clamp(1.0, 100.0)
 

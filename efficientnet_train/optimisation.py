@@ -111,6 +111,16 @@ def balance_share(hp, train_channel, val_channel, held_out: bool) -> float:
     return 1.0 / (1.0 + math.exp(-max(min(log_odds, 700.0), -700.0)))
 
 
+def balance_text(channel, share: float) -> str:
+    """What balance_share chose, for the log: the class weights it gives, and why."""
+    if len(set(channel.images_per_class().values())) == 1:
+        return "every class weighs 1 in the training loss (the training set is balanced)"
+    weights = class_weights(channel, share)
+    return (f"the training loss weighs the classes {float(weights.min()):.3g} to {float(weights.max()):.3g}, "
+            f"{100 * share:.1f}% of the way from 1 to their inverse frequency: the chance that the validation "
+            "images' class counts come from equal shares rather than the training set's")
+
+
 def class_weights(channel, share: float = 1.0) -> torch.Tensor:
     """Each class's weight `share` of the way from 1 to its inverse frequency, normalised so that a balanced data set
     gets weights of 1."""

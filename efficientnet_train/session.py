@@ -16,7 +16,7 @@ from .data import (ImageDataset, ModelInput, TrainBatches, dataset_of, decode_si
                    resolve_data_config, train_transform)
 from .engine import data_loader, seed_everything
 from .model import autocast_for, create_model, read_model_channel, set_regularisation
-from .optimisation import balance_share, create_optimizer, create_schedule, loss_function, training_tools
+from .optimisation import balance_share, balance_text, create_optimizer, create_schedule, loss_function, training_tools
 from .recipe import Recipe, mirrors_at_evaluation, recipe_for, training_size_config
 from .resources import SlowDataWarning, data_loading_workers_for, describe, versions
 from .sagemaker import SageMakerEnvironment
@@ -114,10 +114,7 @@ def set_up(env: SageMakerEnvironment, job: Job, resuming: bool, rank: distribute
     balance = balance_share(hp, train_channel, val_channel, job.held_out is not None)
     if hp.balance_classes == hyperparameters.AUTO and job.held_out is None and not train_channel.multi_label \
             and rank.is_main:
-        log.info("Class balance (auto): the training loss weights each class %.3g%% of the way from 1 to its inverse "
-                 "frequency (0%% keeps the training set's class shares, 100%% makes every class count the same): the "
-                 "chance that the validation images' class counts come from equal shares rather than the training "
-                 "set's", 100 * balance)
+        log.info("Class balance (auto): %s", balance_text(train_channel, balance))
     loss_fn = loss_function(train_channel, hp, balance).to(device)
     ema, scaler = training_tools(model, hp, amp_dtype)
     args = {**vars(hp),

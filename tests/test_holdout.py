@@ -55,6 +55,7 @@ def test_a_job_without_val_trains_and_says_what_it_held_out(tmp_path, tiny_hyper
     assert all((base / "input" / "data" / "train" / row["image"]).is_file() for row in rows)
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
     assert args["val_held_out_of_train"] is True and args["train_images"] == 27 and args["val_images"] == 9
+    assert args["effective_balance_classes"] == 0  # held out of train: the training set's shares by construction
     import tarfile
 
     with tarfile.open(base / "model" / "model.tar.gz") as tar:

@@ -85,6 +85,7 @@ def test_a_manifest_of_label_lists_trains_a_multi_label_model_judged_by_map(trai
         assert values == ([float(row[column]) for row in rows] if column else []), name
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
     assert args["multi_label"] is True and args["classes"] == sorted(COLOURS)
+    assert args["effective_balance_classes"] == 0  # auto leaves each label's positives unweighted
     assert 0 < args["best_map"] <= 100 and set(args["best_per_label_ap"]) == set(COLOURS)
     assert len(args["calibration"]["thresholds"]) == 4 and args["linear_probe"]["mAP"] > 0
     assert [row["epoch"] for row in read_summary(base / "model")] == ["0", "1", "2"]

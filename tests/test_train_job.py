@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import tarfile
 from pathlib import Path
@@ -67,8 +68,10 @@ def test_args_hold_resolved_hyperparameters_and_derived_values(finished_job):
     assert args["data_config"]["input_size"] == [3, 37, 37]  # evaluated 1.15x larger
     assert args["effective_lr"] == pytest.approx(0.1 * 8 / 256)
     assert args["train_images_per_class"] == {"ants": 12, "bees": 14, "wasps": 12}
-    # val's 6 a class fit the training shares (12, 14, 12) about as well as equal ones: balanced about halfway
-    assert 0.4 < args["effective_balance_classes"] < 0.6
+    # val's 6 a class fit equal shares a little better than the training set's (12, 14, 12): the posterior chance
+    log_odds = sum(6 * -math.log(count / 38 * 3) for count in (12, 14, 12))
+    assert args["effective_balance_classes"] == pytest.approx(1 / (1 + math.exp(-log_odds)), abs=1e-4)
+    assert args["effective_balance_classes"] == pytest.approx(0.5121, abs=1e-4)
     assert args["skipped_files"]["train"] == {
         "count": 1, "unusable": 0, "by_reason": {"not an image file": 1}, "per_class": {"ants": 1},
         "examples": ["ants/notes.txt (not an image file)"], "ignored_hidden_or_system": 2}
@@ -108,7 +111,7 @@ def test_log_shows_inventory_settings_and_versions(finished_job):
     assert "ignored 2 hidden or system files and folders (.DS_Store, bees/.hidden.jpg)" in log
     assert re.search(r"formats \[bmp: \d+, gif: \d+, jpeg: \d+, jpg: \d+, png: \d+, webp: \d+\]", log)
     assert "Resolved settings" in log and "timm:" in log and "device: cpu" in log
-    assert re.search(r"Class balance \(auto\): the training loss weights each class [4-6]\d(\.\d+)?% of the way", log)
+    assert "Class balance (auto): the training loss weighs the classes 0.951 to 1.03, 51.2% of the way" in log
     assert "Ignoring SageMaker's own hyperparameters: _tuning_objective_metric, sagemaker_program" in log
 
 
