@@ -121,7 +121,8 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
                      ", ".join(removed))
     resumed = load_latest_state(env.checkpoint_dir)
     if resumed:
-        check_resumable(*resumed, vars(hp), classes, len(train_channel.samples), world_size)
+        check_resumable(*resumed, vars(hp), classes, len(train_channel.samples), world_size,
+                        val_channel.images_per_class())
     # On every host, though only the first one writes: all have the same storage and the same copy of the data,
     # and each fails at once with this reason instead of waiting for the first one to meet them.
     model_bytes, checkpoint_bytes = output_sizes(hp, len(classes))
@@ -161,7 +162,8 @@ def run(env: SageMakerEnvironment, job: Job, rank: distributed.Rank = distribute
         return save_state(env.checkpoint_dir, training_state(
             progress=progress, **trainables(s, tuning), summary=summary, best=best.record, best_model=best.checkpoint,
             finished=stop_reason, linear_probe=args.get("linear_probe"), hyperparameters=vars(hp),
-            classes=s.classes, train_images=len(job.train_channel.samples), world_size=rank.world_size))
+            classes=s.classes, train_images=len(job.train_channel.samples), world_size=rank.world_size,
+            val_images_per_class=job.val_channel.images_per_class()))
 
     started, epoch_seconds, startup = time.monotonic(), [], job.startup
     try:

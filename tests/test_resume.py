@@ -415,6 +415,20 @@ def test_a_checkpoint_with_other_classes_is_refused(uninterrupted, tmp_path):
     assert "classes ['ants', 'bees', 'wasps'] there, ['ants', 'bees'] here" in (base / "output" / "failure").read_text()
 
 
+def test_a_checkpoint_with_another_val_channel_is_refused(uninterrupted, tmp_path):
+    """The best model so far was chosen on the val images, and balance_classes=auto weighs the loss by their shares:
+    a changed val channel is another run."""
+    reference, _ = uninterrupted
+    base = copy_job(uninterrupted, tmp_path)
+    for extra in sorted((base / "input" / "data" / "val" / "bees").iterdir())[:2]:
+        extra.unlink()
+    shutil.copytree(reference / "checkpoints", base / "checkpoints")
+    assert run_train(base).returncode != 0
+    reason = (base / "output" / "failure").read_text()
+    assert "18 validation images there, 16 here (by class: 'bees' 6 there, 4 here)" in reason, reason
+    assert len(checkpoints(base / "checkpoints")) == 2  # nothing deleted
+
+
 def test_checkpointconfig_local_path_is_where_checkpoints_go(tiny_hyperparameters, tmp_path):
     base = make_job(tmp_path / "job", tiny_hyperparameters)
     (base / "input" / "config" / "checkpointconfig.json").write_text(
