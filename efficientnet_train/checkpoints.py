@@ -125,25 +125,26 @@ def _set_aside(path: Path) -> Path:
 
 
 def check_resumable(path: Path, state: dict, hyperparameters: dict, classes: list[str], train_images: int,
-                    processes: int = 1, val_images_per_class: dict[str, int] | None = None) -> None:
+                    processes: int = 1, val_images: int | None = None,
+                    val_images_per_class: dict[str, int] | None = None) -> None:
     """Refuse to continue a run with a checkpoint from a different one instead of silently mixing them."""
     saved = state["hyperparameters"]
     problems = [f"{key}={saved.get(key)!r} there, {value!r} here" for key, value in hyperparameters.items()
                 if key not in MAY_CHANGE_ON_RESUME and saved.get(key) != value]
     if state["classes"] != classes:
-        problems.append(f"classes {state['classes']} there, {classes} here")
+        problems.append(f"classes {shown(state['classes'], 200)} there, {shown(classes, 200)} here")
     if state["train_images"] != train_images:
         problems.append(f"{state['train_images']} training images there, {train_images} here")
     # The best model so far was chosen on the val images, and balance_classes=auto weighs the loss by their shares.
-    saved_val = state.get("val_images_per_class")  # absent from checkpoints written before it was kept
-    if saved_val is not None and val_images_per_class is not None and state["classes"] == classes \
-            and saved_val != val_images_per_class:
-        changed = [name for name in classes if saved_val.get(name) != val_images_per_class.get(name)]
-        problems.append(f"{sum(saved_val.values())} validation images there, {sum(val_images_per_class.values())} "
-                        f"here (by class: "
-                        + ", ".join(f"'{shown(name, 60)}' {saved_val.get(name, 0)} there, "
-                                    f"{val_images_per_class.get(name, 0)} here" for name in changed[:3])
-                        + (", ..." if len(changed) > 3 else "") + ")")
+    if "val_images" in state and val_images is not None and state["classes"] == classes:  # absent before it was kept
+        there = state.get("val_images_per_class")
+        there, here = there if isinstance(there, dict) else {}, val_images_per_class or {}
+        changed = [name for name in classes if there.get(name) != here.get(name)]
+        if state["val_images"] != val_images or changed:
+            by_class = ", ".join(f"'{shown(name, 60)}' {there.get(name, 0)} there, {here.get(name, 0)} here"
+                                 for name in changed[:3]) + (", ..." if len(changed) > 3 else "")
+            problems.append(f"{state['val_images']} validation images there, {val_images} here"
+                            + (f" (by class: {by_class})" if changed else ""))
     if state.get("world_size", 1) != processes:  # the global batch, and with it each step, would differ
         problems.append(f"{state.get('world_size', 1)} training processes there, {processes} here")
     if problems:
@@ -171,7 +172,8 @@ def restore_rng(state: dict) -> None:
 def training_state(*, progress: Progress, model, ema, optimizer, scheduler, scaler, summary: list[dict],
                    best: dict | None, best_model: dict | None, finished: str | None, hyperparameters: dict,
                    classes: list[str], train_images: int, world_size: int = 1,
-                   linear_probe: dict | None = None, val_images_per_class: dict[str, int] | None = None) -> dict:
+                   linear_probe: dict | None = None, val_images: int | None = None,
+                   val_images_per_class: dict[str, int] | None = None) -> dict:
     def cpu(state_dict):
         return {key: value.detach().cpu() for key, value in state_dict.items()}
 
@@ -180,7 +182,8 @@ def training_state(*, progress: Progress, model, ema, optimizer, scheduler, scal
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
             "rng": capture_rng(), "summary": summary, "best": best, "best_model": best_model, "finished": finished,
             "hyperparameters": hyperparameters, "classes": classes, "train_images": train_images,
-            "world_size": world_size, "linear_probe": linear_probe, "val_images_per_class": val_images_per_class}
+            "world_size": world_size, "linear_probe": linear_probe, "val_images": val_images,
+            "val_images_per_class": val_images_per_class}
 
 
 def restore_training_state(state: dict, *, model, ema, optimizer, scheduler, scaler) -> Progress:

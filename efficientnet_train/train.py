@@ -122,7 +122,7 @@ def prepare(env: SageMakerEnvironment, world_size: int, startup: report.StartUp)
     resumed = load_latest_state(env.checkpoint_dir)
     if resumed:
         check_resumable(*resumed, vars(hp), classes, len(train_channel.samples), world_size,
-                        val_channel.images_per_class())
+                        len(val_channel.samples), val_channel.images_per_class())
     # On every host, though only the first one writes: all have the same storage and the same copy of the data,
     # and each fails at once with this reason instead of waiting for the first one to meet them.
     model_bytes, checkpoint_bytes = output_sizes(hp, len(classes))
@@ -163,7 +163,7 @@ def run(env: SageMakerEnvironment, job: Job, rank: distributed.Rank = distribute
             progress=progress, **trainables(s, tuning), summary=summary, best=best.record, best_model=best.checkpoint,
             finished=stop_reason, linear_probe=args.get("linear_probe"), hyperparameters=vars(hp),
             classes=s.classes, train_images=len(job.train_channel.samples), world_size=rank.world_size,
-            val_images_per_class=job.val_channel.images_per_class()))
+            val_images=len(job.val_channel.samples), val_images_per_class=job.val_channel.images_per_class()))
 
     started, epoch_seconds, startup = time.monotonic(), [], job.startup
     try:

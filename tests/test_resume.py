@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -427,6 +428,27 @@ def test_a_checkpoint_with_another_val_channel_is_refused(uninterrupted, tmp_pat
     reason = (base / "output" / "failure").read_text()
     assert "18 validation images there, 16 here (by class: 'bees' 6 there, 4 here)" in reason, reason
     assert len(checkpoints(base / "checkpoints")) == 2  # nothing deleted
+
+
+def test_resume_compares_the_val_images_only_where_the_checkpoint_kept_them():
+    """Checkpoints from before the val images were kept resume as before; a long class name is cut in the reason,
+    and a count that changed in many classes lists three; a label-free image of a multi-label val counts too."""
+    from efficientnet_train.checkpoints import check_resumable
+    from efficientnet_train.errors import JobError
+
+    classes = ["a" * 100] + [f"c{index}" for index in range(5)]
+    counts = dict.fromkeys(classes, 4)
+    old = {"hyperparameters": {}, "classes": classes, "train_images": 10}
+    check_resumable(Path("ckpt"), old, {}, classes, 10, 1, 20, {name: 1 for name in classes})  # nothing to compare
+    state = {**old, "val_images": 24, "val_images_per_class": counts}
+    check_resumable(Path("ckpt"), state, {}, classes, 10, 1, 24, dict(counts))
+    with pytest.raises(JobError) as refused:
+        check_resumable(Path("ckpt"), state, {}, classes, 10, 1, 18, {**counts, **dict.fromkeys(classes[:5], 3)})
+    reason = str(refused.value)
+    assert "24 validation images there, 18 here (by class: '" + "a" * 60 + "... (100 characters in all)' 4 there, " \
+        "3 here, 'c0' 4 there, 3 here, 'c1' 4 there, 3 here, ...)" in reason, reason
+    with pytest.raises(JobError, match=r"24 validation images there, 25 here\. "):
+        check_resumable(Path("ckpt"), state, {}, classes, 10, 1, 25, dict(counts))
 
 
 def test_checkpointconfig_local_path_is_where_checkpoints_go(tiny_hyperparameters, tmp_path):
