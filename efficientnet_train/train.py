@@ -163,7 +163,7 @@ def run(env: SageMakerEnvironment, job: Job, rank: distributed.Rank = distribute
             progress=progress, **trainables(s, tuning), summary=summary, best=best.record, best_model=best.checkpoint,
             finished=stop_reason, linear_probe=args.get("linear_probe"), hyperparameters=vars(hp),
             classes=s.classes, train_images=len(job.train_channel.samples), world_size=rank.world_size,
-            val_images=len(job.val_channel.samples), val_images_per_class=job.val_channel.images_per_class()))
+            val_images=args["val_images"], val_images_per_class=args["val_images_per_class"]))
 
     started, epoch_seconds, startup = time.monotonic(), [], job.startup
     try:
