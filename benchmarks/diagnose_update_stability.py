@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
-from local_job import lite_weights
+from local_job import lite0_probe_parts
 
-MODEL = "tf_efficientnet_lite0"
 WARMUP_UPDATES = 5
 
 
@@ -40,25 +39,17 @@ def main() -> int:
 
     from timm.utils.agc import unitwise_norm
 
-    from efficientnet_train import hyperparameters as schema
-    from efficientnet_train.channels import scan_channel
-    from efficientnet_train.data import ModelInput, dataset_of, decode_side, eval_transform, resolve_data_config
+    from efficientnet_train.data import dataset_of, decode_side, eval_transform
     from efficientnet_train.linear_probe import fit_linear_probe
-    from efficientnet_train.model import create_model, set_batchnorm_training
+    from efficientnet_train.model import set_batchnorm
     from efficientnet_train.engine import train_step
-    from efficientnet_train.optimisation import balance_share, create_optimizer, loss_function
+    from efficientnet_train.optimisation import create_optimizer
 
-    weights = lite_weights(options.weights_dir, 0)
-    hp, _ = schema.parse({"model": MODEL, "pretrained_path": str(weights)})
-    val_folder = next(options.folder / name for name in ("val", "validation") if (options.folder / name).is_dir())
-    train = scan_channel("train", options.folder / "train")
-    val = scan_channel("validation", val_folder, train.classes)
-    model = create_model(MODEL, train.classes, str(weights), 0.0, 0.0)
-    config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
+    parts = lite0_probe_parts(options.folder, options.weights_dir)
+    hp, train, model, config, to_input, loss_fn = (parts.hp, parts.train, parts.model, parts.config, parts.to_input,
+                                                    parts.loss_fn)  # the job's own loss
     side = decode_side(config, training=False)
-    clean, val_images = (dataset_of(channel, eval_transform(config), None, 0, side) for channel in (train, val))
-    to_input = ModelInput(config, torch.device("cpu"))
-    loss_fn = loss_function(train, hp, balance_share(hp, train, val, held_out=False))  # the job's own loss
+    clean, val_images = (dataset_of(channel, eval_transform(config), None, 0, side) for channel in (train, parts.val))
 
     def loader(images, **shuffling):
         return torch.utils.data.DataLoader(images, batch_size=hp.batch_size, **shuffling)
@@ -82,7 +73,7 @@ def main() -> int:
     # The first update's gradient, unit by unit (a conv filter, a row of the classifier), against its weights.
     images, targets = next(iter(loader(clean, shuffle=True, generator=torch.Generator().manual_seed(0))))
     model.train()
-    set_batchnorm_training(model, False)
+    set_batchnorm(model, 1.0)
     model.zero_grad()
     loss_fn(model(to_input(images)), targets).backward()
     ratios = torch.cat([(unitwise_norm(p.grad) / unitwise_norm(p.detach()).clamp(min=1e-3)).flatten()  # as AGC
@@ -104,7 +95,7 @@ def main() -> int:
             for group in optimizer.param_groups:
                 group["lr"] = float(lr) * min(1.0, (step + 1) / WARMUP_UPDATES) * group.get("lr_scale", 1.0)
             model.train()
-            set_batchnorm_training(model, False)
+            set_batchnorm(model, 1.0)
             loss = train_step(model, to_input(batch[0]), batch[1], loss_fn, optimizer, None, contextlib.nullcontext,
                               float(clip or 0), "agc")
             losses.append(f"{loss.item():.2f}")

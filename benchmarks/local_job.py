@@ -17,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import yaml
 
@@ -37,6 +38,32 @@ def lite_weights(folder: Path, variant: int = 0) -> Path:
     """Real ImageNet weights of tf_efficientnet_lite{variant} as a timm file in `folder`, converted once."""
     weights = folder / f"tf_efficientnet_lite{variant}.pth"
     return weights if weights.exists() else convert(variant, weights)
+
+
+def lite0_probe_parts(folder: Path, weights_dir: Path) -> SimpleNamespace:
+    """What the investigations start from, on a folder with train/ and val/ class folders: the job's hyperparameters
+    at pure defaults for Lite0's real weights (`hp`), the channels (`train`, `val`), the model with its new
+    classifier (`model`), its data config (`config`), the CPU's input step (`to_input`) and the job's own training
+    loss (`loss_fn`)."""
+    import torch
+
+    from efficientnet_train import hyperparameters as schema
+    from efficientnet_train.channels import scan_channel
+    from efficientnet_train.data import ModelInput, resolve_data_config
+    from efficientnet_train.model import create_model
+    from efficientnet_train.optimisation import balance_share, loss_function
+
+    model_name = "tf_efficientnet_lite0"
+    weights = lite_weights(weights_dir, 0)
+    hp, _ = schema.parse({"model": model_name, "pretrained_path": str(weights)})
+    val_folder = next(folder / name for name in ("val", "validation") if (folder / name).is_dir())
+    train = scan_channel("train", folder / "train")
+    val = scan_channel("validation", val_folder, train.classes)
+    model = create_model(model_name, train.classes, str(weights), 0.0, 0.0)
+    config = resolve_data_config(model, hp.img_size, hp.eval_img_size)
+    return SimpleNamespace(hp=hp, train=train, val=val, model=model, config=config,
+                           to_input=ModelInput(config, torch.device("cpu")),
+                           loss_fn=loss_function(train, hp, balance_share(hp, train, val, held_out=False)))
 
 
 def mock_opt_ml(base: Path, data: Path, limits: dict[str, int] | None = None) -> Path:

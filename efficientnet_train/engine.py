@@ -17,7 +17,7 @@ from .checkpoints import Progress
 from .stopping import Interrupted, StopRequest
 from .data import Loader, ModelInput
 from .errors import JobError
-from .model import predict_label_logits, predict_log_probabilities, set_batchnorm_training
+from .model import predict_label_logits, predict_log_probabilities, set_batchnorm
 from .resources import SlowDataWarning
 
 log = logging.getLogger("efficientnet_train")
@@ -28,7 +28,7 @@ PROGRESS_EVERY_S = 60  # a line within long epochs too, so a buyer sees the job 
 
 def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, scheduler, ema, scaler, autocast,
                     progress: Progress, stop: StopRequest, startup: report.StartUp | None = None,
-                    slow_data: SlowDataWarning | None = None, frozen_batchnorm: bool = False, clip_grad: float = 0.0,
+                    slow_data: SlowDataWarning | None = None, frozen_batchnorm: float = 0.0, clip_grad: float = 0.0,
                     clip_mode: str = "agc") -> tuple[float, float]:
     """Train the rest of `progress.epoch` (all of it unless resuming), counting batches in `progress`;
     given the job's start-up so far, say where the time to the first step went. Returns the mean training
@@ -38,8 +38,8 @@ def train_one_epoch(model, loader, to_input: ModelInput, loss_fn, optimizer, sch
     if startup is not None:
         startup.done("setting up training")
     model.train()
-    if frozen_batchnorm:  # normalised as the pretrained network was (BatchNorm's scales and shifts still train)
-        set_batchnorm_training(model, False)
+    # The frozen share normalises as the pretrained network did (BatchNorm's scales and shifts still train).
+    set_batchnorm(model, frozen_batchnorm)
     loader.batch_sampler.start_epoch(progress.epoch, skip_batches=progress.step)
     device = to_input.device
     loss_sum = torch.tensor(progress.loss_sum, device=device)  # no .item() per step: a sync would stall the GPU

@@ -205,6 +205,26 @@ def _check_auto_augment(policy: str) -> str | None:
     return None
 
 
+def frozen_batchnorm_share(value: str) -> float:
+    """freeze_batchnorm's value set by hand as the share of BatchNorm layers frozen: true 1, false 0, or a number
+    from 0 to 1 (what auto may choose); ValueError for anything else."""
+    word = value.strip().lower()
+    share = 1.0 if word in TRUE_WORDS else 0.0 if word in FALSE_WORDS else float(word)
+    if not 0 <= share <= 1:  # also refuses nan
+        raise ValueError(value)
+    return share
+
+
+def _check_freeze_batchnorm(value: str) -> str | None:
+    if value.strip().lower() == AUTO:
+        return None
+    try:
+        frozen_batchnorm_share(value)
+    except ValueError:
+        return "not auto, true, false or a number from 0 to 1"
+    return None
+
+
 NO_PRETRAINED = "none"  # pretrained_path's value for random weights: training from scratch
 WEIGHTS_SUFFIXES = (".pth", ".pt", ".bin", ".pth.tar", ".safetensors")
 
@@ -341,8 +361,10 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("freeze_batchnorm", str, "auto",
                    "Keep BatchNorm's pretrained (ImageNet) statistics while fine-tuning instead of normalising by "
                    "each batch's own (its scales and shifts still train); then training runs at the evaluation "
-                   f"size. auto = false (the listing's) or true, {RULE} with BatchNorm on batch statistics.",
-                   choices=("auto", "true", "false")),
+                   "size. auto = false (the listing's) or true, or between: a share of the BatchNorm layers "
+                   f"frozen, those nearest the classifier, the others on batch statistics; {MEASURED} (args.yml's "
+                   "effective_freeze_batchnorm is the share). A number from 0 to 1 sets the share by hand.",
+                   check=_check_freeze_batchnorm, allowed_text="auto, true, false, or a number from 0 to 1"),
     Hyperparameter("balance_classes", bool, AUTO,
                    "Weight the training loss by inverse class frequency, so that every class counts as much "
                    "as the others however many images it has. auto = between false and true by the chance that the "

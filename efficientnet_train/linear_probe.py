@@ -27,7 +27,7 @@ from . import distributed
 from .stopping import stop_here
 from .data import ModelInput, dataset_of, decode_side, eval_transform, train_transform
 from .engine import data_loader
-from .model import set_batchnorm_training, set_regularisation
+from .model import set_batchnorm, set_regularisation
 from .multilabel import hits
 from .recipe import Recipe, choose, training_size_config
 
@@ -170,15 +170,16 @@ def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_cla
 
 
 @torch.no_grad()
-def probe_top1(model: torch.nn.Module, loader, to_input, autocast, batch_statistics: bool = False,
+def probe_top1(model: torch.nn.Module, loader, to_input, autocast, frozen_batchnorm: float = 1.0,
                dropout: bool = False, stop=None) -> float | None:
     """Top-1 (%) of `model` on `loader`'s images (over every process), in evaluation mode, or with BatchNorm
-    normalising each batch by its own statistics, or with dropout and drop-connect on, as a training step does;
-    BatchNorm's running averages are left as they were. None if no batch had the two images BatchNorm on batch
-    statistics needs."""
+    normalising each batch by its own statistics in all but the share `frozen_batchnorm` of its layers nearest the
+    classifier, or with dropout and drop-connect on, as a training step does; BatchNorm's running averages are left
+    as they were. None if no batch had the two images BatchNorm on batch statistics needs."""
     saved = [buffer.clone() for buffer in model.buffers()]
     model.train(dropout)
-    set_batchnorm_training(model, batch_statistics)
+    set_batchnorm(model, frozen_batchnorm)
+    batch_statistics = frozen_batchnorm < 1
     device = next(model.parameters()).device
     counts = torch.zeros(2, device=device)
     for images, targets in loader:
@@ -193,8 +194,6 @@ def probe_top1(model: torch.nn.Module, loader, to_input, autocast, batch_statist
     model.eval()
     right, seen = distributed.sum_over_ranks(counts).tolist()
     return 100 * right / seen if seen else None
-
-
 
 
 def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp, *, workers: int,
@@ -224,7 +223,7 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
         with random_numbers_untouched(device):  # measuring must not change what training draws
             if kind == "batch_statistics":  # shuffled: a batch of one class has statistics no training batch has
                 return probe_top1(model, share_of(scored, eval_transform(data_config), shuffle=True), to_input,
-                                  autocast, batch_statistics=True, stop=by_batch)
+                                  autocast, frozen_batchnorm=view.freeze_batchnorm, stop=by_batch)
             if kind == "regularisation":
                 set_regularisation(model, view.drop, view.drop_connect)
                 try:

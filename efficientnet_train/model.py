@@ -338,9 +338,12 @@ def set_regularisation(model: torch.nn.Module, drop: float, drop_connect: float)
         path.drop_prob = path.depth_share * drop_connect
 
 
-def set_batchnorm_training(model: torch.nn.Module, training: bool) -> None:
-    """Put every BatchNorm layer of `model` (and only those) in training mode, normalising by each batch's own
-    statistics and updating the running averages, or in evaluation mode, normalising by the running averages."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
-            module.train(training)
+def set_batchnorm(model: torch.nn.Module, frozen: float) -> None:
+    """Put `model`'s BatchNorm layers (and only those) in training mode, normalising by each batch's own statistics
+    and updating the running averages, all but the share `frozen` of them nearest the classifier, which are put in
+    evaluation mode, normalising by their running averages: 1 freezes every one, 0 none. The layers nearest the
+    classifier are the ones whose batch statistics change the probe's answers most (docs/quality.md)."""
+    layers = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    on_batch_statistics = len(layers) - round(frozen * len(layers))
+    for i, module in enumerate(layers):
+        module.train(i < on_batch_statistics)

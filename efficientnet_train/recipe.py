@@ -18,7 +18,8 @@ line, so one image could flip a part from one setting to the next. The rule degr
 measured setting gets the chance, given that error, that it keeps nine in ten on the whole set (`keeps_chance`),
 and a part whose setting is a number takes each step from the gentlest setting toward the strongest by the
 chance that the step's stronger end keeps them (`blended_setting`). Far from the line that is the rule's choice;
-on it, halfway. BatchNorm, on or off, has no halfway and takes the rule's choice.
+on it, halfway. BatchNorm's setting is the share of its layers frozen, those nearest the classifier first: their
+batch statistics change the probe's answers far more than the first layers' do (docs/quality.md).
 
 The optimiser and its rate are not measured: fine-tuning from a fitted classifier needs steps that shrink with the
 gradient (sgd, with clip_grad's adaptive clipping), not rmsproptf's steps of about lr whatever the gradient; and the
@@ -36,7 +37,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
-from .hyperparameters import AUTO
+from .hyperparameters import AUTO, frozen_batchnorm_share
 
 KEEPS = 0.9
 AUTO_OPT = "sgd"
@@ -45,7 +46,10 @@ CLIPPED_SGD_LR = 0.064  # lr=auto for sgd with adaptive clipping: the rate its p
 # Each part: its hyperparameters, their settings strongest first (the first the listing's), and what measures them,
 # in the order they are chosen.
 PARTS = (
-    (("freeze_batchnorm",), ((False,), (True,)), "batch_statistics"),  # frozen: the probe's own view of the images
+    # The share of BatchNorm layers frozen (those nearest the classifier first): all, the probe's own view of the
+    # images. Shares between are the blend's, near the line: measured ones moved the choice far toward batch
+    # statistics for no better model (docs/quality.md).
+    (("freeze_batchnorm",), ((0.0,), (1.0,)), "batch_statistics"),
     (("hflip",), ((0.5,), (0.0,)), "transform"),
     (("crop_scale",), ((0.25,), (0.5,)), "transform"),  # never off: the panel trained better on half crops
     (("aa",), (("rand-m9-mstd0.5",), ("rand-m5-mstd0.5",), ("none",)), "transform"),
@@ -60,7 +64,7 @@ SURE = 0.99  # a setting this likely to keep the answers ends its part's measure
 
 @dataclass(frozen=True)
 class Recipe:
-    freeze_batchnorm: bool
+    freeze_batchnorm: float  # the share of BatchNorm layers frozen, those nearest the classifier (model.set_batchnorm)
     opt: str
     lr: float  # per 256 images; train.py scales it to the real batch
     hflip: float
@@ -88,9 +92,9 @@ def recipe_for(hp, chosen: dict | None = None) -> Recipe:
 
     def value(name: str):
         asked = getattr(hp, name)
-        if asked == AUTO:
-            return chosen[name]
-        return asked == "true" if name == "freeze_batchnorm" else asked
+        if name == "freeze_batchnorm":  # a checkpoint from before the shares records true or false
+            return float(chosen[name]) if asked == AUTO else frozen_batchnorm_share(asked)
+        return chosen[name] if asked == AUTO else asked
 
     opt = value("opt")
     lr = auto_lr(hp, opt) if hp.lr == AUTO else hp.lr
@@ -154,11 +158,8 @@ def blended_setting(settings: tuple, chances: list[float]) -> tuple:
     gentler than a SURE one, count as 1): from the gentlest, each step toward the strongest is taken by the chance
     that its stronger end keeps them. A gentler setting keeps at least what a stronger one keeps, so each chance is
     raised to the largest of those stronger than it. Where every chance is near 0 or 1 this is the rule's choice;
-    a measurement on the line puts the part halfway along that step, and one image moves it a little. BatchNorm,
-    true or false, takes the rule's choice: the strongest setting more likely than not to keep the answers."""
+    a measurement on the line puts the part halfway along that step, and one image moves it a little."""
     chances = list(chances) + [1.0] * (len(settings) - 1 - len(chances))
-    if isinstance(settings[0][0], bool):
-        return next((setting for setting, chance in zip(settings, chances) if chance >= 0.5), settings[-1])
     points = [_point(setting) for setting in settings]
     blend = points[-1]
     for i in reversed(range(len(chances))):
@@ -195,16 +196,16 @@ def decisions(record: dict) -> list[str]:
         chosen = ", ".join(f"{name}={_shown(record['recipe'][name])}" for name in names)
         seen = ", ".join(f"{'-' if step['acc_1'] is None else format(step['acc_1'], '.1f')}% at {part}="
                          f"{_shown(step['setting'])}" + _chance_shown(step['keeps_chance']) for step in tried)
-        how = f"the strongest setting keeping {KEEPS:.0%} of that" + (
-            ", more likely than not" if kind == "batch_statistics"
-            else ", blended with the gentler ones by each one's chance of keeping it")
+        how = (f"the strongest setting keeping {KEEPS:.0%} of that, blended with the gentler ones by each one's chance "
+               f"of keeping it")
         lines.append(f"{chosen}: the probe's classifier answers {seen or 'nothing measured'} of its training images "
                      f"right {VIEWS[kind]}, against {record['training_images_acc_1']:.1f}% as fitted; chosen: {how} "
                      f"(sampling error of {record['measured_images']} images)")
     return lines
 
 
-VIEWS = {"batch_statistics": "(false: on each batch's statistics)", "transform": "through the training transform",
+VIEWS = {"batch_statistics": "(the share of BatchNorm layers nearest the classifier frozen, the others on each batch's "
+                             "statistics)", "transform": "through the training transform",
          "regularisation": "with dropout and drop-connect on"}
 
 
@@ -228,8 +229,8 @@ def mirrors_at_evaluation(hp, recipe: Recipe) -> bool:
 
 
 def training_size_config(data_config: dict, recipe: Recipe) -> dict:
-    """`data_config` with the size this recipe trains at: the evaluation size with frozen BatchNorm (its statistics
-    are the evaluation view's; docs/quality.md), else the training size it has."""
+    """`data_config` with the size this recipe trains at: the evaluation size with any BatchNorm layer frozen (its
+    statistics are the evaluation view's; docs/quality.md), else the training size it has."""
     if not recipe.freeze_batchnorm:
         return data_config
     return {**data_config, "train_input_size": list(data_config["input_size"])}

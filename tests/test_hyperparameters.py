@@ -95,6 +95,10 @@ def test_sagemaker_keys_are_ignored_not_rejected():
     ({"aa": "v1"}, "timm cannot parse this augmentation policy"),
     ({"img_size": "16"}, "(out of range); allowed: an integer from 32 to 1024; unset (or 0, outside SageMaker)"),
     ({"pretrained_path": "/weights/b3.onnx"}, "the path of a .pth, .pt, .bin or .safetensors file"),
+    ({"freeze_batchnorm": "1.5"}, "'freeze_batchnorm' = '1.5' is invalid (not auto, true, false or a number from 0 "
+                                  "to 1); allowed: auto, true, false, or a number from 0 to 1"),
+    ({"freeze_batchnorm": "nan"}, "(not auto, true, false or a number from 0 to 1)"),
+    ({"freeze_batchnorm": "half"}, "(not auto, true, false or a number from 0 to 1)"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, expected):
     assert expected in error_of(raw)

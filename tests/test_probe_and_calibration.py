@@ -154,13 +154,14 @@ def test_auto_freezes_batchnorm_where_batch_statistics_lose_the_probe_and_says_s
     probe = args["linear_probe"]
     assert probe["training_images_acc_1"] == 100
     first = probe["measured"][0]
-    assert first["part"] == "freeze_batchnorm" and first["setting"] is False and first["acc_1"] < 90
-    assert probe["recipe"]["freeze_batchnorm"] is True
-    assert args["freeze_batchnorm"] == "auto" and args["effective_freeze_batchnorm"] is True
+    assert first["part"] == "freeze_batchnorm" and first["setting"] == 0 and first["acc_1"] < 90
+    assert [step["part"] for step in probe["measured"]].count("freeze_batchnorm") == 1  # all frozen: unmeasured
+    assert probe["recipe"]["freeze_batchnorm"] == 1
+    assert args["freeze_batchnorm"] == "auto" and args["effective_freeze_batchnorm"] == 1
     assert args["opt"] == "auto" and args["effective_opt"] == "sgd"
     assert args["data_config"]["train_input_size"] == args["data_config"]["input_size"] == [3, 37, 37]
-    said = [line for line in log.splitlines() if "Recipe (auto): freeze_batchnorm=true" in line]
-    assert len(said) == 1 and " INFO " in said[0] and f"{first['acc_1']:.1f}% at freeze_batchnorm=false" in said[0]
+    said = [line for line in log.splitlines() if "Recipe (auto): freeze_batchnorm=1.0" in line]
+    assert len(said) == 1 and " INFO " in said[0] and f"{first['acc_1']:.1f}% at freeze_batchnorm=0.0" in said[0]
     assert_statistics_are_pretrained(base, pretrained_tiny_weights)
 
 
@@ -245,7 +246,7 @@ def test_batch_statistics_top1_sees_features_that_each_batch_renormalises(low, h
     loader = shifted_pairs(low, high)
     assert (model(next(iter(loader))[0]).argmax(1) == next(iter(loader))[1]).all()  # right with the pretrained ones
     assert probe_top1(model, loader, lambda images: images, contextlib.nullcontext) == 100.0
-    top1 = probe_top1(model, loader, lambda images: images, contextlib.nullcontext, batch_statistics=True)
+    top1 = probe_top1(model, loader, lambda images: images, contextlib.nullcontext, frozen_batchnorm=0.0)
     assert top1 == pytest.approx(batch_top1)
     assert not model.training and all(torch.equal(before[name], value) for name, value in model.state_dict().items())
 
@@ -270,21 +271,22 @@ def test_each_part_keeps_its_strongest_setting_that_keeps_nine_in_ten_answers_me
         return 100.0 - 20 * (view.crop_scale < 0.5) - 30 * (view.aa != "none") - 40 * (view.hflip < 0.5)
 
     record = choose(hyperparameters_of(), 100.0, measure, 128)
-    assert record["recipe"] == {"freeze_batchnorm": True, "opt": "sgd", "lr": 0.064, "hflip": 0.5, "crop_scale": 0.5,
+    assert record["recipe"] == {"freeze_batchnorm": 1.0, "opt": "sgd", "lr": 0.064, "hflip": 0.5, "crop_scale": 0.5,
                                 "aa": "none", "reprob": 0.2, "drop": 0.15, "drop_connect": 0.1}
     assert [step["keeps_chance"] for step in record["measured"]] == [0, 1, 0, 0, 0, 1, 0, 1]  # far from the line
     assert [(step["part"], step["setting"]) for step in record["measured"]] == [
-        ("freeze_batchnorm", False), ("hflip", 0.5), ("crop_scale", 0.25), ("aa", "rand-m9-mstd0.5"), ("aa", "rand-m5-mstd0.5"), ("reprob", 0.2), ("drop+drop_connect", [0.3, 0.2]),
+        ("freeze_batchnorm", 0.0), ("hflip", 0.5), ("crop_scale", 0.25), ("aa", "rand-m9-mstd0.5"), ("aa", "rand-m5-mstd0.5"), ("reprob", 0.2), ("drop+drop_connect", [0.3, 0.2]),
         ("drop+drop_connect", [0.15, 0.1])]
     kinds = [kind for kind, _ in seen]
     assert kinds == ["batch_statistics"] + ["transform"] * 5 + ["regularisation"] * 2
+    assert seen[0][1].freeze_batchnorm == 0  # every layer on batch statistics
     mirrored, crops = seen[1][1], seen[2][1]
     assert mirrored.hflip == 1.0 and mirrored.crop_scale == 1.0 and mirrored.aa == "none"  # every image mirrored
-    assert crops.hflip == 0.5 and crops.freeze_batchnorm is True and crops.aa == "none" and crops.reprob == 0
+    assert crops.hflip == 0.5 and crops.freeze_batchnorm == 1 and crops.aa == "none" and crops.reprob == 0
     assert seen[5][1].aa == "none" and seen[5][1].crop_scale == 0.5  # erasing on top of what was chosen
     assert all(view.drop == 0 for kind, view in seen if kind != "regularisation")
     recipe = recipe_for(hyperparameters_of(), record["recipe"])
-    assert (recipe.freeze_batchnorm, recipe.crop_scale, recipe.aa, recipe.drop) == (True, 0.5, "none", 0.15)
+    assert (recipe.freeze_batchnorm, recipe.crop_scale, recipe.aa, recipe.drop) == (1, 0.5, "none", 0.15)
 
 
 def test_a_value_set_by_hand_is_used_as_set_and_its_part_not_measured():
@@ -295,14 +297,14 @@ def test_a_value_set_by_hand_is_used_as_set_and_its_part_not_measured():
                     lambda view, kind: seen.append(view) or 100.0, 128)
     parts = [step["part"] for step in record["measured"]]
     assert parts == ["crop_scale", "reprob"]  # the strongest kept at once; drop set by hand takes drop_connect's listing
-    assert all(view.hflip == 0 and view.freeze_batchnorm is False for view in seen)
+    assert all(view.hflip == 0 and view.freeze_batchnorm == 0 for view in seen)
     assert [view.aa for view in seen] == ["none", "rand-m7-mstd0.5"]  # the crops measured before, erasing after it
     assert record["recipe"] == {"opt": "sgd", "lr": 0.064, "crop_scale": 0.25, "reprob": 0.2, "drop_connect": 0.2}
     recipe = recipe_for(hyperparameters_of(freeze_batchnorm="false", aa="rand-m7-mstd0.5", drop="0.1", hflip="0"),
                         record["recipe"])
     assert (recipe.freeze_batchnorm, recipe.aa, recipe.drop, recipe.drop_connect, recipe.hflip) == \
-        (False, "rand-m7-mstd0.5", 0.1, 0.2, 0.0)
-    assert choose(hyperparameters_of(), 100.0, lambda view, kind: None, 128)["recipe"]["freeze_batchnorm"] is False
+        (0, "rand-m7-mstd0.5", 0.1, 0.2, 0.0)
+    assert choose(hyperparameters_of(), 100.0, lambda view, kind: None, 128)["recipe"]["freeze_batchnorm"] == 0
 
 
 def test_a_setting_measured_near_the_line_moves_a_little_with_each_image_never_a_whole_step():
@@ -349,9 +351,13 @@ def test_a_setting_measured_near_the_line_moves_a_little_with_each_image_never_a
     assert chosen(("aa",), 126) == ("rand-m9-mstd0.5",) and chosen(("aa",), 90, 100) == ("none",)
     assert chosen(("aa",), 113, 116) == ("rand-m6-mstd0.5-p0.3",)
     assert chosen(("aa",), 90, line) == ("rand-m5-mstd0.5-p0.25",)
-    # Mirroring on the line: half the listing's rate; BatchNorm has no halfway and stays the rule's choice.
+    # Mirroring on the line: half the listing's rate. BatchNorm on it: half its layers frozen, those nearest the
+    # classifier; far from it, all or none; one image moves the share a little.
     assert chosen(("hflip",), line) == (0.25,) and chosen(("hflip",), 100) == (0.0,)
-    assert chosen(("freeze_batchnorm",), 115) == (True,) and chosen(("freeze_batchnorm",), 116) == (False,)
+    assert chosen(("freeze_batchnorm",), line) == (0.5,)
+    batchnorm = [chosen(("freeze_batchnorm",), right)[0] for right in range(100, 129)]
+    assert batchnorm[0] == 1.0 and batchnorm[-1] == 0.0
+    assert all(0 <= earlier - later < 0.16 for earlier, later in zip(batchnorm, batchnorm[1:]))
     # Evaluation mirrors where auto mirrors at half the listing's rate or more, and wherever a hand-set hflip does.
     listing = recipe_for(hyperparameters_of())
     assert mirrors_at_evaluation(hyperparameters_of(), replace(listing, hflip=0.25))
@@ -374,20 +380,24 @@ def test_before_the_probe_auto_is_the_listings_recipe_with_sgd_and_the_training_
     from efficientnet_train.recipe import Recipe, recipe_for, training_size_config
 
     hp = hyperparameters_of()
-    listing = Recipe(freeze_batchnorm=False, opt="sgd", lr=0.064, hflip=0.5, crop_scale=0.25, aa="rand-m9-mstd0.5",
+    listing = Recipe(freeze_batchnorm=0.0, opt="sgd", lr=0.064, hflip=0.5, crop_scale=0.25, aa="rand-m9-mstd0.5",
                      reprob=0.2, drop=0.3, drop_connect=0.2)
     assert recipe_for(hp) == listing  # sgd instead of rmsproptf, at the rate measured for it
     explicit = hyperparameters_of(opt="rmsproptf", freeze_batchnorm="true", reprob="0.5")
-    assert recipe_for(explicit, {"reprob": 0.0}) == replace(listing, opt="rmsproptf", lr=0.016, freeze_batchnorm=True,
+    assert recipe_for(explicit, {"reprob": 0.0}) == replace(listing, opt="rmsproptf", lr=0.016, freeze_batchnorm=1.0,
                                                             reprob=0.5)
+    assert recipe_for(hp, {"freeze_batchnorm": True}).freeze_batchnorm == 1.0  # a checkpoint from before the shares
+    for asked, share in (("true", 1.0), ("False", 0.0), ("0.64", 0.64), ("1", 1.0)):  # a share set by hand
+        assert recipe_for(hyperparameters_of(freeze_batchnorm=asked), {"freeze_batchnorm": 0.3}).freeze_batchnorm == share
     config = {"input_size": [3, 74, 74], "train_input_size": [3, 64, 64]}
-    for recipe, size in ((listing, 64), (replace(listing, freeze_batchnorm=True), 74)):
+    for recipe, size in ((listing, 64), (replace(listing, freeze_batchnorm=0.25), 74)):  # any frozen layer
         assert training_size_config(config, recipe)["train_input_size"] == [3, size, size]
     assert config["train_input_size"] == [3, 64, 64]  # not changed in place
 
 
-@pytest.mark.parametrize("frozen", [False, True])
+@pytest.mark.parametrize("frozen", [0.0, 0.5, 1.0])
 def test_a_frozen_batchnorm_keeps_its_statistics_while_everything_else_trains(frozen):
+    """The share frozen is the BatchNorm layers nearest the classifier: half of two is the second."""
     from timm.scheduler import create_scheduler_v2
 
     from efficientnet_train import engine
@@ -397,6 +407,7 @@ def test_a_frozen_batchnorm_keeps_its_statistics_while_everything_else_trains(fr
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Dropout(0.5),
+                                torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
     images = [(torch.randint(0, 256, (3, 8, 8), dtype=torch.uint8), index % 2) for index in range(16)]
     before = {name: value.clone() for name, value in model.state_dict().items()}
@@ -407,9 +418,11 @@ def test_a_frozen_batchnorm_keeps_its_statistics_while_everything_else_trains(fr
                           torch.nn.CrossEntropyLoss(), optimizer, scheduler, None, None, contextlib.nullcontext,
                           Progress(), StopRequest(), frozen_batchnorm=frozen)
     after = model.state_dict()
-    statistics = ("1.running_mean", "1.running_var")
-    assert all(torch.equal(before[name], after[name]) for name in statistics) is frozen
-    assert not any(torch.equal(before[name], after[name]) for name in ("0.weight", "1.weight", "1.bias", "5.weight"))
+    for layer, kept in (("1", frozen == 1), ("4", frozen > 0)):
+        assert all(torch.equal(before[f"{layer}.{name}"], after[f"{layer}.{name}"])
+                   for name in ("running_mean", "running_var")) is kept
+    assert not any(torch.equal(before[name], after[name])
+                   for name in ("0.weight", "1.weight", "1.bias", "4.weight", "4.bias", "7.weight"))
     assert model[2].training  # dropout still drops
 
 
@@ -467,3 +480,19 @@ def test_dropout_and_drop_connect_can_be_lowered_after_the_model_is_built_and_ra
     assert torch.equal(model(images), model(images))  # nothing random left in a training-mode pass but BatchNorm's
     set_regularisation(model, 0.3, 0.2)
     assert [path.drop_prob for path in model.modules() if isinstance(path, DropPath)] == pytest.approx(built)
+
+
+def test_the_batchnorm_layers_frozen_first_are_those_nearest_the_classifier():
+    import timm
+
+    from efficientnet_train.model import set_batchnorm
+
+    model = timm.create_model(TINY_MODEL, num_classes=3).train()
+    layers = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    for share in (0.0, 0.25, 0.5, 1.0):
+        set_batchnorm(model, share)
+        frozen = [not layer.training for layer in layers]
+        assert sum(frozen) == round(share * len(layers))
+        assert frozen == sorted(frozen)  # a run of layers ending at the classifier's
+        assert model.bn2.training is (share == 0) and model.bn1.training is (share < 1)
+        assert model.get_classifier().training  # only BatchNorm changes
