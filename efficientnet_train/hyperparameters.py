@@ -51,6 +51,7 @@ class Hyperparameter:
     # An extra check for values whose rules live in timm: returns an error text or None.
     check: Callable[[Any], str | None] | None = None
     allowed_text: str | None = None  # how the extra check's rule reads in a table
+    canonical: Callable[[Any], Any] | None = None  # one spelling of a checked value, as a resumed job compares it
     tunable: bool = False
 
     @property
@@ -93,7 +94,7 @@ class Hyperparameter:
             problem = self.check(value)
             if problem:
                 raise ValueError(problem)
-        return value
+        return value if self.canonical is None else self.canonical(value)
 
 
 def format_value(value: Any) -> str:
@@ -216,13 +217,19 @@ def frozen_batchnorm_share(value: str) -> float:
 
 
 def _check_freeze_batchnorm(value: str) -> str | None:
-    if value.strip().lower() == AUTO:
-        return None
     try:
-        frozen_batchnorm_share(value)
+        _canonical_freeze_batchnorm(value)
     except ValueError:
         return "not auto, true, false or a number from 0 to 1"
     return None
+
+
+def _canonical_freeze_batchnorm(value: str) -> str:
+    """auto, true (a share of 1), false (0) or the share as a plain decimal: True, 1 and 1.0 are one setting."""
+    if value.strip().lower() == AUTO:
+        return AUTO
+    share = frozen_batchnorm_share(value)
+    return format_value(share == 1) if share in (0, 1) else format_value(share)
 
 
 NO_PRETRAINED = "none"  # pretrained_path's value for random weights: training from scratch
@@ -312,8 +319,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    check=_check_pretrained_path,
                    allowed_text="empty, none, or the path of a .pth, .pt, .bin or .safetensors file"),
     Hyperparameter("img_size", int, 0,
-                   "Training image size in pixels; 0 or unset = the model's own. With BatchNorm frozen "
-                   "(freeze_batchnorm) training uses the evaluation size instead.",
+                   "Training image size in pixels; 0 or unset = the model's own. With any BatchNorm layer frozen "
+                   "(freeze_batchnorm above 0) training uses the evaluation size instead.",
                    minimum=32, maximum=1024, allowed_text=IMG_SIZE_ALLOWED, tunable=True),
     Hyperparameter("eval_img_size", int, 0,
                    "Validation and serving image size in pixels; 0 or unset = the model's test size in timm if it "
@@ -364,7 +371,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    "size. auto = false (the listing's) or true, or between: a share of the BatchNorm layers "
                    f"frozen, those nearest the classifier, the others on batch statistics; {MEASURED} (args.yml's "
                    "effective_freeze_batchnorm is the share). A number from 0 to 1 sets the share by hand.",
-                   check=_check_freeze_batchnorm, allowed_text="auto, true, false, or a number from 0 to 1"),
+                   check=_check_freeze_batchnorm, allowed_text="auto, true, false, or a number from 0 to 1",
+                   canonical=_canonical_freeze_batchnorm),
     Hyperparameter("balance_classes", bool, AUTO,
                    "Weight the training loss by inverse class frequency, so that every class counts as much "
                    "as the others however many images it has. auto = between false and true by the chance that the "

@@ -341,9 +341,10 @@ def set_regularisation(model: torch.nn.Module, drop: float, drop_connect: float)
 def set_batchnorm(model: torch.nn.Module, frozen: float) -> None:
     """Put `model`'s BatchNorm layers (and only those) in training mode, normalising by each batch's own statistics
     and updating the running averages, all but the share `frozen` of them nearest the classifier, which are put in
-    evaluation mode, normalising by their running averages: 1 freezes every one, 0 none. The layers nearest the
-    classifier are the ones whose batch statistics change the probe's answers most (docs/quality.md)."""
+    evaluation mode, normalising by their running averages: 1 freezes every one, 0 none, any share above 0 at least
+    one (which then trains at the evaluation size: recipe.training_size_config). The layers nearest the classifier
+    are the ones whose batch statistics change the probe's answers most (docs/quality.md)."""
     layers = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
-    on_batch_statistics = len(layers) - round(frozen * len(layers))
+    on_batch_statistics = len(layers) - (max(1, round(frozen * len(layers))) if frozen > 0 else 0)
     for i, module in enumerate(layers):
         module.train(i < on_batch_statistics)

@@ -229,8 +229,8 @@ def mirrors_at_evaluation(hp, recipe: Recipe) -> bool:
 
 
 def training_size_config(data_config: dict, recipe: Recipe) -> dict:
-    """`data_config` with the size this recipe trains at: the evaluation size with any BatchNorm layer frozen (its
-    statistics are the evaluation view's; docs/quality.md), else the training size it has."""
-    if not recipe.freeze_batchnorm:
+    """`data_config` with the size this recipe trains at: the evaluation size with any BatchNorm layer frozen (a
+    share above 0; their statistics are the evaluation view's: docs/quality.md), else the training size it has."""
+    if recipe.freeze_batchnorm == 0:
         return data_config
     return {**data_config, "train_input_size": list(data_config["input_size"])}

@@ -157,3 +157,9 @@ def test_lr_auto_goes_with_the_optimizer_and_its_clipping(raw, lr):
     recipe = recipe_for(resolved)
     assert recipe.lr == lr and recipe.record()["lr_per_256"] == lr
     assert recipe_for(resolved, {"opt": "sgd", "lr": 9.0}).lr == lr  # one rule, whatever a record says
+
+
+def test_freeze_batchnorm_is_kept_in_one_spelling_so_a_resumed_job_compares_settings_not_spellings():
+    for raw, kept in (("True", "true"), ("1", "true"), ("1.0", "true"), ("-0", "false"), ("FALSE", "false"),
+                      (" 0.50 ", "0.5"), (0.5, "0.5"), (True, "true"), ("AUTO", "auto")):
+        assert hyperparameters.parse({"freeze_batchnorm": raw})[0].freeze_batchnorm == kept
