@@ -178,8 +178,7 @@ def probe_top1(model: torch.nn.Module, loader, to_input, autocast, frozen_batchn
     as they were. None if no batch had the two images BatchNorm on batch statistics needs."""
     saved = [buffer.clone() for buffer in model.buffers()]
     model.train(dropout)
-    set_batchnorm(model, frozen_batchnorm)
-    batch_statistics = frozen_batchnorm < 1
+    batch_statistics = set_batchnorm(model, frozen_batchnorm) > 0
     device = next(model.parameters()).device
     counts = torch.zeros(2, device=device)
     for images, targets in loader:

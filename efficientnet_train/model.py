@@ -338,13 +338,15 @@ def set_regularisation(model: torch.nn.Module, drop: float, drop_connect: float)
         path.drop_prob = path.depth_share * drop_connect
 
 
-def set_batchnorm(model: torch.nn.Module, frozen: float) -> None:
+def set_batchnorm(model: torch.nn.Module, frozen: float) -> int:
     """Put `model`'s BatchNorm layers (and only those) in training mode, normalising by each batch's own statistics
     and updating the running averages, all but the share `frozen` of them nearest the classifier, which are put in
     evaluation mode, normalising by their running averages: 1 freezes every one, 0 none, any share above 0 at least
     one (which then trains at the evaluation size: recipe.training_size_config). The layers nearest the classifier
-    are the ones whose batch statistics change the probe's answers most (docs/quality.md)."""
+    are the ones whose batch statistics change the probe's answers most (docs/quality.md). Returns how many layers
+    are on batch statistics."""
     layers = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
     on_batch_statistics = len(layers) - (max(1, round(frozen * len(layers))) if frozen > 0 else 0)
     for i, module in enumerate(layers):
         module.train(i < on_batch_statistics)
+    return on_batch_statistics

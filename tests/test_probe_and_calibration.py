@@ -490,8 +490,9 @@ def test_the_batchnorm_layers_frozen_first_are_those_nearest_the_classifier():
     model = timm.create_model(TINY_MODEL, num_classes=3).train()
     layers = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
     for share in (0.0, 0.001, 0.25, 0.5, 1.0):
-        set_batchnorm(model, share)
+        on_batch_statistics = set_batchnorm(model, share)
         frozen = [not layer.training for layer in layers]
+        assert on_batch_statistics == len(layers) - sum(frozen)
         assert sum(frozen) == (max(1, round(share * len(layers))) if share else 0)  # any share: at least one
         assert frozen == sorted(frozen)  # a run of layers ending at the classifier's
         assert model.bn2.training is (share == 0) and model.bn1.training is (share < 1)
