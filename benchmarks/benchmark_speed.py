@@ -1,7 +1,8 @@
 """How fast does training go, and what holds it back? Measurements through the product's own code:
 
   (a) model: forward + backward + optimizer + EMA steps on synthetic tensors already on the device, as
-      train_one_epoch does them: the ceiling, no data loading at all (optionally with torch.compile too)
+      train_one_epoch does them: the ceiling, no data loading at all (optionally with torch.compile too), and
+      the gradient clipping's share of the step
   (b) loader: decode + augment + collate of real JPEGs through the DataLoader train.py builds, per worker count
   (c) job: the real `train` entry point on a mocked /opt/ml tree (symlinked JPEGs); its last epoch's images/s,
       (c)/(a), start-up time and peak memory of the job's process tree
@@ -142,9 +143,10 @@ def training_setup(hp, weights: Path, classes: list[str], device: torch.device,
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp.smoothing).to(device)
     updates = 0
 
-    def step(images, targets, net=model):
+    def step(images, targets, net=model, clip=True):
         nonlocal updates
-        train_step(net, images, targets, loss_fn, optimizer, scaler, autocast, hp.clip_grad, hp.clip_mode)
+        train_step(net, images, targets, loss_fn, optimizer, scaler, autocast, hp.clip_grad if clip else 0.0,
+                   hp.clip_mode)
         updates += 1
         if ema is not None:
             ema.update(model, step=updates)
@@ -161,11 +163,11 @@ def measure_model(o, hp, weights: Path, classes: list[str], device: torch.device
     images = torch.randn(hp.batch_size, *size, device=device).to(memory_format=MEMORY_FORMAT)
     targets = torch.randint(len(classes), (hp.batch_size,), device=device)
 
-    def run(net, steps: int) -> float:  # seconds for `steps` steps, the device drained before and after
+    def run(net, steps: int, clip: bool = True) -> float:  # seconds for `steps` steps, the device drained
         sync(device)
         started = time.perf_counter()
         for _ in range(steps):
-            setup.step(images, targets, net)
+            setup.step(images, targets, net, clip)
         sync(device)
         return time.perf_counter() - started
 
@@ -177,6 +179,13 @@ def measure_model(o, hp, weights: Path, classes: list[str], device: torch.device
               "steps": o.steps, "images_per_s": o.steps * hp.batch_size / seconds,
               "cudnn_benchmark": torch.backends.cudnn.benchmark, "warmup_steps": o.warmup, "warmup_s": warmup,
               "ops_per_step": dispatched_ops(lambda: setup.step(images, targets))}
+    if hp.clip_grad:  # the clipping's own cost: timm's walks every parameter tensor, a few kernels each
+        unclipped, clipped_again = run(model, o.steps, clip=False), run(model, o.steps)
+        result["clip"] = {"mode": hp.clip_mode, "clip_grad": hp.clip_grad,
+                          "unclipped_images_per_s": o.steps * hp.batch_size / unclipped,
+                          "clipped_again_images_per_s": o.steps * hp.batch_size / clipped_again,
+                          "share_of_step": 1 - 2 * unclipped / (seconds + clipped_again),
+                          "unclipped_ops_per_step": dispatched_ops(lambda: setup.step(images, targets, clip=False))}
     if device.type == "cuda":
         result.update(peak_gpu_allocated_gib=torch.cuda.max_memory_allocated() / 2**30,
                       peak_gpu_reserved_gib=torch.cuda.max_memory_reserved() / 2**30)
@@ -612,6 +621,11 @@ def report(r: dict) -> None:
               f"{a['warmup_s']:.1f} s{' (cuDNN timing its kernels)' if a['cudnn_benchmark'] else ''}" +
               (f"; peak GPU {a['peak_gpu_allocated_gib']:.2f} GiB allocated, {a['peak_gpu_reserved_gib']:.2f} reserved"
                if "peak_gpu_allocated_gib" in a else ""))
+        if "clip" in a:
+            k = a["clip"]
+            print(f"    clipping ({k['mode']} {k['clip_grad']}): {100 * k['share_of_step']:.1f}% of the step; without it "
+                  f"{k['unclipped_images_per_s']:.1f} images/s, {k['unclipped_ops_per_step']} operations (clipped "
+                  f"again after: {k['clipped_again_images_per_s']:.1f} images/s)")
         if "compile" in a:
             k = a["compile"]
             print(f"    torch.compile ({k['mode']}): {k['images_per_s']:.1f} images/s after {k['compile_overhead_s']:.1f} s of "

@@ -18,6 +18,7 @@ from .stopping import Interrupted, StopRequest
 from .data import Loader, ModelInput
 from .errors import JobError
 from .model import predict_label_logits, predict_log_probabilities, set_batchnorm
+from .optimisation import clip_gradients
 from .resources import SlowDataWarning
 
 log = logging.getLogger("efficientnet_train")
@@ -94,8 +95,6 @@ def train_step(model, images, targets, loss_fn, optimizer, scaler, autocast, cli
                clip_mode: str = "agc") -> torch.Tensor:
     """One update of the weights on one batch, its gradient clipped first if `clip_grad`; the loss stays on the
     device (reading it would wait for it)."""
-    from timm.utils import dispatch_clip_grad
-
     with autocast():
         loss = loss_fn(model(images), targets)
     optimizer.zero_grad(set_to_none=True)
@@ -103,13 +102,13 @@ def train_step(model, images, targets, loss_fn, optimizer, scaler, autocast, cli
         scaler.scale(loss).backward()
         if clip_grad:
             scaler.unscale_(optimizer)  # clipped as they are, not as scaled
-            dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
+            clip_gradients(model.parameters(), clip_grad, clip_mode)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
         if clip_grad:
-            dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
+            clip_gradients(model.parameters(), clip_grad, clip_mode)
         optimizer.step()
     return loss
 

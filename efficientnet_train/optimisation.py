@@ -1,8 +1,9 @@
-"""What the weights are updated by: timm's optimizer and learning-rate schedule, the weights' moving average (EMA),
-the gradient scaler, the loss and its class weights, and when early stopping ends a run."""
+"""What the weights are updated by: timm's optimizer and learning-rate schedule, the gradient's clipping, the weights'
+moving average (EMA), the gradient scaler, the loss and its class weights, and when early stopping ends a run."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -76,6 +77,76 @@ def model_ema(model: torch.nn.Module, **settings):
                 torch._foreach_copy_(counters, counts)
 
     return ModelEma(model, **settings)
+
+
+def clip_gradients(parameters, clip_grad: float, clip_mode: str) -> None:
+    """timm's dispatch_clip_grad, but its adaptive clipping (agc) over every tensor at once on a GPU
+    (adaptive_clip_at_once), wherever the tensors allow it (at_once_groups)."""
+    from timm.utils import dispatch_clip_grad
+
+    params = [p for p in parameters if p.grad is not None]
+    if clip_mode != "agc":
+        dispatch_clip_grad(params, clip_grad, mode=clip_mode)
+        return
+    groups, rest = at_once_groups(params)
+    for group in groups:
+        adaptive_clip_at_once(group, clip_grad)
+    if rest:
+        dispatch_clip_grad(rest, clip_grad, mode=clip_mode)
+
+
+def at_once_groups(params: list[torch.Tensor], devices: tuple[str, ...] = ("cuda",)) -> tuple[list[list], list]:
+    """The tensors adaptive_clip_at_once can take, by device and dtype, and the rest, for timm's loop: a tensor of
+    another device type (a CPU launches nothing, and timm's loop passes over memory fewer times there) or whose
+    units' elements are not together in memory."""
+    groups: dict[tuple, list] = {}
+    rest = []
+    for p in params:
+        if p.device.type in devices and _units_in_blocks(p) and _units_in_blocks(p.grad):
+            groups.setdefault((p.device, p.dtype), []).append(p)
+        else:
+            rest.append(p)
+    return list(groups.values()), rest
+
+
+def adaptive_clip_at_once(params: list[torch.Tensor], clip_grad: float) -> None:
+    """timm's adaptive_clip_grad, its arithmetic in a few operations over every tensor: timm's walks the tensors one
+    by one, about 13 operations each, whose launches took 38 to 54% of efficientnet_b3's step on an H200
+    (docs/benchmarks.md). Each unit (a row of a weight, all of a tensor of one dimension or none) keeps its gradient
+    if the gradient's norm is under clip_grad times the weights' norm (at least 1e-3), else it is scaled down to
+    that. The tensors share a device and a dtype, and each unit's elements lie together in memory, in the weights
+    and in the gradient."""
+    lengths, numels = _unit_lengths(tuple(p.shape for p in params), params[0].device)
+    grads = [_flat(p.grad.detach()) for p in params]
+    max_norm = _unit_norms([_flat(p.detach()) for p in params], lengths).clamp_(min=1e-3).mul_(clip_grad)
+    grad_norm = _unit_norms(grads, lengths)
+    scale = torch.where(grad_norm < max_norm, 1.0, max_norm / grad_norm.clamp(min=1e-6))
+    torch._foreach_mul_(grads, list(scale.repeat_interleave(lengths, output_size=sum(numels)).split(numels)))
+
+
+def _units_in_blocks(t: torch.Tensor) -> bool:
+    """Whether each unit's elements lie together in memory (contiguous, or a channels-last convolution's weights)."""
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+@functools.lru_cache(maxsize=4)
+def _unit_lengths(shapes: tuple, device: torch.device) -> tuple[torch.Tensor, list[int]]:
+    """The elements of each unit, tensor after tensor (timm's unitwise_norm: a row of dim 0, or a whole tensor of
+    one dimension or none), and each tensor's elements."""
+    numels = [math.prod(shape) for shape in shapes]
+    rows = [shape[0] if len(shape) > 1 else 1 for shape in shapes]
+    lengths = [numel // row for numel, row in zip(numels, rows) for _ in range(row)]
+    return torch.tensor(lengths, device=device), numels
+
+
+def _unit_norms(flat_tensors: list[torch.Tensor], lengths: torch.Tensor) -> torch.Tensor:
+    flat = torch.cat(flat_tensors)  # a new tensor: squared in place, in float32 at least
+    squares = (flat if flat.dtype in (torch.float32, torch.float64) else flat.float()).square_()
+    return torch.segment_reduce(squares, "sum", lengths=lengths, unsafe=True).sqrt()
 
 
 def early_stop_reason(epoch: int, best_epoch: int, lr_now: float, peak_lr: float, hp,

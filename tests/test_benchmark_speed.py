@@ -1,4 +1,5 @@
-"""benchmarks/benchmark_speed.py --quick end to end, so the benchmark keeps working as the product changes."""
+"""benchmarks/benchmark_speed.py --quick end to end, and measure_clipping.py, so the benchmarks keep working as the
+product changes."""
 
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def test_quick_benchmark_measures_every_part(tmp_path):
     speed = json.loads((tmp_path / "speed.json").read_text())
     assert speed["model"]["images_per_s"] > 0 and speed["model"]["ops_per_step"] > 100
     assert speed["model"]["warmup_s"] > 0 and speed["model"]["cudnn_benchmark"] is False  # no GPU here
+    clip = speed["model"]["clip"]  # the default clipping's cost: the same steps without it, fewer operations
+    assert clip["mode"] == "agc" and clip["unclipped_images_per_s"] > 0
+    assert clip["unclipped_ops_per_step"] < speed["model"]["ops_per_step"]
     assert [row["workers"] for row in speed["loader"]["rows"]] == [0, 1]
     assert all(row["images_per_s"] > 0 for row in speed["loader"]["rows"])
     assert speed["job"]["images_per_s"] > 0 and speed["job"]["vs_model"] > 0
@@ -122,3 +126,13 @@ def test_timms_train_script_runs_on_the_jobs_images_with_the_jobs_settings(tmp_p
     assert "--no-prefetcher" in argv and "--amp" not in argv  # float32 on a CPU, as the job
     assert "timm's train.py, same images and settings: last epoch 80.0 images/s" in result.stdout
     shutil.rmtree(Path(timm["log"]).parent)
+
+
+def test_clipping_measurement_compares_the_jobs_clipping_with_timms():
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "measure_clipping.py"), "--model",
+                          "test_efficientnet", "--batch-size", "2", "--img-size", "32", "--calls", "2"],
+                         capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    changed = int(run.stdout.split(" tensors, ")[1].split()[0])  # timm clipped some: the two had work to agree on
+    difference = float(run.stdout.split("largest element: ")[1].split()[0])
+    assert changed > 0 and difference < 1e-5 and "the job clips 0 of these" in run.stdout  # a CPU: timm's loop
