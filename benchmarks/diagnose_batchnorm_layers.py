@@ -35,6 +35,7 @@ def main() -> int:
 
     from efficientnet_train.data import dataset_of, decode_side, eval_transform
     from efficientnet_train.linear_probe import fit_linear_probe
+    from efficientnet_train.model import batchnorm_layers
 
     parts = lite0_probe_parts(options.folder, options.weights_dir)
     hp, model, config, to_input = parts.hp, parts.model, parts.config, parts.to_input
@@ -49,7 +50,7 @@ def main() -> int:
 
     probe = fit_linear_probe(model, loader(), to_input, contextlib.nullcontext, len(parts.train.classes),
                              parts.loss_fn)
-    layers = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    layers = batchnorm_layers(model)  # in the order set_batchnorm counts them
     fitted = {name: value.clone() for name, value in model.state_dict().items()}
 
     @torch.no_grad()

@@ -345,8 +345,13 @@ def set_batchnorm(model: torch.nn.Module, frozen: float) -> int:
     one (which then trains at the evaluation size: recipe.training_size_config). The layers nearest the classifier
     are the ones whose batch statistics change the probe's answers most (docs/quality.md). Returns how many layers
     are on batch statistics."""
-    layers = [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+    layers = batchnorm_layers(model)
     on_batch_statistics = len(layers) - (max(1, round(frozen * len(layers))) if frozen > 0 else 0)
     for i, module in enumerate(layers):
         module.train(i < on_batch_statistics)
     return on_batch_statistics
+
+
+def batchnorm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """`model`'s BatchNorm layers, from the input to the classifier."""
+    return [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
