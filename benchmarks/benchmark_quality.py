@@ -4,9 +4,9 @@ then the training job as a buyer would run it, one Markdown table row a set.
 The baseline is a linear probe: scikit-learn's LogisticRegression (max_iter=2000, default C) on the frozen
 ImageNet features of tf_efficientnet_lite0, taken from every training image through the job's own evaluation
 preprocessing (decoding, sizes with img_size and eval_img_size, crop), scored on the val images (top-1 and
-top-label ECE). The job runs as a buyer would run it, at pure defaults: only model and pretrained_path, and
-anything after the options as key=value. The table also goes to --out; the jobs' logs and summary files stay in
-WORK/<set>/.
+top-label ECE), with the first validation images it answers wrong. The job runs as a buyer would run it, at pure
+defaults: only model and pretrained_path, and anything after the options as key=value. The table also goes to
+--out; the jobs' logs and summary files stay in WORK/<set>/.
 
     python benchmarks/benchmark_quality.py --sets digits30 --skip-job
     python benchmarks/benchmark_quality.py --sets digits30 --epochs 3
@@ -27,9 +27,11 @@ from pathlib import Path
 import numpy as np
 
 from local_job import JobRun, lite_weights, mock_opt_ml, remove_big_files, run_train
+from efficientnet_train.untrusted import shown  # noqa: E402  (file names from the data set)
 from panel_datasets import BUILDERS, PANEL, counts, locate
 
 MODEL = "tf_efficientnet_lite0"
+WRONG_SHOWN = 10  # the probe's wrong validation images named, the rest counted
 COLUMNS = ("set", "classes", "train/val", "probe top-1", "probe ECE", "job probe top-1", "top-1 by epoch",
            "worst epoch - job probe", "best top-1", "val loss at best", "ECE before", "ECE after", "epochs", "stop",
            "wall")
@@ -68,7 +70,8 @@ def linear_probe(folder: Path, weights: Path, hyperparameters: dict) -> dict:
     classifier = LogisticRegression(max_iter=2000).fit(train_x, train_y)
     probabilities = np.zeros((len(val_y), len(train.classes)))
     probabilities[:, classifier.classes_] = classifier.predict_proba(val_x)
-    return {"top1": 100 * float(np.mean(probabilities.argmax(axis=1) == val_y)),
+    wrong = [str(Path(val.samples[i][0]).relative_to(folder)) for i in np.flatnonzero(probabilities.argmax(1) != val_y)]
+    return {"top1": 100 * float(np.mean(probabilities.argmax(axis=1) == val_y)), "wrong": wrong,
             # The job's own measure, so that the baseline's ECE and the job's compare.
             "ece": top_label_ece(torch.from_numpy(probabilities).log(), torch.from_numpy(val_y)), "size": config["input_size"][-1],
             "features_s": extracted - started, "fit_s": time.monotonic() - extracted}
@@ -132,7 +135,10 @@ def main() -> int:
             probe = linear_probe(folder, weights, hyperparameters)
             row += [f"{probe['top1']:.1f}", f"{probe['ece']:.3f}"]
             print(f"{name}: linear probe top-1 {probe['top1']:.2f}%, ECE {probe['ece']:.4f} ({probe['size']} px; "
-                  f"features {probe['features_s']:.0f} s, fit {probe['fit_s']:.0f} s)", flush=True)
+                  f"features {probe['features_s']:.0f} s, fit {probe['fit_s']:.0f} s); it answers wrong "
+                  f"{shown(', '.join(probe['wrong'][:WRONG_SHOWN]), 2000)}"
+                  + (f" and {len(probe['wrong']) - WRONG_SHOWN} more" if len(probe["wrong"]) > WRONG_SHOWN else ""),
+                  flush=True)
         if options.skip_job:
             row += ["-"] * (len(COLUMNS) - len(row))
         else:
