@@ -33,8 +33,8 @@ from panel_datasets import BUILDERS, PANEL, counts, locate
 MODEL = "tf_efficientnet_lite0"
 WRONG_SHOWN = 10  # the probe's wrong validation images named, the rest counted
 COLUMNS = ("set", "classes", "train/val", "probe top-1", "probe ECE", "job probe top-1", "top-1 by epoch",
-           "worst epoch - job probe", "best top-1", "val loss at best", "ECE before", "ECE after", "epochs", "stop",
-           "wall")
+           "worst epoch - job probe", "best top-1", "val loss at best", "ECE before", "ECE after",
+           "ECE by chance (mean / p90)", "epochs", "stop", "wall")
 
 
 def linear_probe(folder: Path, weights: Path, hyperparameters: dict) -> dict:
@@ -90,7 +90,10 @@ def job_cells(job: JobRun) -> list[str]:
     return [number(probe.get("acc_1"), ".1f"), ", ".join(f"{top1:.1f}" for top1 in trained) or "-",
             number(worst, "+.1f"), number(job.args.get("best_acc_1"), ".1f"),
             number(best.get("eval_loss"), ".4f"), number(calibration.get("ece_before"), ".3f"),
-            number(calibration.get("ece_after"), ".3f"), str(job.epochs() if job.args or job.rows else "-"),
+            number(calibration.get("ece_after"), ".3f"),
+            "-" if "ece_by_chance" not in calibration else
+            f"{calibration['ece_by_chance']:.3f} / {calibration['ece_by_chance_p90']:.3f}",
+            str(job.epochs() if job.args or job.rows else "-"),
             stop.split(" (")[0].split(", ")[0], f"{job.wall:.0f} s"]
 
 

@@ -97,10 +97,14 @@ def finish(env: SageMakerEnvironment, args: dict, summary: list[dict], best: dic
              "saved to %s", report.duration(seconds), args["epochs_completed"], stop_reason, best["epoch"],
              best["top1"], best["weights"], env.model_dir / outputs.BEST_MODEL_FILE)
     calibration = best["calibration"]
+    chance = "" if "ece_by_chance" not in calibration else (  # a best model found before this was measured
+        f" (on these {args['val_images']} validation images a perfectly calibrated model with these confidences "
+        f"shows {calibration['ece_by_chance']:.4f} by chance alone, up to {calibration['ece_by_chance_p90']:.4f} in 9 "
+        "draws of 10)")
     log.info("Calibration: the best model's log probabilities are divided by a temperature of %.4f fitted on the "
-             "validation set (stored in the model, applied when serving): top-label ECE %.4f -> %.4f, "
+             "validation set (stored in the model, applied when serving): top-label ECE %.4f -> %.4f%s, "
              "validation loss %.4f -> %.4f", calibration["temperature"], calibration["ece_before"],
-             calibration["ece_after"], best["loss"], calibration["loss_after"])
+             calibration["ece_after"], chance, best["loss"], calibration["loss_after"])
     log.info("Best model per class (validation; confidence: mean calibrated probability of its answers; macro F1, "
              "the mean of the classes' F1: %s):\n%s", "-" if args["best_macro_f1"] is None else
              f"{args['best_macro_f1']:.1f}%", report.per_class_table(classes, best["confusion"],

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from conftest import COLOURS, TINY_MODEL, make_job, read_summary, run_train
-from efficientnet_train.calibration import calibrated, fit_temperature, top_label_ece
+from efficientnet_train.calibration import calibrated, ece_by_chance, fit_temperature, top_label_ece
 from efficientnet_train.linear_probe import (MEASURED_IMAGES, PROBE_IMAGES_PER_CLASS, PROBE_MAX_IMAGES, fit_head,
                                              probe_sample)
 from efficientnet_train.model import predict_log_probabilities
@@ -89,6 +89,43 @@ def test_a_validation_set_answered_all_right_does_not_make_the_model_certain():
     temperature = fit_temperature(logits.log_softmax(1), labels)
     confidence = calibrated(logits.log_softmax(1), temperature).exp().max(1).values.mean()
     assert confidence == pytest.approx(25 / 26, abs=1e-3)  # Laplace: 24 of 24 right claims at most 25/26
+
+
+def test_ece_by_chance_is_what_sampling_alone_gives_a_calibrated_model():
+    # Four answers at 50% in one bin: ECE = |right - 2| / 4, so 0 (6 in 16), 0.25 (8 in 16) or 0.5 (2 in 16):
+    # mean 0.1875, 90th percentile 0.5. Sure answers add nothing, whatever bin they share the set with.
+    mean, p90 = ece_by_chance(torch.full((4,), 0.5))
+    assert mean == pytest.approx(0.1875, abs=0.015) and p90 == 0.5
+    assert ece_by_chance(torch.ones(50)) == (0.0, 0.0)
+    mixed = ece_by_chance(torch.tensor([0.5] * 4 + [1.0] * 4))
+    assert mixed[0] == pytest.approx(0.1875 / 2, abs=0.01) and mixed[1] == 0.25
+    assert ece_by_chance(torch.full((4,), 0.5)) == (mean, p90)  # seeded: the same confidences, the same numbers
+    assert ece_by_chance(torch.tensor([])) == (0.0, 0.0)
+    # The more images, the smaller an ECE they can resolve; a very large set takes fewer draws, never fewer than 100.
+    assert ece_by_chance(torch.full((2000,), 0.9))[1] < ece_by_chance(torch.full((57,), 0.9))[1] < 0.2
+
+
+def test_the_final_calibration_line_reads_a_best_model_recorded_before_ece_by_chance(tmp_path, caplog):
+    from efficientnet_train.best_model import finish
+    from efficientnet_train.sagemaker import SageMakerEnvironment
+
+    env = SageMakerEnvironment(tmp_path, {"TRAINING_JOB_NAME": "resumed"})  # SageMaker packs: nothing to pack here
+    env.model_dir.mkdir(parents=True)
+    old = {"temperature": 0.9, "ece_before": 0.1, "ece_after": 0.05, "loss_after": 0.3,
+           "per_class_confidence": [0.8, 0.9]}
+    best = {"epoch": 1, "top1": 75.0, "loss": 0.4, "weights": "raw", "per_class": {"a": 50.0, "b": 100.0},
+            "confusion": [[1, 1], [0, 2]], "calibration": old}
+    with caplog.at_level("INFO", logger="efficientnet_train"):
+        finish(env, {"val_images": 4}, [{"epoch": "0"}, {"epoch": "1"}], best, "done", 1.0)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Calibration:"))
+    assert "top-label ECE 0.1000 -> 0.0500, validation loss" in line and "by chance" not in line
+    best["calibration"] = {**old, "ece_by_chance": 0.08, "ece_by_chance_p90": 0.12}
+    caplog.clear()
+    with caplog.at_level("INFO", logger="efficientnet_train"):
+        finish(env, {"val_images": 4}, [{"epoch": "0"}, {"epoch": "1"}], best, "done", 1.0)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Calibration:"))
+    assert ("0.1000 -> 0.0500 (on these 4 validation images a perfectly calibrated model with these confidences "
+            "shows 0.0800 by chance alone, up to 0.1200 in 9 draws of 10)") in line
 
 
 def test_ece_is_zero_when_confidence_matches_accuracy_and_the_gap_otherwise():
@@ -216,7 +253,9 @@ def test_a_trained_model_answers_with_calibrated_confidence_not_uniform(probed_j
     calibration = args["calibration"]
     assert classifier.temperature == calibration["temperature"] != 1.0
     assert 0 <= calibration["ece_after"] <= calibration["ece_before"] + 1e-9
+    assert 0 < calibration["ece_by_chance"] <= calibration["ece_by_chance_p90"] < 1
     assert "Calibration: the best model's log probabilities are divided by a temperature" in log
+    assert f"on these {args['val_images']} validation images a perfectly calibrated model" in log
     assert "confidence" in log and len(calibration["per_class_confidence"]) == len(COLOURS)
 
 
