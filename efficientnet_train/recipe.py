@@ -92,14 +92,23 @@ def recipe_for(hp, chosen: dict | None = None) -> Recipe:
 
     def value(name: str):
         asked = getattr(hp, name)
-        if name == "freeze_batchnorm":  # a checkpoint from before the shares records true or false
-            return float(chosen[name]) if asked == AUTO else frozen_batchnorm_share(asked)
+        if name == "freeze_batchnorm":
+            return chosen[name] if asked == AUTO else frozen_batchnorm_share(asked)
         return chosen[name] if asked == AUTO else asked
 
     opt = value("opt")
     lr = auto_lr(hp, opt) if hp.lr == AUTO else hp.lr
     return Recipe(**{name: value(name) for name in Recipe.__dataclass_fields__ if name not in ("opt", "lr")},
                   opt=opt, lr=lr)
+
+
+def probe_record_read(record: dict | None) -> dict | None:
+    """A checkpoint's linear-probe record as this version writes it: before BatchNorm's shares its recipe said
+    freeze_batchnorm true or false, the shares 1.0 and 0.0 now (so args.yml says the same as the job trains with)."""
+    chosen = (record or {}).get("recipe", {}).get("freeze_batchnorm")
+    if not isinstance(chosen, bool):
+        return record
+    return {**record, "recipe": {**record["recipe"], "freeze_batchnorm": float(chosen)}}
 
 
 def auto_lr(hp, opt: str) -> float:

@@ -34,7 +34,7 @@ from .manifests import images_folder
 from .metrics import VAL_ACC_1, VAL_ACC_5, VAL_LOSS, VAL_MAP, TRAIN_LOSS, metric_line
 from .model import pretrained_source, save_checkpoint
 from .optimisation import early_stop_reason
-from .recipe import Recipe, decisions, recipe_for
+from .recipe import Recipe, decisions, probe_record_read, recipe_for
 from .resources import fitted_batch_size, output_sizes, process_started_at
 from .sagemaker import DEBUG_VARIABLE, SageMakerEnvironment
 from .session import FineTuning, Job, Session, fine_tuning, set_up, trainables
@@ -148,7 +148,7 @@ def run(env: SageMakerEnvironment, job: Job, rank: distributed.Rank = distribute
     s = set_up(env, job, resumed is not None, rank)
     hp, args = s.hp, s.args
     # A resumed job takes the recipe its probe chose; a new one the listing's until its probe has chosen.
-    probe_record = resumed[1].get("linear_probe") if resumed else None
+    probe_record = probe_record_read(resumed[1].get("linear_probe")) if resumed else None
     tuning = fine_tuning(s, recipe_for(hp, probe_record["recipe"] if probe_record else None))
     args.update(tuning.record(), **({"linear_probe": probe_record} if probe_record else {}))
     progress, summary, best, stop_reason = resume(s, tuning, resumed, rank)

@@ -416,7 +416,7 @@ def test_a_probe_that_answers_nothing_right_or_a_part_that_cannot_be_measured_le
 def test_before_the_probe_auto_is_the_listings_recipe_with_sgd_and_the_training_size_follows_batchnorm():
     from dataclasses import replace
 
-    from efficientnet_train.recipe import Recipe, recipe_for, training_size_config
+    from efficientnet_train.recipe import Recipe, probe_record_read, recipe_for, training_size_config
 
     hp = hyperparameters_of()
     listing = Recipe(freeze_batchnorm=0.0, opt="sgd", lr=0.064, hflip=0.5, crop_scale=0.25, aa="rand-m9-mstd0.5",
@@ -425,7 +425,15 @@ def test_before_the_probe_auto_is_the_listings_recipe_with_sgd_and_the_training_
     explicit = hyperparameters_of(opt="rmsproptf", freeze_batchnorm="true", reprob="0.5")
     assert recipe_for(explicit, {"reprob": 0.0}) == replace(listing, opt="rmsproptf", lr=0.016, freeze_batchnorm=1.0,
                                                             reprob=0.5)
-    assert recipe_for(hp, {"freeze_batchnorm": True}).freeze_batchnorm == 1.0  # a checkpoint from before the shares
+    for old, share in ((True, 1.0), (False, 0.0)):  # a checkpoint's record from before the shares
+        record = {"acc_1": 90.0, "recipe": {"freeze_batchnorm": old, "reprob": 0.0}}
+        read = probe_record_read(record)
+        assert read == {"acc_1": 90.0, "recipe": {"freeze_batchnorm": share, "reprob": 0.0}}
+        assert type(read["recipe"]["freeze_batchnorm"]) is float and record["recipe"]["freeze_batchnorm"] is old
+        assert recipe_for(hp, read["recipe"]).freeze_batchnorm == share
+    current = {"recipe": {"freeze_batchnorm": 0.64}}
+    assert probe_record_read(current) is current and probe_record_read(None) is None
+    assert probe_record_read({"recipe": {"reprob": 0.0}}) == {"recipe": {"reprob": 0.0}}  # BatchNorm set by hand
     for asked, share in (("true", 1.0), ("False", 0.0), ("0.64", 0.64), ("1", 1.0)):  # a share set by hand
         assert recipe_for(hyperparameters_of(freeze_batchnorm=asked), {"freeze_batchnorm": 0.3}).freeze_batchnorm == share
     config = {"input_size": [3, 74, 74], "train_input_size": [3, 64, 64]}
