@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -257,6 +258,26 @@ def test_a_trained_model_answers_with_calibrated_confidence_not_uniform(probed_j
     assert "Calibration: the best model's log probabilities are divided by a temperature" in log
     assert f"on these {args['val_images']} validation images a perfectly calibrated model" in log
     assert "confidence" in log and len(calibration["per_class_confidence"]) == len(COLOURS)
+
+
+def test_diagnose_calibration_finds_the_jobs_own_calibration_again(probed_job):
+    """benchmarks/diagnose_calibration.py scores the served model on the val channel: its fitted row is the job's
+    ECE after the temperature, and its chance figures the job's."""
+    import subprocess
+    import sys
+
+    base, _ = probed_job
+    result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "diagnose_calibration.py"),
+                             str(base / "model" / "model.tar.gz"), str(base / "input" / "data" / "val")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    calibration = yaml.safe_load((base / "model" / "args.yml").read_text())["calibration"]
+    fitted = re.search(r"\| [\d.]+ \(fitted\) \| ([\d.]+) \|", result.stdout)
+    assert fitted and float(fitted[1]) == pytest.approx(calibration["ece_after"], abs=1e-3), result.stdout
+    chance = re.search(r"by chance: ECE ([\d.]+) on average, ([\d.]+) at the 90th percentile", result.stdout)
+    assert chance and float(chance[1]) == pytest.approx(calibration["ece_by_chance"], abs=2e-3)
+    assert float(chance[2]) == pytest.approx(calibration["ece_by_chance_p90"], abs=2e-3)
+    assert len(re.findall(r"^\| \d\.\d-\d\.\d \|", result.stdout, re.M)) >= 1  # the reliability table
 
 
 def shifted_pairs(low: float, high: float, pairs: int = 16):
