@@ -110,6 +110,8 @@ def main() -> int:
     parser.add_argument("--skip-job", action="store_true", help="the baseline only")
     parser.add_argument("--skip-probe", action="store_true", help="the job only")
     parser.add_argument("--out", type=Path, help="the table's file (default: WORK/benchmark_quality.md)")
+    parser.add_argument("--keep-model", action="store_true",
+                        help="keep each job's model in WORK/<set>/opt_ml/model (for diagnose_calibration.py)")
     parser.add_argument("hyperparameters", nargs="*", help="more hyperparameters as key=value")
     options = parser.parse_args()
     sets = options.sets.split(",")
@@ -150,7 +152,7 @@ def main() -> int:
             set_work.mkdir(parents=True, exist_ok=True)
             print(f"{name}: training with {hyperparameters}; log in {set_work / 'train.log'}", flush=True)
             job = run_train(set_work, mock_opt_ml(set_work / "opt_ml", folder), hyperparameters, options.stop_after)
-            remove_big_files(set_work / "opt_ml")
+            remove_big_files(set_work / "opt_ml", options.keep_model)
             if job.returncode:
                 failed += 1
                 print(job.log[-3000:])

@@ -134,8 +134,8 @@ def run_train(work: Path, base: Path, hyperparameters: dict, stop_after: int | N
     return JobRun(job.returncode, wall, log_path, rows, args)
 
 
-def remove_big_files(base: Path) -> None:
-    """The resume checkpoints and the model (~250 MB a run); the log and the summary files stay."""
+def remove_big_files(base: Path, keep_model: bool = False) -> None:
+    """The resume checkpoints and, unless kept, the model (~250 MB a run); the log and the summary files stay."""
     shutil.rmtree(base / "checkpoints", ignore_errors=True)
-    for model_file in BIG_MODEL_FILES:
+    for model_file in () if keep_model else BIG_MODEL_FILES:
         (base / "model" / model_file).unlink(missing_ok=True)

@@ -98,9 +98,9 @@ def finish(env: SageMakerEnvironment, args: dict, summary: list[dict], best: dic
              best["top1"], best["weights"], env.model_dir / outputs.BEST_MODEL_FILE)
     calibration = best["calibration"]
     chance = "" if "ece_by_chance" not in calibration else (  # a best model found before this was measured
-        f" (on these {args['val_images']} validation images a perfectly calibrated model with these confidences "
-        f"shows {calibration['ece_by_chance']:.4f} by chance alone, up to {calibration['ece_by_chance_p90']:.4f} in 9 "
-        "draws of 10)")
+        f" (by chance alone, a perfectly calibrated model with these calibrated confidences shows "
+        f"{calibration['ece_by_chance']:.4f} on average on these {args['val_images']} validation images, up to "
+        f"{calibration['ece_by_chance_p90']:.4f} in 9 draws of 10)")
     log.info("Calibration: the best model's log probabilities are divided by a temperature of %.4f fitted on the "
              "validation set (stored in the model, applied when serving): top-label ECE %.4f -> %.4f%s, "
              "validation loss %.4f -> %.4f", calibration["temperature"], calibration["ece_before"],

@@ -103,12 +103,20 @@ def recipe_for(hp, chosen: dict | None = None) -> Recipe:
 
 
 def probe_record_read(record: dict | None) -> dict | None:
-    """A checkpoint's linear-probe record as this version writes it: before BatchNorm's shares its recipe said
-    freeze_batchnorm true or false, the shares 1.0 and 0.0 now (so args.yml says the same as the job trains with)."""
-    chosen = (record or {}).get("recipe", {}).get("freeze_batchnorm")
-    if not isinstance(chosen, bool):
+    """A checkpoint's linear-probe record as this version writes it: before BatchNorm's shares, its choice and its
+    measurements said freeze_batchnorm true or false, the shares 1.0 and 0.0 now (so that args.yml says what the
+    job trains with)."""
+    if not record:
         return record
-    return {**record, "recipe": {**record["recipe"], "freeze_batchnorm": float(chosen)}}
+
+    def share(value):
+        return float(value) if isinstance(value, bool) else value
+
+    recipe = record.get("recipe", {})
+    return {**record, **({"recipe": {**recipe, "freeze_batchnorm": share(recipe["freeze_batchnorm"])}}
+                         if "freeze_batchnorm" in recipe else {}),
+            **({"measured": [{**step, "setting": share(step.get("setting"))} if step.get("part") == "freeze_batchnorm"
+                             else step for step in record["measured"]]} if "measured" in record else {})}
 
 
 def auto_lr(hp, opt: str) -> float:

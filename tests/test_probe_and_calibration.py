@@ -92,7 +92,9 @@ def test_a_validation_set_answered_all_right_does_not_make_the_model_certain():
     assert confidence == pytest.approx(25 / 26, abs=1e-3)  # Laplace: 24 of 24 right claims at most 25/26
 
 
-def test_ece_by_chance_is_what_sampling_alone_gives_a_calibrated_model():
+def test_ece_by_chance_is_what_sampling_alone_gives_a_calibrated_model(monkeypatch):
+    from efficientnet_train import calibration
+
     # Four answers at 50% in one bin: ECE = |right - 2| / 4, so 0 (6 in 16), 0.25 (8 in 16) or 0.5 (2 in 16):
     # mean 0.1875, 90th percentile 0.5. Sure answers add nothing, whatever bin they share the set with.
     mean, p90 = ece_by_chance(torch.full((4,), 0.5))
@@ -102,7 +104,29 @@ def test_ece_by_chance_is_what_sampling_alone_gives_a_calibrated_model():
     assert mixed[0] == pytest.approx(0.1875 / 2, abs=0.01) and mixed[1] == 0.25
     assert ece_by_chance(torch.full((4,), 0.5)) == (mean, p90)  # seeded: the same confidences, the same numbers
     assert ece_by_chance(torch.tensor([])) == (0.0, 0.0)
-    # The more images, the smaller an ECE they can resolve; a very large set takes fewer draws, never fewer than 100.
+    # Against the job's own top_label_ece on drawn answers, with bins whose gaps would cancel if pooled and
+    # confidences on bin edges: the same distribution (mean and 90th percentile, below its largest draw).
+    confidence = torch.tensor([0.3] * 6 + [0.7] * 6 + [0.2, 0.5, 0.6, 0.9, 0.95, 0.81, 0.42, 0.66])
+    generator = torch.Generator().manual_seed(1)
+    direct = []
+    for _ in range(4000):
+        right = torch.rand(len(confidence), generator=generator) < confidence
+        rows = torch.cat([confidence[:, None], ((1 - confidence) / 99)[:, None].expand(-1, 99)], dim=1)
+        direct.append(top_label_ece(rows.log(), (~right).long()))  # class 0 the top label, right or not
+    direct = torch.tensor(direct)
+    eces = calibration.chance_eces(confidence)
+    assert len(eces) == 1000 and float(eces.mean()) == pytest.approx(float(direct.mean()), abs=0.006)
+    assert float(eces.quantile(0.9)) == pytest.approx(float(direct.quantile(0.9)), abs=0.015)
+    assert ece_by_chance(confidence)[1] < float(eces.max())
+    # A large set: fewer draws (never under 100), drawn a chunk at a time, the same numbers as in one go.
+    whole = calibration.chance_eces(confidence, draws=300)
+    monkeypatch.setattr(calibration, "CHANCE_CHUNK", 7 * len(confidence))
+    assert torch.equal(calibration.chance_eces(confidence, draws=300), whole)
+    monkeypatch.setattr(calibration, "CHANCE_WORK", 50 * len(confidence))
+    assert len(calibration.chance_eces(confidence)) == 100
+    monkeypatch.setattr(calibration, "CHANCE_WORK", 500 * len(confidence))
+    assert len(calibration.chance_eces(confidence)) == 500
+    # The more images, the smaller an ECE they can resolve.
     assert ece_by_chance(torch.full((2000,), 0.9))[1] < ece_by_chance(torch.full((57,), 0.9))[1] < 0.2
 
 
@@ -125,8 +149,8 @@ def test_the_final_calibration_line_reads_a_best_model_recorded_before_ece_by_ch
     with caplog.at_level("INFO", logger="efficientnet_train"):
         finish(env, {"val_images": 4}, [{"epoch": "0"}, {"epoch": "1"}], best, "done", 1.0)
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("Calibration:"))
-    assert ("0.1000 -> 0.0500 (on these 4 validation images a perfectly calibrated model with these confidences "
-            "shows 0.0800 by chance alone, up to 0.1200 in 9 draws of 10)") in line
+    assert ("0.1000 -> 0.0500 (by chance alone, a perfectly calibrated model with these calibrated confidences "
+            "shows 0.0800 on average on these 4 validation images, up to 0.1200 in 9 draws of 10)") in line
 
 
 def test_ece_is_zero_when_confidence_matches_accuracy_and_the_gap_otherwise():
@@ -256,27 +280,33 @@ def test_a_trained_model_answers_with_calibrated_confidence_not_uniform(probed_j
     assert 0 <= calibration["ece_after"] <= calibration["ece_before"] + 1e-9
     assert 0 < calibration["ece_by_chance"] <= calibration["ece_by_chance_p90"] < 1
     assert "Calibration: the best model's log probabilities are divided by a temperature" in log
-    assert f"on these {args['val_images']} validation images a perfectly calibrated model" in log
+    assert f"on average on these {args['val_images']} validation images, up to" in log
     assert "confidence" in log and len(calibration["per_class_confidence"]) == len(COLOURS)
 
 
-def test_diagnose_calibration_finds_the_jobs_own_calibration_again(probed_job):
+def test_diagnose_calibration_finds_the_jobs_own_calibration_again(probed_job, tmp_path):
     """benchmarks/diagnose_calibration.py scores the served model on the val channel: its fitted row is the job's
-    ECE after the temperature, and its chance figures the job's."""
+    ECE after the temperature, and its chance figures the job's; a file that is no image is left out, named."""
+    import shutil
     import subprocess
     import sys
 
     base, _ = probed_job
+    val = shutil.copytree(base / "input" / "data" / "val", tmp_path / "val")
+    (val / next(iter(COLOURS)) / "notes.jpg").write_text("not an image")
     result = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "diagnose_calibration.py"),
-                             str(base / "model" / "model.tar.gz"), str(base / "input" / "data" / "val")],
-                            capture_output=True, text=True, timeout=300)
+                             str(base / "model" / "model.tar.gz"), str(val)], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr
+    assert "left out" in result.stderr and "notes.jpg" in result.stderr and "(1 left out)" in result.stdout
     calibration = yaml.safe_load((base / "model" / "args.yml").read_text())["calibration"]
-    fitted = re.search(r"\| [\d.]+ \(fitted\) \| ([\d.]+) \|", result.stdout)
-    assert fitted and float(fitted[1]) == pytest.approx(calibration["ece_after"], abs=1e-3), result.stdout
-    chance = re.search(r"by chance: ECE ([\d.]+) on average, ([\d.]+) at the 90th percentile", result.stdout)
-    assert chance and float(chance[1]) == pytest.approx(calibration["ece_by_chance"], abs=2e-3)
-    assert float(chance[2]) == pytest.approx(calibration["ece_by_chance_p90"], abs=2e-3)
+    fitted = re.search(r"^\| [\d.]+ \(fitted\) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)% \|", result.stdout,
+                       re.M)
+    assert fitted, result.stdout
+    assert float(fitted[1]) == pytest.approx(calibration["ece_after"], abs=1e-3)
+    assert float(fitted[2]) == pytest.approx(calibration["ece_by_chance"], abs=2e-3)
+    assert float(fitted[3]) == pytest.approx(calibration["ece_by_chance_p90"], abs=2e-3)
+    assert len(re.findall(r"^\| [\d.]+( \(fitted\))? \| [\d.]+ \|", result.stdout, re.M)) == 9  # the temperatures
     assert len(re.findall(r"^\| \d\.\d-\d\.\d \|", result.stdout, re.M)) >= 1  # the reliability table
 
 
@@ -447,13 +477,18 @@ def test_before_the_probe_auto_is_the_listings_recipe_with_sgd_and_the_training_
     assert recipe_for(explicit, {"reprob": 0.0}) == replace(listing, opt="rmsproptf", lr=0.016, freeze_batchnorm=1.0,
                                                             reprob=0.5)
     for old, share in ((True, 1.0), (False, 0.0)):  # a checkpoint's record from before the shares
-        record = {"acc_1": 90.0, "recipe": {"freeze_batchnorm": old, "reprob": 0.0}}
+        record = {"acc_1": 90.0, "recipe": {"freeze_batchnorm": old, "reprob": 0.0},
+                  "measured": [{"part": "freeze_batchnorm", "setting": False, "acc_1": 80.0},
+                               {"part": "reprob", "setting": 0.2, "acc_1": 85.0}]}
         read = probe_record_read(record)
-        assert read == {"acc_1": 90.0, "recipe": {"freeze_batchnorm": share, "reprob": 0.0}}
-        assert type(read["recipe"]["freeze_batchnorm"]) is float and record["recipe"]["freeze_batchnorm"] is old
+        assert read == {"acc_1": 90.0, "recipe": {"freeze_batchnorm": share, "reprob": 0.0},
+                        "measured": [{"part": "freeze_batchnorm", "setting": 0.0, "acc_1": 80.0},
+                                     {"part": "reprob", "setting": 0.2, "acc_1": 85.0}]}
+        assert type(read["recipe"]["freeze_batchnorm"]) is float is type(read["measured"][0]["setting"])
+        assert record["recipe"]["freeze_batchnorm"] is old and record["measured"][0]["setting"] is False  # a copy
         assert recipe_for(hp, read["recipe"]).freeze_batchnorm == share
-    current = {"recipe": {"freeze_batchnorm": 0.64}}
-    assert probe_record_read(current) is current and probe_record_read(None) is None
+    current = {"recipe": {"freeze_batchnorm": 0.64}, "measured": [{"part": "freeze_batchnorm", "setting": 0.0}]}
+    assert probe_record_read(current) == current and probe_record_read(None) is None
     assert probe_record_read({"recipe": {"reprob": 0.0}}) == {"recipe": {"reprob": 0.0}}  # BatchNorm set by hand
     for asked, share in (("true", 1.0), ("False", 0.0), ("0.64", 0.64), ("1", 1.0)):  # a share set by hand
         assert recipe_for(hyperparameters_of(freeze_batchnorm=asked), {"freeze_batchnorm": 0.3}).freeze_batchnorm == share

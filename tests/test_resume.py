@@ -355,12 +355,17 @@ def test_a_job_killed_after_its_probe_resumes_without_fitting_it_again(uninterru
     assert reference["linear_probe"]["recipe"]["freeze_batchnorm"] == 1.0
     state = torch.load(probe_done, weights_only=True)
     state["linear_probe"]["recipe"]["freeze_batchnorm"] = True  # as a version before BatchNorm's shares wrote it
+    batchnorm_step = next(step for step in state["linear_probe"]["measured"] if step["part"] == "freeze_batchnorm")
+    assert batchnorm_step["setting"] == 0.0
+    batchnorm_step["setting"] = False
     torch.save(state, probe_done)
     log = resume_and_compare(base, uninterrupted[0])
     assert "Resuming from checkpoint" in log and "Linear probe" not in log and "epoch 0/3" not in log
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
     assert {**args["linear_probe"], "seconds": 0} == {**reference["linear_probe"], "seconds": 0}  # carried over
     assert type(args["linear_probe"]["recipe"]["freeze_batchnorm"]) is float  # read as the share it means
+    assert all(type(step["setting"]) is float for step in args["linear_probe"]["measured"]
+               if step["part"] == "freeze_batchnorm")
     recipe = [key for key in reference if key.startswith("effective_")] + ["data_config"]
     assert {key: args[key] for key in recipe} == {key: reference[key] for key in recipe}  # chosen as by the probe
 
