@@ -1,5 +1,5 @@
-"""benchmarks/benchmark_speed.py --quick end to end, and measure_clipping.py, so the benchmarks keep working as the
-product changes."""
+"""benchmarks/benchmark_speed.py --quick end to end, measure_clipping.py and measure_first_passes.py, so the
+benchmarks keep working as the product changes."""
 
 from __future__ import annotations
 
@@ -136,3 +136,18 @@ def test_clipping_measurement_compares_the_jobs_clipping_with_timms():
     changed = int(run.stdout.split(" tensors, ")[1].split()[0])  # timm clipped some: the two had work to agree on
     difference = float(run.stdout.split("largest element: ")[1].split()[0])
     assert changed > 0 and difference < 1e-5 and "the job clips 0 of these" in run.stdout  # a CPU: timm's loop
+
+
+def test_first_passes_measurement_times_each_probe_pass_first_and_again_with_cudnn_on_and_off(tmp_path):
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "measure_first_passes.py"), "--quick",
+                          "--json", str(tmp_path / "passes.json")], capture_output=True, text=True, timeout=300,
+                         cwd=REPO)
+    assert run.returncode == 0, run.stderr[-2000:]
+    results = json.loads((tmp_path / "passes.json").read_text())
+    assert [r["cudnn_benchmark"] for r in results] == ["on", "off"]
+    for result in results:
+        assert [row["pass"] for row in result["rows"]] == [
+            "features of the probe's images (evaluation view)", "BatchNorm measurement (batch statistics)",
+            "view measurements (training size)", "validation (image and mirror)", "first training step"]
+        assert all(row["first_s"] > 0 and row["again_s"] > 0 for row in result["rows"])
+    assert run.stdout.count("\n| ") == 7 and "| all |" in run.stdout  # header, 5 passes, the sums
