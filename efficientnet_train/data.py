@@ -242,9 +242,10 @@ def decode_side(data_config: dict, training: bool, crop_scale: float = 1.0) -> i
 
 def train_transform(data_config: dict, aa: str, hflip: float, crop_scale: float):
     """Decoded image -> uint8 CHW tensor (crop, flip, RandAugment); ModelInput does the rest on the device.
-    Random-resized crops keep `crop_scale` of the area or more; at 1, the image's whole centre square (evaluation's
-    centre crop keeps crop_pct of its side: the same image, 1 / crop_pct nearer). No colour jitter: timm adds one where RandAugment is off, a change of view that nothing chose (docs/defaults.md
-    says what it cost). The mean still matters here: RandAugment fills what rotating and shearing uncover with it."""
+    Random-resized crops keep `crop_scale` of the area or more; at 1, the image's whole centre square, where
+    evaluation keeps the central crop_pct of its side, resized to the evaluation size. No colour jitter: timm adds
+    one where RandAugment is off, a change of view that nothing chose (docs/defaults.md says what it cost). The
+    mean still matters here: RandAugment fills what rotating and shearing uncover with it."""
     from timm.data import create_transform
 
     return create_transform(
