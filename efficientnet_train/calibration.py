@@ -116,16 +116,17 @@ def ece_by_chance(confidence: torch.Tensor) -> tuple[float, float]:
     return (float(eces.mean()), float(eces.quantile(0.9))) if len(eces) else (0.0, 0.0)
 
 
-def chance_eces(confidence: torch.Tensor, bins: int = ECE_BINS, draws: int = CHANCE_DRAWS) -> torch.Tensor:
+def chance_eces(confidence: torch.Tensor, bins: int = ECE_BINS, draws: int = CHANCE_DRAWS,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """Consistency resampling (Broecker and Smith 2007): in each draw every answer is right with exactly its
-    confidence; each draw's top-label ECE, in top_label_ece's bins. Seeded: the same confidences, the same draws.
-    Empty for no images."""
+    confidence; each draw's top-label ECE, in top_label_ece's bins. Seeded unless given a generator: the same
+    confidences, the same draws. Empty for no images."""
     confidence = confidence.detach().float().cpu()
     n = len(confidence)
     if n == 0:
         return torch.zeros(0)
     which = bin_of(confidence, bins)
-    generator = torch.Generator().manual_seed(0)
+    generator = generator or torch.Generator().manual_seed(0)
     draws = max(100, min(draws, CHANCE_WORK // n))
     per_chunk = max(1, CHANCE_CHUNK // n)
     eces = []

@@ -128,6 +128,21 @@ def test_ece_by_chance_is_what_sampling_alone_gives_a_calibrated_model(monkeypat
     assert len(calibration.chance_eces(confidence)) == 500
     # The more images, the smaller an ECE they can resolve.
     assert ece_by_chance(torch.full((2000,), 0.9))[1] < ece_by_chance(torch.full((57,), 0.9))[1] < 0.2
+    stream = torch.Generator().manual_seed(3)  # a generator of the caller's: draws go on where the last call ended
+    assert not torch.equal(calibration.chance_eces(confidence, generator=stream),
+                           calibration.chance_eces(confidence, generator=stream))
+
+
+def test_ece_noise_floor_shrinks_with_the_validation_set():
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, str(Path(__file__).parents[1] / "benchmarks" / "ece_noise_floor.py"), "57",
+                          "1000", "--draws", "300"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    rows = {int(m[1]): (float(m[2]), float(m[3]))
+            for m in re.finditer(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \|$", run.stdout, re.M)}
+    assert set(rows) == {57, 1000} and rows[1000][0] < rows[1000][1] < rows[57][0] < rows[57][1] < 0.2
 
 
 def test_the_final_calibration_line_reads_a_best_model_recorded_before_ece_by_chance(tmp_path, caplog):
