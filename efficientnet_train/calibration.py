@@ -85,11 +85,15 @@ def top_label_ece(log_probabilities: torch.Tensor, targets: torch.Tensor, bins: 
     """Expected calibration error of the top label: over `bins` equal-width bins of the top probability, the
     share of images in each bin times the gap between their accuracy and their mean top probability."""
     confidence, predicted = top_label(log_probabilities)
-    right = (predicted == targets.cpu()).float()
-    which = bin_of(confidence, bins)
-    count = torch.bincount(which, minlength=bins).float()
-    gap = torch.bincount(which, weights=right - confidence, minlength=bins)
-    return float(gap.abs().sum() / count.sum().clamp(min=1))
+    return binned_ece(confidence, (predicted == targets.cpu()).float(), bins)
+
+
+def binned_ece(probability: torch.Tensor, outcome: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """The expected calibration error of probabilities said for 0/1 outcomes: over equal-width bins of the
+    probability, the share of them in each bin times the gap between how often the outcome is 1 and their mean."""
+    which = bin_of(probability, bins)
+    gap = torch.bincount(which, weights=outcome.float() - probability.float(), minlength=bins)
+    return float(gap.abs().sum() / max(len(probability), 1))
 
 
 def calibrate(log_probabilities: torch.Tensor, targets: torch.Tensor, num_classes: int) -> dict:

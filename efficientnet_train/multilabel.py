@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import report
-from .calibration import ECE_BINS, minimising_temperature, no_surer_than
+from .calibration import ECE_BINS, binned_ece, minimising_temperature, no_surer_than
 
 
 def loss_function(pos_weight: torch.Tensor | None = None) -> torch.nn.Module:
@@ -129,11 +129,7 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
 def label_ece(probabilities: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> float:
     """Expected calibration error over every (image, label) probability: in equal-width bins, the share of them
     times the gap between how often the label is there and the mean probability said."""
-    p, truth = probabilities.float().flatten().cpu(), targets.float().flatten().cpu()
-    which = (p * bins).long().clamp(max=bins - 1)
-    count = torch.bincount(which, minlength=bins).float()
-    gap = torch.bincount(which, weights=truth - p, minlength=bins)
-    return float(gap.abs().sum() / count.sum().clamp(min=1))
+    return binned_ece(probabilities.float().flatten().cpu(), targets.float().flatten().cpu(), bins)
 
 
 def calibrate(logits: torch.Tensor, targets: torch.Tensor) -> dict:

@@ -105,18 +105,20 @@ def recipe_for(hp, chosen: dict | None = None) -> Recipe:
 def probe_record_read(record: dict | None) -> dict | None:
     """A checkpoint's linear-probe record as this version writes it: before BatchNorm's shares, its choice and its
     measurements said freeze_batchnorm true or false, the shares 1.0 and 0.0 now (so that args.yml says what the
-    job trains with)."""
+    job trains with). A copy: the checkpoint's own record is left as it was."""
     if not record:
         return record
 
     def share(value):
         return float(value) if isinstance(value, bool) else value
 
-    recipe = record.get("recipe", {})
-    return {**record, **({"recipe": {**recipe, "freeze_batchnorm": share(recipe["freeze_batchnorm"])}}
-                         if "freeze_batchnorm" in recipe else {}),
-            **({"measured": [{**step, "setting": share(step.get("setting"))} if step.get("part") == "freeze_batchnorm"
-                             else step for step in record["measured"]]} if "measured" in record else {})}
+    record = dict(record)
+    if "freeze_batchnorm" in record.get("recipe", {}):
+        record["recipe"] = {**record["recipe"], "freeze_batchnorm": share(record["recipe"]["freeze_batchnorm"])}
+    if "measured" in record:
+        record["measured"] = [{**step, "setting": share(step.get("setting"))}
+                              if step.get("part") == "freeze_batchnorm" else step for step in record["measured"]]
+    return record
 
 
 def auto_lr(hp, opt: str) -> float:
