@@ -235,24 +235,28 @@ def decode_side(data_config: dict, training: bool, crop_scale: float = 1.0) -> i
     """The short side a photo must keep for the transform's smallest crop (`crop_scale` of the area, in training)
     to still have the model's input size in pixels: larger JPEGs can decode at a reduced scale, several times
     faster, for the same input."""
-    if training:  # the smallest crop, at the narrowest aspect ratio (3/4)
-        return math.ceil(data_config["train_input_size"][-1] / math.sqrt(min(crop_scale, 1.0) * 3 / 4))
-    return math.ceil(data_config["input_size"][-1] / data_config["crop_pct"])  # resized, then centre-cropped
+    if training and crop_scale < 1:  # the smallest crop, at the narrowest aspect ratio (3/4)
+        return math.ceil(data_config["train_input_size"][-1] / math.sqrt(crop_scale * 3 / 4))
+    size = data_config["train_input_size" if training else "input_size"][-1]
+    return math.ceil(size / data_config["crop_pct"])  # resized, then centre-cropped
 
 
 def train_transform(data_config: dict, aa: str, hflip: float, crop_scale: float):
     """Decoded image -> uint8 CHW tensor (crop, flip, RandAugment); ModelInput does the rest on the device.
-    Random-resized crops keep `crop_scale` of the area or more; at 1, the image's whole centre square, where
-    evaluation keeps the central crop_pct of its side, resized to the evaluation size. No colour jitter: timm adds
-    one where RandAugment is off, a change of view that nothing chose (docs/defaults.md says what it cost). The
-    mean still matters here: RandAugment fills what rotating and shearing uncover with it."""
+    Random-resized crops keep `crop_scale` of the area or more; at 1, no random crop: evaluation's own crop (the
+    central crop_pct of the short side) at the training size, the view the probe was fitted in. No colour jitter:
+    timm adds one where RandAugment is off, a change of view that nothing chose (docs/defaults.md says what it
+    cost). The mean still matters here: RandAugment fills what rotating and shearing uncover with it."""
     from timm.data import create_transform
 
-    return create_transform(
-        tuple(data_config["train_input_size"]), is_training=True, scale=(crop_scale, 1.0),
-        ratio=(1.0, 1.0) if crop_scale >= 1 else (3 / 4, 4 / 3), hflip=hflip, color_jitter=None,
+    size = tuple(data_config["train_input_size"])
+    transform = create_transform(
+        size, is_training=True, scale=(min(crop_scale, 1.0), 1.0), hflip=hflip, color_jitter=None,
         auto_augment=None if aa.lower() in ("", "none") else aa, interpolation=data_config["interpolation"],
         mean=tuple(data_config["mean"]), std=tuple(data_config["std"]), use_prefetcher=True)
+    if crop_scale >= 1:  # timm's first step is the random-resized crop; evaluation's resize and centre crop instead
+        transform.transforms[:1] = eval_transform({**data_config, "input_size": list(size)}).transforms[:-1]
+    return transform
 
 
 def eval_transform(data_config: dict):

@@ -687,7 +687,7 @@ def test_a_phone_photo_decodes_at_the_scale_its_smallest_crop_needs():
     config = {"train_input_size": [3, 300, 300], "input_size": [3, 320, 320], "crop_pct": 1.0}
     side = decode_side(config, training=True, crop_scale=0.25)
     assert side == 693  # a crop of a quarter of the area at aspect 3/4 is still 300 pixels on its short side
-    assert decode_side(config, training=True, crop_scale=1.0) == 347  # the whole image at aspect 3/4
+    assert decode_side(config, training=True, crop_scale=1.0) == 300  # no random crop: evaluation's, at 300
     photo = encoded(Image.new("RGB", (4032, 3024), RED), "JPEG")
     assert decode_image(photo, side).size == (1008, 756)  # 1/4 scale: 1/8 would be 378 < 693
     assert decode_image(photo, decode_side(config, training=False)).size == (504, 378)  # resized to 320 anyway

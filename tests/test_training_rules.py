@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from types import SimpleNamespace
@@ -330,24 +331,34 @@ def test_randaugment_fills_with_the_models_own_mean():
 
 
 def test_the_training_transform_is_the_parts_the_recipe_chose_and_nothing_else():
-    """No colour jitter (timm adds one where RandAugment is off), no mirroring at hflip=0, and at crop_scale=1 the
-    image's centre square, the same every time."""
+    """No colour jitter (timm adds one where RandAugment is off), no mirroring at hflip=0, and at crop_scale=1 no
+    random crop: evaluation's own view at the training size (the view the probe was fitted in), the same every
+    time, with the mirror and RandAugment still applied where asked."""
     from PIL import Image
+    from timm.data.auto_augment import RandAugment
     from torchvision.transforms import ColorJitter, RandomHorizontalFlip
 
-    from efficientnet_train.data import decode_side, train_transform
+    from efficientnet_train.data import decode_side, eval_transform, train_transform
 
-    config = {"train_input_size": [3, 32, 32], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.5] * 3}
-    for aa, hflip, scale in (("none", 0.0, 1.0), ("none", 0.5, 0.5), ("rand-m5-mstd0.5", 0.5, 0.25)):
+    config = {"train_input_size": [3, 32, 32], "input_size": [3, 36, 36], "interpolation": "bicubic",
+              "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 1.0, "crop_mode": "center"}
+    for aa, hflip, scale in (("none", 0.0, 1.0), ("none", 0.5, 0.5), ("rand-m5-mstd0.5", 0.5, 0.25),
+                             ("rand-m5-mstd0.5", 0.5, 1.0)):
         transform = train_transform(config, aa, hflip, scale)
         kinds = [type(t) for t in transform.transforms]
         assert ColorJitter not in kinds and (RandomHorizontalFlip in kinds) is (hflip > 0)
-        assert transform.transforms[0].scale == (scale, 1.0)
-    whole = train_transform(config, "none", 0.0, 1.0)
+        assert (RandAugment in kinds) is (aa != "none")
+        assert (getattr(transform.transforms[0], "scale", None) == (scale, 1.0)) is (scale < 1)
     image = Image.linear_gradient("L").convert("RGB").resize((48, 32))  # wider than high: a centre square of it
+    whole = train_transform(config, "none", 0.0, 1.0)
     assert all(torch.equal(whole(image), whole(image)) for _ in range(5))
     square = image.crop((8, 0, 40, 32)).resize((32, 32), Image.BICUBIC)
     assert torch.equal(whole(image), torch.tensor(list(square.tobytes()), dtype=torch.uint8).reshape(32, 32, 3).permute(2, 0, 1))
+    for crop_pct in (1.0, 0.875):  # b3 at its default sizes evaluates the whole square, b0 and lite0 87.5% of it
+        cropped = {**config, "crop_pct": crop_pct}
+        at_training_size = eval_transform({**cropped, "input_size": cropped["train_input_size"]})
+        assert torch.equal(train_transform(cropped, "none", 0.0, 1.0)(image), at_training_size(image))
+        assert decode_side(cropped, True, 1.0) == math.ceil(32 / crop_pct)  # evaluation's resize, at 32 pixels
     assert decode_side(config, True, 1.0) < decode_side(config, True, 0.25)  # a smaller crop needs more pixels
 
 
