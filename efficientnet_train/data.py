@@ -232,9 +232,9 @@ def resolve_data_config(model: torch.nn.Module, img_size: int, eval_img_size: in
 
 
 def decode_side(data_config: dict, training: bool, crop_scale: float = 1.0) -> int:
-    """The short side a photo must keep for the transform's smallest crop (`crop_scale` of the area, in training)
-    to still have the model's input size in pixels: larger JPEGs can decode at a reduced scale, several times
-    faster, for the same input."""
+    """The short side a photo must keep for the transform's smallest crop (`crop_scale` of the area, in training;
+    at crop_scale 1 and in evaluation, the resize before the centre crop) to still have the model's input size in
+    pixels: larger JPEGs can decode at a reduced scale, several times faster, for the same input."""
     if training and crop_scale < 1:  # the smallest crop, at the narrowest aspect ratio (3/4)
         return math.ceil(data_config["train_input_size"][-1] / math.sqrt(crop_scale * 3 / 4))
     size = data_config["train_input_size" if training else "input_size"][-1]
@@ -244,7 +244,7 @@ def decode_side(data_config: dict, training: bool, crop_scale: float = 1.0) -> i
 def train_transform(data_config: dict, aa: str, hflip: float, crop_scale: float):
     """Decoded image -> uint8 CHW tensor (crop, flip, RandAugment); ModelInput does the rest on the device.
     Random-resized crops keep `crop_scale` of the area or more; at 1, no random crop: evaluation's own crop (the
-    central crop_pct of the short side) at the training size, the view the probe was fitted in. No colour jitter:
+    central crop_pct of the short side) at the training size: what the probe was fitted on. No colour jitter:
     timm adds one where RandAugment is off, a change of view that nothing chose (docs/defaults.md says what it
     cost). The mean still matters here: RandAugment fills what rotating and shearing uncover with it."""
     from timm.data import create_transform
@@ -255,7 +255,13 @@ def train_transform(data_config: dict, aa: str, hflip: float, crop_scale: float)
         auto_augment=None if aa.lower() in ("", "none") else aa, interpolation=data_config["interpolation"],
         mean=tuple(data_config["mean"]), std=tuple(data_config["std"]), use_prefetcher=True)
     if crop_scale >= 1:  # timm's first step is the random-resized crop; evaluation's resize and centre crop instead
-        transform.transforms[:1] = eval_transform({**data_config, "input_size": list(size)}).transforms[:-1]
+        from timm.data.transforms import MaybePILToTensor, RandomResizedCropAndInterpolation
+
+        evaluation = eval_transform({**data_config, "input_size": list(size)}).transforms
+        if not (isinstance(transform.transforms[0], RandomResizedCropAndInterpolation)
+                and isinstance(evaluation[-1], MaybePILToTensor)):
+            raise RuntimeError("timm's transforms are no longer crop first and tensor last: update train_transform")
+        transform.transforms[:1] = evaluation[:-1]
     return transform
 
 

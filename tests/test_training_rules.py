@@ -354,8 +354,8 @@ def test_the_training_transform_is_the_parts_the_recipe_chose_and_nothing_else()
     assert all(torch.equal(whole(image), whole(image)) for _ in range(5))
     square = image.crop((8, 0, 40, 32)).resize((32, 32), Image.BICUBIC)
     assert torch.equal(whole(image), torch.tensor(list(square.tobytes()), dtype=torch.uint8).reshape(32, 32, 3).permute(2, 0, 1))
-    for crop_pct in (1.0, 0.875):  # b3 at its default sizes evaluates the whole square, b0 and lite0 87.5% of it
-        cropped = {**config, "crop_pct": crop_pct}
+    for crop_pct, crop_mode in ((1.0, "center"), (0.875, "center"), (0.875, "squash"), (0.875, "border")):
+        cropped = {**config, "crop_pct": crop_pct, "crop_mode": crop_mode}  # b3 at its default sizes: 1, lite0 0.875
         at_training_size = eval_transform({**cropped, "input_size": cropped["train_input_size"]})
         assert torch.equal(train_transform(cropped, "none", 0.0, 1.0)(image), at_training_size(image))
         assert decode_side(cropped, True, 1.0) == math.ceil(32 / crop_pct)  # evaluation's resize, at 32 pixels
