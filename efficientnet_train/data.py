@@ -251,7 +251,7 @@ def train_transform(data_config: dict, aa: str, hflip: float, crop_scale: float)
 
     size = tuple(data_config["train_input_size"])
     transform = create_transform(
-        size, is_training=True, scale=(min(crop_scale, 1.0), 1.0), hflip=hflip, color_jitter=None,
+        size, is_training=True, scale=(crop_scale, 1.0), hflip=hflip, color_jitter=None,
         auto_augment=None if aa.lower() in ("", "none") else aa, interpolation=data_config["interpolation"],
         mean=tuple(data_config["mean"]), std=tuple(data_config["std"]), use_prefetcher=True)
     if crop_scale >= 1:  # timm's first step is the random-resized crop; evaluation's resize and centre crop instead

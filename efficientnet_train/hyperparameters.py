@@ -338,7 +338,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    "Smallest share of a training image's area that a random training crop keeps; 1 = no random "
                    "crop: evaluation's own view (the central crop_pct of the image's short side: all of it for "
                    "efficientnet_b3 at its default sizes, 87.5% for b0 or lite0). auto = 0.25, 0.5 or between, "
-                   f"{MEASURED}; never 1: training without random crops over-fitted where half crops trained better.",
+                   f"{MEASURED}; never 1: on the panel's digits, training without random crops ended lower than "
+                   "half crops.",
                    minimum=0.05, maximum=1, tunable=True),
     Hyperparameter("eval_hflip", bool, True,
                    "Average each validation and served prediction over the image and its mirror image "
