@@ -68,10 +68,12 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: int | tuple[int, float]):
+        """An image and its label; a key (index, grown) also tells a GrowingCrop how far its crops have grown."""
+        index, grown = key if isinstance(key, tuple) else (key, None)
         label = self.samples[index][1]
         for candidate in self._same_class(index, int(self.group[index])):
-            image = self._load(candidate)
+            image = self._load(candidate, grown)
             if image is not None:
                 return image, multi_hot(label, len(self.classes)) if self.multi_label else label
         raise UnusableData(f"Every image of class {self._class_name(label)} in the '{self.channel}' channel failed "
@@ -85,12 +87,13 @@ class ImageDataset(torch.utils.data.Dataset):
             if not self.failed[candidate]:
                 yield candidate
 
-    def _load(self, index: int):
+    def _load(self, index: int, grown: float | None = None):
         info = torch.utils.data.get_worker_info()
         slot = (info.id if info else 0) % len(self.reading)
         self.reading[slot] = torch.tensor([os.getpid(), index])
         try:
-            return self.transform(load_image(self.samples[index][0], self.min_side))
+            image = load_image(self.samples[index][0], self.min_side)
+            return self.transform(image) if grown is None else self.transform(image, grown)
         except Exception as exc:  # noqa: BLE001 - whatever is wrong with one file, the others can train
             self._record_failure(index, exc)
             return None
@@ -190,23 +193,37 @@ multiprocessing.util.Finalize(None, shut_down_workers, exitpriority=100)
 
 class TrainBatches(torch.utils.data.Sampler):
     """Training batches of a shuffle fixed by (seed, epoch), so that an interrupted epoch can carry on
-    from the batch where it stopped and still see every image once."""
+    from the batch where it stopped and still see every image once. With `growth_updates`, each index comes with how
+    far a GrowingCrop's crops have grown by its batch's update (from 0 at the first to 1 after that many): from the
+    batch's place in the run, so a resumed run crops as the uninterrupted one."""
 
-    def __init__(self, num_images: int, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, num_images: int, batch_size: int, seed: int, num_replicas: int = 1, rank: int = 0,
+                 growth_updates: int = 0):
         self.shuffle = torch.utils.data.DistributedSampler(range(num_images), num_replicas=num_replicas, rank=rank,
                                                            shuffle=True, seed=seed)
-        self.batch_size, self.skip = batch_size, 0
+        self.batch_size, self.growth_updates, self.epoch, self.skip = batch_size, growth_updates, 1, 0
+
+    @staticmethod
+    def per_epoch(num_images: int, batch_size: int, num_replicas: int = 1) -> int:
+        """The batches (updates) an epoch has: a short last batch would be a noisy step, so it is dropped."""
+        return math.ceil(num_images / num_replicas) // batch_size
 
     def start_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Epochs count from 1, the first of fine-tuning."""
         self.shuffle.set_epoch(epoch)
-        self.skip = skip_batches
+        self.epoch, self.skip = epoch, skip_batches
 
     def __len__(self) -> int:
-        return len(self.shuffle) // self.batch_size  # a short last batch would be a noisy step: dropped
+        return len(self.shuffle) // self.batch_size
 
     def __iter__(self):
-        batches = torch.utils.data.BatchSampler(self.shuffle, self.batch_size, drop_last=True)
-        return islice(iter(batches), self.skip, None)
+        batches = islice(enumerate(torch.utils.data.BatchSampler(self.shuffle, self.batch_size, drop_last=True)),
+                         self.skip, None)
+        if not self.growth_updates:
+            return (batch for _, batch in batches)
+        before = (self.epoch - 1) * len(self)  # the updates made before this epoch
+        return ([(index, min(1.0, (before + step) / self.growth_updates)) for index in batch]
+                for step, batch in batches)
 
 
 def resolve_data_config(model: torch.nn.Module, img_size: int, eval_img_size: int) -> dict:
@@ -263,6 +280,27 @@ def train_transform(data_config: dict, aa: str, hflip: float, crop_scale: float)
             raise RuntimeError("timm's transforms are no longer crop first and tensor last: update train_transform")
         transform.transforms[:1] = evaluation[:-1]
     return transform
+
+
+class GrowingCrop:
+    """A training transform whose random-resized crops grow over the warmup: called with `grown` 0, they keep
+    `start_area` of the image (evaluation's share of it, the probe's view); with 1, the transform's own range of
+    areas; between, in proportion. The probe's classifier answers its images in evaluation's crop far better than in
+    half crops, and the first updates' gradients come from those answers (docs/quality.md). A transform without a
+    random crop is applied as it is."""
+
+    def __init__(self, transform, start_area: float):
+        from timm.data.transforms import RandomResizedCropAndInterpolation
+
+        self.transform, self.start_area = transform, start_area
+        first = transform.transforms[0]
+        self.crop = first if isinstance(first, RandomResizedCropAndInterpolation) else None
+        self.scale = tuple(self.crop.scale) if self.crop is not None else None
+
+    def __call__(self, image, grown: float = 1.0):
+        if self.crop is not None:  # this worker's own copy: no other process sees the change
+            self.crop.scale = tuple(self.start_area + grown * (end - self.start_area) for end in self.scale)
+        return self.transform(image)
 
 
 def eval_transform(data_config: dict):

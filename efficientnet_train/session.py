@@ -12,11 +12,12 @@ import torch
 
 from . import distributed, hyperparameters, report
 from .channels import Channel
-from .data import (ImageDataset, ModelInput, TrainBatches, dataset_of, decode_side, eval_transform,
+from .data import (GrowingCrop, ImageDataset, ModelInput, TrainBatches, dataset_of, decode_side, eval_transform,
                    resolve_data_config, train_transform)
 from .engine import data_loader, seed_everything
 from .model import autocast_for, create_model, read_model_channel, set_regularisation
-from .optimisation import balance_share, balance_text, create_optimizer, create_schedule, loss_function, training_tools
+from .optimisation import (balance_share, balance_text, create_optimizer, create_schedule, loss_function,
+                           schedule_epoch_updates, training_tools)
 from .recipe import Recipe, mirrors_at_evaluation, recipe_for, training_size_config
 from .resources import SlowDataWarning, data_loading_workers_for, describe, versions
 from .sagemaker import SageMakerEnvironment
@@ -81,7 +82,8 @@ class FineTuning:
     def record(self) -> dict:
         return {**self.recipe.record(), "effective_lr": self.lr, "effective_eval_hflip": self.eval_hflip,
                 "data_config": self.data_config, "updates_per_epoch": len(self.train_loader),
-                "schedule_epoch_updates": self.schedule_epoch}
+                "schedule_epoch_updates": self.schedule_epoch,
+                "crop_growth_updates": self.train_loader.batch_sampler.growth_updates}
 
 
 def set_up(env: SageMakerEnvironment, job: Job, resuming: bool, rank: distributed.Rank) -> Session:
@@ -149,11 +151,16 @@ def fine_tuning(s: Session, recipe: Recipe) -> FineTuning:
     """What fine-tuning trains with under `recipe`; sets the model's dropout and drop-connect to the recipe's."""
     hp, rank = s.hp, s.rank
     data_config = training_size_config(s.resolved_data_config, recipe)
-    train_data = dataset_of(s.train_channel, train_transform(data_config, recipe.aa, recipe.hflip, recipe.crop_scale),
-                            hp.max_unusable_fraction, s.workers, decode_side(data_config, True, recipe.crop_scale))
+    # The crops grow from evaluation's view to the recipe's as the rate warms up (GrowingCrop).
+    transform = GrowingCrop(train_transform(data_config, recipe.aa, recipe.hflip, recipe.crop_scale),
+                            start_area=data_config["crop_pct"] ** 2)
+    train_data = dataset_of(s.train_channel, transform, hp.max_unusable_fraction, s.workers,
+                            decode_side(data_config, True, recipe.crop_scale))
+    updates = TrainBatches.per_epoch(len(train_data), hp.batch_size, rank.world_size)
+    growth = round(hp.warmup_epochs * schedule_epoch_updates(hp, updates))
     train_loader = data_loader(train_data, s.workers, s.device, hp.seed + rank.rank,
                                batch_sampler=TrainBatches(len(train_data), hp.batch_size, hp.seed, rank.world_size,
-                                                          rank.rank))
+                                                          rank.rank, growth_updates=growth))
     set_regularisation(s.model, recipe.drop, recipe.drop_connect)
     lr = hyperparameters.scaled_lr(recipe.lr, hp.batch_size, rank.world_size)
     optimizer = create_optimizer(s.model, hp, lr, recipe.opt)

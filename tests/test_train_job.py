@@ -67,6 +67,8 @@ def test_args_hold_resolved_hyperparameters_and_derived_values(finished_job):
     assert args["data_config"]["train_input_size"] == [3, 32, 32]
     assert args["data_config"]["input_size"] == [3, 37, 37]  # evaluated 1.15x larger
     assert args["effective_lr"] == pytest.approx(0.1 * 8 / 256)
+    # the crops grow from evaluation's area to the recipe's over the rate's warmup: one schedule epoch
+    assert args["crop_growth_updates"] == args["schedule_epoch_updates"] * args["warmup_epochs"] > 0
     assert args["train_images_per_class"] == {"ants": 12, "bees": 14, "wasps": 12}
     # val's 6 a class fit equal shares a little better than the training set's (12, 14, 12): the posterior chance
     log_odds = sum(6 * -math.log(count / 38 * 3) for count in (12, 14, 12))
@@ -249,6 +251,7 @@ def test_stops_once_the_learning_rate_is_spent(tmp_path, tiny_hyperparameters):
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
     assert args["epochs_completed"] == 3 and args["stop_reason"].startswith("the learning rate has decayed")
     assert args["updates_per_epoch"] == 18 and args["schedule_epoch_updates"] == 50
+    assert args["crop_growth_updates"] == 0  # no warmup: the recipe's crops from the first update
     assert torch.load(base / "model" / "model_best.pth.tar", weights_only=True)["epoch"] in range(4)
     with tarfile.open(base / "model" / "model.tar.gz") as tar:
         assert sorted(tar.getnames()) == sorted(MODEL_FILES)

@@ -514,3 +514,58 @@ def test_tensors_clipped_at_once_by_device_and_dtype_and_the_odd_ones_by_timms_l
     adaptive_clip_grad(rest, 0.01)
     for p, theirs in zip(params, timms):
         assert torch.allclose(p.grad, theirs, rtol=1e-6, atol=1e-12)
+
+
+def test_crops_grow_over_the_warmup_update_by_update_and_a_resumed_epoch_grows_as_an_uninterrupted_one():
+    """Each training index carries how far the crops have grown by its batch's update: 0 at the first update of
+    fine-tuning, 1 from `growth_updates` on, in between in proportion, counted across epochs; skipping an
+    interrupted epoch's first batches leaves the rest as they were. Without a growth, plain indices."""
+    from efficientnet_train.data import TrainBatches
+
+    batches = TrainBatches(20, 4, seed=3, growth_updates=8)  # 5 updates an epoch
+    seen = []
+    for epoch in (1, 2, 3):
+        batches.start_epoch(epoch)
+        for batch in batches:
+            assert len({grown for _, grown in batch}) == 1 and len(batch) == 4
+            seen.append(batch[0][1])
+    assert seen == [min(1.0, update / 8) for update in range(15)]
+    batches.start_epoch(2)
+    whole = list(batches)
+    batches.start_epoch(2, skip_batches=3)
+    assert list(batches) == whole[3:]
+    plain = TrainBatches(20, 4, seed=3)
+    plain.start_epoch(2)
+    assert [[index for index, _ in batch] for batch in whole] == list(plain)
+    assert TrainBatches.per_epoch(20, 4) == len(plain) == 5 and TrainBatches.per_epoch(21, 4, 2) == 2
+
+
+def test_a_growing_crop_starts_at_evaluations_area_and_ends_at_the_recipes_range():
+    """grown 0: every crop keeps the start area (evaluation's share); 1: the transform's own range of areas;
+    halfway, halfway. A transform without a random crop (crop_scale=1) is left as it is."""
+    import random
+
+    from PIL import Image
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    from efficientnet_train.data import GrowingCrop, train_transform
+
+    config = {"train_input_size": [3, 16, 16], "input_size": [3, 16, 16], "interpolation": "bicubic",
+              "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875, "crop_mode": "center"}
+    grow = GrowingCrop(train_transform(config, "none", 0.0, 0.25), start_area=0.875 ** 2)
+    image = Image.new("RGB", (400, 400))
+    assert grow.scale == (0.25, 1.0)
+    random.seed(0)
+    for grown, low, high in ((0.0, 0.875 ** 2, 0.875 ** 2), (0.5, (0.875 ** 2 + 0.25) / 2, (0.875 ** 2 + 1) / 2),
+                             (1.0, 0.25, 1.0)):
+        grow(image, grown)
+        assert grow.crop.scale == pytest.approx((low, high))
+        boxes = [RandomResizedCropAndInterpolation.get_params(image, grow.crop.scale, grow.crop.ratio)
+                 for _ in range(200)]
+        areas = [h * w / 400 ** 2 for _, _, h, w in boxes]
+        # timm falls back to the whole image where ten aspect ratios in a row do not fit
+        assert all(low - 0.01 <= area <= high + 0.01 or area == 1.0 for area in areas), (grown, areas)
+        assert sum(area < 1.0 for area in areas) > 100
+    assert grow(image).shape == (3, 16, 16) and grow.crop.scale == (0.25, 1.0)  # no grown: fully grown
+    still = GrowingCrop(train_transform(config, "none", 0.0, 1.0), start_area=0.5)
+    assert still.crop is None and torch.equal(still(image, 0.0), still(image, 1.0))
