@@ -327,19 +327,21 @@ SCHEMA: tuple[Hyperparameter, ...] = (
                    "has one and img_size is 0, otherwise 1.15 x the training size.",
                    minimum=32, maximum=1024, allowed_text=IMG_SIZE_ALLOWED, tunable=True),
     Hyperparameter("warmup_epochs", float, 1.0,
-                   f"Epochs of linear learning-rate warmup from warmup_lr, updated every step; {SMALL_SET_EPOCH}.",
+                   "Epochs of linear learning-rate warmup from warmup_lr, updated every step, over which the random "
+                   f"crops also grow from evaluation's view to crop_scale; {SMALL_SET_EPOCH}.",
                    minimum=0, maximum=10000, tunable=True),
     Hyperparameter("hflip", float, AUTO,
                    "Probability of mirroring a training image left-right (timm's --hflip); 0 also turns eval_hflip "
                    "off. auto = 0.5, or down to 0 where mirrored images lose the probe's answers (text, digits): "
-                   f"{MEASURED}; under 0.25 it also turns eval_hflip off.",
+                   f"{MEASURED}, but nineteen in twenty for the mirror, which loses no pixel; under 0.25 it also "
+                   "turns eval_hflip off.",
                    minimum=0, maximum=1, tunable=True),
     Hyperparameter("crop_scale", float, AUTO,
                    "Smallest share of a training image's area that a random training crop keeps; 1 = no random "
                    "crop: evaluation's own view (the central crop_pct of the image's short side: all of it for "
                    "efficientnet_b3 at its default sizes, 87.5% for b0 or lite0). auto = 0.25, 0.5 or between, "
                    f"{MEASURED}; never 1: on the panel's digits, training without random crops ended lower than "
-                   "half crops.",
+                   "half crops. The crops grow to it over the warmup, from evaluation's view.",
                    minimum=0.05, maximum=1, tunable=True),
     Hyperparameter("eval_hflip", bool, True,
                    "Average each validation and served prediction over the image and its mirror image "
