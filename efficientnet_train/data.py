@@ -201,11 +201,13 @@ class TrainBatches(torch.utils.data.Sampler):
                  growth_updates: int = 0):
         self.shuffle = torch.utils.data.DistributedSampler(range(num_images), num_replicas=num_replicas, rank=rank,
                                                            shuffle=True, seed=seed)
+        self.num_images, self.num_replicas = num_images, num_replicas
         self.batch_size, self.growth_updates, self.epoch, self.skip = batch_size, growth_updates, 1, 0
 
     @staticmethod
     def per_epoch(num_images: int, batch_size: int, num_replicas: int = 1) -> int:
-        """The batches (updates) an epoch has: a short last batch would be a noisy step, so it is dropped."""
+        """The batches (updates) an epoch has: each replica's share padded to the same count, as DistributedSampler
+        does; a short last batch would be a noisy step, so it is dropped."""
         return math.ceil(num_images / num_replicas) // batch_size
 
     def start_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -214,7 +216,7 @@ class TrainBatches(torch.utils.data.Sampler):
         self.epoch, self.skip = epoch, skip_batches
 
     def __len__(self) -> int:
-        return len(self.shuffle) // self.batch_size
+        return self.per_epoch(self.num_images, self.batch_size, self.num_replicas)
 
     def __iter__(self):
         batches = islice(enumerate(torch.utils.data.BatchSampler(self.shuffle, self.batch_size, drop_last=True)),
@@ -283,24 +285,51 @@ def train_transform(data_config: dict, aa: str, hflip: float, crop_scale: float)
 
 
 class GrowingCrop:
-    """A training transform whose random-resized crops grow over the warmup: called with `grown` 0, they keep
-    `start_area` of the image (evaluation's share of it, the probe's view); with 1, the transform's own range of
-    areas; between, in proportion. The probe's classifier answers its images in evaluation's crop far better than in
-    half crops, and the first updates' gradients come from those answers (docs/quality.md). A transform without a
-    random crop is applied as it is."""
+    """A training transform whose random-resized crops grow over the warmup from evaluation's crop: each crop is
+    drawn as the transform's own, then its box is moved toward evaluation's by the share of the growth still to
+    come. Called with `grown` 0, every crop is evaluation's (the probe's view); with 1, the transform's own; between,
+    a box between. The probe's classifier answers evaluation's view far better than half crops, and the first
+    updates' gradients come from its answers (docs/quality.md). A transform without a random crop (crop_scale=1,
+    evaluation's crop already) is applied as it is."""
 
-    def __init__(self, transform, start_area: float):
+    def __init__(self, transform, crop_pct: float, crop_mode: str = "center"):
         from timm.data.transforms import RandomResizedCropAndInterpolation
+        from torchvision.transforms import Compose, Resize
 
-        self.transform, self.start_area = transform, start_area
         first = transform.transforms[0]
+        if not isinstance(first, (RandomResizedCropAndInterpolation, Resize)):
+            raise RuntimeError("timm's training transform no longer starts with its crop: update GrowingCrop")
+        self.transform, self.crop_pct, self.crop_mode = transform, crop_pct, crop_mode
         self.crop = first if isinstance(first, RandomResizedCropAndInterpolation) else None
-        self.scale = tuple(self.crop.scale) if self.crop is not None else None
+        self.rest = Compose(transform.transforms[1:])
 
     def __call__(self, image, grown: float = 1.0):
-        if self.crop is not None:  # this worker's own copy: no other process sees the change
-            self.crop.scale = tuple(self.start_area + grown * (end - self.start_area) for end in self.scale)
-        return self.transform(image)
+        if self.crop is None or grown >= 1:
+            return self.transform(image)
+        import random
+
+        from torchvision.transforms.functional import resized_crop
+
+        drawn = self.crop.get_params(image, self.crop.scale, self.crop.ratio)  # the random numbers timm's crop draws
+        interpolation = self.crop.interpolation
+        if isinstance(interpolation, (tuple, list)):
+            interpolation = random.choice(interpolation)
+        box = (round(e + grown * (d - e)) for e, d in zip(self.evaluation_box(image.size), drawn))
+        return self.rest(resized_crop(image, *box, self.crop.size, interpolation))
+
+    def evaluation_box(self, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(top, left, height, width) of what evaluation's resize and centre crop keep of an image this size, at
+        the training size: the central crop_pct of its short side ('center'), or of each side ('squash'; 'border'
+        pads instead, and is taken as 'squash')."""
+        width, height = image_size
+        size_h, size_w = self.crop.size
+        if self.crop_mode == "center":
+            short = min(width, height)
+            crop_h = crop_w = short * size_h / math.floor(size_h / self.crop_pct)
+        else:
+            crop_h = height * size_h / math.floor(size_h / self.crop_pct)
+            crop_w = width * size_w / math.floor(size_w / self.crop_pct)
+        return round((height - crop_h) / 2), round((width - crop_w) / 2), round(crop_h), round(crop_w)
 
 
 def eval_transform(data_config: dict):

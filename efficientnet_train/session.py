@@ -6,6 +6,7 @@ recipe."""
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import torch
@@ -151,13 +152,13 @@ def fine_tuning(s: Session, recipe: Recipe) -> FineTuning:
     """What fine-tuning trains with under `recipe`; sets the model's dropout and drop-connect to the recipe's."""
     hp, rank = s.hp, s.rank
     data_config = training_size_config(s.resolved_data_config, recipe)
-    # The crops grow from evaluation's view to the recipe's as the rate warms up (GrowingCrop).
+    # The crops grow from evaluation's to the recipe's as the rate warms up (GrowingCrop), over the same updates.
     transform = GrowingCrop(train_transform(data_config, recipe.aa, recipe.hflip, recipe.crop_scale),
-                            start_area=data_config["crop_pct"] ** 2)
+                            data_config["crop_pct"], data_config["crop_mode"])
     train_data = dataset_of(s.train_channel, transform, hp.max_unusable_fraction, s.workers,
                             decode_side(data_config, True, recipe.crop_scale))
     updates = TrainBatches.per_epoch(len(train_data), hp.batch_size, rank.world_size)
-    growth = round(hp.warmup_epochs * schedule_epoch_updates(hp, updates))
+    growth = math.ceil(hp.warmup_epochs * schedule_epoch_updates(hp, updates)) if transform.crop else 0
     train_loader = data_loader(train_data, s.workers, s.device, hp.seed + rank.rank,
                                batch_sampler=TrainBatches(len(train_data), hp.batch_size, hp.seed, rank.world_size,
                                                           rank.rank, growth_updates=growth))

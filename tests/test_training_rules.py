@@ -540,32 +540,45 @@ def test_crops_grow_over_the_warmup_update_by_update_and_a_resumed_epoch_grows_a
     assert TrainBatches.per_epoch(20, 4) == len(plain) == 5 and TrainBatches.per_epoch(21, 4, 2) == 2
 
 
-def test_a_growing_crop_starts_at_evaluations_area_and_ends_at_the_recipes_range():
-    """grown 0: every crop keeps the start area (evaluation's share); 1: the transform's own range of areas;
-    halfway, halfway. A transform without a random crop (crop_scale=1) is left as it is."""
+def test_a_growing_crop_starts_at_evaluations_crop_and_moves_each_drawn_box_toward_it():
+    """grown 0: evaluation's own crop at the training size (the probe's view), whatever the image's shape; 1: the
+    transform's own random crop, drawing the same random numbers; between, the box between the drawn one and
+    evaluation's. A transform without a random crop (crop_scale=1) is applied as it is; one that starts with
+    neither, refused (timm changed)."""
     import random
 
     from PIL import Image
-    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision.transforms import Compose, ToTensor
+    from torchvision.transforms.functional import resized_crop
 
-    from efficientnet_train.data import GrowingCrop, train_transform
+    from efficientnet_train.data import GrowingCrop, eval_transform, train_transform
 
-    config = {"train_input_size": [3, 16, 16], "input_size": [3, 16, 16], "interpolation": "bicubic",
-              "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875, "crop_mode": "center"}
-    grow = GrowingCrop(train_transform(config, "none", 0.0, 0.25), start_area=0.875 ** 2)
-    image = Image.new("RGB", (400, 400))
-    assert grow.scale == (0.25, 1.0)
-    random.seed(0)
-    for grown, low, high in ((0.0, 0.875 ** 2, 0.875 ** 2), (0.5, (0.875 ** 2 + 0.25) / 2, (0.875 ** 2 + 1) / 2),
-                             (1.0, 0.25, 1.0)):
-        grow(image, grown)
-        assert grow.crop.scale == pytest.approx((low, high))
-        boxes = [RandomResizedCropAndInterpolation.get_params(image, grow.crop.scale, grow.crop.ratio)
-                 for _ in range(200)]
-        areas = [h * w / 400 ** 2 for _, _, h, w in boxes]
-        # timm falls back to the whole image where ten aspect ratios in a row do not fit
-        assert all(low - 0.01 <= area <= high + 0.01 or area == 1.0 for area in areas), (grown, areas)
-        assert sum(area < 1.0 for area in areas) > 100
-    assert grow(image).shape == (3, 16, 16) and grow.crop.scale == (0.25, 1.0)  # no grown: fully grown
-    still = GrowingCrop(train_transform(config, "none", 0.0, 1.0), start_area=0.5)
+    image = Image.linear_gradient("L").convert("RGB").resize((48, 32))
+    for crop_pct in (0.875, 1.0):
+        config = {"train_input_size": [3, 16, 16], "input_size": [3, 20, 20], "interpolation": "bicubic",
+                  "mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": crop_pct, "crop_mode": "center"}
+        grow = GrowingCrop(train_transform(config, "none", 0.0, 0.25), crop_pct, "center")
+        at_training_size = eval_transform({**config, "input_size": config["train_input_size"]})(image)
+        start = grow(image, 0.0)
+        assert start.shape == at_training_size.shape == (3, 16, 16)
+        assert (start.float() - at_training_size.float()).abs().mean() < 3  # resized then cropped, or the reverse
+        for seed in range(5):
+            random.seed(seed)
+            drawn = grow.crop.get_params(image, grow.crop.scale, grow.crop.ratio)
+            random.seed(seed)
+            own = grow.transform(image)
+            random.seed(seed)
+            assert torch.equal(grow(image, 1.0), own)
+            random.seed(seed)
+            assert torch.equal(grow(image), own)
+            middle = [round((e + d) / 2) for e, d in zip(grow.evaluation_box(image.size), drawn)]
+            random.seed(seed)
+            assert torch.equal(grow(image, 0.5), grow.rest(resized_crop(image, *middle, [16, 16],
+                                                                          grow.crop.interpolation)))
+    assert grow.evaluation_box((48, 32)) == (0, 8, 32, 32)  # crop_pct 1: the centre square
+    assert GrowingCrop(grow.transform, 0.875).evaluation_box((48, 32)) == (2, 10, 28, 28)  # 32 * 16 / 18 = 28.4
+    assert GrowingCrop(grow.transform, 0.875, "squash").evaluation_box((48, 32)) == (2, 3, 28, 43)
+    still = GrowingCrop(train_transform(config, "none", 0.0, 1.0), 1.0)
     assert still.crop is None and torch.equal(still(image, 0.0), still(image, 1.0))
+    with pytest.raises(RuntimeError, match="no longer starts with its crop"):
+        GrowingCrop(Compose([ToTensor()]), 1.0)
