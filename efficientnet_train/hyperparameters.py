@@ -33,9 +33,15 @@ MAX_ECHOED = 60  # characters of a bad name or value that an error repeats
 AUTO = "auto"  # the default of a number the job chooses itself (recipe.py): any number in range sets it by hand
 SMALL_SET_EPOCH = f"on small sets an epoch counts as at least {MIN_SCHEDULE_EPOCH_UPDATES} updates here"
 # How every auto part of the training recipe is chosen (recipe.py), in the words of the table.
-RULE = ("chosen after the linear probe: the strongest setting under which the probe's classifier still answers nine "
-        "in ten of the training images it answers right")
-MEASURED = f"{RULE}, blended with the gentler settings where a measurement is too near that line to decide"
+def measured(share: str = "nine in ten") -> str:
+    """How an auto part of the training recipe is chosen (recipe.py), in the words of the table: `share` is the
+    part's line."""
+    return (f"chosen after the linear probe: the strongest setting under which the probe's classifier still answers "
+            f"{share} of the training images it answers right, blended with the gentler settings where a measurement "
+            f"is too near that line to decide")
+
+
+MEASURED = measured()
 
 
 @dataclass(frozen=True)
@@ -333,8 +339,8 @@ SCHEMA: tuple[Hyperparameter, ...] = (
     Hyperparameter("hflip", float, AUTO,
                    "Probability of mirroring a training image left-right (timm's --hflip); 0 also turns eval_hflip "
                    "off. auto = 0.5, or down to 0 where mirrored images lose the probe's answers (text, digits): "
-                   f"{MEASURED}, but nineteen in twenty for the mirror, which loses no pixel; under 0.25 it also "
-                   "turns eval_hflip off.",
+                   f"{measured('nineteen in twenty')} (the mirror loses no pixel); under 0.25 it also turns "
+                   "eval_hflip off.",
                    minimum=0, maximum=1, tunable=True),
     Hyperparameter("crop_scale", float, AUTO,
                    "Smallest share of a training image's area that a random training crop keeps; 1 = no random "

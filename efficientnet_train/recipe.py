@@ -6,16 +6,15 @@ After the probe the classifier sits at its optimum on features taken in evaluati
 Fine-tuning then trains on another view of the same images: BatchNorm on batch statistics, random crops, mirror
 images, RandAugment, random erasing, dropout and drop-connect. Where one of these makes the classifier answer
 wrongly, the first epoch's gradients come from wrong answers and undo what the probe found (docs/quality.md). So
-each part is measured in turn, the probe's classifier scored on the part applied
-to a sample of its training images, and one rule picks each: **the strongest setting under which the classifier
-still answers nine in ten of the images it answers right** (KEEPS; the mirror, which loses no pixel, nineteen in
-twenty: LINES). Settings are tried strongest first; the
-gentlest is taken without a measurement. Each part is measured on top of the ones chosen before it, in the order
+each part is measured in turn, the probe's classifier scored on the part applied to a sample of its training
+images, and one rule picks each: **the strongest setting under which the classifier still answers nine in ten of
+the images it answers right** (KEEPS), nineteen in twenty for the mirror, which loses no pixel (LINES). Settings
+are tried strongest first; the gentlest is taken without a measurement. Each part is measured on top of the ones chosen before it, in the order
 the training step applies them: BatchNorm (it fixes the training size), mirroring, the crop, RandAugment, random
 erasing, then dropout and drop-connect.
 
 A measurement on the ~128 images the classifier answers right has a sampling error of about 2.7 points at that
-line, so one image could flip a part from one setting to the next. The rule degrades gracefully instead: each
+line (1.9 at the mirror's), so one image could flip a part from one setting to the next. The rule degrades gracefully instead: each
 measured setting gets the chance, given that error, that it keeps its line on the whole set (`keeps_chance`),
 and a part whose setting is a number takes each step from the gentlest setting toward the strongest by the
 chance that the step's stronger end keeps them (`blended_setting`). Far from the line that is the rule's choice;
@@ -44,7 +43,8 @@ from .hyperparameters import AUTO, frozen_batchnorm_share
 KEEPS = 0.9
 # The mirror loses no pixel: an answer it changes is one whose class depends on the way the image faces (a digit, a
 # letter), so it is held to one in twenty. The panel's photo sets keep 99.2 to 100% of their answers mirrored, the
-# digit sets (the panel's and the demo's) 72 to 91%: any line from 93% to 98% chooses alike there (docs/quality.md).
+# digits about 88 to 91% (the demo's 72%): any line from 93% to 98% mirrors the first and not the second
+# (docs/defaults.md).
 LINES = {"hflip": 0.95}
 AUTO_OPT = "sgd"
 LISTING_LR = 0.016  # per 256 images
@@ -136,7 +136,7 @@ def auto_lr(hp, opt: str) -> float:
 
 
 def choose(hp, clean_top1: float, measure: Measure, images: int) -> dict:
-    """Measure each part left to auto, strongest setting first, until one is SURE to keep KEEPS of the answers the
+    """Measure each part left to auto, strongest setting first, until one is SURE to keep its line (line_of) of the answers the
     probe's classifier gives right (`clean_top1`, its top-1 on its training images as fitted), measured on `images`
     of them; then blend the part's settings by those chances (`blended_setting`). A part with a value set by hand
     takes it (and the listing's for the rest of the part). Returns the record: every measurement made, and the
@@ -226,8 +226,8 @@ def decisions(record: dict) -> list[str]:
         chosen = ", ".join(f"{name}={_shown(record['recipe'][name])}" for name in names)
         seen = ", ".join(f"{'-' if step['acc_1'] is None else format(step['acc_1'], '.1f')}% at {part}="
                          f"{_shown(step['setting'])}" + _chance_shown(step['keeps_chance']) for step in tried)
-        how = (f"the strongest setting keeping {line_of(names):.0%} of that, blended with the gentler ones by each one's chance "
-               f"of keeping it")
+        how = (f"the strongest setting keeping {line_of(names):.0%} of that, blended with the gentler ones by each "
+               f"one's chance of keeping it")
         lines.append(f"{chosen}: the probe's classifier answers {seen or 'nothing measured'} of its training images "
                      f"right {VIEWS[kind]}, against {record['training_images_acc_1']:.1f}% as fitted; chosen: {how} "
                      f"(sampling error of {record['measured_images']} images)")
