@@ -239,9 +239,9 @@ def thread_ready_seconds() -> float:
 def measure_loop(o, hp, weights: Path, classes: list[str], device: torch.device) -> dict:
     """(d) Where the real loop loses against (a), in one process with one model, so without (c)'s start-up:
     the job's step fed (1) a normalised batch already on the device, as (a); (2) one uint8 batch in pinned host
-    memory through ModelInput, as the loop does it (copy, normalise, random erasing); (3) the job's own loader;
-    (4) the same loader without pinned memory. For each: images/s, seconds waiting for batches, and how busy the
-    main thread was and how long it waited for a free core."""
+    memory through ModelInput, as the loop does it (copy, normalise, random erasing); (3) the job's own loader, its
+    crops as they are once grown (after the warmup); (4) the same loader without pinned memory. For each: images/s,
+    seconds waiting for batches, and how busy the main thread was and how long it waited for a free core."""
     setup = training_setup(hp, weights, classes, device, o.cudnn_benchmark == "on")
     data_config = setup.data_config
     to_input = ModelInput(data_config, device, setup.recipe.reprob, hp.remode)
