@@ -11,6 +11,7 @@ import logging
 import math
 import multiprocessing.util
 import os
+import random
 import weakref
 from itertools import islice
 from typing import Iterator
@@ -306,8 +307,6 @@ class GrowingCrop:
     def __call__(self, image, grown: float = 1.0):
         if self.crop is None or grown >= 1:
             return self.transform(image)
-        import random
-
         from torchvision.transforms.functional import resized_crop
 
         drawn = self.crop.get_params(image, self.crop.scale, self.crop.ratio)  # the random numbers timm's crop draws

@@ -32,7 +32,8 @@ MIN_SCHEDULE_EPOCH_UPDATES = 50
 MAX_ECHOED = 60  # characters of a bad name or value that an error repeats
 AUTO = "auto"  # the default of a number the job chooses itself (recipe.py): any number in range sets it by hand
 SMALL_SET_EPOCH = f"on small sets an epoch counts as at least {MIN_SCHEDULE_EPOCH_UPDATES} updates here"
-# How every auto part of the training recipe is chosen (recipe.py), in the words of the table.
+
+
 def measured(share: str = "nine in ten") -> str:
     """How an auto part of the training recipe is chosen (recipe.py), in the words of the table: `share` is the
     part's line."""

@@ -9,18 +9,19 @@ wrongly, the first epoch's gradients come from wrong answers and undo what the p
 each part is measured in turn, the probe's classifier scored on the part applied to a sample of its training
 images, and one rule picks each: **the strongest setting under which the classifier still answers nine in ten of
 the images it answers right** (KEEPS), nineteen in twenty for the mirror, which loses no pixel (LINES). Settings
-are tried strongest first; the gentlest is taken without a measurement. Each part is measured on top of the ones chosen before it, in the order
-the training step applies them: BatchNorm (it fixes the training size), mirroring, the crop, RandAugment, random
-erasing, then dropout and drop-connect.
+are tried strongest first; the gentlest is taken without a measurement. Each part is measured on top of the ones
+chosen before it, in the order the training step applies them: BatchNorm (it fixes the training size), mirroring,
+the crop, RandAugment, random erasing, then dropout and drop-connect.
 
 A measurement on the ~128 images the classifier answers right has a sampling error of about 2.7 points at that
-line (1.9 at the mirror's), so one image could flip a part from one setting to the next. The rule degrades gracefully instead: each
-measured setting gets the chance, given that error, that it keeps its line on the whole set (`keeps_chance`),
-and a part whose setting is a number takes each step from the gentlest setting toward the strongest by the
-chance that the step's stronger end keeps them (`blended_setting`). Far from the line that is the rule's choice;
-on it, halfway. BatchNorm's setting is the share of its layers frozen, those nearest the classifier first: their
-batch statistics change the probe's answers far more than the first layers' do (docs/quality.md). The crops
-chosen are reached at the end of the rate's warmup: they grow to them from evaluation's view (data.GrowingCrop).
+line (1.9 at the mirror's), so one image could flip a part from one setting to the next. The rule degrades
+gracefully instead: each measured setting gets the chance, given that error, that it keeps its line on the whole
+set (`keeps_chance`), and a part whose setting is a number takes each step from the gentlest setting toward the
+strongest by the chance that the step's stronger end keeps them (`blended_setting`). Far from the line that is the
+rule's choice; on it, halfway. BatchNorm's setting is the share of its layers frozen, those nearest the classifier
+first: their batch statistics change the probe's answers far more than the first layers' do (docs/quality.md). The
+crops chosen are reached at the end of the rate's warmup: they grow to them from evaluation's view
+(data.GrowingCrop).
 
 The optimiser and its rate are not measured: fine-tuning from a fitted classifier needs steps that shrink with the
 gradient (sgd, with clip_grad's adaptive clipping), not rmsproptf's steps of about lr whatever the gradient; and the
@@ -136,11 +137,11 @@ def auto_lr(hp, opt: str) -> float:
 
 
 def choose(hp, clean_top1: float, measure: Measure, images: int) -> dict:
-    """Measure each part left to auto, strongest setting first, until one is SURE to keep its line (line_of) of the answers the
-    probe's classifier gives right (`clean_top1`, its top-1 on its training images as fitted), measured on `images`
-    of them; then blend the part's settings by those chances (`blended_setting`). A part with a value set by hand
-    takes it (and the listing's for the rest of the part). Returns the record: every measurement made, and the
-    settings chosen (`recipe`, for recipe_for)."""
+    """Measure each part left to auto, strongest setting first, until one is SURE to keep its line (line_of) of the
+    answers the probe's classifier gives right (`clean_top1`, its top-1 on its training images as fitted), measured
+    on `images` of them; then blend the part's settings by those chances (`blended_setting`). A part with a value
+    set by hand takes it (and the listing's for the rest of the part). Returns the record: every measurement made,
+    and the settings chosen (`recipe`, for recipe_for)."""
     asked = recipe_for(hp)
     answered = max(1, round(images * clean_top1 / 100))  # the images the measured share is a share of
     # Each part measured on top of those chosen before it, the later ones off: clean images, no dropout.
