@@ -20,17 +20,16 @@ def create_optimizer(model: torch.nn.Module, hp, lr: float, opt: str) -> torch.o
                                eps=hp.opt_eps, layer_decay=hp.layer_decay if hp.layer_decay < 1 else None)
 
 
-def create_schedule(optimizer: torch.optim.Optimizer, hp, updates_per_epoch: int):
+def create_schedule(optimizer: torch.optim.Optimizer, hp, updates_per_epoch: int, schedule_epoch: int):
     """timm's scheduler `hp.sched`, stepped every update (smooth warmup and decay even with a handful of steps an
-    epoch), over schedule epochs of `schedule_epoch_updates`. Returns the scheduler and its epoch's updates."""
+    epoch), over schedule epochs of `schedule_epoch` updates (`schedule_epoch_updates`)."""
     from timm.scheduler import create_scheduler_v2
 
-    schedule_epoch = schedule_epoch_updates(hp, updates_per_epoch)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=hp.sched, num_epochs=hp.epochs * updates_per_epoch / schedule_epoch,
         decay_epochs=hp.decay_epochs, decay_rate=hp.decay_rate, warmup_lr=hp.warmup_lr,
         warmup_epochs=hp.warmup_epochs, step_on_epochs=False, updates_per_epoch=schedule_epoch)
-    return scheduler, schedule_epoch
+    return scheduler
 
 
 def schedule_epoch_updates(hp, updates_per_epoch: int) -> int:

@@ -158,14 +158,15 @@ def fine_tuning(s: Session, recipe: Recipe) -> FineTuning:
     train_data = dataset_of(s.train_channel, transform, hp.max_unusable_fraction, s.workers,
                             decode_side(data_config, True, recipe.crop_scale))
     updates = TrainBatches.per_epoch(len(train_data), hp.batch_size, rank.world_size)
-    growth = math.ceil(hp.warmup_epochs * schedule_epoch_updates(hp, updates)) if transform.crop else 0
+    schedule_epoch = schedule_epoch_updates(hp, updates)
+    growth = math.ceil(hp.warmup_epochs * schedule_epoch) if transform.crop else 0
     train_loader = data_loader(train_data, s.workers, s.device, hp.seed + rank.rank,
                                batch_sampler=TrainBatches(len(train_data), hp.batch_size, hp.seed, rank.world_size,
                                                           rank.rank, growth_updates=growth))
     set_regularisation(s.model, recipe.drop, recipe.drop_connect)
     lr = hyperparameters.scaled_lr(recipe.lr, hp.batch_size, rank.world_size)
     optimizer = create_optimizer(s.model, hp, lr, recipe.opt)
-    scheduler, schedule_epoch = create_schedule(optimizer, hp, len(train_loader))
+    scheduler = create_schedule(optimizer, hp, updates, schedule_epoch)
     return FineTuning(recipe=recipe, data_config=data_config, train_data=train_data, train_loader=train_loader,
                       train_input=ModelInput(data_config, s.device, recipe.reprob, hp.remode),
                       # a model never (or seldom, by auto's choice) shown mirror images can't be asked about them
