@@ -54,8 +54,8 @@ CLIPPED_SGD_LR = 0.064  # lr=auto for sgd with adaptive clipping: the rate its p
 # in the order they are chosen.
 PARTS = (
     # The share of BatchNorm layers frozen (those nearest the classifier first): all, the probe's own view of the
-    # images. Shares between are the blend's, near the line: measured ones moved the choice far toward batch
-    # statistics for no better model (docs/quality.md).
+    # images. Shares between are the blend's, near the line: measured ones (quarters; all but the first tenth)
+    # moved the choice toward batch statistics for no better model (docs/quality.md).
     (("freeze_batchnorm",), ((0.0,), (1.0,)), "batch_statistics"),
     (("hflip",), ((0.5,), (0.0,)), "transform"),
     (("crop_scale",), ((0.25,), (0.5,)), "transform"),  # never off: the panel trained better on half crops
