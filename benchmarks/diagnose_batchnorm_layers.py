@@ -12,15 +12,13 @@ It prints, for each share, the top-1 with the first layers on batch statistics a
 from __future__ import annotations
 
 import argparse
-import contextlib
-import random
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
-from local_job import lite0_probe_parts
+from local_job import fitted_lite0_probe
 
 
 def main() -> int:
@@ -33,23 +31,11 @@ def main() -> int:
     parser.add_argument("--weights-dir", type=Path, default=Path(tempfile.gettempdir()) / "lite0-weights")
     options = parser.parse_args()
 
-    from efficientnet_train.data import dataset_of, decode_side, eval_transform
-    from efficientnet_train.linear_probe import fit_linear_probe
     from efficientnet_train.model import batchnorm_layers
 
-    parts = lite0_probe_parts(options.folder, options.weights_dir)
-    hp, model, config, to_input = parts.hp, parts.model, parts.config, parts.to_input
-    images = dataset_of(parts.train, eval_transform(config), None, 0, decode_side(config, training=False))
-    if options.images:
-        order = list(range(len(images)))
-        random.Random(0).shuffle(order)
-        images = torch.utils.data.Subset(images, order[:options.images])
-
-    def loader(**shuffling):
-        return torch.utils.data.DataLoader(images, batch_size=hp.batch_size, **shuffling)
-
-    probe = fit_linear_probe(model, loader(), to_input, contextlib.nullcontext, len(parts.train.classes),
-                             parts.loss_fn)
+    parts = fitted_lite0_probe(options.folder, options.weights_dir, options.images)
+    hp, model, to_input, images, loader, probe = (parts.hp, parts.model, parts.to_input, parts.clean, parts.loader,
+                                                  parts.probe)
     layers = batchnorm_layers(model)  # in the order set_batchnorm counts them
     fitted = {name: value.clone() for name, value in model.state_dict().items()}
 
@@ -60,7 +46,7 @@ def main() -> int:
         for i, layer in enumerate(layers):
             layer.train(i in on_batch_statistics)
         right = seen = 0
-        for batch, targets in loader(shuffle=True, generator=torch.Generator().manual_seed(0)):
+        for batch, targets in loader(images, shuffle=True, generator=torch.Generator().manual_seed(0)):
             if len(targets) > 1:  # batch statistics need two images
                 right += int((model(to_input(batch)).argmax(1) == targets).sum())
                 seen += len(targets)

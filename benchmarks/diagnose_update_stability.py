@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from local_job import lite0_probe_parts
+from local_job import fitted_lite0_probe
 
 WARMUP_UPDATES = 5
 
@@ -40,21 +40,15 @@ def main() -> int:
     from timm.utils.agc import unitwise_norm
 
     from efficientnet_train.data import dataset_of, decode_side, eval_transform
-    from efficientnet_train.linear_probe import fit_linear_probe
     from efficientnet_train.model import set_batchnorm
     from efficientnet_train.engine import train_step
     from efficientnet_train.optimisation import create_optimizer
 
-    parts = lite0_probe_parts(options.folder, options.weights_dir)
+    parts = fitted_lite0_probe(options.folder, options.weights_dir)
     hp, train, model, config, to_input, loss_fn = (parts.hp, parts.train, parts.model, parts.config, parts.to_input,
                                                     parts.loss_fn)  # the job's own loss
-    side = decode_side(config, training=False)
-    clean, val_images = (dataset_of(channel, eval_transform(config), None, 0, side) for channel in (train, parts.val))
-
-    def loader(images, **shuffling):
-        return torch.utils.data.DataLoader(images, batch_size=hp.batch_size, **shuffling)
-
-    probe = fit_linear_probe(model, loader(clean), to_input, contextlib.nullcontext, len(train.classes), loss_fn)
+    clean, loader, probe = parts.clean, parts.loader, parts.probe
+    val_images = dataset_of(parts.val, eval_transform(config), None, 0, decode_side(config, training=False))
     probed = {name: value.clone() for name, value in model.state_dict().items()}
 
     @torch.no_grad()

@@ -66,6 +66,33 @@ def lite0_probe_parts(folder: Path, weights_dir: Path) -> SimpleNamespace:
                            loss_fn=loss_function(train, hp, balance_share(hp, train, val, held_out=False)))
 
 
+def fitted_lite0_probe(folder: Path, weights_dir: Path, images: int = 0) -> SimpleNamespace:
+    """lite0_probe_parts with the job's probe fitted on the clean training images (a seeded sample of `images` of
+    them; 0 = all): adds `clean` (those images in evaluation's view), `loader(dataset, **shuffling)` at the job's
+    batch size and `probe` (linear_probe.fit_linear_probe's result)."""
+    import contextlib
+    import random
+
+    import torch
+
+    from efficientnet_train.data import dataset_of, decode_side, eval_transform
+    from efficientnet_train.linear_probe import fit_linear_probe
+
+    parts = lite0_probe_parts(folder, weights_dir)
+    clean = dataset_of(parts.train, eval_transform(parts.config), None, 0, decode_side(parts.config, training=False))
+    if images:
+        order = list(range(len(clean)))
+        random.Random(0).shuffle(order)
+        clean = torch.utils.data.Subset(clean, order[:images])
+
+    def loader(dataset, **shuffling):
+        return torch.utils.data.DataLoader(dataset, batch_size=parts.hp.batch_size, **shuffling)
+
+    probe = fit_linear_probe(parts.model, loader(clean), parts.to_input, contextlib.nullcontext,
+                             len(parts.train.classes), parts.loss_fn)
+    return SimpleNamespace(**vars(parts), clean=clean, loader=loader, probe=probe)
+
+
 def mock_opt_ml(base: Path, data: Path, limits: dict[str, int] | None = None) -> Path:
     """`base` as SageMaker's /opt/ml with `data`'s train/ and val/ as channels: class folders linked, nothing
     copied; a class in `limits` gets only its first N training images (linked one by one)."""
