@@ -28,7 +28,7 @@ import numpy as np
 
 from local_job import JobRun, lite_weights, mock_opt_ml, remove_big_files, run_train
 from efficientnet_train.untrusted import shown  # noqa: E402  (file names from the data set)
-from panel_datasets import BUILDERS, PANEL, counts, locate
+from panel_datasets import BUILDERS, EXTRA, PANEL, counts, locate
 
 MODEL = "tf_efficientnet_lite0"
 WRONG_SHOWN = 10  # the probe's wrong validation images named, the rest counted
@@ -100,7 +100,7 @@ def job_cells(job: JobRun) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", default=",".join(PANEL),
-                        help=f"comma-separated, of {', '.join(PANEL)}, and thousand_classes")
+                        help=f"comma-separated, of {', '.join(PANEL)}; on request: {', '.join(EXTRA)}")
     parser.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "panel",
                         help="where panel_datasets.py wrote the sets; missing ones are built there")
     parser.add_argument("--work", type=Path, help="for the jobs' mocked /opt/ml trees, logs and the converted "
@@ -117,7 +117,8 @@ def main() -> int:
     sets = options.sets.split(",")
     unknown = [name for name in sets if name not in PANEL and name not in BUILDERS]
     if unknown:
-        parser.error(f"unknown sets {', '.join(unknown)}; the panel: {', '.join(PANEL)}, and thousand_classes")
+        parser.error(f"unknown sets {', '.join(unknown)}; the panel: {', '.join(PANEL)}; on request: "
+                     f"{', '.join(EXTRA)}")
 
     work = options.work or Path(tempfile.mkdtemp(prefix="quality-"))
     options.data.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,10 @@
   character (Ming/Song, Kai, Gothic/Hei, rounded, handwritten and brush styles).
 - `thousand_classes` (not in the panel's default list): 1,000 such characters, 2 renderings a class to train on
   and 1 to validate, for what the linear probe's phase costs at 1,000 classes.
+- `paintings` (held out: not in the panel's default list, and no default was chosen on it): the pieces of
+  GCompris' painting puzzles (its `paintings` activity's image folder, 23 paintings from Dürer to Kandinsky, 6 to
+  25 pieces each, 94 to 256 pixels a side), one class a painting: which painting is a piece from? 75/25 per
+  class, at least 2 validation pieces.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ PHOTO_CLASSES = {
     "sun_and_planets": [A + r"solar_system/resource/[a-z]+\."],
     "music_performance": [A + r"explore_world_music/resource/music/"],
 }
+PAINTINGS = A + "paintings/resource/image/"
 PHOTO_MAX_PER_CLASS = 40
 PHOTO_MAX_SIDE = 256
 
@@ -159,6 +164,31 @@ def photos(out: Path) -> None:
             target.mkdir(parents=True, exist_ok=True)
             parts = path[len(A):].split("/")  # activity and file name: unique, and says where it came from
             image.save(target / f"{parts[0]}_{Path(parts[-1]).stem}.png")
+
+
+def paintings(out: Path) -> None:
+    if not GCOMPRIS_RCC.is_dir():
+        sys.exit(f"The 'paintings' set needs GCompris' images, and {GCOMPRIS_RCC} is missing. Install them with "
+                 f"`{GCOMPRIS_APT}` (Debian or Ubuntu, as root).")
+    pieces: dict[str, list[tuple[str, bytes]]] = {}
+    for rcc in sorted(GCOMPRIS_RCC.glob("*.rcc")):
+        for path, data in _rcc_entries(rcc).items():
+            # A piece is <painting>_<row letter><column> or <painting>[_-]<number>.
+            match = re.fullmatch(re.escape(PAINTINGS) + r"(.+?)(?:_[a-z]\d|[_-]\d+)\.webp", path)
+            if match:
+                pieces.setdefault(match.group(1).lower().replace("-", "_"), []).append((path, data))
+    if len(pieces) < 20:
+        sys.exit(f"{GCOMPRIS_RCC} holds {len(pieces)} painting puzzles: not the gcompris-qt-data this was built "
+                 f"with (3.1-2)")
+    rng = np.random.default_rng(0)
+    for name, found in sorted(pieces.items()):
+        found.sort()
+        n_val = max(2, round(0.25 * len(found)))
+        for rank, position in enumerate(rng.permutation(len(found))):
+            path, data = found[position]
+            target = out / ("val" if rank < n_val else "train") / name
+            target.mkdir(parents=True, exist_ok=True)
+            _decode(data).save(target / f"{Path(path).stem}.png")
 
 
 def _covers(path: str, index: int, characters: str) -> set[str]:
