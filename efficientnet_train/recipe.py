@@ -14,14 +14,15 @@ chosen before it, in the order the training step applies them: BatchNorm (it fix
 the crop, RandAugment, random erasing, then dropout and drop-connect.
 
 A measurement on the ~128 images the classifier answers right has a sampling error of about 2.7 points at that
-line (1.9 at the mirror's), so one image could flip a part from one setting to the next. The rule degrades
-gracefully instead: each measured setting gets the chance, given that error, that it keeps its line on the whole
-set (`keeps_chance`), and a part whose setting is a number takes each step from the gentlest setting toward the
-strongest by the chance that the step's stronger end keeps them (`blended_setting`). Far from the line that is the
-rule's choice; on it, halfway. BatchNorm's setting is the share of its layers frozen, those nearest the classifier
-first: their batch statistics change the probe's answers far more than the first layers' do (docs/quality.md). The
-crops chosen are reached at the end of the rate's warmup: they grow to them from evaluation's view
-(data.GrowingCrop).
+line (1.9 at the mirror's), so one image could flip a part from one setting to the next (BatchNorm's, whose
+answers also depend on which images share a batch, is the mean over several batch orders: linear_probe.BATCH_ORDERS).
+The rule degrades gracefully instead: each measured setting gets the chance, given that error, that it keeps its
+line on the whole set (`keeps_chance`), and a part whose setting is a number takes each step from the gentlest
+setting toward the strongest by the chance that the step's stronger end keeps them (`blended_setting`). Far from
+the line that is the rule's choice; on it, halfway. BatchNorm's setting is the share of its layers frozen, those
+nearest the classifier first: their batch statistics change the probe's answers far more than the first layers' do
+(docs/quality.md). The crops chosen are reached at the end of the rate's warmup: they grow to them from
+evaluation's view (data.GrowingCrop).
 
 The optimiser and its rate are not measured: fine-tuning from a fitted classifier needs steps that shrink with the
 gradient (sgd, with clip_grad's adaptive clipping), not rmsproptf's steps of about lr whatever the gradient; and the
@@ -54,8 +55,8 @@ CLIPPED_SGD_LR = 0.064  # lr=auto for sgd with adaptive clipping: the rate its p
 # in the order they are chosen.
 PARTS = (
     # The share of BatchNorm layers frozen (those nearest the classifier first): all, the probe's own view of the
-    # images. Shares between are the blend's, near the line: measured ones (quarters; all but the first tenth)
-    # moved the choice toward batch statistics for no better model (docs/quality.md).
+    # images. Shares between are the blend's, near the line: measured ones moved the choice toward batch statistics,
+    # quarters for no better model, all but the first tenth for a worse one on stamps (docs/quality.md).
     (("freeze_batchnorm",), ((0.0,), (1.0,)), "batch_statistics"),
     (("hflip",), ((0.5,), (0.0,)), "transform"),
     (("crop_scale",), ((0.25,), (0.5,)), "transform"),  # never off: the panel trained better on half crops
@@ -236,7 +237,8 @@ def decisions(record: dict) -> list[str]:
 
 
 VIEWS = {"batch_statistics": "(the share of BatchNorm layers nearest the classifier frozen, the others on each batch's "
-                             "statistics)", "transform": "through the training transform",
+                             "statistics; the mean over several batch orders)",
+         "transform": "through the training transform",
          "regularisation": "with dropout and drop-connect on"}
 
 

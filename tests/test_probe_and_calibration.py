@@ -357,6 +357,28 @@ def test_batch_statistics_top1_sees_features_that_each_batch_renormalises(low, h
     assert not model.training and all(torch.equal(before[name], value) for name, value in model.state_dict().items())
 
 
+def test_batchnorms_measurement_is_the_mean_over_several_batch_orders():
+    """Which images share a batch changes what batch statistics do to them: one order's answer is not the set's."""
+    from efficientnet_train.linear_probe import BATCH_ORDERS, batch_statistics_top1, probe_top1
+
+    # Normalised by its own batch, a pair of one class is two zeros, answered 0 (under the threshold of 0.5): right
+    # for class 0, wrong for class 1; a mixed pair becomes -1 and +1, both right.
+    model, identity = threshold_model(0.5), (lambda images: images)
+    images = torch.tensor([[3.0], [5.0]] * 8)
+
+    def shuffled():
+        return torch.utils.data.DataLoader(list(zip(images, torch.tensor([0, 1] * 8))), batch_size=2, shuffle=True,
+                                           generator=torch.Generator().manual_seed(0))
+
+    loader = shuffled()
+    passes = [probe_top1(model, loader, identity, contextlib.nullcontext, frozen_batchnorm=0.0)
+              for _ in range(BATCH_ORDERS)]
+    assert BATCH_ORDERS >= 4 and len(set(passes)) > 1  # the orders differ, and so do their answers
+    mean = batch_statistics_top1(model, shuffled(), identity, contextlib.nullcontext, 0.0)
+    assert mean == pytest.approx(sum(passes) / BATCH_ORDERS)
+    assert not model.training
+
+
 def hyperparameters_of(**given):
     from efficientnet_train import hyperparameters
 
