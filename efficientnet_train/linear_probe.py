@@ -198,12 +198,13 @@ def probe_top1(model: torch.nn.Module, loader, to_input, autocast, frozen_batchn
     return 100 * right / seen if seen else None
 
 
-def batch_statistics_top1(model: torch.nn.Module, loader, to_input, autocast, frozen_batchnorm: float,
+def batch_statistics_top1(model: torch.nn.Module, loaders, to_input, autocast, frozen_batchnorm: float,
                           stop=None) -> float | None:
     """probe_top1 with all but the share `frozen_batchnorm` of the BatchNorm layers on batch statistics: the mean
-    over BATCH_ORDERS passes of the shuffling `loader`, each in an order of its own. None as probe_top1."""
+    over `loaders`, the same images each shuffled by a generator of its own (a loader's second pass would draw its
+    order in one way with workers and another without). None as probe_top1."""
     top1 = [probe_top1(model, loader, to_input, autocast, frozen_batchnorm=frozen_batchnorm, stop=stop)
-            for _ in range(BATCH_ORDERS)]
+            for loader in loaders]
     return None if None in top1 else sum(top1) / len(top1)
 
 
@@ -218,11 +219,13 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
     sample = probe_sample(channel.samples, classes, hp.seed)
     scored = [sample[i] for i in probe_sample([channel.samples[i] for i in sample], classes, hp.seed, MEASURED_IMAGES)]
 
-    def share_of(images: list[int], transform, side: int = decode_side(data_config, training=False), **batching):
+    def share_of(images: list[int], transform, side: int = decode_side(data_config, training=False), order: int = 0,
+                 **batching):
         chosen = torch.utils.data.Subset(dataset_of(channel, transform, hp.max_unusable_fraction, workers, side),
                                          images)
         return data_loader(torch.utils.data.Subset(chosen, range(rank.rank, len(images), rank.world_size)),
-                           workers, device, hp.seed + rank.rank, batch_size=hp.batch_size, **batching)
+                           workers, device, hp.seed + rank.rank + order * rank.world_size, batch_size=hp.batch_size,
+                           **batching)
 
     by_batch = None if rank.distributed else stop
     log.info("Linear probe: the frozen features of %d training images", len(sample))
@@ -233,8 +236,9 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
         stop_here(stop)
         with random_numbers_untouched(device):  # measuring must not change what training draws
             if kind == "batch_statistics":  # shuffled: a batch of one class has statistics no training batch has
-                return batch_statistics_top1(model, share_of(scored, eval_transform(data_config), shuffle=True),
-                                             to_input, autocast, view.freeze_batchnorm, by_batch)
+                orders = (share_of(scored, eval_transform(data_config), order=order, shuffle=True)
+                          for order in range(BATCH_ORDERS))  # made one at a time: each starts its own workers
+                return batch_statistics_top1(model, orders, to_input, autocast, view.freeze_batchnorm, by_batch)
             if kind == "regularisation":
                 set_regularisation(model, view.drop, view.drop_connect)
                 try:
