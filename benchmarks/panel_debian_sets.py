@@ -13,7 +13,7 @@
   and 1 to validate, for what the linear probe's phase costs at 1,000 classes.
 - `paintings` (held out: not in the panel's default list, and no default was chosen on it): the pieces of
   GCompris' painting puzzles (its `paintings` activity's image folder, 23 paintings from Dürer to Kandinsky, 6 to
-  25 pieces each, 94 to 256 pixels a side), one class a painting: which painting is a piece from? 75/25 per
+  25 pieces each, 84 to 339 pixels a side), one class a painting: which painting is a piece from? 75/25 per
   class, at least 2 validation pieces.
 """
 
