@@ -219,13 +219,19 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
     sample = probe_sample(channel.samples, classes, hp.seed)
     scored = [sample[i] for i in probe_sample([channel.samples[i] for i in sample], classes, hp.seed, MEASURED_IMAGES)]
 
-    def share_of(images: list[int], transform, side: int = decode_side(data_config, training=False), order: int = 0,
-                 **batching):
+    def shares_of(images: list[int], transform, side: int = decode_side(data_config, training=False),
+                  orders: int = 1, **batching):
+        """This process's share of `images`, one dataset, in `orders` loaders, each drawing from a seed of its own;
+        made one at a time, as each starts its own workers."""
         chosen = torch.utils.data.Subset(dataset_of(channel, transform, hp.max_unusable_fraction, workers, side),
                                          images)
-        return data_loader(torch.utils.data.Subset(chosen, range(rank.rank, len(images), rank.world_size)),
-                           workers, device, hp.seed + rank.rank + order * rank.world_size, batch_size=hp.batch_size,
-                           **batching)
+        mine = torch.utils.data.Subset(chosen, range(rank.rank, len(images), rank.world_size))
+        for order in range(orders):
+            yield data_loader(mine, workers, device, hp.seed + rank.rank + order * rank.world_size,
+                              batch_size=hp.batch_size, **batching)
+
+    def share_of(images: list[int], transform, side: int = decode_side(data_config, training=False), **batching):
+        return next(shares_of(images, transform, side, **batching))
 
     by_batch = None if rank.distributed else stop
     log.info("Linear probe: the frozen features of %d training images", len(sample))
@@ -236,8 +242,7 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
         stop_here(stop)
         with random_numbers_untouched(device):  # measuring must not change what training draws
             if kind == "batch_statistics":  # shuffled: a batch of one class has statistics no training batch has
-                orders = (share_of(scored, eval_transform(data_config), order=order, shuffle=True)
-                          for order in range(BATCH_ORDERS))  # made one at a time: each starts its own workers
+                orders = shares_of(scored, eval_transform(data_config), orders=BATCH_ORDERS, shuffle=True)
                 return batch_statistics_top1(model, orders, to_input, autocast, view.freeze_batchnorm, by_batch)
             if kind == "regularisation":
                 set_regularisation(model, view.drop, view.drop_connect)
