@@ -221,7 +221,7 @@ def decisions(record: dict) -> list[str]:
     """One line for each part the probe's measurements chose, with what was measured, for the log."""
     lines = []
     for names, _, kind in PARTS:
-        if names[0] not in record["recipe"]:
+        if not all(name in record["recipe"] for name in names):  # a name set by hand: the part was not measured
             continue
         part = "+".join(names)
         tried = [step for step in record["measured"] if step["part"] == part]

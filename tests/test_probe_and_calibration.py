@@ -451,6 +451,16 @@ def test_a_value_set_by_hand_is_used_as_set_and_its_part_not_measured():
     assert choose(hyperparameters_of(), 100.0, lambda view, kind: None, 128)["recipe"]["freeze_batchnorm"] == 0
 
 
+def test_the_log_names_only_the_parts_measured_whichever_name_of_a_part_is_set_by_hand():
+    from efficientnet_train.recipe import choose, decisions
+
+    for given in ({"drop": "0.1"}, {"drop_connect": "0.1"}, {"drop_connect": "0"}):
+        record = choose(hyperparameters_of(**given), 100.0, lambda view, kind: 100.0, 128)
+        lines = decisions(record)
+        assert [line.split("=")[0] for line in lines] == ["freeze_batchnorm", "hflip", "crop_scale", "aa", "reprob"]
+        assert not any("drop" in line for line in lines), given
+
+
 def test_a_setting_measured_near_the_line_moves_a_little_with_each_image_never_a_whole_step():
     import re
     from dataclasses import replace
