@@ -146,14 +146,15 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, los
         loss = float(loss_fn(features @ weight.T + bias, labels))
     if not math.isfinite(loss):  # never the case with finite features; a zero head is then the safe start
         weight.zero_(), bias.zero_()
+        loss = float(loss_fn(torch.zeros(len(labels), num_classes, device=features.device), labels))
     return Head(weight, bias, loss)
 
 
 def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_classes: int, loss_fn,
                      stop=None, stop_by_batch=None, multi_label: bool = False) -> ProbeFit:
     """Put a linear probe in `model`'s classifier, the same on every process; returns its training loss, its
-    top-1 (%) on the images it was fitted on, how many they were and the time it took. Interrupted within a batch
-    or an LBFGS step by `stop_by_batch`, between the phases by `stop` (one that all processes agree on)."""
+    top-1 (%) on the images it was fitted on, how many they were and the time it took. Interrupted between batches
+    and between LBFGS's evaluations by `stop_by_batch`, between the phases by `stop` (one that all processes agree on)."""
     started = time.monotonic()
     features, labels = features_of(model, loader, to_input, autocast, stop_by_batch, multi_label)
     stop_here(stop)

@@ -42,6 +42,13 @@ def test_probe_head_separates_what_a_logistic_regression_separates():
     assert head.loss < math.log(4) / 4
 
 
+def test_a_fit_whose_loss_overflows_starts_from_a_zero_head_and_reports_that_heads_loss():
+    features, labels = blobs(2, 10, 8, seed=3)
+    head = fit_head(features * 1e25, labels, 2, torch.nn.CrossEntropyLoss())  # logits past float32's range
+    assert not head.weight.any() and not head.bias.any()
+    assert head.loss == pytest.approx(math.log(2))  # the zero head's, which epoch 0 logs: not nan
+
+
 def test_probe_sample_caps_each_class_and_the_total_and_is_the_same_every_time():
     samples = [(f"{label}/{i}.jpg", label) for label in range(3) for i in range(PROBE_IMAGES_PER_CLASS + 50)]
     samples += [("rare/0.jpg", 3)]
