@@ -199,6 +199,12 @@ def probe_top1(model: torch.nn.Module, loader, to_input, autocast, frozen_batchn
     return 100 * right / seen if seen else None
 
 
+def short_last_batch(images: int, batch_size: int) -> bool:
+    """Whether `images` in batches of `batch_size` end in a batch under half of one, after a full one: its statistics
+    are no training batch's (training drops its last batch; photos measured 3 of its 99 images in a batch of 3)."""
+    return images > batch_size and 0 < images % batch_size < batch_size / 2
+
+
 def batch_statistics_top1(model: torch.nn.Module, loaders, to_input, autocast, frozen_batchnorm: float,
                           stop=None) -> float | None:
     """probe_top1 with all but the share `frozen_batchnorm` of the BatchNorm layers on batch statistics: the mean
@@ -243,7 +249,9 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
         stop_here(stop)
         with random_numbers_untouched(device):  # measuring must not change what training draws
             if kind == "batch_statistics":  # shuffled: a batch of one class has statistics no training batch has
-                orders = shares_of(scored, eval_transform(data_config), orders=BATCH_ORDERS, shuffle=True)
+                orders = shares_of(scored, eval_transform(data_config), orders=BATCH_ORDERS, shuffle=True,
+                                   drop_last=short_last_batch(len(range(rank.rank, len(scored), rank.world_size)),
+                                                              hp.batch_size))
                 return batch_statistics_top1(model, orders, to_input, autocast, view.freeze_batchnorm, by_batch)
             if kind == "regularisation":
                 set_regularisation(model, view.drop, view.drop_connect)

@@ -386,6 +386,15 @@ def test_batchnorms_measurement_is_the_mean_over_several_batch_orders():
     assert not model.training
 
 
+def test_batch_statistics_are_measured_without_a_last_batch_under_half_of_one_as_training_drops_its_last():
+    from efficientnet_train.linear_probe import short_last_batch
+
+    assert short_last_batch(99, 32)  # photos' 99 measured images: 32, 32, 32 and 3
+    assert not short_last_batch(128, 32) and not short_last_batch(125, 32) and not short_last_batch(112, 32)
+    assert short_last_batch(111, 32) and short_last_batch(33, 32)
+    assert not short_last_batch(20, 32) and not short_last_batch(3, 32)  # no full batch: every image is measured
+
+
 def hyperparameters_of(**given):
     from efficientnet_train import hyperparameters
 
