@@ -154,7 +154,8 @@ def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_cla
                      stop=None, stop_by_batch=None, multi_label: bool = False) -> ProbeFit:
     """Put a linear probe in `model`'s classifier, the same on every process; returns its training loss, its
     top-1 (%) on the images it was fitted on, how many they were and the time it took. Interrupted between batches
-    and between LBFGS's evaluations by `stop_by_batch`, between the phases by `stop` (one that all processes agree on)."""
+    and between LBFGS's evaluations by `stop_by_batch`, between the phases by `stop` (one that all processes agree
+    on)."""
     started = time.monotonic()
     features, labels = features_of(model, loader, to_input, autocast, stop_by_batch, multi_label)
     stop_here(stop)
@@ -227,15 +228,16 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
     scored = [sample[i] for i in probe_sample([channel.samples[i] for i in sample], classes, hp.seed, MEASURED_IMAGES)]
 
     def shares_of(images: list[int], transform, side: int = decode_side(data_config, training=False),
-                  orders: int = 1, **batching):
+                  orders: int = 1, batched_as_training: bool = False, **batching):
         """This process's share of `images`, one dataset, in `orders` loaders, each drawing from a seed of its own;
-        made one at a time, as each starts its own workers."""
+        made one at a time, as each starts its own workers. `batched_as_training`: without a short last batch."""
         chosen = torch.utils.data.Subset(dataset_of(channel, transform, hp.max_unusable_fraction, workers, side),
                                          images)
         mine = torch.utils.data.Subset(chosen, range(rank.rank, len(images), rank.world_size))
+        drop_last = batched_as_training and short_last_batch(len(mine), hp.batch_size)
         for order in range(orders):
             yield data_loader(mine, workers, device, hp.seed + rank.rank + order * rank.world_size,
-                              batch_size=hp.batch_size, **batching)
+                              batch_size=hp.batch_size, drop_last=drop_last, **batching)
 
     def share_of(images: list[int], transform, side: int = decode_side(data_config, training=False), **batching):
         return next(shares_of(images, transform, side, **batching))
@@ -249,9 +251,8 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
         stop_here(stop)
         with random_numbers_untouched(device):  # measuring must not change what training draws
             if kind == "batch_statistics":  # shuffled: a batch of one class has statistics no training batch has
-                orders = shares_of(scored, eval_transform(data_config), orders=BATCH_ORDERS, shuffle=True,
-                                   drop_last=short_last_batch(len(range(rank.rank, len(scored), rank.world_size)),
-                                                              hp.batch_size))
+                orders = shares_of(scored, eval_transform(data_config), orders=BATCH_ORDERS,
+                                   batched_as_training=True, shuffle=True)
                 return batch_statistics_top1(model, orders, to_input, autocast, view.freeze_batchnorm, by_batch)
             if kind == "regularisation":
                 set_regularisation(model, view.drop, view.drop_connect)
