@@ -29,7 +29,7 @@ from .data import ModelInput, dataset_of, decode_side, eval_transform, train_tra
 from .engine import data_loader
 from .model import set_batchnorm, set_regularisation
 from .multilabel import hits
-from .recipe import Recipe, choose, training_size_config
+from .recipe import Recipe, at_evaluation_size, choose
 
 log = logging.getLogger("efficientnet_train")
 
@@ -96,10 +96,12 @@ class Head:
 
 @dataclass(frozen=True)
 class ProbeFit:
-    """A probe put in the model's classifier: its training loss, its top-1 (%) on the images it was fitted on, how
-    many they were, the features' width and the seconds spent on them and on the regression."""
+    """A probe put in the model's classifier: its training loss, its top-1 (%) on the images it was fitted on and on
+    those of them the recipe's measurements score, how many they were, the features' width and the seconds spent on
+    them and on the regression."""
     loss: float
     top1: float
+    measured_top1: float
     images: int
     features: int
     extract_seconds: float
@@ -115,7 +117,7 @@ class ProbeStart:
     def record(self, val_top1: float, val_loss: float, seconds: float) -> dict:
         """args.yml's and the checkpoint's `linear_probe`, once the probe has been validated: what resume reads."""
         return {"acc_1": val_top1, "loss": val_loss, "images": self.fit.images, "seconds": round(seconds, 1),
-                **self.choices}
+                "training_images_acc_1": self.fit.top1, **self.choices}
 
 
 def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, loss_fn, stop=None) -> Head:
@@ -151,11 +153,12 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, los
 
 
 def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_classes: int, loss_fn,
-                     stop=None, stop_by_batch=None, multi_label: bool = False) -> ProbeFit:
+                     stop=None, stop_by_batch=None, multi_label: bool = False,
+                     measured: list[int] | None = None) -> ProbeFit:
     """Put a linear probe in `model`'s classifier, the same on every process; returns its training loss, its
-    top-1 (%) on the images it was fitted on, how many they were and the time it took. Interrupted between batches
-    and between LBFGS's evaluations by `stop_by_batch`, between the phases by `stop` (one that all processes agree
-    on)."""
+    top-1 (%) on the images it was fitted on and on the rows `measured` of them (all by default), how many they were
+    and the time it took. Interrupted between batches and between LBFGS's evaluations by `stop_by_batch`, between
+    the phases by `stop` (one that all processes agree on)."""
     started = time.monotonic()
     features, labels = features_of(model, loader, to_input, autocast, stop_by_batch, multi_label)
     stop_here(stop)
@@ -169,9 +172,17 @@ def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_cla
         classifier.weight.copy_(head.weight)
         classifier.bias.copy_(head.bias)
     distributed.broadcast_tensors([classifier.weight, classifier.bias])  # LBFGS may round apart on other GPUs
-    fitted_top1 = 100 * float(hits(classifier(features), labels)) / max(len(labels), 1)
-    return ProbeFit(loss=head.loss, top1=fitted_top1, images=len(labels), features=features.shape[1],
-                    extract_seconds=extracted - started, fit_seconds=time.monotonic() - extracted)
+    with torch.no_grad():
+        logits = classifier(features)
+    rows = torch.as_tensor(range(len(labels)) if measured is None else measured, dtype=torch.long,
+                           device=logits.device)
+    return ProbeFit(loss=head.loss, top1=top1_of(logits, labels), measured_top1=top1_of(logits[rows], labels[rows]),
+                    images=len(labels), features=features.shape[1], extract_seconds=extracted - started,
+                    fit_seconds=time.monotonic() - extracted)
+
+
+def top1_of(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return 100 * float(hits(logits, labels)) / max(len(labels), 1)
 
 
 @torch.no_grad()
@@ -198,6 +209,14 @@ def probe_top1(model: torch.nn.Module, loader, to_input, autocast, frozen_batchn
     model.eval()
     right, seen = distributed.sum_over_ranks(counts).tolist()
     return 100 * right / seen if seen else None
+
+
+def share_of_images(images: int, rank: distributed.Rank, batched_as_training: bool = False) -> range:
+    """The positions, among `images` images, of those this process takes: a share, each image in one process; or,
+    batched as training, every one: a process's batches then hold batch_size images, as its training batches do,
+    where a share would make them smaller (on 8 GPUs 128 images are one batch of 16 a process) and BatchNorm's
+    statistics further from training's."""
+    return range(images) if batched_as_training else range(rank.rank, images, rank.world_size)
 
 
 def short_last_batch(images: int, batch_size: int) -> bool:
@@ -229,11 +248,12 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
 
     def shares_of(images: list[int], transform, side: int = decode_side(data_config, training=False),
                   orders: int = 1, batched_as_training: bool = False, **batching):
-        """This process's share of `images`, one dataset, in `orders` loaders, each drawing from a seed of its own;
-        made one at a time, as each starts its own workers. `batched_as_training`: without a short last batch."""
+        """This process's share of `images` (share_of_images), one dataset, in `orders` loaders, each drawing from a
+        seed of its own; made one at a time, as each starts its own workers. `batched_as_training`: also without a
+        short last batch."""
         chosen = torch.utils.data.Subset(dataset_of(channel, transform, hp.max_unusable_fraction, workers, side),
                                          images)
-        mine = torch.utils.data.Subset(chosen, range(rank.rank, len(images), rank.world_size))
+        mine = torch.utils.data.Subset(chosen, share_of_images(len(images), rank, batched_as_training))
         drop_last = batched_as_training and short_last_batch(len(mine), hp.batch_size)
         for order in range(orders):
             yield data_loader(mine, workers, device, hp.seed + rank.rank + order * rank.world_size,
@@ -244,8 +264,9 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
 
     by_batch = None if rank.distributed else stop
     log.info("Linear probe: the frozen features of %d training images", len(sample))
+    row_of = {image: row for row, image in enumerate(sample)}
     fit = fit_linear_probe(model, share_of(sample, eval_transform(data_config)), to_input, autocast, classes,
-                           loss_fn, stop, by_batch, channel.multi_label)
+                           loss_fn, stop, by_batch, channel.multi_label, [row_of[image] for image in scored])
 
     def measure(view: Recipe, kind: str) -> float | None:
         stop_here(stop)
@@ -261,14 +282,14 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
                                       dropout=True, stop=by_batch)
                 finally:
                     set_regularisation(model, recipe.drop, recipe.drop_connect)
-            sized = training_size_config(data_config, view)
+            sized = at_evaluation_size(data_config)  # clean_top1's size: the part's effect, not the training size's
             return probe_top1(model, share_of(scored, train_transform(sized, view.aa, view.hflip, view.crop_scale),
                                               decode_side(sized, True, view.crop_scale)),
                               ModelInput(sized, device, view.reprob, hp.remode), autocast, stop=by_batch)
 
     log.info("Linear probe: measuring which parts of the training recipe keep its answers, on %d of its images",
              len(scored))
-    return ProbeStart(fit, choose(hp, fit.top1, measure, len(scored)))
+    return ProbeStart(fit, choose(hp, fit.measured_top1, measure, len(scored)))
 
 
 @contextlib.contextmanager

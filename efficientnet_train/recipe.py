@@ -10,8 +10,9 @@ each part is measured in turn, the probe's classifier scored on the part applied
 images, and one rule picks each: **the strongest setting under which the classifier still answers nine in ten of
 the images it answers right** (KEEPS), nineteen in twenty for the mirror, which loses no pixel (LINES). Settings
 are tried strongest first; the gentlest is taken without a measurement. Each part is measured on top of the ones
-chosen before it, in the order the training step applies them: BatchNorm (it fixes the training size), mirroring,
-the crop, RandAugment, random erasing, then dropout and drop-connect.
+chosen before it, in the order the training step applies them: BatchNorm, mirroring, the crop, RandAugment, random
+erasing, then dropout and drop-connect. The transforms are measured at the evaluation size, that of the answers
+they are compared with, whatever training size BatchNorm's share sets.
 
 A measurement on the ~128 images the classifier answers right has a sampling error of about 2.7 points at that
 line (1.9 at the mirror's), so one image could flip a part from one setting to the next (BatchNorm's, whose
@@ -139,8 +140,8 @@ def auto_lr(hp, opt: str) -> float:
 
 def choose(hp, clean_top1: float, measure: Measure, images: int) -> dict:
     """Measure each part left to auto, strongest setting first, until one is SURE to keep its line (line_of) of the
-    answers the probe's classifier gives right (`clean_top1`, its top-1 on its training images as fitted), measured
-    on `images` of them; then blend the part's settings by those chances (`blended_setting`). A part with a value
+    answers the probe's classifier gives right (`clean_top1`, its top-1 as fitted on the `images` of its training
+    images that each part is measured on); then blend the part's settings by those chances (`blended_setting`). A part with a value
     set by hand takes it (and the listing's for the rest of the part). Returns the record: every measurement made,
     and the settings chosen (`recipe`, for recipe_for)."""
     asked = recipe_for(hp)
@@ -168,7 +169,7 @@ def choose(hp, clean_top1: float, measure: Measure, images: int) -> dict:
             if chances[-1] >= SURE:
                 break
         view = replace(view, **dict(zip(names, blended_setting(settings, chances))))
-    return {"training_images_acc_1": clean_top1, "measured_images": images, "measured": steps,
+    return {"measured_images_acc_1": clean_top1, "measured_images": images, "measured": steps,
             "recipe": {name: getattr(view, name) for name in asdict(view) if getattr(hp, name) == AUTO}}
 
 
@@ -226,13 +227,15 @@ def decisions(record: dict) -> list[str]:
         part = "+".join(names)
         tried = [step for step in record["measured"] if step["part"] == part]
         chosen = ", ".join(f"{name}={_shown(record['recipe'][name])}" for name in names)
-        seen = ", ".join(f"{'-' if step['acc_1'] is None else format(step['acc_1'], '.1f')}% at {part}="
-                         f"{_shown(step['setting'])}" + _chance_shown(step['keeps_chance']) for step in tried)
+        seen = ", ".join(f"{'-' if step['acc_1'] is None else format(step['acc_1'], '.1f')}% "
+                         f"{MEASURED_AS.get(part, 'at')} {part}={_shown(step['setting'])}"
+                         + _chance_shown(step['keeps_chance']) for step in tried)
         how = (f"the strongest setting keeping {line_of(names):.0%} of that, blended with the gentler ones by each "
                f"one's chance of keeping it")
-        lines.append(f"{chosen}: the probe's classifier answers {seen or 'nothing measured'} of its training images "
-                     f"right {VIEWS[kind]}, against {record['training_images_acc_1']:.1f}% as fitted; chosen: {how} "
-                     f"(sampling error of {record['measured_images']} images)")
+        lines.append(f"{chosen}: of {record['measured_images']} of its training images, the probe's classifier "
+                     f"answers {seen or 'nothing measured'} right {VIEWS[kind]}, against "
+                     f"{record['measured_images_acc_1']:.1f}% as fitted; chosen: {how} (sampling error of "
+                     f"{record['measured_images']} images)")
     return lines
 
 
@@ -240,6 +243,7 @@ VIEWS = {"batch_statistics": "(the share of BatchNorm layers nearest the classif
                              "statistics; the mean over several batch orders)",
          "transform": "through the training transform",
          "regularisation": "with dropout and drop-connect on"}
+MEASURED_AS = {"hflip": "with every image mirrored, for"}  # choose: the mirror measured on every image
 
 
 def _chance_shown(chance: float | None) -> str:
@@ -264,6 +268,9 @@ def mirrors_at_evaluation(hp, recipe: Recipe) -> bool:
 def training_size_config(data_config: dict, recipe: Recipe) -> dict:
     """`data_config` with the size this recipe trains at: the evaluation size with any BatchNorm layer frozen (a
     share above 0; their statistics are the evaluation view's: docs/quality.md), else the training size it has."""
-    if recipe.freeze_batchnorm == 0:
-        return data_config
+    return data_config if recipe.freeze_batchnorm == 0 else at_evaluation_size(data_config)
+
+
+def at_evaluation_size(data_config: dict) -> dict:
+    """`data_config` training at its evaluation size."""
     return {**data_config, "train_input_size": list(data_config["input_size"])}

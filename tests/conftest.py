@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,23 @@ def read_summary(model_dir: Path) -> list[dict]:
 
 def failure_reason(base: Path) -> str:
     return (base / "output" / "failure").read_text()
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """Runs train.main() in this process (so that parts of it can be replaced), restoring what it changes."""
+    from efficientnet_train import train
+
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def run(base: Path) -> int:
+        monkeypatch.setenv("SAGEMAKER_BASE_DIR", str(base))
+        return train.main()
+
+    yield run
+    for signum, handler in handlers.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture(scope="session")

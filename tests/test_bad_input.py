@@ -653,21 +653,6 @@ def test_a_model_folder_linked_to_nowhere_is_named_with_its_target(tmp_path):
                                f"does not exist. Create that folder, or remove the link.")
 
 
-@pytest.fixture
-def in_process(monkeypatch):
-    """Runs train.main() in this process (so that parts of it can be replaced), restoring what it changes."""
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def run(base: Path) -> int:
-        monkeypatch.setenv("SAGEMAKER_BASE_DIR", str(base))
-        return train.main()
-
-    yield run
-    for signum, handler in handlers.items():
-        signal.signal(signum, handler)
-
-
 @pytest.mark.parametrize("fake, phase", [(train_one_epoch, "training"), (evaluate, "validation")])
 def test_cuda_out_of_memory_in_a_job_names_the_batch_size_and_half_of_it(tmp_path, tiny_hyperparameters,
                                                                           in_process, monkeypatch, fake, phase):

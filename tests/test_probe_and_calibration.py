@@ -236,7 +236,7 @@ def test_auto_freezes_batchnorm_where_batch_statistics_lose_the_probe_and_says_s
     base, log = probed_job
     args = yaml.safe_load((base / "model" / "args.yml").read_text())
     probe = args["linear_probe"]
-    assert probe["training_images_acc_1"] == 100
+    assert probe["training_images_acc_1"] == probe["measured_images_acc_1"] == 100
     first = probe["measured"][0]
     assert first["part"] == "freeze_batchnorm" and first["setting"] == 0 and first["acc_1"] < 90
     assert [step["part"] for step in probe["measured"]].count("freeze_batchnorm") == 1  # all frozen: unmeasured
@@ -258,11 +258,11 @@ def test_every_part_left_to_auto_is_measured_chosen_by_one_rule_and_said_in_one_
     for names, settings, _ in PARTS:
         part = "+".join(names)
         steps = [step for step in probe["measured"] if step["part"] == part]
-        kept = [step for step in steps if step["acc_1"] >= line_of(names) * probe["training_images_acc_1"]]
+        kept = [step for step in steps if step["acc_1"] >= line_of(names) * probe["measured_images_acc_1"]]
         assert [step["setting"] for step in steps] == \
             [list(s) if len(s) > 1 else s[0] for s in settings[:len(steps)]]  # strongest first
-        answered = round(probe["measured_images"] * probe["training_images_acc_1"] / 100)
-        chances = [keeps_chance(step["acc_1"] / probe["training_images_acc_1"], answered, line_of(names))
+        answered = round(probe["measured_images"] * probe["measured_images_acc_1"] / 100)
+        chances = [keeps_chance(step["acc_1"] / probe["measured_images_acc_1"], answered, line_of(names))
                    for step in steps]
         assert [step["keeps_chance"] for step in steps] == [round(chance, 3) for chance in chances]
         assert [chance >= 0.5 for chance in chances] == [step in kept for step in steps]
@@ -273,6 +273,8 @@ def test_every_part_left_to_auto_is_measured_chosen_by_one_rule_and_said_in_one_
         assert tuple(probe["recipe"][name] for name in names) == tuple(chosen)
         assert tuple(args[f"effective_{name}"] for name in names) == tuple(chosen)
         assert sum(f"Recipe (auto): {names[0]}=" in line for line in log.splitlines()) == 1
+    mirrored = next(step for step in probe["measured"] if step["part"] == "hflip")  # on every image, not half
+    assert f"{mirrored['acc_1']:.1f}% with every image mirrored, for hflip=0.5" in log
     assert args["effective_eval_hflip"] is (args["effective_hflip"] >= 0.25)
 
 
@@ -393,6 +395,41 @@ def test_batch_statistics_are_measured_without_a_last_batch_under_half_of_one_as
     assert not short_last_batch(128, 32) and not short_last_batch(125, 32) and not short_last_batch(112, 32)
     assert short_last_batch(111, 32) and short_last_batch(33, 32)
     assert not short_last_batch(20, 32) and not short_last_batch(3, 32)  # no full batch: every image is measured
+
+
+def test_each_process_measures_batch_statistics_on_every_image_so_its_batches_are_as_large_as_training():
+    from efficientnet_train.distributed import Rank
+    from efficientnet_train.linear_probe import share_of_images
+
+    # Features and the transforms' measurements: each image once, in one process.
+    shares = [share_of_images(128, Rank(rank, 8)) for rank in range(8)]
+    assert sorted(i for share in shares for i in share) == list(range(128)) and len(shares[3]) == 16
+    # Batch statistics: 16 images a process would be one batch of 16 where training's are 32.
+    assert all(share_of_images(128, Rank(rank, 8), batched_as_training=True) == range(128) for rank in range(8))
+    assert share_of_images(99, Rank()) == share_of_images(99, Rank(), batched_as_training=True) == range(99)
+
+
+def test_the_measurements_are_shares_of_the_measured_images_own_answers_as_fitted(pretrained_tiny_weights):
+    """The probe's top-1 on its whole sample is not the top-1 on the images measured: a share of the one is compared
+    with the other, and both are on the same images."""
+    from efficientnet_train.linear_probe import fit_linear_probe
+    from efficientnet_train.model import create_model
+
+    model = create_model(TINY_MODEL, ["a", "b", "c"], str(pretrained_tiny_weights), 0.0, 0.0)
+    generator = torch.Generator().manual_seed(0)
+    images, labels = torch.rand(48, 3, 32, 32, generator=generator), torch.randint(0, 3, (48,), generator=generator)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(list(zip(images, labels)), range(48)),
+                                         batch_size=16)
+    measured = [0, 5, 6, 11, 30, 47]
+    fit = fit_linear_probe(model, loader, lambda batch: batch, contextlib.nullcontext, 3,
+                           torch.nn.CrossEntropyLoss(), measured=measured)
+    with torch.no_grad():
+        answers = model.eval()(images).argmax(1) == labels
+    assert fit.top1 == pytest.approx(100 * answers.float().mean().item())
+    assert fit.measured_top1 == pytest.approx(100 * answers[measured].float().mean().item())
+    assert fit.measured_top1 != pytest.approx(fit.top1)  # random labels: the fit leaves some of them wrong
+    assert fit_linear_probe(model, loader, lambda batch: batch, contextlib.nullcontext, 3,
+                            torch.nn.CrossEntropyLoss()).measured_top1 == pytest.approx(fit.top1)
 
 
 def hyperparameters_of(**given):
@@ -623,6 +660,25 @@ def test_freeze_batchnorm_true_trains_with_sgd_at_the_evaluation_size_and_measur
     assert "freeze_batchnorm" not in parts and "aa" not in parts and "hflip" in parts
     assert "Recipe (auto): freeze_batchnorm" not in result.stdout and "Recipe (auto): aa=" not in result.stdout
     assert_statistics_are_pretrained(base, pretrained_tiny_weights)
+
+
+def test_the_transforms_are_measured_at_the_evaluation_size_that_of_the_answers_they_are_a_share_of(
+        tmp_path, pretrained_tiny_weights, in_process, monkeypatch):
+    """With batch statistics in every layer, training takes the model's training size, 32 here, and evaluation 37:
+    measured at 32 the mirror would also count what the smaller size loses against it."""
+    from efficientnet_train import linear_probe
+
+    sizes, transform = [], linear_probe.train_transform
+    monkeypatch.setattr(linear_probe, "train_transform",
+                        lambda config, *args: sizes.append(config["train_input_size"]) or transform(config, *args))
+    base = make_job(tmp_path, {"epochs": "1", "batch_size": "8", "model": TINY_MODEL, "img_size": "32",
+                               "pretrained_path": str(pretrained_tiny_weights), "workers": "0",
+                               "freeze_batchnorm": "false"})
+    assert in_process(base) == 0
+    args = yaml.safe_load((base / "model" / "args.yml").read_text())
+    assert args["data_config"]["train_input_size"] == [3, 32, 32] and args["data_config"]["input_size"] == [3, 37, 37]
+    assert len(sizes) == len([step for step in args["linear_probe"]["measured"] if step["part"] != "drop+drop_connect"])
+    assert all(size == [3, 37, 37] for size in sizes)
 
 
 def test_measuring_the_augmentation_changes_nothing_that_training_draws(tmp_path, pretrained_tiny_weights):
