@@ -29,7 +29,7 @@ from torch.multiprocessing.spawn import ProcessException
 
 from .errors import JobError
 from .sagemaker import Hosts, SageMakerEnvironment
-from .stopping import exit_now
+from .stopping import exit_now, stop_here
 
 log = logging.getLogger("efficientnet_train")
 FAILURE_KEY = "first-failure"
@@ -283,6 +283,29 @@ class AgreedStop:
         flag = torch.tensor([1 if self.stop else 0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         return bool(flag.item())
+
+    def fewest(self, count: int) -> int:
+        """The smallest `count` of any process."""
+        least = torch.tensor([count])
+        dist.all_reduce(least, op=dist.ReduceOp.MIN, group=self.group)
+        return int(least.item())
+
+
+def stoppable(loader, stop):
+    """`loader`'s batches, with Interrupted raised before one once `stop` is asked for (never where it is None). An
+    AgreedStop, which every process must check together, is checked before each batch that every process has: their
+    shares of a set may differ by a batch."""
+    batches = stop.fewest(len(loader)) if isinstance(stop, AgreedStop) else len(loader)
+    for index, batch in enumerate(loader):
+        if index < batches:
+            stop_here(stop)
+        yield batch
+
+
+def own_request(stop):
+    """This process's own stop request, for work that processes may stop at different points: then all stop
+    together at the AgreedStop checked next."""
+    return stop.stop if isinstance(stop, AgreedStop) else stop
 
 
 def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:

@@ -131,9 +131,7 @@ def evaluate(models: dict[str, torch.nn.Module], loader, to_input: ModelInput, a
     answers = {name: [torch.zeros(0, num_classes, device=device)] for name in models}  # for calibration
     labels = [torch.zeros(0, num_classes, device=device) if multi_label else torch.zeros(0, dtype=torch.long,
                                                                                           device=device)]
-    for images, targets in loader:
-        if stop:
-            raise Interrupted
+    for images, targets in distributed.stoppable(loader, stop):
         images, targets = to_input(images), targets.to(device, non_blocking=True)
         labels.append(targets)
         for name, model in models.items():

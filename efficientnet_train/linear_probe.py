@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import distributed
-from .stopping import stop_here
+from .stopping import Interrupted, stop_here
 from .data import ModelInput, dataset_of, decode_side, eval_transform, train_transform
 from .engine import data_loader
 from .model import set_batchnorm, set_regularisation
@@ -78,8 +78,7 @@ def features_of(model: torch.nn.Module, loader, to_input, autocast, stop=None,
     features = [torch.zeros(0, model.get_classifier().in_features, device=device)]
     labels = [torch.zeros(0, model.get_classifier().out_features, device=device) if multi_label else
               torch.zeros(0, dtype=torch.long, device=device)]
-    for images, targets in loader:
-        stop_here(stop)
+    for images, targets in distributed.stoppable(loader, stop):
         with autocast():
             features.append(model.forward_head(model.forward_features(to_input(images)), pre_logits=True).float())
         labels.append(targets.to(device))
@@ -153,19 +152,19 @@ def fit_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int, los
 
 
 def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_classes: int, loss_fn,
-                     stop=None, stop_by_batch=None, multi_label: bool = False,
-                     measured: list[int] | None = None) -> ProbeFit:
+                     stop=None, multi_label: bool = False, measured: list[int] | None = None) -> ProbeFit:
     """Put a linear probe in `model`'s classifier, the same on every process; returns its training loss, its
     top-1 (%) on the images it was fitted on and on the rows `measured` of them (all by default), how many they were
-    and the time it took. Interrupted between batches and between LBFGS's evaluations by `stop_by_batch`, between
-    the phases by `stop` (one that all processes agree on)."""
+    and the time it took. Interrupted by `stop` between batches and between LBFGS's evaluations."""
     started = time.monotonic()
-    features, labels = features_of(model, loader, to_input, autocast, stop_by_batch, multi_label)
-    stop_here(stop)
+    features, labels = features_of(model, loader, to_input, autocast, stop, multi_label)
     extracted = time.monotonic()
     log.info("Linear probe: fitting the classifier on %d features of %d images (logistic regression)",
              features.shape[1], len(labels))
-    head = fit_head(features, labels, num_classes, loss_fn, stop_by_batch)
+    try:  # processes may take different numbers of LBFGS steps: each stops its own fit, then all stop together
+        head = fit_head(features, labels, num_classes, loss_fn, distributed.own_request(stop))
+    except Interrupted:
+        head = None
     stop_here(stop)
     classifier = model.get_classifier()
     with torch.no_grad():
@@ -197,8 +196,8 @@ def probe_top1(model: torch.nn.Module, loader, to_input, autocast, frozen_batchn
     batch_statistics = set_batchnorm(model, frozen_batchnorm) > 0
     device = next(model.parameters()).device
     counts = torch.zeros(2, device=device)
-    for images, targets in loader:
-        stop_here(stop)  # the model's state is restored only by finishing: a stopped job saves nothing of it
+    # The model's state is restored only by finishing: a stopped job saves nothing of it.
+    for images, targets in distributed.stoppable(loader, stop):
         if len(targets) > 1 or not batch_statistics:
             with autocast():
                 logits = model(to_input(images))
@@ -240,8 +239,7 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
     """Fit the classifier on the frozen features of (a capped sample of) the training images, seen as validation
     sees them, each process extracting a share; then, for the choices left to the job, score it on those images as
     fine-tuning would see them under each part of the recipe (`recipe` is the one the model is set up with now).
-    A stop is acted on at the next batch in one process, and between the phases and measurements in several,
-    where all must stop at the same point."""
+    A stop is acted on at the next batch, in several processes at the same one (distributed.stoppable)."""
     classes = len(channel.classes)
     sample = probe_sample(channel.samples, classes, hp.seed)
     scored = [sample[i] for i in probe_sample([channel.samples[i] for i in sample], classes, hp.seed, MEASURED_IMAGES)]
@@ -262,11 +260,10 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
     def share_of(images: list[int], transform, side: int = decode_side(data_config, training=False), **batching):
         return next(shares_of(images, transform, side, **batching))
 
-    by_batch = None if rank.distributed else stop
     log.info("Linear probe: the frozen features of %d training images", len(sample))
     row_of = {image: row for row, image in enumerate(sample)}
     fit = fit_linear_probe(model, share_of(sample, eval_transform(data_config)), to_input, autocast, classes,
-                           loss_fn, stop, by_batch, channel.multi_label, [row_of[image] for image in scored])
+                           loss_fn, stop, channel.multi_label, [row_of[image] for image in scored])
 
     def measure(view: Recipe, kind: str) -> float | None:
         stop_here(stop)
@@ -274,18 +271,18 @@ def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp
             if kind == "batch_statistics":  # shuffled: a batch of one class has statistics no training batch has
                 orders = shares_of(scored, eval_transform(data_config), orders=BATCH_ORDERS,
                                    batched_as_training=True, shuffle=True)
-                return batch_statistics_top1(model, orders, to_input, autocast, view.freeze_batchnorm, by_batch)
+                return batch_statistics_top1(model, orders, to_input, autocast, view.freeze_batchnorm, stop)
             if kind == "regularisation":
                 set_regularisation(model, view.drop, view.drop_connect)
                 try:
                     return probe_top1(model, share_of(scored, eval_transform(data_config)), to_input, autocast,
-                                      dropout=True, stop=by_batch)
+                                      dropout=True, stop=stop)
                 finally:
                     set_regularisation(model, recipe.drop, recipe.drop_connect)
             sized = at_evaluation_size(data_config)  # clean_top1's size: the part's effect, not the training size's
             return probe_top1(model, share_of(scored, train_transform(sized, view.aa, view.hflip, view.crop_scale),
                                               decode_side(sized, True, view.crop_scale)),
-                              ModelInput(sized, device, view.reprob, hp.remode), autocast, stop=by_batch)
+                              ModelInput(sized, device, view.reprob, hp.remode), autocast, stop=stop)
 
     log.info("Linear probe: measuring which parts of the training recipe keep its answers, on %d of its images",
              len(scored))

@@ -179,7 +179,7 @@ def run(env: SageMakerEnvironment, job: Job, rank: distributed.Rank = distribute
             else:
                 trained = train_epoch(s, tuning, progress, stop, startup, rank)
                 startup = None  # said once per process: a resumed job says its own start-up again
-            results = validate(s, tuning, trained.candidates, stop, rank)
+            results = validate(s, tuning, trained.candidates, stop)
             if startup is not None:
                 startup.done("validating the linear probe")
             chosen = max(results, key=lambda name: (results[name].score, -results[name].loss))
@@ -291,14 +291,12 @@ def train_epoch(s: Session, tuning: FineTuning, progress: Progress, stop: StopRe
                          seconds=time.monotonic() - started)
 
 
-def validate(s: Session, tuning: FineTuning, candidates: dict, stop: StopRequest,
-             rank: distributed.Rank) -> dict[str, Evaluation]:
+def validate(s: Session, tuning: FineTuning, candidates: dict, stop: StopRequest) -> dict[str, Evaluation]:
     """Every candidate's validation results, the same on every process."""
     for net in candidates.values():
         distributed.broadcast_buffers(net)
-    # Ranks may hold different val shares, so not interruptible by batch there: validation is short.
-    return evaluate(candidates, s.val_loader, s.val_input, s.autocast, len(s.classes), tuning.eval_hflip,
-                    None if rank.distributed else stop, s.train_channel.multi_label)
+    return evaluate(candidates, s.val_loader, s.val_input, s.autocast, len(s.classes), tuning.eval_hflip, stop,
+                    s.train_channel.multi_label)
 
 
 def log_epoch(s: Session, tuning: FineTuning, epoch: int, results: dict, chosen: str, lr_now: float,

@@ -144,6 +144,20 @@ def test_sigterm_stops_all_ranks_at_the_same_batch_and_the_run_resumes(tmp_path,
     assert "2 training processes there, 3 here" in failure_reason(base)
 
 
+def test_sigterm_in_the_linear_probe_stops_every_rank_together(tmp_path, learning_hyperparameters):
+    """The probe's phases, whose shares differ between the ranks by an image, stop at a batch all of them reach."""
+    base = make_job(tmp_path / "ml", {**learning_hyperparameters, "aa": "auto", "epochs": "3"})
+    process, lines = start_train(base, TRAIN_PROCESSES_PER_HOST="2", MASTER_PORT=free_port()), []
+    read_until(process, "Linear probe: the frozen features of", lines)
+    process.send_signal(signal.SIGTERM)
+    lines.extend(process.stdout)
+    assert process.wait(timeout=120) == 0, "".join(lines[-40:])
+    log = "".join(lines)
+    assert "Stopped by SIGTERM in epoch 0 (the linear probe)" in log, log[-3000:]  # seconds of probe were left
+    assert not (base / "output" / "failure").exists()
+    assert yaml.safe_load((base / "model" / "args.yml").read_text())["stop_reason"] == "stopped by SIGTERM"
+
+
 def test_a_host_that_never_comes_fails_the_job_with_a_reason(tmp_path, tiny_hyperparameters):
     base = make_job(tmp_path / "ml", tiny_hyperparameters)
     (base / "input" / "config" / "resourceconfig.json").write_text(json.dumps(
@@ -290,3 +304,50 @@ def test_sigterm_while_waiting_for_the_other_hosts_stops_at_once(tmp_path, tiny_
     assert process.wait(timeout=30) == 0, "".join(lines[-20:])
     assert "Stopped by SIGTERM while waiting for the other hosts" in "".join(lines)
     assert not (base / "output" / "failure").exists()
+
+
+STOPPABLE_SCRIPT = '''
+import sys
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from efficientnet_train import distributed
+from efficientnet_train.stopping import Interrupted, StopRequest
+
+rank, port, asked_at = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                        timeout=timedelta(seconds=30))
+request, seen = StopRequest(), []
+stop = distributed.AgreedStop(request)
+try:
+    for batch in distributed.stoppable(list(range(5 - rank)), stop):  # rank 0's share has a batch more
+        seen.append(batch)
+        if rank == 1 and batch == asked_at:  # the signal reaches one process only
+            request.signal_name = "SIGTERM"
+    print("finished", seen, "stop:", bool(stop), flush=True)
+except Interrupted:
+    print("interrupted after", seen, flush=True)
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.parametrize("asked_at, said", [(1, "interrupted after [0, 1]"), (3, "stop: True")])
+def test_processes_whose_shares_differ_by_a_batch_stop_at_the_same_one_or_all_finish_it(tmp_path, asked_at, said):
+    """Validation and the linear probe's phases: each process's share of a set may hold a batch more than another's,
+    and a stop that all processes check at every batch would wait forever for the one that has no batch left."""
+    script, port = tmp_path / "stoppable.py", free_port()
+    script.write_text(STOPPABLE_SCRIPT)
+    environ = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    ranks = [subprocess.Popen([sys.executable, str(script), str(rank), port, str(asked_at)], env=environ, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    try:
+        outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    assert all(said in output for output in outputs), outputs
+    if asked_at == 3:  # asked at rank 1's last batch: rank 0 ends its own last one, unchecked, and both see the stop
+        assert "finished [0, 1, 2, 3, 4]" in outputs[0] and "finished [0, 1, 2, 3]" in outputs[1], outputs
