@@ -30,7 +30,7 @@ import torch
 # training size, backward (the whole model in training mode).
 PASSES = (("features of the probe's images (evaluation view)", False, "probe", 1, "eval", False),
           ("BatchNorm measurement (batch statistics)", True, "measured", 1, "eval", False),
-          ("view measurements (training size)", False, "measured", 1, "train", False),
+          ("view measurements (evaluation size)", False, "measured", 1, "eval", False),
           ("validation (image and mirror)", False, "val", 2, "eval", False),
           ("first training step", True, "step", 1, "train", True))
 

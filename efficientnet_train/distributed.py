@@ -11,6 +11,7 @@ ends within seconds with that reason, instead of the others waiting on it until 
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 import signal
@@ -295,7 +296,7 @@ def stoppable(loader, stop):
     """`loader`'s batches, with Interrupted raised before one once `stop` is asked for (never where it is None). An
     AgreedStop, which every process must check together, is checked before each batch that every process has: their
     shares of a set may differ by a batch."""
-    batches = stop.fewest(len(loader)) if isinstance(stop, AgreedStop) else len(loader)
+    batches = stop.fewest(len(loader)) if isinstance(stop, AgreedStop) else math.inf
     for index, batch in enumerate(loader):
         if index < batches:
             stop_here(stop)

@@ -166,6 +166,8 @@ def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_cla
     except Interrupted:
         head = None
     stop_here(stop)
+    if head is None:  # not reached: the agreed check above counts this process's own request
+        raise Interrupted
     classifier = model.get_classifier()
     with torch.no_grad():
         classifier.weight.copy_(head.weight)
@@ -237,8 +239,9 @@ def batch_statistics_top1(model: torch.nn.Module, loaders, to_input, autocast, f
 def start(model: torch.nn.Module, channel, data_config: dict, recipe: Recipe, hp, *, workers: int,
           device: torch.device, to_input: ModelInput, autocast, loss_fn, rank: distributed.Rank, stop) -> ProbeStart:
     """Fit the classifier on the frozen features of (a capped sample of) the training images, seen as validation
-    sees them, each process extracting a share; then, for the choices left to the job, score it on those images as
-    fine-tuning would see them under each part of the recipe (`recipe` is the one the model is set up with now).
+    sees them, each process extracting a share; then, for the choices left to the job, score it on some of those
+    images under each part of the recipe, as fine-tuning would apply it but at the evaluation size, that of the
+    answers compared with (`recipe` is the one the model is set up with now).
     A stop is acted on at the next batch, in several processes at the same one (distributed.stoppable)."""
     classes = len(channel.classes)
     sample = probe_sample(channel.samples, classes, hp.seed)

@@ -141,9 +141,9 @@ def auto_lr(hp, opt: str) -> float:
 def choose(hp, clean_top1: float, measure: Measure, images: int) -> dict:
     """Measure each part left to auto, strongest setting first, until one is SURE to keep its line (line_of) of the
     answers the probe's classifier gives right (`clean_top1`, its top-1 as fitted on the `images` of its training
-    images that each part is measured on); then blend the part's settings by those chances (`blended_setting`). A part with a value
-    set by hand takes it (and the listing's for the rest of the part). Returns the record: every measurement made,
-    and the settings chosen (`recipe`, for recipe_for)."""
+    images that each part is measured on); then blend the part's settings by those chances (`blended_setting`). A
+    part with a value set by hand takes it (and the listing's for the rest of the part). Returns the record: every
+    measurement made, and the settings chosen (`recipe`, for recipe_for)."""
     asked = recipe_for(hp)
     answered = max(1, round(images * clean_top1 / 100))  # the images the measured share is a share of
     # Each part measured on top of those chosen before it, the later ones off: clean images, no dropout.

@@ -681,6 +681,22 @@ def test_the_transforms_are_measured_at_the_evaluation_size_that_of_the_answers_
     assert all(size == [3, 37, 37] for size in sizes)
 
 
+def test_a_capped_sample_measures_a_few_of_its_images_against_their_own_answers(
+        tmp_path, pretrained_tiny_weights, in_process, monkeypatch):
+    """Past 200 images a class the probe takes a sample, and the measurements a few of its images: the images'
+    places in the sample are not their places in the set."""
+    from efficientnet_train import linear_probe
+
+    monkeypatch.setattr(linear_probe, "PROBE_IMAGES_PER_CLASS", 5)
+    monkeypatch.setattr(linear_probe, "MEASURED_IMAGES", 6)
+    base = make_job(tmp_path, {"epochs": "1", "batch_size": "4", "model": TINY_MODEL, "img_size": "32",
+                               "pretrained_path": str(pretrained_tiny_weights), "workers": "0"})
+    assert in_process(base) == 0
+    probe = yaml.safe_load((base / "model" / "args.yml").read_text())["linear_probe"]
+    assert probe["images"] == 15 and probe["measured_images"] == 6  # of 36 training images
+    assert probe["measured_images_acc_1"] == probe["training_images_acc_1"] == 100  # the colours: all right
+
+
 def test_measuring_the_augmentation_changes_nothing_that_training_draws(tmp_path, pretrained_tiny_weights):
     """The auto recipe trains exactly as the same recipe set by hand: the measurements' crops, flips and random
     erasing draw from generators of their own."""
