@@ -148,7 +148,7 @@ def test_first_passes_measurement_times_each_probe_pass_first_and_again_with_cud
     for result in results:
         assert [row["pass"] for row in result["rows"]] == [
             "features of the probe's images (evaluation view)", "BatchNorm measurement (batch statistics)",
-            "view measurements (training size)", "validation (image and mirror)", "first training step"]
+            "view measurements (evaluation size)", "validation (image and mirror)", "first training step"]
         assert all(row["first_s"] > 0 and row["again_s"] > 0 for row in result["rows"])
     assert run.stdout.count("| all |") == 2 and run.stdout.count("| first training step |") == 2  # a table each
     assert results[0]["train_size"] == 48 and results[0]["images"]["val"] == 6  # what was timed, kept with it
