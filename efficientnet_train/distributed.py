@@ -11,8 +11,8 @@ ends within seconds with that reason, instead of the others waiting on it until 
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 import signal
 import socket
