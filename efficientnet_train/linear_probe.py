@@ -165,8 +165,7 @@ def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_cla
         head = fit_head(features, labels, num_classes, loss_fn, distributed.own_request(stop))
     except Interrupted:
         head = None
-    stop_here(stop)
-    if head is None:  # not reached: the agreed check above counts this process's own request
+    if stop or head is None:  # the agreed stop checked on every process first; it counts a fit stopped here
         raise Interrupted
     classifier = model.get_classifier()
     with torch.no_grad():
@@ -175,9 +174,9 @@ def fit_linear_probe(model: torch.nn.Module, loader, to_input, autocast, num_cla
     distributed.broadcast_tensors([classifier.weight, classifier.bias])  # LBFGS may round apart on other GPUs
     with torch.no_grad():
         logits = classifier(features)
-    rows = torch.as_tensor(range(len(labels)) if measured is None else measured, dtype=torch.long,
-                           device=logits.device)
-    return ProbeFit(loss=head.loss, top1=top1_of(logits, labels), measured_top1=top1_of(logits[rows], labels[rows]),
+    top1 = top1_of(logits, labels)
+    return ProbeFit(loss=head.loss, top1=top1,
+                    measured_top1=top1 if measured is None else top1_of(logits[measured], labels[measured]),
                     images=len(labels), features=features.shape[1], extract_seconds=extracted - started,
                     fit_seconds=time.monotonic() - extracted)
 

@@ -69,6 +69,9 @@ LISTING = {name: settings[0][i] for names, settings, _ in PARTS for i, name in e
 # RandAugment's settings as points that blend: (magnitude, chance of each op); none applies no op.
 AA_POINTS = {"rand-m9-mstd0.5": (9.0, 0.5), "rand-m5-mstd0.5": (5.0, 0.5), "none": (5.0, 0.0)}
 SURE = 0.99  # a setting this likely to keep the answers ends its part's measurements; the gentler ones count as sure
+# A part measured at another setting than the one its chance is for, and how the log says so: the mirror on every
+# image, where mirroring half of them would show half of what it does to the answers.
+MEASURED_AT = {("hflip",): ((1.0,), "with every image mirrored, for")}
 
 
 @dataclass(frozen=True)
@@ -155,7 +158,7 @@ def choose(hp, clean_top1: float, measure: Measure, images: int) -> dict:
             continue
         chances = []
         for setting in settings[:-1]:  # the gentlest is never measured
-            measured_as = (1.0,) if names == ("hflip",) else setting  # mirroring measured on every image
+            measured_as = MEASURED_AT.get(names, (setting,))[0]
             top1 = measure(replace(view, **dict(zip(names, measured_as))), kind)
             if top1 is None:  # not measurable: the listing's setting, as before the rule
                 chance = None
@@ -228,7 +231,7 @@ def decisions(record: dict) -> list[str]:
         tried = [step for step in record["measured"] if step["part"] == part]
         chosen = ", ".join(f"{name}={_shown(record['recipe'][name])}" for name in names)
         seen = ", ".join(f"{'-' if step['acc_1'] is None else format(step['acc_1'], '.1f')}% "
-                         f"{MEASURED_AS.get(part, 'at')} {part}={_shown(step['setting'])}"
+                         f"{MEASURED_AT.get(names, (None, 'at'))[1]} {part}={_shown(step['setting'])}"
                          + _chance_shown(step['keeps_chance']) for step in tried)
         how = (f"the strongest setting keeping {line_of(names):.0%} of that, blended with the gentler ones by each "
                f"one's chance of keeping it")
@@ -243,7 +246,6 @@ VIEWS = {"batch_statistics": "(the share of BatchNorm layers nearest the classif
                              "statistics; the mean over several batch orders)",
          "transform": "through the training transform",
          "regularisation": "with dropout and drop-connect on"}
-MEASURED_AS = {"hflip": "with every image mirrored, for"}  # choose: the mirror measured on every image
 
 
 def _chance_shown(chance: float | None) -> str:
