@@ -2,15 +2,16 @@
 then the training job as a buyer would run it, one Markdown table row a set.
 
 The baseline is a linear probe: scikit-learn's LogisticRegression (max_iter=2000, default C) on the frozen
-ImageNet features of tf_efficientnet_lite0, taken from every training image through the job's own evaluation
-preprocessing (decoding, sizes with img_size and eval_img_size, crop), scored on the val images (top-1 and
-top-label ECE), with the first validation images it answers wrong. The job runs as a buyer would run it, at pure
-defaults: only model and pretrained_path, and anything after the options as key=value. The table also goes to
---out; the jobs' logs and summary files stay in WORK/<set>/.
+ImageNet features of the job's model (tf_efficientnet_lite0, or Lite2 with --lite 2), taken from every training
+image through the job's own evaluation preprocessing (decoding, sizes with img_size and eval_img_size, crop), scored
+on the val images (top-1 and top-label ECE), with the first validation images it answers wrong. The job runs as a
+buyer would run it, at pure defaults: only model and pretrained_path, and anything after the options as key=value.
+The table also goes to --out; the jobs' logs and summary files stay in WORK/<set>/.
 
     python benchmarks/benchmark_quality.py --sets digits30 --skip-job
     python benchmarks/benchmark_quality.py --sets digits30 --epochs 3
     python benchmarks/benchmark_quality.py --work /tmp/quality lr=0.004
+    python benchmarks/benchmark_quality.py --lite 2 --sets hymenoptera,photos
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from local_job import JobRun, lite_weights, mock_opt_ml, remove_big_files, run_t
 from efficientnet_train.untrusted import shown  # noqa: E402  (file names from the data set)
 from panel_datasets import BUILDERS, EXTRA, PANEL, counts, locate
 
-MODEL = "tf_efficientnet_lite0"
 WRONG_SHOWN = 10  # the probe's wrong validation images named, the rest counted
 COLUMNS = ("set", "classes", "train/val", "probe top-1", "probe ECE", "job probe top-1", "top-1 by epoch",
            "worst epoch - job probe", "best top-1", "val loss at best", "ECE before", "ECE after",
@@ -48,7 +48,8 @@ def linear_probe(folder: Path, weights: Path, hyperparameters: dict) -> dict:
     from efficientnet_train.data import ModelInput, dataset_of, decode_side, eval_transform, resolve_data_config
 
     started = time.monotonic()
-    model = timm.create_model(MODEL, num_classes=0)  # the pooled features, as the job's classifier sees them
+    # The pooled features, as the job's classifier sees them.
+    model = timm.create_model(hyperparameters["model"], num_classes=0)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict({name: value for name, value in state.items() if not name.startswith("classifier.")})
     model = model.eval().to(memory_format=torch.channels_last)
@@ -106,6 +107,8 @@ def main() -> int:
     parser.add_argument("--work", type=Path, help="for the jobs' mocked /opt/ml trees, logs and the converted "
                         "weights, kept for the next run (default: a temp dir without the weights afterwards)")
     parser.add_argument("--epochs", help="passed to the job (default: the job's own default)")
+    parser.add_argument("--lite", type=int, default=0, choices=(0, 2),
+                        help="EfficientNet-Lite variant, the probe's and the job's (default 0)")
     parser.add_argument("--stop-after", type=int, help="stop each job after this epoch, its schedule unchanged")
     parser.add_argument("--skip-job", action="store_true", help="the baseline only")
     parser.add_argument("--skip-probe", action="store_true", help="the job only")
@@ -122,7 +125,7 @@ def main() -> int:
 
     work = options.work or Path(tempfile.mkdtemp(prefix="quality-"))
     options.data.mkdir(parents=True, exist_ok=True)
-    weights = lite_weights(work / "weights", 0)
+    weights = lite_weights(work / "weights", options.lite)
     user = dict(item.split("=", 1) for item in options.hyperparameters)
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}; work in {work}")
     table = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
@@ -130,7 +133,7 @@ def main() -> int:
     for name in sets:
         folder = locate(name, options.data)
         per_class = counts(folder)
-        hyperparameters = {"model": MODEL, "pretrained_path": str(weights), **user}
+        hyperparameters = {"model": f"tf_efficientnet_lite{options.lite}", "pretrained_path": str(weights), **user}
         if options.epochs:
             hyperparameters["epochs"] = options.epochs
         row = [name, str(len(per_class["train"])),
