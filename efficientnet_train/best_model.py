@@ -67,9 +67,11 @@ def score_of(record: dict) -> float:
     return record.get("mean_ap", record["top1"])
 
 
-def write_epoch_outputs(model_dir: Path, summary: list[dict], best: dict | None, classes: list[str],
+def write_epoch_outputs(model_dir: Path, args: dict, summary: list[dict], best: dict | None, classes: list[str],
                         title: str) -> None:
-    """What a stopped job leaves beside its best model, rewritten every epoch."""
+    """What a stopped job leaves beside its best model, rewritten every epoch: args.yml too, so that a job that
+    fails or is killed later says what it trained with (the recipe its probe chose), not the listing's."""
+    outputs.write_args(model_dir, args)
     outputs.write_summary(model_dir, summary)
     if best is not None:
         report.plot_metrics(model_dir / outputs.METRICS_PLOT_FILE, summary, best["epoch"], title)

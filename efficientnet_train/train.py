@@ -200,7 +200,7 @@ def run(env: SageMakerEnvironment, job: Job, rank: distributed.Rank = distribute
             if best.beaten_by(result):
                 best.take(epoch, result, chosen, trained.candidates[chosen], s, tuning, env.model_dir, rank.is_main)
             if rank.is_main:
-                write_epoch_outputs(env.model_dir, summary, best.record, s.classes, s.title)
+                write_epoch_outputs(env.model_dir, args, summary, best.record, s.classes, s.title)
             if hp.early_stopping:
                 stop_reason = early_stop_reason(epoch, best.record["epoch"], lr_now, tuning.lr, hp,
                                                 tuning.schedule_epoch / len(tuning.train_loader))
@@ -234,12 +234,11 @@ def write_first_outputs(model_dir: Path, job: Job, s: Session, progress: Progres
     outputs.write_labels(model_dir, s.classes)
     if job.held_out is not None:
         outputs.write_held_out(model_dir, job.held_out)
-    outputs.write_args(model_dir, s.args)
     if progress.epoch > 0:  # resumed after the probe: the recipe is the one it chose
         log_settings(s.args)
     if best.checkpoint is not None:
         save_checkpoint(model_dir / outputs.BEST_MODEL_FILE, best.checkpoint)
-    write_epoch_outputs(model_dir, summary, best.record, s.classes, s.title)
+    write_epoch_outputs(model_dir, s.args, summary, best.record, s.classes, s.title)
 
 
 def log_settings(args: dict) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import COLOURS, TINY_MODEL, make_job, read_summary, run_train
+from conftest import COLOURS, TINY_MODEL, failure_reason, make_job, read_summary, run_train
 from efficientnet_train.calibration import calibrated, ece_by_chance, fit_temperature, top_label_ece
 from efficientnet_train.linear_probe import (MEASURED_IMAGES, PROBE_IMAGES_PER_CLASS, PROBE_MAX_IMAGES, fit_head,
                                              probe_sample)
@@ -660,6 +660,28 @@ def test_freeze_batchnorm_true_trains_with_sgd_at_the_evaluation_size_and_measur
     assert "freeze_batchnorm" not in parts and "aa" not in parts and "hflip" in parts
     assert "Recipe (auto): freeze_batchnorm" not in result.stdout and "Recipe (auto): aa=" not in result.stdout
     assert_statistics_are_pretrained(base, pretrained_tiny_weights)
+
+
+def test_a_job_that_fails_after_its_probe_leaves_args_yml_saying_what_it_trained_with(
+        tmp_path, pretrained_tiny_weights, in_process, monkeypatch):
+    """args.yml was written before the probe and again only at the end: a job out of memory in epoch 1 left the
+    listing's recipe there and no `linear_probe`, where it had trained with what its probe chose."""
+    from efficientnet_train import train
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    monkeypatch.setattr(train, "train_epoch", out_of_memory)
+    base = make_job(tmp_path, {"epochs": "2", "batch_size": "8", "model": TINY_MODEL, "img_size": "32",
+                               "pretrained_path": str(pretrained_tiny_weights), "workers": "0",
+                               "freeze_batchnorm": "true"})
+    assert in_process(base) == 1
+    assert failure_reason(base).startswith("Out of memory")
+    args = yaml.safe_load((base / "model" / "args.yml").read_text())
+    chosen = args["linear_probe"]["recipe"]
+    assert chosen["aa"] != "rand-m9-mstd0.5"  # so the listing's would show
+    assert {name: args["lr_per_256" if name == "lr" else f"effective_{name}"] for name in chosen} == chosen
+    assert read_summary(base / "model")[0]["epoch"] == "0"
 
 
 def test_the_transforms_are_measured_at_the_evaluation_size_that_of_the_answers_they_are_a_share_of(
