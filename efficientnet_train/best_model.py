@@ -1,6 +1,6 @@
 """The best model and what the buyer keeps: the best model so far (its record and checkpoint, written to model/ as
-soon as it is found), the files rewritten after every epoch (summary.csv, metrics.png, the confusion matrix), and
-at the end args.yml's results, the calibration, the per-class (or per-label) table and model.tar.gz."""
+soon as it is found), the files rewritten after every epoch (args.yml, summary.csv, metrics.png, the confusion
+matrix), and at the end args.yml's results, the calibration, the per-class (or per-label) table and model.tar.gz."""
 
 from __future__ import annotations
 
