@@ -290,7 +290,7 @@ class GrowingCrop:
     drawn as the transform's own, then its box is moved toward evaluation's by the share of the growth still to
     come. Called with `grown` 0, every crop is evaluation's (the probe's view); with 1, the transform's own; between,
     a box between. The probe's classifier answers evaluation's view far better than half crops, and the first
-    updates' gradients come from its answers (docs/quality.md). A transform without a random crop (crop_scale=1,
+    updates' gradients come from its answers (docs/quality-log.md). A transform without a random crop (crop_scale=1,
     evaluation's crop already) is applied as it is."""
 
     def __init__(self, transform, crop_pct: float, crop_mode: str = "center"):

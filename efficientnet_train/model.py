@@ -343,7 +343,7 @@ def set_batchnorm(model: torch.nn.Module, frozen: float) -> int:
     and updating the running averages, all but the share `frozen` of them nearest the classifier, which are put in
     evaluation mode, normalising by their running averages: 1 freezes every one, 0 none, any share above 0 at least
     one (which then trains at the evaluation size: recipe.training_size_config). The layers nearest the classifier
-    are the ones whose batch statistics change the probe's answers most (docs/quality.md). Returns how many layers
+    are the ones whose batch statistics change the probe's answers most (docs/quality-log.md). Returns how many layers
     are on batch statistics."""
     layers = batchnorm_layers(model)
     on_batch_statistics = len(layers) - (max(1, round(frozen * len(layers))) if frozen > 0 else 0)

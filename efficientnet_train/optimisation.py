@@ -36,7 +36,7 @@ def schedule_epoch_updates(hp, updates_per_epoch: int) -> int:
     """The updates an epoch lasts for the learning-rate schedule, warmup and early stopping: a pass over the
     training set, but at least MIN_SCHEDULE_EPOCH_UPDATES, as far as `epochs` leaves room for the warmup and
     the first decay: on a set of a few hundred images a pass is about ten updates, and decays every 2.4 passes
-    would end the run after a few dozen updates at a useful rate (docs/quality.md)."""
+    would end the run after a few dozen updates at a useful rate (docs/quality-log.md)."""
     run = hp.epochs * updates_per_epoch
     room = run / max(hp.warmup_epochs + hp.decay_epochs, 1.0)
     return max(updates_per_epoch, min(hyperparameters.MIN_SCHEDULE_EPOCH_UPDATES, round(room)))
@@ -46,7 +46,7 @@ def training_tools(model: torch.nn.Module, hp, amp_dtype: torch.dtype | None):
     """The weights' moving average (EMA, if asked for) and, for float16 only, the gradient scaler: what the job
     trains with besides the optimizer."""
     # The plain mean of the start (the probe) and every update until the decay is reached (power 1; -1 counts the
-    # start): the first updates, which lose some of the probe's answers, are averaged with it (docs/quality.md).
+    # start): the first updates, which lose some of the probe's answers, are averaged with it (docs/quality-log.md).
     ema = model_ema(model, decay=hp.model_ema_decay, use_warmup=True, warmup_power=1.0,
                     update_after_step=-1) if hp.model_ema else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None

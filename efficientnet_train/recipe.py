@@ -5,7 +5,7 @@ training images under each part of the training recipe.
 After the probe the classifier sits at its optimum on features taken in evaluation mode from the evaluation view.
 Fine-tuning then trains on another view of the same images: BatchNorm on batch statistics, random crops, mirror
 images, RandAugment, random erasing, dropout and drop-connect. Where one of these makes the classifier answer
-wrongly, the first epoch's gradients come from wrong answers and undo what the probe found (docs/quality.md). So
+wrongly, the first epoch's gradients come from wrong answers and undo what the probe found (docs/quality-log.md). So
 each part is measured in turn, the probe's classifier scored on the part applied to a sample of its training
 images, and one rule picks each: **the strongest setting under which the classifier still answers nine in ten of
 the images it answers right** (KEEPS), nineteen in twenty for the mirror, which loses no pixel (LINES). Settings
@@ -22,13 +22,13 @@ line on the whole set (`keeps_chance`), and a part whose setting is a number tak
 setting toward the strongest by the chance that the step's stronger end keeps them (`blended_setting`). Far from
 the line that is the rule's choice; on it, halfway. BatchNorm's setting is the share of its layers frozen, those
 nearest the classifier first: their batch statistics change the probe's answers far more than the first layers' do
-(docs/quality.md). The crops chosen are reached at the end of the rate's warmup: they grow to them from
+(docs/quality-log.md). The crops chosen are reached at the end of the rate's warmup: they grow to them from
 evaluation's view (data.GrowingCrop).
 
 The optimiser and its rate are not measured: fine-tuning from a fitted classifier needs steps that shrink with the
 gradient (sgd, with clip_grad's adaptive clipping), not rmsproptf's steps of about lr whatever the gradient; and the
 rate goes with the optimiser, as one choice: sgd with adaptive clipping at four times the listing's rate (better on
-every panel set than at the listing's), any other optimiser or unclipped sgd at the listing's (docs/quality.md has
+every panel set than at the listing's), any other optimiser or unclipped sgd at the listing's (docs/quality-log.md has
 the runs).
 
 The record of the measurements and choices is args.yml's `linear_probe`, kept in the checkpoint: a resumed job
@@ -57,7 +57,7 @@ CLIPPED_SGD_LR = 0.064  # lr=auto for sgd with adaptive clipping: the rate its p
 PARTS = (
     # The share of BatchNorm layers frozen (those nearest the classifier first): all, the probe's own view of the
     # images. Shares between are the blend's, near the line: measured ones moved the choice toward batch statistics,
-    # quarters for no better model, all but the first tenth for a worse one on stamps (docs/quality.md).
+    # quarters for no better model, all but the first tenth for a worse one on stamps (docs/quality-log.md).
     (("freeze_batchnorm",), ((0.0,), (1.0,)), "batch_statistics"),
     (("hflip",), ((0.5,), (0.0,)), "transform"),
     (("crop_scale",), ((0.25,), (0.5,)), "transform"),  # never off: the panel trained better on half crops
@@ -269,7 +269,7 @@ def mirrors_at_evaluation(hp, recipe: Recipe) -> bool:
 
 def training_size_config(data_config: dict, recipe: Recipe) -> dict:
     """`data_config` with the size this recipe trains at: the evaluation size with any BatchNorm layer frozen (a
-    share above 0; their statistics are the evaluation view's: docs/quality.md), else the training size it has."""
+    share above 0; their statistics are the evaluation view's: docs/quality-log.md), else the training size it has."""
     return data_config if recipe.freeze_batchnorm == 0 else at_evaluation_size(data_config)
 
 
